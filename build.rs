@@ -1,0 +1,153 @@
+//! Compiles every `cuda/*.cu` with nvcc into a fatbin and embeds it in the library.
+//!
+//! nvcc is looked up in `NVCC`, then `PATH`, then `CUDA_HOME/bin`. Without it the crate
+//! still builds (CPU only) and says so once; with it, a kernel that does not compile
+//! fails the build, so CI catches broken kernels on machines without a GPU.
+
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// SASS for Ampere (A100, A10/30-series), Jetson Orin, Ada and Hopper, plus PTX for
+/// Hopper so newer GPUs can JIT.
+const DEFAULT_ARCHS: &str = "sm_80,sm_86,sm_87,sm_89,sm_90,compute_90";
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=cuda");
+    for var in ["NVCC", "CUDA_HOME", "MASSV_CUDA_ARCHS", "PATH"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let sources = cuda_sources(Path::new("cuda"));
+    for src in &sources {
+        println!("cargo:rerun-if-changed={}", src.display());
+    }
+    if let Ok(entries) = fs::read_dir("cuda") {
+        for e in entries.flatten() {
+            if e.path().extension().is_some_and(|x| x == "cuh") {
+                println!("cargo:rerun-if-changed={}", e.path().display());
+            }
+        }
+    }
+
+    let archs = env::var("MASSV_CUDA_ARCHS").unwrap_or_else(|_| DEFAULT_ARCHS.to_string());
+    let modules = match find_nvcc() {
+        Some(nvcc) => compile_all(&nvcc, &sources, &archs, &out_dir),
+        None => {
+            println!(
+                "cargo:warning=nvcc not found (NVCC, PATH, CUDA_HOME/bin): building massv without CUDA kernels (CPU only)"
+            );
+            Vec::new()
+        }
+    };
+    write_module_table(&out_dir, &modules, &archs);
+}
+
+fn cuda_sources(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn find_nvcc() -> Option<PathBuf> {
+    if let Some(p) = env::var_os("NVCC") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Some(p);
+        }
+        println!("cargo:warning=NVCC={} is not a file; looking elsewhere", p.display());
+    }
+    if let Some(path) = env::var_os("PATH") {
+        for dir in env::split_paths(&path) {
+            let cand = dir.join("nvcc");
+            if cand.is_file() {
+                return Some(cand);
+            }
+        }
+    }
+    let home = env::var_os("CUDA_HOME")?;
+    let cand = PathBuf::from(home).join("bin").join("nvcc");
+    cand.is_file().then_some(cand)
+}
+
+fn gencode_flags(archs: &str) -> Vec<String> {
+    let mut flags = Vec::new();
+    for a in archs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        let (kind, num) = a
+            .split_once('_')
+            .unwrap_or_else(|| panic!("MASSV_CUDA_ARCHS: bad entry {a:?}"));
+        match kind {
+            "sm" => flags.push(format!("-gencode=arch=compute_{num},code=sm_{num}")),
+            "compute" => flags.push(format!("-gencode=arch=compute_{num},code=compute_{num}")),
+            _ => panic!("MASSV_CUDA_ARCHS: entry {a:?} is neither sm_XX nor compute_XX"),
+        }
+    }
+    flags
+}
+
+/// Compiles each source in its own nvcc process, in parallel; returns (module name, fatbin path).
+fn compile_all(nvcc: &Path, sources: &[PathBuf], archs: &str, out_dir: &Path) -> Vec<(String, PathBuf)> {
+    let gencode = gencode_flags(archs);
+    let jobs: Vec<_> = sources
+        .iter()
+        .map(|src| {
+            let name = src
+                .file_stem()
+                .expect("a .cu file has a stem")
+                .to_string_lossy()
+                .into_owned();
+            let out = out_dir.join(format!("{name}.fatbin"));
+            let mut cmd = Command::new(nvcc);
+            cmd.arg("--fatbin")
+                .args(["-O3", "-std=c++17", "--use_fast_math", "-Icuda"])
+                .args(&gencode)
+                .arg("-o")
+                .arg(&out)
+                .arg(src);
+            std::thread::spawn(move || (name, out, cmd.output()))
+        })
+        .collect();
+    let mut modules = Vec::new();
+    let mut failures = String::new();
+    for job in jobs {
+        let (name, out, result) = job.join().expect("nvcc thread");
+        match result {
+            Ok(o) if o.status.success() => modules.push((name, out)),
+            Ok(o) => {
+                let _ = writeln!(failures, "cuda/{name}.cu:\n{}", String::from_utf8_lossy(&o.stderr));
+            }
+            Err(e) => {
+                let _ = writeln!(failures, "cuda/{name}.cu: could not run {}: {e}", nvcc.display());
+            }
+        }
+    }
+    if !failures.is_empty() {
+        panic!("CUDA kernels failed to compile with {}:\n{failures}", nvcc.display());
+    }
+    modules
+}
+
+fn write_module_table(out_dir: &Path, modules: &[(String, PathBuf)], archs: &str) {
+    let mut s = String::new();
+    let _ = writeln!(s, "/// True when build.rs found nvcc and compiled every kernel.");
+    let _ = writeln!(s, "pub const COMPILED: bool = {};", !modules.is_empty());
+    let _ = writeln!(s, "/// The `MASSV_CUDA_ARCHS` the fatbins were built for.");
+    let _ = writeln!(s, "pub const ARCHS: &str = {archs:?};");
+    let _ = writeln!(s, "/// (module name = the .cu file's stem, fatbin image).");
+    let _ = writeln!(s, "pub static MODULES: &[(&str, &[u8])] = &[");
+    for (name, path) in modules {
+        let _ = writeln!(s, "    ({name:?}, include_bytes!({:?})),", path.display().to_string());
+    }
+    let _ = writeln!(s, "];");
+    fs::write(out_dir.join("kernels.rs"), s).expect("write kernels.rs");
+}

@@ -1,0 +1,84 @@
+//! Preallocated key/value cache of one model: `capacity` positions per layer, of which
+//! the first `len` are committed. A forward pass writes its new tokens after `len`, then
+//! commits them; speculative decoding rolls rejected tokens back with `rollback_to`.
+
+use crate::error::{Error, Result};
+
+pub struct KvCache {
+    /// Per layer: [capacity, kv_heads, head_dim] keys and values.
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    row: usize,
+    capacity: usize,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> Self {
+        let row = kv_heads * head_dim;
+        KvCache {
+            k: (0..layers).map(|_| vec![0.0; capacity * row]).collect(),
+            v: (0..layers).map(|_| vec![0.0; capacity * row]).collect(),
+            row,
+            capacity,
+            len: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Fails unless `n` more tokens fit.
+    pub fn reserve(&self, n: usize) -> Result<()> {
+        if self.len + n > self.capacity {
+            return Err(Error::ContextOverflow {
+                tokens: self.len,
+                new: n,
+                capacity: self.capacity,
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes the keys/values of the `k.len() / row` tokens after the committed ones in
+    /// `layer` and returns that layer's cache up to and including them.
+    pub fn write(&mut self, layer: usize, k: &[f32], v: &[f32]) -> (&[f32], &[f32]) {
+        let (s, e) = (self.len * self.row, self.len * self.row + k.len());
+        self.k[layer][s..e].copy_from_slice(k);
+        self.v[layer][s..e].copy_from_slice(v);
+        (&self.k[layer][..e], &self.v[layer][..e])
+    }
+
+    /// Makes the last written `n` tokens part of the cache.
+    pub fn commit(&mut self, n: usize) {
+        self.len += n;
+        debug_assert!(self.len <= self.capacity);
+    }
+
+    /// Forgets every token at position `len` and after.
+    pub fn rollback_to(&mut self, len: usize) -> Result<()> {
+        if len > self.len {
+            return Err(Error::InvalidArgument(format!(
+                "rollback_to({len}) past the cache length {}",
+                self.len
+            )));
+        }
+        self.len = len;
+        Ok(())
+    }
+
+    /// Keys and values of the committed tokens of `layer` (for tests and diagnostics).
+    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        let e = self.len * self.row;
+        (&self.k[layer][..e], &self.v[layer][..e])
+    }
+}

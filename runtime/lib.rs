@@ -1,0 +1,21 @@
+//! massv: speculative decoding for vision-language models with a multimodal drafter.
+//!
+//! Module map (see README.md for the architecture):
+//! - [`weights`], [`config`], [`tokenizer`]: loading HF model directories;
+//! - [`backend`]: the CPU reference backend (and the compiled CUDA kernels);
+//! - [`reference`]: naive twins of every kernel;
+//! - [`model`]: the Qwen2 decoder LM;
+//! - [`kv_cache`]: preallocated caches with rollback;
+//! - [`generate`]: decoding loops.
+
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod kv_cache;
+pub mod model;
+pub mod reference;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};

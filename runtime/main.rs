@@ -1,0 +1,154 @@
+//! The `massv` command line. Every failure prints one `error: …` line and exits non-zero.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use massv::backend::DeviceRequest;
+use massv::generate::{greedy, stop_tokens};
+use massv::model::qwen2::{Logits, Qwen2};
+use massv::tokenizer::Tokenizer;
+use massv::weights::{write_safetensors, OwnedTensor};
+use massv::{Error, Result};
+
+#[derive(Parser)]
+#[command(
+    name = "massv",
+    version,
+    about = "Speculative decoding for vision-language models with a multimodal drafter"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the model once over the chat-templated prompt and write input_ids and logits.
+    Logits {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceRequest,
+    },
+    /// Answer a prompt with the target model (greedy).
+    Generate {
+        #[arg(long)]
+        target: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceRequest,
+        /// Print one JSON object (text, tokens, metrics) instead of the answer.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help / --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // clap explains over several lines and adds usage; keep the message, one line.
+            let rendered = e.render().to_string();
+            let msg: Vec<&str> = rendered
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("{}", msg.join(" "));
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line.
+fn one_line(e: &Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(cause) = src {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+        src = cause.source();
+    }
+    s.replace('\n', " ")
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Logits {
+            model,
+            prompt,
+            out,
+            device,
+        } => {
+            device.resolve()?;
+            let tok = Tokenizer::from_dir(&model)?;
+            let lm = Qwen2::load(&model)?;
+            let ids = tok.encode(&tok.user_prompt(&prompt, false)?)?;
+            let mut cache = lm.new_cache(ids.len());
+            let logits = lm.forward_tokens(&ids, &mut cache, Logits::All)?;
+            write_safetensors(
+                &out,
+                &[
+                    (
+                        "input_ids",
+                        OwnedTensor::i64(vec![ids.len()], ids.iter().map(|&t| t as i64).collect()),
+                    ),
+                    ("logits", OwnedTensor::f32(vec![ids.len(), lm.cfg.vocab_size], logits)),
+                ],
+            )
+        }
+        Command::Generate {
+            target,
+            prompt,
+            max_new_tokens,
+            device,
+            json,
+        } => {
+            device.resolve()?;
+            let tok = Tokenizer::from_dir(&target)?;
+            let lm = Qwen2::load(&target)?;
+            let stop = stop_tokens(&target, &lm.cfg.eos_token_ids, &tok)?;
+            let ids = tok.encode(&tok.user_prompt(&prompt, false)?)?;
+            let out = greedy(&lm, &tok, &ids, max_new_tokens, &stop)?;
+            if json {
+                let decode_s = out.decode_ms / 1e3;
+                let obj = serde_json::json!({
+                    "text": out.text,
+                    "tokens": out.tokens,
+                    "metrics": {
+                        "timings_ms": {"prefill_target": out.prefill_ms, "total": out.prefill_ms + out.decode_ms},
+                        "tokens_per_s": if decode_s > 0.0 { out.tokens.len() as f64 / decode_s } else { 0.0 },
+                    },
+                });
+                println!("{obj}");
+            } else {
+                println!("{}", out.text);
+            }
+            Ok(())
+        }
+    }
+}

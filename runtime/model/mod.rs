@@ -1,0 +1,3 @@
+//! Model definitions, one file per architecture.
+
+pub mod qwen2;

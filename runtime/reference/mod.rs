@@ -1,0 +1,24 @@
+//! Plain, single-threaded f32 versions of every kernel in `cuda/`, with the same names.
+//! They define what each kernel computes: the CPU backend calls them (adding only
+//! parallelism) and the CUDA tests compare the device against them.
+
+mod attention;
+mod rmsnorm;
+mod rope;
+mod swiglu;
+
+pub use attention::attention;
+pub use rmsnorm::{rmsnorm, rmsnorm_residual};
+pub use rope::{rope, rope_inv_freq};
+pub use swiglu::swiglu;
+
+/// y[n, m] = x[n, k] · w[m, k]ᵀ (+ bias[m]): the nn.Linear convention, naive loops.
+pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32], k: usize) {
+    let m = w.len() / k;
+    for (xr, yr) in x.chunks_exact(k).zip(y.chunks_exact_mut(m)) {
+        for (j, out) in yr.iter_mut().enumerate() {
+            let wr = &w[j * k..(j + 1) * k];
+            *out = xr.iter().zip(wr).map(|(a, b)| a * b).sum::<f32>() + bias.map_or(0.0, |b| b[j]);
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! The `massv` binary as users run it: contracts of `generate` and `logits`, and one-line
+//! errors with a non-zero exit.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{fixture, max_abs_diff, Golden};
+
+fn massv(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_massv"))
+        .args(args)
+        .output()
+        .expect("run massv")
+}
+
+/// Asserts a failed run: non-zero exit, exactly one `error: …` line, no panic.
+fn assert_one_line_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "want one line, got: {stderr}");
+    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{stderr}");
+}
+
+#[test]
+fn generate_json_equals_transformers_greedy() {
+    let dir = fixture("qwen2-tiny-gqa4-tied");
+    let out = massv(&[
+        "generate",
+        "--target",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "Hello there, how are you?",
+        "--max-new-tokens",
+        "12",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tokens: Vec<u32> = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
+    let want = Golden::open(&dir.join("expected.safetensors")).ids("decode.tokens");
+    assert_eq!(tokens, want);
+    assert!(v["text"].is_string());
+    assert!(v["metrics"]["tokens_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn generate_plain_prints_text() {
+    let dir = fixture("qwen2-tiny-mha-untied");
+    let out = massv(&[
+        "generate",
+        "--target",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!out.stdout.is_empty());
+}
+
+#[test]
+fn logits_writes_input_ids_and_logits() {
+    let dir = fixture("qwen2-tiny-gqa2-sharded");
+    let tmp = tempfile::tempdir().unwrap();
+    let out_file = tmp.path().join("out.safetensors");
+    let out = massv(&[
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "Hello there, how are you?",
+        "--out",
+        out_file.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = Golden::open(&out_file);
+    let want = Golden::open(&dir.join("expected.safetensors"));
+    assert_eq!(got.ids("input_ids"), want.ids("prefill.input_ids"));
+    let (shape, logits) = got.f32("logits");
+    let (want_shape, want_logits) = want.f32("prefill.logits");
+    assert_eq!(shape, want_shape);
+    assert!(max_abs_diff(&logits, &want_logits) <= 1e-4);
+}
+
+#[test]
+fn missing_model_dir_is_one_error_line() {
+    let out = massv(&["generate", "--target", "/nonexistent/model", "--prompt", "hi"]);
+    assert_one_line_error(&out, "/nonexistent/model");
+}
+
+#[test]
+fn corrupt_weights_are_one_error_line_and_no_output_file() {
+    let src = fixture("qwen2-tiny-gqa4-tied");
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    let p = dir.path().join("model.safetensors");
+    let len = std::fs::metadata(&p).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let out_file = dir.path().join("out.safetensors");
+    let out = massv(&[
+        "logits",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--out",
+        out_file.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, "model.safetensors");
+    assert!(!out_file.exists(), "nothing half-written");
+}
+
+#[test]
+fn bad_arguments_are_one_error_line() {
+    let out = massv(&["generate", "--prompt", "hi"]);
+    assert_one_line_error(&out, "--target");
+    let dir = fixture("qwen2-tiny-gqa4-tied");
+    let out = massv(&[
+        "generate",
+        "--target",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--device",
+        "tpu",
+    ]);
+    assert_one_line_error(&out, "tpu");
+}
+
+#[test]
+fn over_long_request_is_an_error() {
+    let dir = fixture("qwen2-tiny-gqa4-tied");
+    let out = massv(&[
+        "generate",
+        "--target",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "100000",
+    ]);
+    assert_one_line_error(&out, "exceeds the context");
+}
