@@ -52,6 +52,9 @@ pub enum Error {
     #[error("{path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
 
+    #[error("{source_name}: {reason}")]
+    Image { source_name: String, reason: String },
+
     #[error("chat template: {0}")]
     ChatTemplate(String),
 

@@ -4,8 +4,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::config::{read_json_object, Fields};
-use crate::error::{Error, Result};
-use crate::model::qwen2::{Logits, Qwen2};
+use crate::error::Result;
+use crate::image::Preprocessed;
+use crate::model::qwen2::Logits;
+use crate::model::Target;
 use crate::tokenizer::Tokenizer;
 
 /// Token ids that end generation: generation_config.json's `eos_token_id` (int or list),
@@ -38,23 +40,24 @@ pub struct Output {
     pub decode_ms: f64,
 }
 
-/// Greedy decoding of `prompt` with the model alone. Stops after `max_new_tokens` or at
-/// the first stop token (included in `tokens`, left out of `text`).
-pub fn greedy(model: &Qwen2, tok: &Tokenizer, prompt: &[u32], max_new_tokens: usize, stop: &[u32]) -> Result<Output> {
-    if prompt.is_empty() {
-        return Err(Error::InvalidArgument("empty prompt".into()));
-    }
-    let capacity = prompt.len() + max_new_tokens;
-    if capacity > model.cfg.max_position_embeddings {
-        return Err(Error::ContextOverflow {
-            tokens: prompt.len(),
-            new: max_new_tokens,
-            capacity: model.cfg.max_position_embeddings,
-        });
-    }
-    let mut cache = model.new_cache(capacity);
+/// Greedy decoding of `prompt` (with its images) by the target alone. Stops after
+/// `max_new_tokens` or at the first stop token (included in `tokens`, left out of `text`).
+pub fn greedy(
+    model: &Target,
+    tok: &Tokenizer,
+    prompt: &[u32],
+    images: &[Preprocessed],
+    max_new_tokens: usize,
+    stop: &[u32],
+) -> Result<Output> {
     let t0 = Instant::now();
-    let mut logits = model.forward_tokens(prompt, &mut cache, Logits::Last)?;
+    let (mut logits, mut session) = model.prefill(
+        prompt,
+        images,
+        &model.encode_images(images)?,
+        max_new_tokens,
+        Logits::Last,
+    )?;
     let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
     let mut tokens = Vec::new();
@@ -64,7 +67,7 @@ pub fn greedy(model: &Qwen2, tok: &Tokenizer, prompt: &[u32], max_new_tokens: us
         if stop.contains(&next) || tokens.len() == max_new_tokens {
             break;
         }
-        logits = model.forward_tokens(&[next], &mut cache, Logits::Last)?;
+        logits = model.decode(&[next], &mut session, Logits::Last)?;
     }
     let decode_ms = t1.elapsed().as_secs_f64() * 1e3;
     let text_ids: Vec<u32> = tokens.iter().copied().filter(|t| !stop.contains(t)).collect();

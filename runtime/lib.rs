@@ -12,9 +12,13 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod image;
 pub mod kv_cache;
 pub mod model;
 pub mod reference;
+pub mod sampling;
+pub mod spec;
+pub mod synth;
 pub mod tokenizer;
 pub mod weights;
 

@@ -6,7 +6,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use massv::backend::DeviceRequest;
 use massv::generate::{greedy, stop_tokens};
-use massv::model::qwen2::{Logits, Qwen2};
+use massv::image::{preprocess, ImageInput, Preprocessed, PreprocessorConfig};
+use massv::model::qwen2::Logits;
+use massv::model::Target;
+use massv::synth::{synth, SynthDtype, SynthOptions};
 use massv::tokenizer::Tokenizer;
 use massv::weights::{write_safetensors, OwnedTensor};
 use massv::{Error, Result};
@@ -28,6 +31,9 @@ enum Command {
     Logits {
         #[arg(long)]
         model: PathBuf,
+        /// Image shown before the prompt text (PNG, JPEG or WebP).
+        #[arg(long)]
+        image: Option<PathBuf>,
         #[arg(long)]
         prompt: String,
         #[arg(long)]
@@ -39,6 +45,9 @@ enum Command {
     Generate {
         #[arg(long)]
         target: PathBuf,
+        /// Image shown before the prompt text (PNG, JPEG or WebP).
+        #[arg(long)]
+        image: Option<PathBuf>,
         #[arg(long)]
         prompt: String,
         #[arg(long, default_value_t = 128)]
@@ -48,6 +57,20 @@ enum Command {
         /// Print one JSON object (text, tokens, metrics) instead of the answer.
         #[arg(long)]
         json: bool,
+    },
+    /// Write a random-weight checkpoint with the real tensor names and shapes of a config.
+    Synth {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "bf16")]
+        dtype: SynthDtype,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Keep only this many LM layers and vision blocks (a shallow variant).
+        #[arg(long)]
+        layers: Option<usize>,
     },
 }
 
@@ -96,20 +119,47 @@ fn one_line(e: &Error) -> String {
     s.replace('\n', " ")
 }
 
+/// The chat-templated prompt (one user turn: the image, then the text) and its image.
+fn prompt_inputs(
+    dir: &std::path::Path,
+    target: &Target,
+    tok: &Tokenizer,
+    text: &str,
+    image: Option<&PathBuf>,
+) -> Result<(Vec<u32>, Vec<Preprocessed>)> {
+    let images = match image {
+        Some(_) if matches!(target, Target::Text(_)) => {
+            return Err(Error::InvalidArgument(format!(
+                "{} is a text-only model; --image needs a vision-language target",
+                dir.display()
+            )))
+        }
+        Some(path) => {
+            let cfg = PreprocessorConfig::from_dir(dir)?;
+            vec![preprocess(&ImageInput::from_path(path)?, &cfg)?]
+        }
+        None => Vec::new(),
+    };
+    let ids = tok.encode(&tok.user_prompt(text, image.is_some())?)?;
+    Ok((ids, images))
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Logits {
             model,
+            image,
             prompt,
             out,
             device,
         } => {
             device.resolve()?;
             let tok = Tokenizer::from_dir(&model)?;
-            let lm = Qwen2::load(&model)?;
-            let ids = tok.encode(&tok.user_prompt(&prompt, false)?)?;
-            let mut cache = lm.new_cache(ids.len());
-            let logits = lm.forward_tokens(&ids, &mut cache, Logits::All)?;
+            let target = Target::load(&model)?;
+            let (ids, images) = prompt_inputs(&model, &target, &tok, &prompt, image.as_ref())?;
+            let (logits, session) = target.prefill(&ids, &images, &target.encode_images(&images)?, 0, Logits::All)?;
+            let ids = session.prompt;
+            let v = target.text_config().vocab_size;
             write_safetensors(
                 &out,
                 &[
@@ -117,12 +167,13 @@ fn run(cli: Cli) -> Result<()> {
                         "input_ids",
                         OwnedTensor::i64(vec![ids.len()], ids.iter().map(|&t| t as i64).collect()),
                     ),
-                    ("logits", OwnedTensor::f32(vec![ids.len(), lm.cfg.vocab_size], logits)),
+                    ("logits", OwnedTensor::f32(vec![ids.len(), v], logits)),
                 ],
             )
         }
         Command::Generate {
             target,
+            image,
             prompt,
             max_new_tokens,
             device,
@@ -130,10 +181,10 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             device.resolve()?;
             let tok = Tokenizer::from_dir(&target)?;
-            let lm = Qwen2::load(&target)?;
-            let stop = stop_tokens(&target, &lm.cfg.eos_token_ids, &tok)?;
-            let ids = tok.encode(&tok.user_prompt(&prompt, false)?)?;
-            let out = greedy(&lm, &tok, &ids, max_new_tokens, &stop)?;
+            let model = Target::load(&target)?;
+            let stop = stop_tokens(&target, &model.text_config().eos_token_ids, &tok)?;
+            let (ids, images) = prompt_inputs(&target, &model, &tok, &prompt, image.as_ref())?;
+            let out = greedy(&model, &tok, &ids, &images, max_new_tokens, &stop)?;
             if json {
                 let decode_s = out.decode_ms / 1e3;
                 let obj = serde_json::json!({
@@ -148,6 +199,26 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 println!("{}", out.text);
             }
+            Ok(())
+        }
+        Command::Synth {
+            config,
+            out,
+            dtype,
+            seed,
+            layers,
+        } => {
+            let n = synth(
+                &config,
+                &out,
+                &SynthOptions {
+                    dtype,
+                    seed,
+                    layers,
+                    max_shard_bytes: massv::synth::MAX_SHARD_BYTES,
+                },
+            )?;
+            println!("wrote {n} tensors to {}", out.display());
             Ok(())
         }
     }

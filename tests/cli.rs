@@ -160,3 +160,99 @@ fn over_long_request_is_an_error() {
     ]);
     assert_one_line_error(&out, "exceeds the context");
 }
+
+#[test]
+fn vl_logits_with_an_image_equal_the_library() {
+    use massv::model::qwen2::Logits;
+    use massv::model::qwen2_5_vl::Qwen25Vl;
+    let dir = fixture("qwen2_5_vl-tiny-hub");
+    let tmp = tempfile::tempdir().unwrap();
+    let out_file = tmp.path().join("vl.safetensors");
+    let image = fixture("images/ongrid_56x84.png");
+    let out = massv(&[
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--prompt",
+        "What is in the picture?",
+        "--out",
+        out_file.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = Golden::open(&out_file);
+    let ids = got.ids("input_ids");
+    let model = Qwen25Vl::load(&dir).unwrap();
+    let pads = ids.iter().filter(|&&t| t == model.cfg.image_token_id).count();
+    assert_eq!(pads, 6, "a 56×84 image is 4×6 patches = 6 merged tokens");
+    // The on-grid image needs no resize, so transformers' pixel values apply as they are.
+    let g = Golden::open(&dir.join("expected_ongrid_56x84.safetensors"));
+    let embeds = model.encode_image(&g.f32("pixel_values").1, [1, 4, 6]).unwrap().embeds;
+    let p = model.prepare(ids.clone(), &[[1, 4, 6]], embeds).unwrap();
+    let mut cache = model.new_cache(ids.len());
+    let want = model.prefill(&p, &mut cache, Logits::All).unwrap();
+    assert!(max_abs_diff(&got.f32("logits").1, &want) <= 1e-5);
+}
+
+#[test]
+fn vl_generate_with_an_image() {
+    let dir = fixture("qwen2_5_vl-tiny-hub");
+    let image = fixture("images/nonsquare_150x100.png");
+    let out = massv(&[
+        "generate",
+        "--target",
+        dir.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--prompt",
+        "What is in the picture?",
+        "--max-new-tokens",
+        "5",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!v["tokens"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn image_errors_are_one_line() {
+    let vl = fixture("qwen2_5_vl-tiny-hub");
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.png");
+    std::fs::write(&bad, b"definitely not a png").unwrap();
+    let out = massv(&[
+        "generate",
+        "--target",
+        vl.to_str().unwrap(),
+        "--image",
+        bad.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert_one_line_error(&out, "bad.png");
+    let out = massv(&[
+        "generate",
+        "--target",
+        vl.to_str().unwrap(),
+        "--image",
+        "/no/such.png",
+        "--prompt",
+        "hi",
+    ]);
+    assert_one_line_error(&out, "/no/such.png");
+    // An image for a text-only model.
+    let text = fixture("qwen2-tiny-gqa4-tied");
+    let png = fixture("images/ongrid_56x84.png");
+    let out = massv(&[
+        "generate",
+        "--target",
+        text.to_str().unwrap(),
+        "--image",
+        png.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert_one_line_error(&out, "text-only model");
+}

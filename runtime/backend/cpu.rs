@@ -74,6 +74,57 @@ pub fn rope(x: &mut [f32], positions: &[i32], heads: usize, head_dim: usize, the
         .for_each(|(xt, p)| reference::rope(xt, std::slice::from_ref(p), heads, head_dim, theta));
 }
 
+/// M-RoPE; positions: [3, n] (see `reference::mrope`).
+pub fn mrope(x: &mut [f32], positions: &[i32], section: [usize; 3], heads: usize, head_dim: usize, theta: f32) {
+    let n = positions.len() / 3;
+    x.par_chunks_mut(heads * head_dim).enumerate().for_each(|(t, xt)| {
+        let p = [positions[t], positions[n + t], positions[2 * n + t]];
+        reference::mrope(xt, &p, section, heads, head_dim, theta)
+    });
+}
+
+pub fn rope_vision(x: &mut [f32], rows: &[i32], cols: &[i32], heads: usize, head_dim: usize, theta: f32) {
+    x.par_chunks_mut(heads * head_dim)
+        .zip(rows.par_iter().zip(cols.par_iter()))
+        .for_each(|(xt, (r, c))| {
+            reference::rope_vision(
+                xt,
+                std::slice::from_ref(r),
+                std::slice::from_ref(c),
+                heads,
+                head_dim,
+                theta,
+            )
+        });
+}
+
+pub fn gelu(x: &mut [f32]) {
+    x.par_chunks_mut(4096).for_each(reference::gelu);
+}
+
+/// Non-causal attention within the segments of `cu_seqlens`, one rayon task per segment.
+pub fn attention_varlen(q: &[f32], k: &[f32], v: &[f32], cu_seqlens: &[usize], heads: usize, d: usize) -> Vec<f32> {
+    let row = heads * d;
+    let parts: Vec<Vec<f32>> = cu_seqlens
+        .par_windows(2)
+        .map(|seg| {
+            let (lo, hi) = (seg[0] * row, seg[1] * row);
+            let mut o = vec![0.0; hi - lo];
+            reference::attention_varlen(
+                &q[lo..hi],
+                &k[lo..hi],
+                &v[lo..hi],
+                &mut o,
+                &[0, seg[1] - seg[0]],
+                heads,
+                d,
+            );
+            o
+        })
+        .collect();
+    parts.concat()
+}
+
 /// Causal GQA attention of n new queries against the cache (see `reference::attention`),
 /// one rayon task per query token.
 #[allow(clippy::too_many_arguments)]

@@ -19,6 +19,15 @@ pub enum Logits {
     Last,
 }
 
+/// Rotary positions of the tokens of one forward pass.
+#[derive(Debug, Clone, Copy)]
+pub enum Positions<'a> {
+    /// One position per token (text LMs, and text-only spans of Qwen2.5-VL).
+    Seq(&'a [i32]),
+    /// Qwen2.5-VL's (temporal, height, width) positions: [3, n] row-major.
+    Multi(&'a [i32]),
+}
+
 /// One decoder layer. Shapes with D = hidden, Q = heads·head_dim, KV = kv_heads·head_dim,
 /// I = intermediate.
 struct Layer {
@@ -174,15 +183,15 @@ impl Qwen2 {
         let start = cache.len() as i32;
         let positions: Vec<i32> = (start..start + tokens.len() as i32).collect();
         let hidden = self.embed(tokens)?;
-        self.forward(hidden, &positions, cache, logits)
+        self.forward(hidden, Positions::Seq(&positions), cache, logits)
     }
 
-    /// The decoder on input embeddings `hidden` [n, D] with rotary `positions` [n]
-    /// (1-D positions; they need not equal cache indices). Returns [rows, V] logits.
+    /// The decoder on input embeddings `hidden` [n, D] at rotary `positions` (which need
+    /// not equal cache indices). Returns [rows, V] logits.
     pub fn forward(
         &self,
         mut hidden: Vec<f32>,
-        positions: &[i32],
+        positions: Positions,
         cache: &mut KvCache,
         logits: Logits,
     ) -> Result<Vec<f32>> {
@@ -192,12 +201,26 @@ impl Qwen2 {
         if n == 0 {
             return Err(Error::InvalidArgument("forward pass with no tokens".into()));
         }
-        if positions.len() != n {
+        let (given, want) = match positions {
+            Positions::Seq(p) => (p.len(), n),
+            Positions::Multi(p) => (p.len(), 3 * n),
+        };
+        if given != want {
             return Err(Error::InvalidArgument(format!(
-                "{} positions for {n} tokens",
-                positions.len()
+                "{given} position values for {n} tokens"
             )));
         }
+        // Text positions under M-RoPE are the same on all three axes.
+        let multi: Option<(Vec<i32>, [usize; 3])> = match (positions, c.mrope_section) {
+            (Positions::Seq(_), None) => None,
+            (Positions::Seq(p), Some(sec)) => Some((p.repeat(3), sec)),
+            (Positions::Multi(p), Some(sec)) => Some((p.to_vec(), sec)),
+            (Positions::Multi(_), None) => {
+                return Err(Error::InvalidArgument(
+                    "3-D positions given to a model without mrope_section".into(),
+                ))
+            }
+        };
         cache.reserve(n)?;
         let eps = c.rms_norm_eps as f32;
         let theta = c.rope_theta as f32;
@@ -215,8 +238,16 @@ impl Qwen2 {
                 k.extend_from_slice(&row[q_dim..q_dim + kv_dim]);
                 v.extend_from_slice(&row[q_dim + kv_dim..]);
             }
-            cpu::rope(&mut q, positions, c.num_attention_heads, c.head_dim, theta);
-            cpu::rope(&mut k, positions, c.num_key_value_heads, c.head_dim, theta);
+            match (&multi, positions) {
+                (Some((p, sec)), _) => {
+                    cpu::mrope(&mut q, p, *sec, c.num_attention_heads, c.head_dim, theta);
+                    cpu::mrope(&mut k, p, *sec, c.num_key_value_heads, c.head_dim, theta);
+                }
+                (None, Positions::Seq(p)) | (None, Positions::Multi(p)) => {
+                    cpu::rope(&mut q, p, c.num_attention_heads, c.head_dim, theta);
+                    cpu::rope(&mut k, p, c.num_key_value_heads, c.head_dim, theta);
+                }
+            }
             let (kc, vc) = cache.write(l, &k, &v);
             let attn = cpu::attention(
                 &q,
@@ -252,7 +283,8 @@ impl Qwen2 {
     }
 }
 
-fn add_into(acc: &mut [f32], x: &[f32]) {
+/// acc += x, the residual connections.
+pub(crate) fn add_into(acc: &mut [f32], x: &[f32]) {
     for (a, b) in acc.iter_mut().zip(x) {
         *a += b;
     }

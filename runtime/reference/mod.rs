@@ -3,13 +3,15 @@
 //! parallelism) and the CUDA tests compare the device against them.
 
 mod attention;
+mod gelu;
 mod rmsnorm;
 mod rope;
 mod swiglu;
 
-pub use attention::attention;
+pub use attention::{attention, attention_varlen};
+pub use gelu::gelu;
 pub use rmsnorm::{rmsnorm, rmsnorm_residual};
-pub use rope::{rope, rope_inv_freq};
+pub use rope::{mrope, rope, rope_inv_freq, rope_vision};
 pub use swiglu::swiglu;
 
 /// y[n, m] = x[n, k] · w[m, k]ᵀ (+ bias[m]): the nn.Linear convention, naive loops.

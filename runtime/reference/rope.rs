@@ -14,13 +14,60 @@ pub fn rope(x: &mut [f32], positions: &[i32], heads: usize, head_dim: usize, the
     let inv_freq = rope_inv_freq(head_dim, theta);
     let half = head_dim / 2;
     for (xt, &pos) in x.chunks_exact_mut(heads * head_dim).zip(positions) {
+        let angles: Vec<(f32, f32)> = inv_freq.iter().map(|&f| (pos as f32 * f).sin_cos()).collect();
         for xh in xt.chunks_exact_mut(head_dim) {
-            for (i, &f) in inv_freq.iter().enumerate() {
-                let (s, c) = (pos as f32 * f).sin_cos();
-                let (x1, x2) = (xh[i], xh[i + half]);
-                xh[i] = x1 * c - x2 * s;
-                xh[i + half] = x2 * c + x1 * s;
-            }
+            rotate_half(xh, half, &angles);
         }
+    }
+}
+
+/// Multimodal RoPE (Qwen2.5-VL): like `rope`, but rotary pair i takes its position from
+/// one of three axes (temporal, height, width): the first `section[0]` pairs from
+/// `positions[0]`, the next `section[1]` from `positions[1]`, the rest from
+/// `positions[2]`. positions: [3, tokens] row-major; section sums to head_dim / 2.
+pub fn mrope(x: &mut [f32], positions: &[i32], section: [usize; 3], heads: usize, head_dim: usize, theta: f32) {
+    let inv_freq = rope_inv_freq(head_dim, theta);
+    let half = head_dim / 2;
+    let n = positions.len() / 3;
+    let axis = |i: usize| (i >= section[0]) as usize + (i >= section[0] + section[1]) as usize;
+    for (t, xt) in x.chunks_exact_mut(heads * head_dim).enumerate() {
+        let angles: Vec<(f32, f32)> = inv_freq
+            .iter()
+            .enumerate()
+            .map(|(i, &f)| (positions[axis(i) * n + t] as f32 * f).sin_cos())
+            .collect();
+        for xh in xt.chunks_exact_mut(head_dim) {
+            rotate_half(xh, half, &angles);
+        }
+    }
+}
+
+/// 2-D RoPE of the vision tower: the first head_dim/4 pairs rotate with the patch's row,
+/// the next head_dim/4 with its column, each with frequencies 1 / theta^(2j / (head_dim/2)).
+pub fn rope_vision(x: &mut [f32], rows: &[i32], cols: &[i32], heads: usize, head_dim: usize, theta: f32) {
+    let inv_freq = rope_inv_freq(head_dim / 2, theta);
+    let (half, quarter) = (head_dim / 2, head_dim / 4);
+    for ((xt, &r), &c) in x.chunks_exact_mut(heads * head_dim).zip(rows).zip(cols) {
+        let angles: Vec<(f32, f32)> = (0..half)
+            .map(|i| {
+                if i < quarter {
+                    r as f32 * inv_freq[i]
+                } else {
+                    c as f32 * inv_freq[i - quarter]
+                }
+                .sin_cos()
+            })
+            .collect();
+        for xh in xt.chunks_exact_mut(head_dim) {
+            rotate_half(xh, half, &angles);
+        }
+    }
+}
+
+fn rotate_half(xh: &mut [f32], half: usize, angles: &[(f32, f32)]) {
+    for (i, &(s, c)) in angles.iter().enumerate() {
+        let (x1, x2) = (xh[i], xh[i + half]);
+        xh[i] = x1 * c - x2 * s;
+        xh[i + half] = x2 * c + x1 * s;
     }
 }

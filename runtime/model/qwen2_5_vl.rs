@@ -1,0 +1,458 @@
+//! Qwen2.5-VL (transformers' `Qwen2_5_VLForConditionalGeneration`): the vision tower
+//! (patch embedding, 2-D RoPE, window/full attention blocks, 2×2 merger), the M-RoPE
+//! position ids of `get_rope_index`, and the Qwen2 LM with image embeddings scattered
+//! into the `<|image_pad|>` positions. Follows transformers 4.57's modeling_qwen2_5_vl.py.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::backend::cpu;
+use crate::config::{self, VisionConfig, VlConfig};
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::model::qwen2::{self, add_into, Logits, Positions, Qwen2};
+use crate::weights::Weights;
+
+const VISION_NORM_EPS: f32 = 1e-6;
+
+/// Tensor-name layout of a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `model.layers.*`, `visual.*`, `lm_head.*` (the hub checkpoints).
+    Hub,
+    /// `model.language_model.*`, `model.visual.*`, `lm_head.*` (transformers 5).
+    Transformers5,
+}
+
+impl Layout {
+    fn lm(self) -> qwen2::Names<'static> {
+        match self {
+            Layout::Hub => qwen2::Names { prefix: "model." },
+            Layout::Transformers5 => qwen2::Names {
+                prefix: "model.language_model.",
+            },
+        }
+    }
+
+    fn visual(self) -> &'static str {
+        match self {
+            Layout::Hub => "visual.",
+            Layout::Transformers5 => "model.visual.",
+        }
+    }
+
+    fn detect(w: &Weights) -> Self {
+        if w.contains("model.language_model.embed_tokens.weight") {
+            Layout::Transformers5
+        } else {
+            Layout::Hub
+        }
+    }
+}
+
+/// Every tensor of the vision tower with the shape the config implies.
+pub fn expected_vision_tensors(v: &VisionConfig, prefix: &str) -> BTreeMap<String, Vec<usize>> {
+    let (c, i, m2) = (
+        v.hidden_size,
+        v.intermediate_size,
+        v.spatial_merge_size * v.spatial_merge_size,
+    );
+    let mut t = BTreeMap::new();
+    t.insert(
+        format!("{prefix}patch_embed.proj.weight"),
+        vec![c, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size],
+    );
+    for b in 0..v.depth {
+        let mut put = |rest: &str, shape: Vec<usize>| t.insert(format!("{prefix}blocks.{b}.{rest}"), shape);
+        put("norm1.weight", vec![c]);
+        put("norm2.weight", vec![c]);
+        put("attn.qkv.weight", vec![3 * c, c]);
+        put("attn.qkv.bias", vec![3 * c]);
+        put("attn.proj.weight", vec![c, c]);
+        put("attn.proj.bias", vec![c]);
+        put("mlp.gate_proj.weight", vec![i, c]);
+        put("mlp.gate_proj.bias", vec![i]);
+        put("mlp.up_proj.weight", vec![i, c]);
+        put("mlp.up_proj.bias", vec![i]);
+        put("mlp.down_proj.weight", vec![c, i]);
+        put("mlp.down_proj.bias", vec![c]);
+    }
+    t.insert(format!("{prefix}merger.ln_q.weight"), vec![c]);
+    t.insert(format!("{prefix}merger.mlp.0.weight"), vec![c * m2, c * m2]);
+    t.insert(format!("{prefix}merger.mlp.0.bias"), vec![c * m2]);
+    t.insert(format!("{prefix}merger.mlp.2.weight"), vec![v.out_hidden_size, c * m2]);
+    t.insert(format!("{prefix}merger.mlp.2.bias"), vec![v.out_hidden_size]);
+    t
+}
+
+/// Every tensor of the whole model in `layout`.
+pub fn expected_tensors(cfg: &VlConfig, layout: Layout) -> BTreeMap<String, Vec<usize>> {
+    let mut t = qwen2::expected_tensors(&cfg.text, layout.lm());
+    t.extend(expected_vision_tensors(&cfg.vision, layout.visual()));
+    t
+}
+
+/// One vision block; C = hidden, I = intermediate.
+struct Block {
+    norm1: Vec<f32>,     // [C]
+    qkv_w: Vec<f32>,     // [3C, C]
+    qkv_b: Vec<f32>,     // [3C]
+    proj_w: Vec<f32>,    // [C, C]
+    proj_b: Vec<f32>,    // [C]
+    norm2: Vec<f32>,     // [C]
+    gate_up_w: Vec<f32>, // [2I, C]: gate rows, then up rows
+    gate_up_b: Vec<f32>, // [2I]
+    down_w: Vec<f32>,    // [C, I]
+    down_b: Vec<f32>,    // [C]
+}
+
+pub struct VisionTower {
+    pub cfg: VisionConfig,
+    patch_w: Vec<f32>, // [C, patch_dim]: the Conv3d with stride = kernel is a matmul
+    blocks: Vec<Block>,
+    ln_q: Vec<f32>,   // [C]
+    mlp0_w: Vec<f32>, // [4C, 4C]
+    mlp0_b: Vec<f32>, // [4C]
+    mlp2_w: Vec<f32>, // [D, 4C]
+    mlp2_b: Vec<f32>, // [D]
+}
+
+/// What one image produces in the vision tower.
+pub struct VisionOutput {
+    /// The blocks' output, the tensor the merger's `ln_q` receives: [N, C] in window
+    /// order (the MASSV projector consumes it).
+    pub pre_merger: Vec<f32>,
+    /// Window permutation of the merged units: row j of the merger's output belongs to
+    /// merged unit `window_index[j]` in raster order.
+    pub window_index: Vec<usize>,
+    /// The merger's output in raster order, one row per `<|image_pad|>`: [N/m², D].
+    pub embeds: Vec<f32>,
+}
+
+impl VisionTower {
+    fn load(cfg: &VisionConfig, w: &Weights, prefix: &str) -> Result<Self> {
+        let shapes = expected_vision_tensors(cfg, prefix);
+        let get = |rest: &str| {
+            let name = format!("{prefix}{rest}");
+            let shape = shapes.get(&name).ok_or_else(|| Error::MissingTensor {
+                dir: w.dir().to_path_buf(),
+                tensor: name.clone(),
+            })?;
+            w.f32(&name, shape)
+        };
+        let blocks = (0..cfg.depth)
+            .map(|b| {
+                let t = |rest: &str| get(&format!("blocks.{b}.{rest}"));
+                Ok(Block {
+                    norm1: t("norm1.weight")?,
+                    qkv_w: t("attn.qkv.weight")?,
+                    qkv_b: t("attn.qkv.bias")?,
+                    proj_w: t("attn.proj.weight")?,
+                    proj_b: t("attn.proj.bias")?,
+                    norm2: t("norm2.weight")?,
+                    gate_up_w: [t("mlp.gate_proj.weight")?, t("mlp.up_proj.weight")?].concat(),
+                    gate_up_b: [t("mlp.gate_proj.bias")?, t("mlp.up_proj.bias")?].concat(),
+                    down_w: t("mlp.down_proj.weight")?,
+                    down_b: t("mlp.down_proj.bias")?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(VisionTower {
+            patch_w: get("patch_embed.proj.weight")?,
+            ln_q: get("merger.ln_q.weight")?,
+            mlp0_w: get("merger.mlp.0.weight")?,
+            mlp0_b: get("merger.mlp.0.bias")?,
+            mlp2_w: get("merger.mlp.2.weight")?,
+            mlp2_b: get("merger.mlp.2.bias")?,
+            blocks,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Runs one image: `pixel_values` [N, patch_dim] in the image processor's order,
+    /// `grid_thw` its patch grid.
+    pub fn forward(&self, pixel_values: &[f32], grid_thw: [usize; 3]) -> Result<VisionOutput> {
+        let v = &self.cfg;
+        let (c, pd, heads, hd) = (v.hidden_size, v.patch_dim(), v.num_heads, v.head_dim());
+        let [gt, gh, gw] = grid_thw;
+        let (m, unit) = (v.spatial_merge_size, v.spatial_merge_size * v.spatial_merge_size);
+        let n = gt * gh * gw;
+        if n == 0 || gh % m != 0 || gw % m != 0 || pixel_values.len() != n * pd {
+            return Err(Error::InvalidArgument(format!(
+                "vision input: grid {grid_thw:?} (must be multiples of {m}) with {} values, expected {n}×{pd}",
+                pixel_values.len()
+            )));
+        }
+        let (rows, cols) = patch_positions(grid_thw, m);
+        let (window_index, cu_window) = window_index(grid_thw, m, v.window_units());
+        let cu_full: Vec<usize> = (0..=gt).map(|f| f * gh * gw).collect();
+
+        // Work in window order: each merged unit's m² patches stay together.
+        let embedded = cpu::linear(pixel_values, &self.patch_w, None, pd);
+        let mut hidden = Vec::with_capacity(n * c);
+        let (mut win_rows, mut win_cols) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for &u in &window_index {
+            hidden.extend_from_slice(&embedded[u * unit * c..(u + 1) * unit * c]);
+            win_rows.extend_from_slice(&rows[u * unit..(u + 1) * unit]);
+            win_cols.extend_from_slice(&cols[u * unit..(u + 1) * unit]);
+        }
+        let theta = v.rope_theta as f32;
+        for (b, blk) in self.blocks.iter().enumerate() {
+            let cu = if v.fullatt_block_indexes.contains(&b) {
+                &cu_full
+            } else {
+                &cu_window
+            };
+            let h = cpu::rmsnorm(&hidden, &blk.norm1, c, VISION_NORM_EPS);
+            let qkv = cpu::linear(&h, &blk.qkv_w, Some(&blk.qkv_b), c);
+            let (mut q, mut k, mut val) = (
+                Vec::with_capacity(n * c),
+                Vec::with_capacity(n * c),
+                Vec::with_capacity(n * c),
+            );
+            for row in qkv.chunks_exact(3 * c) {
+                q.extend_from_slice(&row[..c]);
+                k.extend_from_slice(&row[c..2 * c]);
+                val.extend_from_slice(&row[2 * c..]);
+            }
+            cpu::rope_vision(&mut q, &win_rows, &win_cols, heads, hd, theta);
+            cpu::rope_vision(&mut k, &win_rows, &win_cols, heads, hd, theta);
+            let attn = cpu::attention_varlen(&q, &k, &val, cu, heads, hd);
+            add_into(&mut hidden, &cpu::linear(&attn, &blk.proj_w, Some(&blk.proj_b), c));
+            let h = cpu::rmsnorm(&hidden, &blk.norm2, c, VISION_NORM_EPS);
+            let gu = cpu::linear(&h, &blk.gate_up_w, Some(&blk.gate_up_b), c);
+            let act = cpu::swiglu(&gu, v.intermediate_size);
+            add_into(
+                &mut hidden,
+                &cpu::linear(&act, &blk.down_w, Some(&blk.down_b), v.intermediate_size),
+            );
+        }
+
+        // Merger: RMSNorm each patch, concatenate each unit's m² patches, MLP with GELU.
+        let normed = cpu::rmsnorm(&hidden, &self.ln_q, c, VISION_NORM_EPS);
+        let mut x = cpu::linear(&normed, &self.mlp0_w, Some(&self.mlp0_b), c * unit);
+        cpu::gelu(&mut x);
+        let merged = cpu::linear(&x, &self.mlp2_w, Some(&self.mlp2_b), c * unit);
+        let d = v.out_hidden_size;
+        let mut embeds = vec![0.0; merged.len()];
+        for (j, &u) in window_index.iter().enumerate() {
+            embeds[u * d..(u + 1) * d].copy_from_slice(&merged[j * d..(j + 1) * d]);
+        }
+        Ok(VisionOutput {
+            pre_merger: hidden,
+            window_index,
+            embeds,
+        })
+    }
+}
+
+/// Row and column of every patch in the image processor's order (merged units in raster
+/// order, the m×m patches of a unit inside), repeated for each temporal frame.
+pub fn patch_positions(grid_thw: [usize; 3], m: usize) -> (Vec<i32>, Vec<i32>) {
+    let [gt, gh, gw] = grid_thw;
+    let (mut rows, mut cols) = (Vec::new(), Vec::new());
+    for _ in 0..gt {
+        for bh in 0..gh / m {
+            for bw in 0..gw / m {
+                for mh in 0..m {
+                    for mw in 0..m {
+                        rows.push((bh * m + mh) as i32);
+                        cols.push((bw * m + mw) as i32);
+                    }
+                }
+            }
+        }
+    }
+    (rows, cols)
+}
+
+/// transformers' `get_window_index` for one image: the merged units reordered window by
+/// window (windows of `units`×`units` merged units in raster order, partial at the right
+/// and bottom edges), and the cumulative patch counts of the windows (empty windows
+/// dropped, as `unique_consecutive` does).
+pub fn window_index(grid_thw: [usize; 3], m: usize, units: usize) -> (Vec<usize>, Vec<usize>) {
+    let [gt, gh, gw] = grid_thw;
+    let (lh, lw) = (gh / m, gw / m);
+    let (nwh, nww) = (lh.div_ceil(units), lw.div_ceil(units));
+    let mut index = Vec::with_capacity(gt * lh * lw);
+    let mut cu = vec![0usize];
+    for f in 0..gt {
+        for wy in 0..nwh {
+            for wx in 0..nww {
+                let before = index.len();
+                for y in wy * units..((wy + 1) * units).min(lh) {
+                    for x in wx * units..((wx + 1) * units).min(lw) {
+                        index.push(f * lh * lw + y * lw + x);
+                    }
+                }
+                if index.len() > before {
+                    cu.push(index.len() * m * m);
+                }
+            }
+        }
+    }
+    (index, cu)
+}
+
+/// transformers' `get_rope_index` for a prompt with images: text tokens advance all
+/// three axes together; the `units` tokens of an image get (t, row, col) of their merged
+/// unit offset by the position where the image starts; text after an image continues
+/// from the largest position so far + 1. Returns positions [3, S] and the delta
+/// (next position − S) that decoding adds to cache indices.
+pub fn rope_index(ids: &[u32], image_token: u32, grids: &[[usize; 3]], m: usize) -> Result<(Vec<i32>, i32)> {
+    let s = ids.len();
+    let mut pos = [Vec::with_capacity(s), Vec::with_capacity(s), Vec::with_capacity(s)];
+    let mut next = 0i32; // max position so far + 1
+    let mut i = 0;
+    let mut images = grids.iter();
+    while i < s {
+        if ids[i] != image_token {
+            for axis in &mut pos {
+                axis.push(next);
+            }
+            next += 1;
+            i += 1;
+            continue;
+        }
+        let [gt, gh, gw] = *images.next().ok_or_else(|| {
+            Error::InvalidArgument("the prompt has more image placeholders than images were given".into())
+        })?;
+        let (lh, lw) = (gh / m, gw / m);
+        if i + gt * lh * lw > s || ids[i..i + gt * lh * lw].iter().any(|&t| t != image_token) {
+            return Err(Error::InvalidArgument(format!(
+                "an image of {} merged tokens needs as many consecutive image placeholders",
+                gt * lh * lw
+            )));
+        }
+        let mut max = next - 1;
+        for _t in 0..gt {
+            // Still images: every frame at temporal position 0 (second_per_grid_t = 0).
+            for y in 0..lh {
+                for x in 0..lw {
+                    let p = [next, next + y as i32, next + x as i32];
+                    for (axis, v) in pos.iter_mut().zip(p) {
+                        axis.push(v);
+                        max = max.max(v);
+                    }
+                }
+            }
+        }
+        next = max + 1;
+        i += gt * lh * lw;
+    }
+    if images.next().is_some() {
+        return Err(Error::InvalidArgument(
+            "an image was given but the prompt has no image placeholder for it".into(),
+        ));
+    }
+    let delta = next - s as i32;
+    Ok((pos.concat(), delta))
+}
+
+pub struct Qwen25Vl {
+    pub cfg: VlConfig,
+    pub layout: Layout,
+    pub lm: Qwen2,
+    pub vision: VisionTower,
+}
+
+/// A prompt ready for the LM: token ids with each image's placeholder expanded to its
+/// merged tokens, and the image embeddings for those positions.
+pub struct Prefill {
+    pub ids: Vec<u32>,
+    pub positions: Vec<i32>, // [3, S]
+    pub rope_delta: i32,
+    pub image_embeds: Vec<f32>, // [image tokens, D], in prompt order
+}
+
+impl Qwen25Vl {
+    /// Loads a Qwen2.5-VL directory in either config layout and either tensor layout.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let cfg = config::load_qwen2_5_vl(&dir.join("config.json"))?;
+        let weights = Weights::open(dir)?;
+        let layout = Layout::detect(&weights);
+        weights.check_inventory(&expected_tensors(&cfg, layout))?;
+        let lm = Qwen2::from_weights(cfg.text.clone(), &weights, layout.lm())?;
+        let vision = VisionTower::load(&cfg.vision, &weights, layout.visual())?;
+        Ok(Qwen25Vl {
+            cfg,
+            layout,
+            lm,
+            vision,
+        })
+    }
+
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        self.lm.new_cache(capacity)
+    }
+
+    /// Expands each single `<|image_pad|>` of `ids` (as the chat template writes it) to
+    /// the merged-token count of the matching image, in order.
+    pub fn expand_image_placeholders(&self, ids: &[u32], grids: &[[usize; 3]]) -> Result<Vec<u32>> {
+        let img = self.cfg.image_token_id;
+        let m2 = self.cfg.vision.spatial_merge_size.pow(2);
+        let placeholders = ids.iter().filter(|&&t| t == img).count();
+        if placeholders != grids.len() {
+            return Err(Error::InvalidArgument(format!(
+                "the prompt has {placeholders} image placeholder(s) but {} image(s) were given",
+                grids.len()
+            )));
+        }
+        let mut grids = grids.iter();
+        let mut out = Vec::with_capacity(ids.len());
+        for &t in ids {
+            match (t == img).then(|| grids.next()).flatten() {
+                Some(g) => out.extend(std::iter::repeat_n(img, g.iter().product::<usize>() / m2)),
+                None => out.push(t),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The vision tower on one preprocessed image.
+    pub fn encode_image(&self, pixel_values: &[f32], grid_thw: [usize; 3]) -> Result<VisionOutput> {
+        self.vision.forward(pixel_values, grid_thw)
+    }
+
+    /// Token ids (already expanded) plus the images' grids and merged embeddings (in
+    /// prompt order) → everything the LM's prefill needs.
+    pub fn prepare(&self, ids: Vec<u32>, grids: &[[usize; 3]], image_embeds: Vec<f32>) -> Result<Prefill> {
+        let (positions, rope_delta) =
+            rope_index(&ids, self.cfg.image_token_id, grids, self.cfg.vision.spatial_merge_size)?;
+        Ok(Prefill {
+            ids,
+            positions,
+            rope_delta,
+            image_embeds,
+        })
+    }
+
+    /// Prefill: embeds the prompt, puts the image embeddings at the placeholders, runs the
+    /// LM at the M-RoPE positions.
+    pub fn prefill(&self, p: &Prefill, cache: &mut KvCache, logits: Logits) -> Result<Vec<f32>> {
+        let d = self.cfg.text.hidden_size;
+        let mut hidden = self.lm.embed(&p.ids)?;
+        let mut rows = p.image_embeds.chunks_exact(d);
+        for (i, _) in p.ids.iter().enumerate().filter(|(_, &t)| t == self.cfg.image_token_id) {
+            let row = rows
+                .next()
+                .ok_or_else(|| Error::InvalidArgument("more image placeholders than image embeddings".into()))?;
+            hidden[i * d..(i + 1) * d].copy_from_slice(row);
+        }
+        if rows.next().is_some() {
+            return Err(Error::InvalidArgument(
+                "more image embeddings than image placeholders".into(),
+            ));
+        }
+        self.lm.forward(hidden, Positions::Multi(&p.positions), cache, logits)
+    }
+
+    /// Decodes `tokens` after the cache: text positions are cache index + rope_delta on
+    /// every axis.
+    pub fn decode(&self, tokens: &[u32], rope_delta: i32, cache: &mut KvCache, logits: Logits) -> Result<Vec<f32>> {
+        let start = cache.len() as i32 + rope_delta;
+        let positions: Vec<i32> = (start..start + tokens.len() as i32).collect();
+        let hidden = self.lm.embed(tokens)?;
+        self.lm.forward(hidden, Positions::Seq(&positions), cache, logits)
+    }
+}

@@ -1,0 +1,3 @@
+//! Speculative decoding: drafting, verification maths, and the loop.
+
+pub mod verify;
