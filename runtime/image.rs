@@ -92,7 +92,7 @@ impl ImageInput {
         &self.rgb
     }
 
-    /// The file path, or "<memory>".
+    /// The file path, or `<memory>`.
     pub fn source_name(&self) -> &str {
         &self.source_name
     }

@@ -14,6 +14,7 @@ pub mod error;
 pub mod generate;
 pub mod image;
 pub mod kv_cache;
+pub mod metrics;
 pub mod model;
 pub mod reference;
 pub mod sampling;

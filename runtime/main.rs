@@ -5,10 +5,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use massv::backend::DeviceRequest;
-use massv::generate::{greedy, stop_tokens};
 use massv::image::{preprocess, ImageInput, Preprocessed, PreprocessorConfig};
+use massv::metrics::Trace;
 use massv::model::qwen2::Logits;
 use massv::model::Target;
+use massv::sampling::SamplingParams;
+use massv::spec::draft::DraftMode;
+use massv::spec::engine::{Engine, GenerateParams};
 use massv::synth::{synth, SynthDtype, SynthOptions};
 use massv::tokenizer::Tokenizer;
 use massv::weights::{write_safetensors, OwnedTensor};
@@ -41,15 +44,31 @@ enum Command {
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceRequest,
     },
-    /// Answer a prompt with the target model (greedy).
+    /// Answer a prompt: speculative decoding with --draft, else the target alone.
     Generate {
         #[arg(long)]
         target: PathBuf,
+        /// Drafter directory (Qwen2 LM; with massv.json + projector.safetensors for MASSV).
+        #[arg(long)]
+        draft: Option<PathBuf>,
+        /// What the drafter sees: massv (image via the projector) or text (no image).
+        #[arg(long, value_enum)]
+        draft_mode: Option<DraftMode>,
         /// Image shown before the prompt text (PNG, JPEG or WebP).
         #[arg(long)]
         image: Option<PathBuf>,
         #[arg(long)]
         prompt: String,
+        #[arg(long, default_value_t = 5)]
+        gamma: usize,
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
         #[arg(long, default_value_t = 128)]
         max_new_tokens: usize,
         #[arg(long, value_enum, default_value = "auto")]
@@ -57,6 +76,9 @@ enum Command {
         /// Print one JSON object (text, tokens, metrics) instead of the answer.
         #[arg(long)]
         json: bool,
+        /// Write a Chrome trace (chrome://tracing, Perfetto) with one span per stage per step.
+        #[arg(long)]
+        trace: Option<PathBuf>,
     },
     /// Write a random-weight checkpoint with the real tensor names and shapes of a config.
     Synth {
@@ -173,28 +195,41 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Generate {
             target,
+            draft,
+            draft_mode,
             image,
             prompt,
+            gamma,
+            temperature,
+            top_p,
+            top_k,
+            seed,
             max_new_tokens,
             device,
             json,
+            trace,
         } => {
             device.resolve()?;
-            let tok = Tokenizer::from_dir(&target)?;
-            let model = Target::load(&target)?;
-            let stop = stop_tokens(&target, &model.text_config().eos_token_ids, &tok)?;
-            let (ids, images) = prompt_inputs(&target, &model, &tok, &prompt, image.as_ref())?;
-            let out = greedy(&model, &tok, &ids, &images, max_new_tokens, &stop)?;
+            let engine = Engine::load(&target, draft.as_deref())?;
+            let image = image.as_deref().map(ImageInput::from_path).transpose()?;
+            let params = GenerateParams {
+                gamma,
+                sampling: SamplingParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                },
+                seed,
+                max_new_tokens,
+                draft_mode,
+            };
+            let mut spans = Trace::default();
+            let out = engine.generate(&prompt, image.as_ref(), &params, Some(&mut spans))?;
+            if let Some(path) = trace {
+                spans.write(&path)?;
+            }
             if json {
-                let decode_s = out.decode_ms / 1e3;
-                let obj = serde_json::json!({
-                    "text": out.text,
-                    "tokens": out.tokens,
-                    "metrics": {
-                        "timings_ms": {"prefill_target": out.prefill_ms, "total": out.prefill_ms + out.decode_ms},
-                        "tokens_per_s": if decode_s > 0.0 { out.tokens.len() as f64 / decode_s } else { 0.0 },
-                    },
-                });
+                let obj = serde_json::json!({"text": out.text, "tokens": out.tokens, "metrics": out.metrics});
                 println!("{obj}");
             } else {
                 println!("{}", out.text);

@@ -79,6 +79,21 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Why two tokenizers are not interchangeable (first differing token), if they are not:
+    /// a drafter must map every token, special ones included, to the target's id.
+    pub fn vocabulary_mismatch(&self, other: &Tokenizer) -> Option<String> {
+        let (a, b) = (self.inner.get_vocab(true), other.inner.get_vocab(true));
+        if a.len() != b.len() {
+            return Some(format!("{} tokens vs {}", a.len(), b.len()));
+        }
+        let mut diff: Vec<(&String, &u32)> = a.iter().filter(|(t, id)| b.get(*t) != Some(*id)).collect();
+        diff.sort_by_key(|(_, id)| **id);
+        diff.first().map(|(t, id)| match b.get(*t) {
+            Some(other_id) => format!("token {t:?} is id {id} here but {other_id} there"),
+            None => format!("token {t:?} (id {id}) is missing there"),
+        })
+    }
+
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner

@@ -1,3 +1,5 @@
-//! Speculative decoding: drafting, verification maths, and the loop.
+//! Speculative decoding: the drafter and chain drafting, the verification maths, and the loop.
 
+pub mod draft;
+pub mod engine;
 pub mod verify;

@@ -14,14 +14,18 @@ Writes (relative to the repository root), about 110 KB in all:
       [height, width, factor, min_pixels, max_pixels, out_h, out_w] from transformers'
       smart_resize (out null when it raises): random sizes, exact .5 ties, both pixel bounds,
       aspect ratios around 200.
-  tests/fixtures/resize_cases/exif_o<N>.png + exif.safetensors
-      a 5x3 PNG carrying EXIF orientation N (2..8) and `oN` (u8 [h, w, 3]), what transformers'
-      `load_image(path)` (exif_transpose + convert RGB) returns for it.
+  tests/fixtures/resize_cases/{exif_o<N>,mode_<M>}.png + decode.safetensors
+      5x3 PNGs carrying EXIF orientation N (2..8), and 4x3 PNGs in other pixel formats (16-bit
+      RGB/RGBA/grey/grey+alpha, 8-bit grey, grey+alpha, RGBA, palette); for each file, the tensor
+      named after its stem (u8 [h, w, 3]) is what transformers' `load_image(path)`
+      (exif_transpose + convert("RGB")) returns for it.
 
 Deterministic: reruns give byte-identical files.
 """
 
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -106,18 +110,41 @@ def smart_resize_cases(rng):
     (OUT / "smart_resize.json").write_text(json.dumps(rows, separators=(",", ":")) + "\n")
 
 
-def exif_cases(rng):
-    base = rng.integers(0, 256, size=(3, 5, 3), dtype=np.uint8)  # 5 wide, 3 high: transposes show
+def png_bytes(w, h, bit_depth, color_type, rows):
+    """A minimal PNG written by hand: Pillow cannot save 16-bit colour."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, bit_depth, color_type, 0, 0, 0)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter type 0 on every row
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def decode_cases(rng):
     tensors = {}
+    base = rng.integers(0, 256, size=(3, 5, 3), dtype=np.uint8)  # 5 wide, 3 high: transposes show
     for n in range(2, 9):
-        path = OUT / f"exif_o{n}.png"
         img = Image.fromarray(base, "RGB")
         exif = Image.Exif()
         exif[0x0112] = n  # Orientation
-        img.save(path, exif=exif.tobytes())
-        loaded = np.asarray(load_image(str(path)))
-        tensors[f"o{n}"] = np.ascontiguousarray(loaded)
-    save_file(tensors, OUT / "exif.safetensors")
+        img.save(OUT / f"exif_o{n}.png", exif=exif.tobytes())
+    # Pixel formats other than RGB8. 16-bit samples span the range, so Pillow's high-byte
+    # truncation and its clamp of 16-bit grey ("I;16" -> RGB) both show.
+    for name, channels in [("rgb16", 3), ("gray16", 1), ("graya16", 2), ("rgba16", 4)]:
+        samples = rng.integers(0, 65536, size=(3, 4, channels)).astype(">u2")
+        samples[0, 0] = 200  # a small value: kept by the grey clamp
+        color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+        (OUT / f"mode_{name}.png").write_bytes(png_bytes(4, 3, 16, color_type, samples))
+    pixels = rng.integers(0, 256, size=(3, 4, 4), dtype=np.uint8)
+    Image.fromarray(pixels[..., 0], "L").save(OUT / "mode_gray8.png")
+    Image.fromarray(pixels[..., :2], "LA").save(OUT / "mode_graya8.png")
+    Image.fromarray(pixels, "RGBA").save(OUT / "mode_rgba8.png")
+    Image.fromarray(pixels[..., :3], "RGB").quantize(colors=5).save(OUT / "mode_palette.png")
+    # What transformers' load_image(path) gives: exif_transpose, then convert("RGB").
+    for path in sorted(OUT.glob("*.png")):
+        tensors[path.stem] = np.ascontiguousarray(np.asarray(load_image(str(path))))
+    save_file(tensors, OUT / "decode.safetensors")
 
 
 def main():
@@ -125,7 +152,7 @@ def main():
     rng = np.random.default_rng(SEED)
     resize_cases(rng)
     smart_resize_cases(rng)
-    exif_cases(rng)
+    decode_cases(rng)
 
 
 if __name__ == "__main__":

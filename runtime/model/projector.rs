@@ -1,0 +1,132 @@
+//! The MASSV projector: maps the target's vision features (the tensor its merger's
+//! `ln_q` receives) into the drafter's embedding space, one embedding per merged token.
+//! RMSNorm per patch → concatenate m² patches → fc1 → GELU (erf) → fc2.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::backend::cpu;
+use crate::config::{read_json_object, Fields};
+use crate::error::{Error, Result};
+use crate::weights::Weights;
+
+pub const FORMAT: &str = "massv-drafter/1";
+pub const CONFIG_FILE: &str = "massv.json";
+pub const WEIGHTS_FILE: &str = "projector.safetensors";
+
+/// `massv.json` of a MASSV drafter directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProjectorConfig {
+    /// Dv: width of one vision patch feature (the target's vision hidden size).
+    pub vision_hidden_size: usize,
+    /// m: patches are merged m×m, as in the target's merger.
+    pub spatial_merge_size: usize,
+    pub projector_hidden_size: usize,
+    /// D: the drafter's hidden size.
+    pub draft_hidden_size: usize,
+    pub norm_eps: f64,
+}
+
+pub struct Projector {
+    pub cfg: ProjectorConfig,
+    norm: Vec<f32>,  // [Dv]
+    fc1_w: Vec<f32>, // [Dh, Dv·m²]
+    fc1_b: Vec<f32>, // [Dh]
+    fc2_w: Vec<f32>, // [D, Dh]
+    fc2_b: Vec<f32>, // [D]
+}
+
+impl Projector {
+    /// The projector of a drafter directory, or None for a text-only drafter (no massv.json).
+    pub fn load(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join(CONFIG_FILE);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let root = read_json_object(&path)?;
+        let f = Fields {
+            path: &path,
+            obj: &root,
+        };
+        match f.opt_str("format")? {
+            Some(FORMAT) => {}
+            other => return Err(f.err(format!("format is {other:?}, expected {FORMAT:?}"))),
+        }
+        match f.opt_str("activation")? {
+            None | Some("gelu") => {}
+            Some(other) => return Err(f.err(format!("activation {other:?} is not supported (\"gelu\")"))),
+        }
+        let cfg = ProjectorConfig {
+            vision_hidden_size: f.req_usize("vision_hidden_size")?,
+            spatial_merge_size: f.req_usize("spatial_merge_size")?,
+            projector_hidden_size: f.req_usize("projector_hidden_size")?,
+            draft_hidden_size: f.req_usize("draft_hidden_size")?,
+            norm_eps: f.opt_f64("norm_eps")?.unwrap_or(1e-6),
+        };
+        if [
+            cfg.vision_hidden_size,
+            cfg.spatial_merge_size,
+            cfg.projector_hidden_size,
+            cfg.draft_hidden_size,
+        ]
+        .contains(&0)
+        {
+            return Err(f.err("projector sizes must be positive"));
+        }
+        let w = Weights::open_files(dir, &[dir.join(WEIGHTS_FILE)])?;
+        let shapes = expected_tensors(&cfg);
+        w.check_inventory(&shapes)?;
+        let get = |name: &str| w.f32(name, &shapes[name]);
+        Ok(Some(Projector {
+            norm: get("norm.weight")?,
+            fc1_w: get("fc1.weight")?,
+            fc1_b: get("fc1.bias")?,
+            fc2_w: get("fc2.weight")?,
+            fc2_b: get("fc2.bias")?,
+            cfg,
+        }))
+    }
+
+    /// `pre_merger` [N, Dv] in the merger's (window) order and the merger's
+    /// `window_index` → [N/m², D] drafter embeddings in raster order, row i for the i-th
+    /// `<|image_pad|>` of the image.
+    pub fn forward(&self, pre_merger: &[f32], window_index: &[usize]) -> Result<Vec<f32>> {
+        let c = &self.cfg;
+        let unit = c.spatial_merge_size * c.spatial_merge_size;
+        let dv = c.vision_hidden_size;
+        if pre_merger.len() != window_index.len() * unit * dv {
+            return Err(Error::InvalidArgument(format!(
+                "projector input has {} values, expected {} merged tokens × {unit} patches × {dv}",
+                pre_merger.len(),
+                window_index.len()
+            )));
+        }
+        let normed = cpu::rmsnorm(pre_merger, &self.norm, dv, c.norm_eps as f32);
+        let mut h = cpu::linear(&normed, &self.fc1_w, Some(&self.fc1_b), dv * unit);
+        cpu::gelu(&mut h);
+        let out = cpu::linear(&h, &self.fc2_w, Some(&self.fc2_b), c.projector_hidden_size);
+        let d = c.draft_hidden_size;
+        let mut raster = vec![0.0; out.len()];
+        for (j, &u) in window_index.iter().enumerate() {
+            raster[u * d..(u + 1) * d].copy_from_slice(&out[j * d..(j + 1) * d]);
+        }
+        Ok(raster)
+    }
+}
+
+pub fn expected_tensors(c: &ProjectorConfig) -> BTreeMap<String, Vec<usize>> {
+    let m2 = c.spatial_merge_size * c.spatial_merge_size;
+    BTreeMap::from([
+        ("norm.weight".to_string(), vec![c.vision_hidden_size]),
+        (
+            "fc1.weight".to_string(),
+            vec![c.projector_hidden_size, c.vision_hidden_size * m2],
+        ),
+        ("fc1.bias".to_string(), vec![c.projector_hidden_size]),
+        (
+            "fc2.weight".to_string(),
+            vec![c.draft_hidden_size, c.projector_hidden_size],
+        ),
+        ("fc2.bias".to_string(), vec![c.draft_hidden_size]),
+    ])
+}

@@ -1,0 +1,268 @@
+//! The drafter: a small Qwen2 LM, made multimodal by a MASSV projector or used on text
+//! alone, and chain drafting with it.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::model::projector::Projector;
+use crate::model::qwen2::{Logits, Positions, Qwen2};
+use crate::model::qwen2_5_vl::VisionOutput;
+use crate::model::Target;
+use crate::sampling::{probabilities, Rng, SamplingParams};
+use crate::tokenizer::Tokenizer;
+
+/// What the drafter sees of the prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DraftMode {
+    /// The target's token sequence, projector embeddings at the image placeholders.
+    Massv,
+    /// The chat prompt with the `<|vision_start|>…<|vision_end|>` segment removed.
+    Text,
+}
+
+pub struct Drafter {
+    pub lm: Qwen2,
+    pub projector: Option<Projector>,
+    pub tokenizer: Tokenizer,
+    pub dir: PathBuf,
+}
+
+impl Drafter {
+    pub fn load(dir: &Path) -> Result<Self> {
+        Ok(Drafter {
+            lm: Qwen2::load(dir)?,
+            projector: Projector::load(dir)?,
+            tokenizer: Tokenizer::from_dir(dir)?,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The mode a drafter directory implies: massv with a projector, text without.
+    pub fn default_mode(&self) -> DraftMode {
+        if self.projector.is_some() {
+            DraftMode::Massv
+        } else {
+            DraftMode::Text
+        }
+    }
+
+    /// Checks that this drafter can serve `target` in `mode`: same tokenizer, and a
+    /// projector (for massv mode) that fits the target's vision features and our LM.
+    pub fn check_compatible(&self, target: &Target, target_tok: &Tokenizer, mode: DraftMode) -> Result<()> {
+        let dir = self.dir.display();
+        if let Some(why) = self.tokenizer.vocabulary_mismatch(target_tok) {
+            return Err(Error::InvalidArgument(format!(
+                "drafter {dir} does not share the target's tokenizer: {why}"
+            )));
+        }
+        match (mode, &self.projector) {
+            (DraftMode::Massv, None) => {
+                return Err(Error::InvalidArgument(format!(
+                    "--draft-mode massv needs a MASSV drafter, but {dir} has no massv.json (use --draft-mode text)"
+                )))
+            }
+            (DraftMode::Text, Some(_)) => {
+                return Err(Error::InvalidArgument(format!(
+                    "--draft-mode text needs a text-only drafter, but {dir} is a MASSV drafter (use --draft-mode massv)"
+                )))
+            }
+            _ => {}
+        }
+        if let (Some(p), Target::Vl(t)) = (&self.projector, target) {
+            let v = &t.cfg.vision;
+            let fits = p.cfg.vision_hidden_size == v.hidden_size
+                && p.cfg.spatial_merge_size == v.spatial_merge_size
+                && p.cfg.draft_hidden_size == self.lm.cfg.hidden_size;
+            if !fits {
+                return Err(Error::InvalidArgument(format!(
+                    "projector of {dir} maps {}×{m}² → {} but the target's vision features are {}×{}² and the drafter's hidden size is {}",
+                    p.cfg.vision_hidden_size,
+                    p.cfg.draft_hidden_size,
+                    v.hidden_size,
+                    v.spatial_merge_size,
+                    self.lm.cfg.hidden_size,
+                    m = p.cfg.spatial_merge_size,
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Embeddings of `tokens`. Ids the drafter's embedding table lacks (padding rows of a
+    /// larger target vocabulary) get a zero row: the drafter only needs context, and
+    /// verification stays exact whatever it proposes.
+    fn embed_lossy(&self, tokens: &[u32]) -> Vec<f32> {
+        let d = self.lm.cfg.hidden_size;
+        let mut out = Vec::with_capacity(tokens.len() * d);
+        for &t in tokens {
+            match self.lm.embed(&[t]) {
+                Ok(row) => out.extend(row),
+                Err(_) => out.extend(std::iter::repeat_n(0.0, d)),
+            }
+        }
+        out
+    }
+
+    /// Input embeddings of the drafter's prompt. `target_ids`: the target's prompt with
+    /// placeholders expanded; `template_ids`: the chat template's ids (one placeholder
+    /// per image); `vision`: the target's vision outputs, one per image.
+    pub fn prompt_embeddings(
+        &self,
+        mode: DraftMode,
+        target_ids: &[u32],
+        template_ids: &[u32],
+        vision: &[VisionOutput],
+        tokens: &VisionTokens,
+    ) -> Result<Vec<f32>> {
+        match mode {
+            DraftMode::Text => Ok(self.embed_lossy(&strip_vision(template_ids, tokens))),
+            DraftMode::Massv => {
+                let d = self.lm.cfg.hidden_size;
+                let mut hidden = self.embed_lossy(target_ids);
+                let Some(p) = &self.projector else {
+                    return Err(Error::InvalidArgument("massv mode without a projector".into()));
+                };
+                let mut rows = Vec::new();
+                for v in vision {
+                    rows.extend(p.forward(&v.pre_merger, &v.window_index)?);
+                }
+                let slots: Vec<usize> = target_ids
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &t)| t == tokens.image_pad)
+                    .map(|(i, _)| i)
+                    .collect();
+                if slots.len() * d != rows.len() {
+                    return Err(Error::InvalidArgument(format!(
+                        "{} image placeholders but the projector produced {} embeddings",
+                        slots.len(),
+                        rows.len() / d
+                    )));
+                }
+                for (slot, row) in slots.iter().zip(rows.chunks_exact(d)) {
+                    hidden[slot * d..(slot + 1) * d].copy_from_slice(row);
+                }
+                Ok(hidden)
+            }
+        }
+    }
+
+    /// Runs `hidden` after the cache at 1-D positions = cache indices; last-row logits.
+    fn run(&self, hidden: Vec<f32>, cache: &mut KvCache) -> Result<Vec<f32>> {
+        let n = hidden.len() / self.lm.cfg.hidden_size;
+        let start = cache.len() as i32;
+        let positions: Vec<i32> = (start..start + n as i32).collect();
+        self.lm.forward(hidden, Positions::Seq(&positions), cache, Logits::Last)
+    }
+}
+
+/// Token ids that delimit images in a prompt.
+#[derive(Debug, Clone, Copy)]
+pub struct VisionTokens {
+    pub vision_start: u32,
+    pub vision_end: u32,
+    pub image_pad: u32,
+}
+
+/// The prompt without its `<|vision_start|> … <|vision_end|>` segments (text mode).
+pub fn strip_vision(ids: &[u32], t: &VisionTokens) -> Vec<u32> {
+    let mut out = Vec::with_capacity(ids.len());
+    let mut inside = false;
+    for &id in ids {
+        if id == t.vision_start {
+            inside = true;
+        } else if inside && id == t.vision_end {
+            inside = false;
+        } else if !inside {
+            out.push(id);
+        }
+    }
+    out
+}
+
+/// The drafter's side of one request: its cache, and the committed tokens it has not
+/// seen yet (the target's last token, plus the last draft when all were accepted).
+pub struct DraftState {
+    pub cache: KvCache,
+    pub pending: Vec<u32>,
+    /// Cache length before the last `draft` call fed anything.
+    base: usize,
+    /// Tokens of the last `draft` call that entered the cache: pending, then drafts.
+    fed_drafts: usize,
+    fed_pending: usize,
+}
+
+impl DraftState {
+    /// Prefills the drafter's prompt; `first` is the token the target's prefill chose.
+    pub fn prefill(drafter: &Drafter, prompt: Vec<f32>, first: u32, extra: usize) -> Result<Self> {
+        let n = prompt.len() / drafter.lm.cfg.hidden_size;
+        let capacity = n + extra;
+        if capacity > drafter.lm.cfg.max_position_embeddings {
+            return Err(Error::ContextOverflow {
+                tokens: n,
+                new: extra,
+                capacity: drafter.lm.cfg.max_position_embeddings,
+            });
+        }
+        let mut cache = drafter.lm.new_cache(capacity);
+        drafter.run(prompt, &mut cache)?;
+        Ok(DraftState {
+            cache,
+            pending: vec![first],
+            base: 0,
+            fed_drafts: 0,
+            fed_pending: 0,
+        })
+    }
+
+    /// Proposes `gamma` tokens, each from the processed distribution q it returns with it
+    /// (argmax at T = 0, a draw at T > 0).
+    pub fn draft(
+        &mut self,
+        drafter: &Drafter,
+        gamma: usize,
+        params: &SamplingParams,
+        rng: &mut Rng,
+    ) -> Result<(Vec<u32>, Vec<Vec<f32>>)> {
+        self.base = self.cache.len();
+        self.fed_pending = 0;
+        self.fed_drafts = 0;
+        let (mut drafts, mut qs) = (Vec::with_capacity(gamma), Vec::with_capacity(gamma));
+        let mut feed = self.pending.clone();
+        for i in 0..gamma {
+            let logits = drafter.run(drafter.embed_lossy(&feed), &mut self.cache)?;
+            if i == 0 {
+                self.fed_pending = feed.len();
+            } else {
+                self.fed_drafts += 1;
+            }
+            let q = probabilities(&logits, params);
+            let d = if params.is_greedy() {
+                crate::generate::argmax(&q)
+            } else {
+                rng.sample(&q)
+            } as u32;
+            drafts.push(d);
+            qs.push(q);
+            feed = vec![d];
+        }
+        Ok((drafts, qs))
+    }
+
+    /// After verification: keeps the accepted drafts, forgets the rest, and queues the
+    /// committed tokens the cache lacks.
+    pub fn commit(&mut self, drafts: &[u32], accepted: usize, next: u32) -> Result<()> {
+        if self.fed_pending == 0 {
+            // Nothing was drafted (γ = 0): the pending tokens are still pending.
+            self.pending.extend_from_slice(&drafts[..accepted]);
+            self.pending.push(next);
+            return Ok(());
+        }
+        let kept = accepted.min(self.fed_drafts);
+        self.cache.rollback_to(self.base + self.fed_pending + kept)?;
+        self.pending = drafts[kept..accepted].to_vec();
+        self.pending.push(next);
+        Ok(())
+    }
+}

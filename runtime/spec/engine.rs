@@ -1,0 +1,273 @@
+//! The speculative decoding loop: the drafter proposes γ tokens, the target scores the
+//! γ + 1 positions in one pass, the acceptance rule picks what is emitted, and both
+//! caches keep the accepted prefix. Without a drafter it is plain target decoding, the
+//! baseline every speedup is measured against.
+
+use std::path::Path;
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::generate::{argmax, stop_tokens};
+use crate::image::{preprocess, ImageInput, Preprocessed, PreprocessorConfig};
+use crate::metrics::{Counters, Metrics, Timings, Trace};
+use crate::model::qwen2::Logits;
+use crate::model::Target;
+use crate::sampling::{probabilities, Rng, SamplingParams};
+use crate::spec::draft::{DraftMode, DraftState, Drafter, VisionTokens};
+use crate::spec::verify::{residual, verify_greedy, verify_sampled, Verdict};
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GenerateParams {
+    /// Drafted tokens per verification pass (ignored without a drafter).
+    pub gamma: usize,
+    pub sampling: SamplingParams,
+    pub seed: u64,
+    pub max_new_tokens: usize,
+    /// None: massv for a MASSV drafter directory, text for a text-only one.
+    pub draft_mode: Option<DraftMode>,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams {
+            gamma: 5,
+            sampling: SamplingParams::default(),
+            seed: 0,
+            max_new_tokens: 128,
+            draft_mode: None,
+        }
+    }
+}
+
+pub struct Output {
+    /// The answer, without the stop token.
+    pub text: String,
+    /// Generated ids in order (a final stop token included).
+    pub tokens: Vec<u32>,
+    pub metrics: Metrics,
+}
+
+pub struct Engine {
+    pub target: Target,
+    pub tokenizer: Tokenizer,
+    pub drafter: Option<Drafter>,
+    pub stop: Vec<u32>,
+    preprocessor: Option<PreprocessorConfig>,
+}
+
+impl Engine {
+    pub fn load(target_dir: &Path, drafter_dir: Option<&Path>) -> Result<Self> {
+        let tokenizer = Tokenizer::from_dir(target_dir)?;
+        let target = Target::load(target_dir)?;
+        let stop = stop_tokens(target_dir, &target.text_config().eos_token_ids, &tokenizer)?;
+        let preprocessor = match &target {
+            Target::Vl(_) => Some(PreprocessorConfig::from_dir(target_dir)?),
+            Target::Text(_) => None,
+        };
+        let drafter = drafter_dir.map(Drafter::load).transpose()?;
+        if let Some(d) = &drafter {
+            d.check_compatible(&target, &tokenizer, d.default_mode())?;
+        }
+        Ok(Engine {
+            target,
+            tokenizer,
+            drafter,
+            stop,
+            preprocessor,
+        })
+    }
+
+    /// Chat-templates `prompt` (one user turn: the image, then the text), preprocesses
+    /// the image and generates.
+    pub fn generate(
+        &self,
+        prompt: &str,
+        image: Option<&ImageInput>,
+        params: &GenerateParams,
+        trace: Option<&mut Trace>,
+    ) -> Result<Output> {
+        let images = match (image, &self.preprocessor) {
+            (None, _) => Vec::new(),
+            (Some(img), Some(cfg)) => vec![preprocess(img, cfg)?],
+            (Some(_), None) => {
+                return Err(Error::InvalidArgument(
+                    "an image was given but the target is a text-only model".into(),
+                ))
+            }
+        };
+        let ids = self
+            .tokenizer
+            .encode(&self.tokenizer.user_prompt(prompt, image.is_some())?)?;
+        self.generate_ids(&ids, &images, params, trace)
+    }
+
+    fn vision_tokens(&self) -> VisionTokens {
+        let id = |t: &str, default: u32| self.tokenizer.token_to_id(t).unwrap_or(default);
+        match &self.target {
+            Target::Vl(m) => VisionTokens {
+                vision_start: m.cfg.vision_start_token_id,
+                vision_end: m.cfg.vision_end_token_id,
+                image_pad: m.cfg.image_token_id,
+            },
+            Target::Text(_) => VisionTokens {
+                vision_start: id("<|vision_start|>", u32::MAX),
+                vision_end: id("<|vision_end|>", u32::MAX),
+                image_pad: id("<|image_pad|>", u32::MAX),
+            },
+        }
+    }
+
+    fn check(&self, params: &GenerateParams) -> Result<Option<(&Drafter, DraftMode)>> {
+        params.sampling.validate()?;
+        if params.max_new_tokens == 0 {
+            return Err(Error::InvalidArgument("max-new-tokens must be at least 1".into()));
+        }
+        let Some(d) = &self.drafter else {
+            if params.draft_mode.is_some() {
+                return Err(Error::InvalidArgument("--draft-mode needs --draft".into()));
+            }
+            return Ok(None);
+        };
+        if params.gamma == 0 {
+            return Err(Error::InvalidArgument("gamma must be at least 1 with a drafter".into()));
+        }
+        let mode = params.draft_mode.unwrap_or(d.default_mode());
+        d.check_compatible(&self.target, &self.tokenizer, mode)?;
+        Ok(Some((d, mode)))
+    }
+
+    /// Generates from template ids (one `<|image_pad|>` per image) and preprocessed images.
+    pub fn generate_ids(
+        &self,
+        template_ids: &[u32],
+        images: &[Preprocessed],
+        params: &GenerateParams,
+        trace: Option<&mut Trace>,
+    ) -> Result<Output> {
+        let drafter = self.check(params)?;
+        let mut own_trace = Trace::default();
+        let trace = trace.unwrap_or(&mut own_trace);
+        let sp = &params.sampling;
+        let mut rng = Rng::new(params.seed);
+        let mut t = Timings::default();
+        let t_total = Instant::now();
+        let gamma = if drafter.is_some() { params.gamma } else { 0 };
+        // The cache must hold the output plus one verify block beyond it.
+        let extra = params.max_new_tokens + gamma + 1;
+
+        let t0 = Instant::now();
+        let vision = self.target.encode_images(images)?;
+        t.vision = trace.span("vision", 0, t0);
+        let t0 = Instant::now();
+        let (logits, mut session) = self
+            .target
+            .prefill(template_ids, images, &vision, extra, Logits::Last)?;
+        t.prefill_target = trace.span("prefill_target", 0, t0);
+        let first = pick(&logits, sp, &mut rng);
+        let mut out = vec![first];
+
+        let mut draft_state = match drafter {
+            Some((d, mode)) if !self.stop.contains(&first) && params.max_new_tokens > 1 => {
+                let t0 = Instant::now();
+                let prompt =
+                    d.prompt_embeddings(mode, &session.prompt, template_ids, &vision, &self.vision_tokens())?;
+                let state = DraftState::prefill(d, prompt, first, extra)?;
+                t.prefill_draft = trace.span("prefill_draft", 0, t0);
+                Some((d, state))
+            }
+            _ => None,
+        };
+
+        let mut counters = Counters::default();
+        let t_loop = Instant::now();
+        let mut done = self.stop.contains(&first) || out.len() >= params.max_new_tokens;
+        let mut step = 0;
+        while !done {
+            step += 1;
+            // Shorten the chain near the end: a pass emits at most g + 1 tokens.
+            let g = gamma.min(params.max_new_tokens - out.len() - 1);
+            let t0 = Instant::now();
+            let (drafts, qs) = match &mut draft_state {
+                Some((d, state)) if g > 0 => state.draft(d, g, sp, &mut rng)?,
+                _ => (Vec::new(), Vec::new()),
+            };
+            t.draft += trace.span("draft", step, t0);
+
+            let t0 = Instant::now();
+            let last = *out.last().unwrap_or(&first);
+            let base = session.cache.len();
+            let block: Vec<u32> = std::iter::once(last).chain(drafts.iter().copied()).collect();
+            let logits = self.target.decode(&block, &mut session, Logits::All)?;
+            t.verify += trace.span("verify", step, t0);
+
+            let t0 = Instant::now();
+            let v = logits.len() / block.len();
+            let verdict = if sp.is_greedy() {
+                let argmaxes: Vec<u32> = logits.chunks_exact(v).map(|r| argmax(r) as u32).collect();
+                verify_greedy(&drafts, &argmaxes)
+            } else {
+                let ps: Vec<Vec<f32>> = logits.chunks_exact(v).map(|r| probabilities(r, sp)).collect();
+                if drafts.is_empty() {
+                    Verdict {
+                        accepted: 0,
+                        next: rng.sample(&ps[0]) as u32,
+                    }
+                } else {
+                    verify_sampled(&drafts, &qs, &ps, &mut rng, residual)
+                }
+            };
+            session.cache.rollback_to(base + 1 + verdict.accepted)?;
+            if let Some((_, state)) = &mut draft_state {
+                state.commit(&drafts, verdict.accepted, verdict.next)?;
+            }
+            let new: Vec<u32> = drafts[..verdict.accepted]
+                .iter()
+                .copied()
+                .chain([verdict.next])
+                .collect();
+            counters.record_pass(drafts.len(), verdict.accepted, new.len());
+            for tok in new {
+                out.push(tok);
+                if self.stop.contains(&tok) || out.len() >= params.max_new_tokens {
+                    done = true;
+                    break;
+                }
+            }
+            t.accept += trace.span("accept", step, t0);
+        }
+        let loop_s = t_loop.elapsed().as_secs_f64();
+        t.total = t_total.elapsed().as_secs_f64() * 1e3;
+
+        let text_ids: Vec<u32> = out.iter().copied().filter(|tok| !self.stop.contains(tok)).collect();
+        let text = self.tokenizer.decode(&text_ids, true)?;
+        let metrics = Metrics {
+            mal: counters.mal(),
+            accept_rate_by_pos: counters.accept_rate_by_pos(),
+            timings_ms: t,
+            tokens_per_s: if loop_s > 0.0 {
+                (out.len() - 1) as f64 / loop_s
+            } else {
+                0.0
+            },
+            target_passes: counters.passes,
+            generated_tokens: out.len(),
+            gamma,
+        };
+        Ok(Output {
+            text,
+            tokens: out,
+            metrics,
+        })
+    }
+}
+
+/// The first token, from the prefill's last row: argmax at T = 0, else a draw from the
+/// processed distribution.
+fn pick(logits: &[f32], sp: &SamplingParams, rng: &mut Rng) -> u32 {
+    if sp.is_greedy() {
+        argmax(logits) as u32
+    } else {
+        rng.sample(&probabilities(logits, sp)) as u32
+    }
+}

@@ -1,0 +1,220 @@
+//! The speculative engine: lossless at T = 0, the target's distribution at T > 0, and
+//! caches that equal a fresh prefill after any accept/reject pattern.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::fixture;
+use massv::model::qwen2::Logits;
+use massv::sampling::{probabilities, Rng, SamplingParams};
+use massv::spec::engine::{Engine, GenerateParams};
+use massv::spec::verify::{residual, verify_sampled};
+
+const TARGET: &str = "qwen2-tiny-gqa4-tied";
+const PROMPTS: [&str; 3] = ["Hello there, how are you?", "hi", "Tell me a story about a cat."];
+
+fn engine(target: &str, drafter: Option<&str>) -> Engine {
+    Engine::load(&fixture(target), drafter.map(fixture).as_deref()).unwrap()
+}
+
+fn greedy(max_new: usize, gamma: usize) -> GenerateParams {
+    GenerateParams {
+        gamma,
+        max_new_tokens: max_new,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn text_drafters_are_lossless_at_t0() {
+    let baseline = engine(TARGET, None);
+    // A drafter identical to the target accepts everything; a different model mostly nothing.
+    for drafter in [TARGET, "qwen2-tiny-mha-untied", "qwen2-tiny-gqa2-sharded"] {
+        let spec = engine(TARGET, Some(drafter));
+        for prompt in PROMPTS {
+            let want = baseline.generate(prompt, None, &greedy(20, 5), None).unwrap();
+            assert_eq!(want.metrics.mal, 1.0);
+            for gamma in [1, 3, 5, 8] {
+                let got = spec.generate(prompt, None, &greedy(20, gamma), None).unwrap();
+                assert_eq!(got.tokens, want.tokens, "{drafter} γ={gamma} {prompt:?}");
+                assert_eq!(got.text, want.text);
+                let m = &got.metrics;
+                assert!(
+                    m.mal >= 1.0 && m.mal <= (gamma + 1) as f64,
+                    "{drafter} γ={gamma}: mal {}",
+                    m.mal
+                );
+                assert!(m.accept_rate_by_pos.len() <= gamma);
+                if drafter == TARGET {
+                    assert!(
+                        m.accept_rate_by_pos.iter().all(|&r| r == 1.0),
+                        "self-drafting accepts all"
+                    );
+                    let passes = (want.tokens.len() - 1).div_ceil(gamma + 1);
+                    assert_eq!(m.target_passes, passes, "γ={gamma}");
+                }
+            }
+        }
+    }
+}
+
+/// Exact probability of each 3-token continuation under target-only sampling.
+fn exact_sequences(e: &Engine, prompt: &[u32], sp: &SamplingParams) -> BTreeMap<Vec<u32>, f64> {
+    let mut out = BTreeMap::new();
+    let (logits, mut s) = e.target.prefill(prompt, &[], &[], 4, Logits::Last).unwrap();
+    let p0 = probabilities(&logits, sp);
+    for (a, &pa) in p0.iter().enumerate().filter(|(_, &p)| p > 0.0) {
+        let base = s.cache.len();
+        let l1 = e.target.decode(&[a as u32], &mut s, Logits::Last).unwrap();
+        let p1 = probabilities(&l1, sp);
+        for (b, &pb) in p1.iter().enumerate().filter(|(_, &p)| p > 0.0) {
+            let l2 = e.target.decode(&[b as u32], &mut s, Logits::Last).unwrap();
+            for (c, &pc) in probabilities(&l2, sp).iter().enumerate().filter(|(_, &p)| p > 0.0) {
+                out.insert(vec![a as u32, b as u32, c as u32], pa as f64 * pb as f64 * pc as f64);
+            }
+            s.cache.rollback_to(base + 1).unwrap();
+        }
+        s.cache.rollback_to(base).unwrap();
+    }
+    out
+}
+
+/// Pearson χ² of observed counts against expected probabilities.
+fn chi2(observed: &BTreeMap<Vec<u32>, usize>, expected: &BTreeMap<Vec<u32>, f64>, n: usize) -> f64 {
+    assert!(
+        observed.keys().all(|k| expected.contains_key(k)),
+        "a sequence the target cannot produce"
+    );
+    expected
+        .iter()
+        .map(|(k, &p)| (observed.get(k).copied().unwrap_or(0) as f64 - p * n as f64).powi(2) / (p * n as f64))
+        .sum()
+}
+
+#[test]
+fn sampling_keeps_the_target_distribution() {
+    // A drafter that disagrees with the target (another random model), top-k 2 so three
+    // tokens have at most 8 outcomes; every run drafts in its second pass.
+    let spec = engine(TARGET, Some("qwen2-tiny-mha-untied"));
+    let sp = SamplingParams {
+        temperature: 1.0,
+        top_k: 2,
+        top_p: 1.0,
+    };
+    let prompt = spec
+        .tokenizer
+        .encode(&spec.tokenizer.user_prompt("hi", false).unwrap())
+        .unwrap();
+    let expected = exact_sequences(&spec, &prompt, &sp);
+    let n = 3000;
+    let mut observed: BTreeMap<Vec<u32>, usize> = BTreeMap::new();
+    let mut rejected = 0;
+    for seed in 0..n {
+        let params = GenerateParams {
+            gamma: 3,
+            sampling: sp,
+            seed: seed as u64,
+            max_new_tokens: 3,
+            draft_mode: None,
+        };
+        let out = spec.generate_ids(&prompt, &[], &params, None).unwrap();
+        assert_eq!(out.tokens.len(), 3, "no stop token among these outcomes");
+        rejected += out.metrics.accept_rate_by_pos.iter().filter(|&&r| r < 1.0).count();
+        *observed.entry(out.tokens).or_default() += 1;
+    }
+    assert!(
+        rejected > n / 10,
+        "the test needs rejections to mean anything ({rejected})"
+    );
+    let df = expected.len() - 1;
+    let stat = chi2(&observed, &expected, n);
+    // 99.9% quantiles of χ² for df ≤ 7.
+    let crit = [10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32][df - 1];
+    assert!(
+        stat < crit,
+        "χ² = {stat:.2} ≥ {crit} (df {df}): {observed:?} vs {expected:?}"
+    );
+}
+
+/// Pure verification with fixed p and q: the first emitted token must follow p[0].
+fn first_token_chi2(rule: fn(&[f32], &[f32]) -> Vec<f32>) -> f64 {
+    let p = vec![vec![0.5, 0.3, 0.15, 0.05], vec![0.25; 4]];
+    let q = vec![vec![0.1, 0.2, 0.3, 0.4]];
+    let mut rng = Rng::new(7);
+    let n = 40_000;
+    let mut counts = [0usize; 4];
+    for _ in 0..n {
+        let d = rng.sample(&q[0]) as u32;
+        let v = verify_sampled(&[d], &q, &p, &mut rng, rule);
+        counts[if v.accepted == 1 { d } else { v.next } as usize] += 1;
+    }
+    counts
+        .iter()
+        .zip(&p[0])
+        .map(|(&c, &pi)| (c as f64 - pi as f64 * n as f64).powi(2) / (pi as f64 * n as f64))
+        .sum()
+}
+
+#[test]
+fn chi2_accepts_the_rule_and_catches_a_broken_residual() {
+    let crit = 16.27; // χ², df 3, 99.9%
+    let good = first_token_chi2(residual);
+    assert!(good < crit, "correct rule: χ² = {good}");
+    fn broken(p: &[f32], _q: &[f32]) -> Vec<f32> {
+        p.to_vec() // resample from p instead of max(0, p − q)
+    }
+    let bad = first_token_chi2(broken);
+    assert!(bad > 10.0 * crit, "broken rule must be caught: χ² = {bad}");
+}
+
+#[test]
+fn bad_parameters_are_errors() {
+    let spec = engine(TARGET, Some("qwen2-tiny-mha-untied"));
+    let check = |p: GenerateParams, needle: &str| {
+        let e = spec.generate("hi", None, &p, None).err().unwrap().to_string();
+        assert!(e.contains(needle), "{e}");
+    };
+    check(
+        GenerateParams {
+            gamma: 0,
+            ..Default::default()
+        },
+        "gamma",
+    );
+    let bad_t = SamplingParams {
+        temperature: -1.0,
+        ..Default::default()
+    };
+    check(
+        GenerateParams {
+            sampling: bad_t,
+            ..Default::default()
+        },
+        "temperature",
+    );
+    let bad_p = SamplingParams {
+        temperature: 1.0,
+        top_p: 0.0,
+        ..Default::default()
+    };
+    check(
+        GenerateParams {
+            sampling: bad_p,
+            ..Default::default()
+        },
+        "top-p",
+    );
+    check(
+        GenerateParams {
+            max_new_tokens: 0,
+            ..Default::default()
+        },
+        "max-new-tokens",
+    );
+    let massv = GenerateParams {
+        draft_mode: Some(massv::spec::draft::DraftMode::Massv),
+        ..Default::default()
+    };
+    check(massv, "no massv.json");
+}
