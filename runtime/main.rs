@@ -11,7 +11,7 @@ use massv::model::qwen2::Logits;
 use massv::model::Target;
 use massv::sampling::SamplingParams;
 use massv::spec::draft::DraftMode;
-use massv::spec::engine::{Engine, GenerateParams};
+use massv::spec::engine::{Engine, GenerateParams, Hooks};
 use massv::synth::{synth, SynthDtype, SynthOptions};
 use massv::tokenizer::Tokenizer;
 use massv::weights::{write_safetensors, OwnedTensor};
@@ -61,9 +61,9 @@ enum Command {
         prompt: String,
         #[arg(long, default_value_t = 5)]
         gamma: usize,
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         temperature: f32,
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
         top_p: f32,
         #[arg(long, default_value_t = 0)]
         top_k: usize,
@@ -224,7 +224,11 @@ fn run(cli: Cli) -> Result<()> {
                 draft_mode,
             };
             let mut spans = Trace::default();
-            let out = engine.generate(&prompt, image.as_ref(), &params, Some(&mut spans))?;
+            let hooks = Hooks {
+                trace: Some(&mut spans),
+                on_token: None,
+            };
+            let out = engine.generate(&prompt, image.as_ref(), &params, hooks)?;
             if let Some(path) = trace {
                 spans.write(&path)?;
             }

@@ -156,6 +156,39 @@ impl Tokenizer {
     }
 }
 
+/// Turns a growing list of token ids into text pieces for streaming. Byte-level BPE can
+/// split one character over several tokens: a piece is released only once it decodes to
+/// whole characters.
+#[derive(Debug, Default)]
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl StreamDecoder {
+    /// Adds `id` and returns the newly completed text (possibly empty).
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let text = tok.decode(&self.ids, true)?;
+        if text.ends_with('\u{FFFD}') || text.len() < self.emitted || !text.is_char_boundary(self.emitted) {
+            return Ok(String::new());
+        }
+        let piece = text[self.emitted..].to_string();
+        self.emitted = text.len();
+        Ok(piece)
+    }
+
+    /// Adds `id` (None: a token that adds no text, such as a stop token) as the last
+    /// token and returns all text not yet released, complete or not.
+    pub fn finish(&mut self, tok: &Tokenizer, id: Option<u32>) -> Result<String> {
+        self.ids.extend(id);
+        let text = tok.decode(&self.ids, true)?;
+        let piece = text.get(self.emitted..).unwrap_or_default().to_string();
+        self.emitted = text.len();
+        Ok(piece)
+    }
+}
+
 fn token_string(v: Option<&Value>) -> Option<String> {
     match v? {
         Value::String(s) => Some(s.clone()),

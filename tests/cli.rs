@@ -256,3 +256,65 @@ fn image_errors_are_one_line() {
     ]);
     assert_one_line_error(&out, "text-only model");
 }
+
+#[test]
+fn generate_parameter_errors_are_one_line() {
+    let t = fixture("qwen2-tiny-gqa4-tied");
+    let d = fixture("qwen2-tiny-mha-untied");
+    let (t, d) = (t.to_str().unwrap(), d.to_str().unwrap());
+    let base = ["generate", "--target", t, "--draft", d, "--prompt", "hi"];
+    let run = |extra: &[&str]| massv(&[&base[..], extra].concat());
+    assert_one_line_error(&run(&["--draft-mode", "bogus"]), "bogus");
+    assert_one_line_error(&run(&["--draft-mode", "massv"]), "no massv.json");
+    assert_one_line_error(&run(&["--gamma", "0"]), "gamma");
+    assert_one_line_error(&run(&["--temperature", "-0.5"]), "temperature");
+    assert_one_line_error(&run(&["--temperature", "1", "--top-p", "1.5"]), "top-p");
+    assert_one_line_error(&run(&["--temperature", "1", "--top-p", "0"]), "top-p");
+    let out = run(&["--json", "--gamma", "3", "--max-new-tokens", "6"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let m = &v["metrics"];
+    for key in ["mal", "accept_rate_by_pos", "tokens_per_s"] {
+        assert!(!m[key].is_null(), "metrics.{key}");
+    }
+    for key in [
+        "vision",
+        "prefill_target",
+        "prefill_draft",
+        "draft",
+        "verify",
+        "accept",
+        "total",
+    ] {
+        assert!(m["timings_ms"][key].is_number(), "timings_ms.{key}");
+    }
+}
+
+#[test]
+fn drafter_with_another_tokenizer_is_refused() {
+    let src = fixture("qwen2-tiny-mha-untied");
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
+    }
+    // Swap two special tokens' ids: same size, different mapping.
+    let p = tmp.path().join("tokenizer.json");
+    let text = std::fs::read_to_string(&p).unwrap();
+    let text = text
+        .replace("\"<|im_start|>\"", "\"<|TMP|>\"")
+        .replace("\"<|im_end|>\"", "\"<|im_start|>\"")
+        .replace("\"<|TMP|>\"", "\"<|im_end|>\"");
+    std::fs::write(&p, text).unwrap();
+    let t = fixture("qwen2-tiny-gqa4-tied");
+    let out = massv(&[
+        "generate",
+        "--target",
+        t.to_str().unwrap(),
+        "--draft",
+        tmp.path().to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert_one_line_error(&out, "does not share the target's tokenizer");
+}

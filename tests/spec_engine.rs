@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use common::fixture;
 use massv::model::qwen2::Logits;
 use massv::sampling::{probabilities, Rng, SamplingParams};
-use massv::spec::engine::{Engine, GenerateParams};
+use massv::spec::engine::{Engine, GenerateParams, Hooks};
 use massv::spec::verify::{residual, verify_sampled};
 
 const TARGET: &str = "qwen2-tiny-gqa4-tied";
@@ -33,10 +33,14 @@ fn text_drafters_are_lossless_at_t0() {
     for drafter in [TARGET, "qwen2-tiny-mha-untied", "qwen2-tiny-gqa2-sharded"] {
         let spec = engine(TARGET, Some(drafter));
         for prompt in PROMPTS {
-            let want = baseline.generate(prompt, None, &greedy(20, 5), None).unwrap();
+            let want = baseline
+                .generate(prompt, None, &greedy(20, 5), Hooks::default())
+                .unwrap();
             assert_eq!(want.metrics.mal, 1.0);
             for gamma in [1, 3, 5, 8] {
-                let got = spec.generate(prompt, None, &greedy(20, gamma), None).unwrap();
+                let got = spec
+                    .generate(prompt, None, &greedy(20, gamma), Hooks::default())
+                    .unwrap();
                 assert_eq!(got.tokens, want.tokens, "{drafter} γ={gamma} {prompt:?}");
                 assert_eq!(got.text, want.text);
                 let m = &got.metrics;
@@ -118,7 +122,7 @@ fn sampling_keeps_the_target_distribution() {
             max_new_tokens: 3,
             draft_mode: None,
         };
-        let out = spec.generate_ids(&prompt, &[], &params, None).unwrap();
+        let out = spec.generate_ids(&prompt, &[], &params, Hooks::default()).unwrap();
         assert_eq!(out.tokens.len(), 3, "no stop token among these outcomes");
         rejected += out.metrics.accept_rate_by_pos.iter().filter(|&&r| r < 1.0).count();
         *observed.entry(out.tokens).or_default() += 1;
@@ -172,7 +176,11 @@ fn chi2_accepts_the_rule_and_catches_a_broken_residual() {
 fn bad_parameters_are_errors() {
     let spec = engine(TARGET, Some("qwen2-tiny-mha-untied"));
     let check = |p: GenerateParams, needle: &str| {
-        let e = spec.generate("hi", None, &p, None).err().unwrap().to_string();
+        let e = spec
+            .generate("hi", None, &p, Hooks::default())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains(needle), "{e}");
     };
     check(
@@ -217,4 +225,148 @@ fn bad_parameters_are_errors() {
         ..Default::default()
     };
     check(massv, "no massv.json");
+}
+
+#[test]
+fn caches_after_accept_reject_patterns_equal_a_fresh_prefill() {
+    use massv::spec::draft::{DraftMode, DraftState, Drafter, VisionTokens};
+    let target = engine(TARGET, None);
+    let drafter = Drafter::load(&fixture("qwen2-tiny-mha-untied")).unwrap();
+    let tok = &target.tokenizer;
+    let prompt = tok
+        .encode(&tok.user_prompt("Hello there, how are you?", false).unwrap())
+        .unwrap();
+    let vt = VisionTokens {
+        vision_start: u32::MAX,
+        vision_end: u32::MAX,
+        image_pad: u32::MAX,
+    };
+    let embeds = |ids: &[u32]| drafter.prompt_embeddings(DraftMode::Text, ids, ids, &[], &vt).unwrap();
+
+    let (_, mut session) = target.target.prefill(&prompt, &[], &[], 64, Logits::Last).unwrap();
+    let first = 7u32;
+    let mut state = DraftState::prefill(&drafter, embeds(&prompt), first, 64).unwrap();
+    let mut committed = vec![first];
+    let mut rng = Rng::new(3);
+    // (γ, accepted): none, some, all, γ = 1 all, γ = 1 none.
+    for (gamma, accepted) in [(4, 0), (4, 2), (3, 3), (1, 1), (1, 0), (5, 5)] {
+        let (drafts, _) = state
+            .draft(&drafter, gamma, &SamplingParams::default(), &mut rng)
+            .unwrap();
+        let base = session.cache.len();
+        let block: Vec<u32> = std::iter::once(*committed.last().unwrap())
+            .chain(drafts.iter().copied())
+            .collect();
+        target.target.decode(&block, &mut session, Logits::All).unwrap();
+        session.cache.rollback_to(base + 1 + accepted).unwrap();
+        let next = 11 + committed.len() as u32;
+        state.commit(&drafts, accepted, next).unwrap();
+        committed.extend_from_slice(&drafts[..accepted]);
+        committed.push(next);
+
+        // Target: the cache holds every committed token but the last.
+        let seen: Vec<u32> = prompt
+            .iter()
+            .chain(&committed[..committed.len() - 1])
+            .copied()
+            .collect();
+        let (_, fresh) = target.target.prefill(&seen, &[], &[], 0, Logits::Last).unwrap();
+        assert_eq!(session.cache.len(), fresh.cache.len());
+        for l in 0..2 {
+            let (k1, v1) = session.cache.layer(l);
+            let (k2, v2) = fresh.cache.layer(l);
+            assert!(
+                common::max_abs_diff(k1, k2) < 1e-4 && common::max_abs_diff(v1, v2) < 1e-4,
+                "target layer {l}"
+            );
+        }
+        // Drafter: the cache holds every committed token but the pending ones.
+        let upto = committed.len() - state.pending.len();
+        assert_eq!(&committed[upto..], &state.pending[..]);
+        let dseen: Vec<u32> = prompt.iter().chain(&committed[..upto]).copied().collect();
+        let fresh = DraftState::prefill(&drafter, embeds(&dseen), 0, 0).unwrap();
+        assert_eq!(state.cache.len(), fresh.cache.len(), "γ={gamma} accepted={accepted}");
+        for l in 0..drafter.lm.cfg.num_hidden_layers {
+            let (k1, v1) = state.cache.layer(l);
+            let (k2, v2) = fresh.cache.layer(l);
+            assert!(
+                common::max_abs_diff(k1, k2) < 1e-4 && common::max_abs_diff(v1, v2) < 1e-4,
+                "drafter layer {l}"
+            );
+        }
+    }
+}
+
+#[test]
+fn streaming_pieces_and_stopping_from_the_callback() {
+    let spec = engine(TARGET, Some("qwen2-tiny-mha-untied"));
+    let mut pieces = String::new();
+    let mut ids = Vec::new();
+    let mut cb = |id: u32, piece: &str| {
+        ids.push(id);
+        pieces.push_str(piece);
+        true
+    };
+    let out = spec
+        .generate(
+            "Tell me a story about a cat.",
+            None,
+            &greedy(16, 3),
+            Hooks {
+                trace: None,
+                on_token: Some(&mut cb),
+            },
+        )
+        .unwrap();
+    assert_eq!(ids, out.tokens);
+    assert_eq!(pieces, out.text);
+    let mut count = 0;
+    let mut stop_after_3 = |_: u32, _: &str| {
+        count += 1;
+        count < 3
+    };
+    let out = spec
+        .generate(
+            "Tell me a story about a cat.",
+            None,
+            &greedy(16, 3),
+            Hooks {
+                trace: None,
+                on_token: Some(&mut stop_after_3),
+            },
+        )
+        .unwrap();
+    assert_eq!(out.tokens.len(), 3);
+}
+
+#[test]
+fn trace_has_one_span_per_stage_per_step() {
+    let spec = engine(TARGET, Some("qwen2-tiny-mha-untied"));
+    let mut trace = massv::metrics::Trace::default();
+    let out = spec
+        .generate(
+            "hi",
+            None,
+            &greedy(10, 3),
+            Hooks {
+                trace: Some(&mut trace),
+                on_token: None,
+            },
+        )
+        .unwrap();
+    let passes = out.metrics.target_passes;
+    assert_eq!(
+        trace.len(),
+        3 + 3 * passes,
+        "vision, prefill_target, prefill_draft, then draft/verify/accept per pass"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("t.json");
+    trace.write(&path).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let events = v["traceEvents"].as_array().unwrap();
+    assert!(events
+        .iter()
+        .all(|e| e["ph"] == "X" && e["dur"].as_f64().unwrap() >= 0.0));
+    assert_eq!(events.iter().filter(|e| e["name"] == "verify").count(), passes);
 }

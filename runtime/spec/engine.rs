@@ -15,7 +15,7 @@ use crate::model::Target;
 use crate::sampling::{probabilities, Rng, SamplingParams};
 use crate::spec::draft::{DraftMode, DraftState, Drafter, VisionTokens};
 use crate::spec::verify::{residual, verify_greedy, verify_sampled, Verdict};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GenerateParams {
@@ -46,6 +46,16 @@ pub struct Output {
     /// Generated ids in order (a final stop token included).
     pub tokens: Vec<u32>,
     pub metrics: Metrics,
+}
+
+/// Optional observers of one generation.
+#[derive(Default)]
+pub struct Hooks<'a> {
+    /// Receives the stage spans.
+    pub trace: Option<&'a mut Trace>,
+    /// Called for every generated token with its newly completed text; returning false
+    /// stops generation after that token.
+    pub on_token: Option<&'a mut dyn FnMut(u32, &str) -> bool>,
 }
 
 pub struct Engine {
@@ -85,7 +95,7 @@ impl Engine {
         prompt: &str,
         image: Option<&ImageInput>,
         params: &GenerateParams,
-        trace: Option<&mut Trace>,
+        hooks: Hooks,
     ) -> Result<Output> {
         let images = match (image, &self.preprocessor) {
             (None, _) => Vec::new(),
@@ -99,7 +109,7 @@ impl Engine {
         let ids = self
             .tokenizer
             .encode(&self.tokenizer.user_prompt(prompt, image.is_some())?)?;
-        self.generate_ids(&ids, &images, params, trace)
+        self.generate_ids(&ids, &images, params, hooks)
     }
 
     fn vision_tokens(&self) -> VisionTokens {
@@ -143,11 +153,25 @@ impl Engine {
         template_ids: &[u32],
         images: &[Preprocessed],
         params: &GenerateParams,
-        trace: Option<&mut Trace>,
+        hooks: Hooks,
     ) -> Result<Output> {
         let drafter = self.check(params)?;
         let mut own_trace = Trace::default();
-        let trace = trace.unwrap_or(&mut own_trace);
+        let trace = hooks.trace.unwrap_or(&mut own_trace);
+        let mut on_token = hooks.on_token;
+        let mut stream = StreamDecoder::default();
+        // Streams one token (the last one releases any held-back bytes); false when the
+        // caller asked to stop.
+        let mut deliver = |tok: u32, last: bool| -> Result<bool> {
+            let Some(cb) = on_token.as_mut() else { return Ok(true) };
+            let text_id = (!self.stop.contains(&tok)).then_some(tok);
+            let piece = match (last, text_id) {
+                (false, Some(id)) => stream.push(&self.tokenizer, id)?,
+                _ => stream.finish(&self.tokenizer, text_id)?,
+            };
+            Ok(cb(tok, &piece))
+        };
+        let is_last = |tok: u32, len: usize| self.stop.contains(&tok) || len >= params.max_new_tokens;
         let sp = &params.sampling;
         let mut rng = Rng::new(params.seed);
         let mut t = Timings::default();
@@ -166,9 +190,10 @@ impl Engine {
         t.prefill_target = trace.span("prefill_target", 0, t0);
         let first = pick(&logits, sp, &mut rng);
         let mut out = vec![first];
+        let stopped_by_caller = !deliver(first, is_last(first, 1))?;
 
         let mut draft_state = match drafter {
-            Some((d, mode)) if !self.stop.contains(&first) && params.max_new_tokens > 1 => {
+            Some((d, mode)) if !stopped_by_caller && !self.stop.contains(&first) && params.max_new_tokens > 1 => {
                 let t0 = Instant::now();
                 let prompt =
                     d.prompt_embeddings(mode, &session.prompt, template_ids, &vision, &self.vision_tokens())?;
@@ -181,7 +206,7 @@ impl Engine {
 
         let mut counters = Counters::default();
         let t_loop = Instant::now();
-        let mut done = self.stop.contains(&first) || out.len() >= params.max_new_tokens;
+        let mut done = stopped_by_caller || self.stop.contains(&first) || out.len() >= params.max_new_tokens;
         let mut step = 0;
         while !done {
             step += 1;
@@ -229,7 +254,8 @@ impl Engine {
             counters.record_pass(drafts.len(), verdict.accepted, new.len());
             for tok in new {
                 out.push(tok);
-                if self.stop.contains(&tok) || out.len() >= params.max_new_tokens {
+                let last = is_last(tok, out.len());
+                if !deliver(tok, last)? || last {
                     done = true;
                     break;
                 }
