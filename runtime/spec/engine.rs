@@ -48,6 +48,9 @@ pub struct Output {
     pub metrics: Metrics,
 }
 
+/// Receives each generated token with its newly completed text; returns false to stop.
+pub type TokenCallback<'a> = &'a mut dyn FnMut(u32, &str) -> bool;
+
 /// Optional observers of one generation.
 #[derive(Default)]
 pub struct Hooks<'a> {
@@ -55,7 +58,7 @@ pub struct Hooks<'a> {
     pub trace: Option<&'a mut Trace>,
     /// Called for every generated token with its newly completed text; returning false
     /// stops generation after that token.
-    pub on_token: Option<&'a mut dyn FnMut(u32, &str) -> bool>,
+    pub on_token: Option<TokenCallback<'a>>,
 }
 
 pub struct Engine {
