@@ -9,6 +9,7 @@
 //! - [`generate`]: decoding loops.
 
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod error;
 pub mod generate;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use massv::backend::DeviceRequest;
+use massv::bench;
 use massv::image::{preprocess, ImageInput, Preprocessed, PreprocessorConfig};
 use massv::metrics::Trace;
 use massv::model::qwen2::Logits;
@@ -79,6 +80,40 @@ enum Command {
         /// Write a Chrome trace (chrome://tracing, Perfetto) with one span per stage per step.
         #[arg(long)]
         trace: Option<PathBuf>,
+    },
+    /// Compare target-only, text-drafter and MASSV-drafter decoding on the same inputs.
+    Bench {
+        #[arg(long)]
+        target: PathBuf,
+        /// A text-only drafter (the baseline drafter).
+        #[arg(long)]
+        text_draft: Option<PathBuf>,
+        /// A MASSV drafter (massv.json + projector).
+        #[arg(long)]
+        massv_draft: Option<PathBuf>,
+        /// Images (repeatable); every prompt is asked about every image.
+        #[arg(long)]
+        image: Vec<PathBuf>,
+        /// Prompts (repeatable).
+        #[arg(long, default_value = "Describe the image.")]
+        prompt: Vec<String>,
+        #[arg(long, default_value_t = 5)]
+        gamma: usize,
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        /// Also time one decode step of this LM against its memory-bandwidth floor
+        /// (e.g. a `massv synth` of Qwen2.5-0.5B).
+        #[arg(long)]
+        floor_model: Option<PathBuf>,
+        #[arg(long, default_value_t = 8)]
+        floor_steps: usize,
+        /// Write the results as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Write a random-weight checkpoint with the real tensor names and shapes of a config.
     Synth {
@@ -237,6 +272,79 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{obj}");
             } else {
                 println!("{}", out.text);
+            }
+            Ok(())
+        }
+        Command::Bench {
+            target,
+            text_draft,
+            massv_draft,
+            image,
+            prompt,
+            gamma,
+            temperature,
+            seed,
+            max_new_tokens,
+            floor_model,
+            floor_steps,
+            json,
+        } => {
+            let mut inputs = Vec::new();
+            for p in &prompt {
+                if image.is_empty() {
+                    inputs.push(bench::Input {
+                        prompt: p.clone(),
+                        image: None,
+                    });
+                }
+                for img in &image {
+                    inputs.push(bench::Input {
+                        prompt: p.clone(),
+                        image: Some(ImageInput::from_path(img)?),
+                    });
+                }
+            }
+            let mut setups = vec![("target-only".to_string(), None)];
+            setups.extend(text_draft.map(|d| ("text-drafter".to_string(), Some(d))));
+            setups.extend(massv_draft.map(|d| ("massv-drafter".to_string(), Some(d))));
+            let params = GenerateParams {
+                gamma,
+                sampling: SamplingParams {
+                    temperature,
+                    ..Default::default()
+                },
+                seed,
+                max_new_tokens,
+                draft_mode: None,
+            };
+            let rows = bench::compare(&target, &setups, &inputs, &params)?;
+            bench::print_table(&rows);
+            let floor = floor_model
+                .map(|m| bench::decode_floor(&m, floor_steps.max(1)))
+                .transpose()?;
+            if let Some(f) = &floor {
+                println!(
+                    "decode step of {}: {:.2} ms; floor {:.2} ms ({:.2} GB of f32 weights at {:.1} GB/s copy) → {:.2}× the floor",
+                    f.model,
+                    f.decode_step_ms,
+                    f.floor_ms,
+                    f.weight_bytes as f64 / 1e9,
+                    f.copy_gb_per_s,
+                    f.ratio_to_floor
+                );
+            }
+            if let Some(path) = json {
+                let doc = serde_json::json!({
+                    "device": format!("cpu: {} ({} threads)", bench::cpu_name(), rayon::current_num_threads()),
+                    "target": target.display().to_string(),
+                    "inputs": inputs.len(),
+                    "gamma": gamma,
+                    "temperature": temperature,
+                    "max_new_tokens": max_new_tokens,
+                    "rows": rows,
+                    "floor": floor,
+                });
+                massv::weights::write_atomic(&path, serde_json::to_string_pretty(&doc).unwrap_or_default().as_bytes())?;
             }
             Ok(())
         }

@@ -318,3 +318,43 @@ fn drafter_with_another_tokenizer_is_refused() {
     ]);
     assert_one_line_error(&out, "does not share the target's tokenizer");
 }
+
+#[test]
+fn bench_prints_a_table_and_writes_json() {
+    let t = fixture("qwen2-tiny-gqa4-tied");
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("bench.json");
+    let out = massv(&[
+        "bench",
+        "--target",
+        t.to_str().unwrap(),
+        "--text-draft",
+        t.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "8",
+        "--gamma",
+        "3",
+        "--floor-model",
+        t.to_str().unwrap(),
+        "--floor-steps",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("target-only") && stdout.contains("text-drafter") && stdout.contains("floor"),
+        "{stdout}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["mal"], 1.0);
+    // The target drafting for itself accepts every draft: 7 tokens after the first in 2 passes.
+    assert!(rows[1]["mal"].as_f64().unwrap() > 3.0, "{}", rows[1]);
+    assert!(v["device"].as_str().unwrap().starts_with("cpu"));
+    assert!(v["floor"]["ratio_to_floor"].as_f64().unwrap() > 0.0);
+}
