@@ -23,5 +23,6 @@ pub mod spec;
 pub mod synth;
 pub mod tokenizer;
 pub mod weights;
+pub mod world;
 
 pub use error::{Error, Result};

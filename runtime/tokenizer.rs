@@ -198,6 +198,23 @@ fn token_string(v: Option<&Value>) -> Option<String> {
     }
 }
 
+/// Qwen2's normalizer, pre-tokenizer and decoder around a BPE model.
+pub(crate) fn set_qwen2_pipeline(tok: &mut tokenizers::Tokenizer) -> std::result::Result<(), String> {
+    let split = Split::new(
+        SplitPattern::Regex(QWEN2_SPLIT.into()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(|e| e.to_string())?;
+    tok.with_normalizer(Some(NFC))
+        .with_pre_tokenizer(Some(Sequence::new(vec![
+            split.into(),
+            ByteLevel::new(false, false, false).into(),
+        ])))
+        .with_decoder(Some(ByteLevelDecoder::default()));
+    Ok(())
+}
+
 fn build_qwen2_bpe(
     dir: &Path,
     cfg: Option<&serde_json::Map<String, Value>>,
