@@ -196,7 +196,7 @@ fn inside(kind: usize, x: f32, y: f32) -> bool {
         "circle" => x * x + y * y <= 1.0,
         "square" => x.abs() <= 0.85 && y.abs() <= 0.85,
         // Apex up, base at y = 0.8.
-        "triangle" => y <= 0.8 && y >= -1.0 && x.abs() <= (y + 1.0) / 1.8 * 0.95,
+        "triangle" => (-1.0..=0.8).contains(&y) && x.abs() <= (y + 1.0) / 1.8 * 0.95,
         _ => {
             // Five-pointed star: radius oscillating between 0.45 and 1 with the angle.
             let r = (x * x + y * y).sqrt();
