@@ -73,7 +73,9 @@ impl Projector {
         {
             return Err(f.err("projector sizes must be positive"));
         }
-        let w = Weights::open_files(dir, &[dir.join(WEIGHTS_FILE)])?;
+        // Errors about its tensors name the projector file itself.
+        let file = dir.join(WEIGHTS_FILE);
+        let w = Weights::open_files(&file, std::slice::from_ref(&file))?;
         let shapes = expected_tensors(&cfg);
         w.check_inventory(&shapes)?;
         let get = |name: &str| w.f32(name, &shapes[name]);

@@ -25,7 +25,8 @@ pub enum Layout {
 }
 
 impl Layout {
-    fn lm(self) -> qwen2::Names<'static> {
+    /// Names of the LM's tensors in this layout.
+    pub fn lm(self) -> qwen2::Names<'static> {
         match self {
             Layout::Hub => qwen2::Names { prefix: "model." },
             Layout::Transformers5 => qwen2::Names {
@@ -34,14 +35,16 @@ impl Layout {
         }
     }
 
-    fn visual(self) -> &'static str {
+    /// Prefix of the vision tower's tensors in this layout.
+    pub fn visual(self) -> &'static str {
         match self {
             Layout::Hub => "visual.",
             Layout::Transformers5 => "model.visual.",
         }
     }
 
-    fn detect(w: &Weights) -> Self {
+    /// The layout of an opened checkpoint.
+    pub fn detect(w: &Weights) -> Self {
         if w.contains("model.language_model.embed_tokens.weight") {
             Layout::Transformers5
         } else {
@@ -130,7 +133,7 @@ pub struct VisionOutput {
 }
 
 impl VisionTower {
-    fn load(cfg: &VisionConfig, w: &Weights, prefix: &str) -> Result<Self> {
+    pub fn load(cfg: &VisionConfig, w: &Weights, prefix: &str) -> Result<Self> {
         let shapes = expected_vision_tensors(cfg, prefix);
         let get = |rest: &str| {
             let name = format!("{prefix}{rest}");
@@ -384,6 +387,17 @@ impl Qwen25Vl {
 
     pub fn new_cache(&self, capacity: usize) -> KvCache {
         self.lm.new_cache(capacity)
+    }
+
+    /// Only the vision tower of a checkpoint (e.g. to compute features for training
+    /// without holding the LM in memory); the whole inventory is still checked.
+    pub fn load_vision(dir: &Path) -> Result<(VlConfig, VisionTower)> {
+        let cfg = config::load_qwen2_5_vl(&dir.join("config.json"))?;
+        let weights = Weights::open(dir)?;
+        let layout = Layout::detect(&weights);
+        weights.check_inventory(&expected_tensors(&cfg, layout))?;
+        let vision = VisionTower::load(&cfg.vision, &weights, layout.visual())?;
+        Ok((cfg, vision))
     }
 
     /// Expands each single `<|image_pad|>` of `ids` (as the chat template writes it) to

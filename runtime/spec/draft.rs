@@ -92,7 +92,7 @@ impl Drafter {
     /// Embeddings of `tokens`. Ids the drafter's embedding table lacks (padding rows of a
     /// larger target vocabulary) get a zero row: the drafter only needs context, and
     /// verification stays exact whatever it proposes.
-    fn embed_lossy(&self, tokens: &[u32]) -> Vec<f32> {
+    pub fn embed_lossy(&self, tokens: &[u32]) -> Vec<f32> {
         let d = self.lm.cfg.hidden_size;
         let mut out = Vec::with_capacity(tokens.len() * d);
         for &t in tokens {

@@ -115,7 +115,8 @@ impl Engine {
         self.generate_ids(&ids, &images, params, hooks)
     }
 
-    fn vision_tokens(&self) -> VisionTokens {
+    /// The ids that delimit images in this target's prompts.
+    pub fn vision_tokens(&self) -> VisionTokens {
         let id = |t: &str, default: u32| self.tokenizer.token_to_id(t).unwrap_or(default);
         match &self.target {
             Target::Vl(m) => VisionTokens {

@@ -1,0 +1,123 @@
+//! Phase 1: projector pretraining. The target's vision features (once per image) go
+//! through the projector into the frozen drafter LM, prompted as the runtime prompts it
+//! (one user turn: the image, then an instruction); the loss is the CE of the caption
+//! (plus the end of turn) as the assistant's answer. Only the projector trains.
+
+use massv::model::projector::ProjectorConfig;
+use massv::{Error, Result};
+
+use super::{check_projector_fits, drafter_model, eval_loss, load_drafter_lm, DrafterRun, PhaseReport};
+use crate::data::{read_captions, TargetVision};
+use crate::hf;
+use crate::objective::Dataset;
+use crate::trainer::train;
+use crate::vision::PROJECTOR_PREFIX;
+
+pub const DEFAULT_INSTRUCTION: &str = "Describe the image.";
+
+#[derive(Debug, Clone)]
+pub struct ProjectorRun {
+    pub run: DrafterRun,
+    /// The user's text after the image.
+    pub instruction: String,
+    /// Hidden width of a freshly initialised projector (default: vision hidden × m², as
+    /// the target's merger). Ignored when the drafter already has a projector.
+    pub projector_hidden: Option<usize>,
+}
+
+impl ProjectorRun {
+    pub fn new(run: DrafterRun) -> Self {
+        ProjectorRun {
+            run,
+            instruction: DEFAULT_INSTRUCTION.into(),
+            projector_hidden: None,
+        }
+    }
+}
+
+pub fn pretrain_projector(args: &ProjectorRun) -> Result<PhaseReport> {
+    let r = &args.run;
+    let target = TargetVision::load(&r.target, r.feature_cache.as_deref())?;
+    let (lm_cfg, mut params) = load_drafter_lm(&target, &r.draft)?;
+    let v = &target.model.cfg.vision;
+    let (pcfg, pparams) = match hf::load_projector(&r.draft)? {
+        Some((cfg, p)) => {
+            check_projector_fits(&cfg, &target, &lm_cfg, &r.draft)?;
+            if let Some(h) = args.projector_hidden.filter(|&h| h != cfg.projector_hidden_size) {
+                return Err(Error::InvalidArgument(format!(
+                    "--projector-hidden {h} differs from the projector in {} ({}); omit it to continue training that projector",
+                    r.draft.display(),
+                    cfg.projector_hidden_size
+                )));
+            }
+            (cfg, p)
+        }
+        None => {
+            let cfg = ProjectorConfig {
+                vision_hidden_size: v.hidden_size,
+                spatial_merge_size: v.spatial_merge_size,
+                projector_hidden_size: args
+                    .projector_hidden
+                    .unwrap_or(v.hidden_size * v.spatial_merge_size * v.spatial_merge_size),
+                draft_hidden_size: lm_cfg.hidden_size,
+                norm_eps: 1e-6,
+            };
+            if cfg.projector_hidden_size == 0 {
+                return Err(Error::InvalidArgument("--projector-hidden must be positive".into()));
+            }
+            let p = hf::init_projector(&cfg, r.train.seed ^ 0x5052_4f4a)?;
+            (cfg, p)
+        }
+    };
+    params.update_from(pparams)?;
+
+    let loaded = read_captions(&r.data, r.strict)?;
+    let eot = target.end_of_turn()?;
+    let mut examples = Vec::with_capacity(loaded.records.len());
+    let progress = crate::progress::Progress::new("vision features", loaded.records.len() as u64);
+    for rec in &loaded.records {
+        let feats = target
+            .features(&rec.image)
+            .map_err(|e| crate::data::line_err(&r.data, rec.line, e))?;
+        let mut response = target.tokenizer.encode(&rec.caption)?;
+        response.push(eot);
+        examples.push(target.example(&args.instruction, Some(feats), &response, false)?);
+        progress.tick(format!("{} examples", examples.len()));
+    }
+    progress.finish();
+    if examples.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{}: no usable examples ({} skipped for missing images)",
+            r.data.display(),
+            loaded.missing_images
+        )));
+    }
+    let ds = Dataset {
+        model: drafter_model(&lm_cfg, &pcfg, &target),
+        examples,
+    };
+    std::fs::create_dir_all(&r.out).map_err(|e| Error::Io {
+        path: r.out.clone(),
+        source: e,
+    })?;
+    let before = eval_loss(&ds, &params, r.eval_examples)?;
+    let report = train(
+        &mut params,
+        &|n: &str| n.starts_with(PROJECTOR_PREFIX),
+        &ds,
+        &r.train,
+        &r.control("projector"),
+    )?;
+    let after = eval_loss(&ds, &params, r.eval_examples)?;
+    if !report.interrupted {
+        hf::save_drafter(&r.draft, &r.out, None, &pcfg, &params)?;
+    }
+    Ok(PhaseReport {
+        examples: ds.examples.len(),
+        missing_images: loaded.missing_images,
+        mean_loss_before: before,
+        mean_loss_after: after,
+        train: report,
+        out: r.out.clone(),
+    })
+}

@@ -1,0 +1,101 @@
+//! Phase 2: SDViT (self-distilled visual instruction tuning). The projector and the whole
+//! drafter LM are fine-tuned on the target's own responses (from `distill`), with the
+//! prompt built as the runtime builds it in massv mode: the target's token sequence with
+//! projector rows at the image placeholders, 1-D positions. CE on the response tokens.
+
+use massv::{Error, Result};
+
+use super::{check_projector_fits, drafter_model, eval_loss, load_drafter_lm, DrafterRun, PhaseReport};
+use crate::data::{line_err, read_prompts, TargetVision};
+use crate::hf;
+use crate::objective::Dataset;
+use crate::trainer::train;
+use crate::vision::PROJECTOR_PREFIX;
+
+/// Which parts train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SdvitParts {
+    pub projector: bool,
+    pub lm: bool,
+}
+
+impl Default for SdvitParts {
+    fn default() -> Self {
+        SdvitParts {
+            projector: true,
+            lm: true,
+        }
+    }
+}
+
+pub fn sdvit(run: &DrafterRun, parts: SdvitParts) -> Result<PhaseReport> {
+    if !parts.projector && !parts.lm {
+        return Err(Error::InvalidArgument(
+            "nothing to train: both projector and LM frozen".into(),
+        ));
+    }
+    let target = TargetVision::load(&run.target, run.feature_cache.as_deref())?;
+    let (lm_cfg, mut params) = load_drafter_lm(&target, &run.draft)?;
+    let Some((pcfg, pparams)) = hf::load_projector(&run.draft)? else {
+        return Err(Error::InvalidArgument(format!(
+            "{} is not a MASSV drafter (no massv.json): run `massv-train projector` first",
+            run.draft.display()
+        )));
+    };
+    check_projector_fits(&pcfg, &target, &lm_cfg, &run.draft)?;
+    params.update_from(pparams)?;
+
+    let loaded = read_prompts(&run.data, run.strict, true)?;
+    let mut examples = Vec::with_capacity(loaded.records.len());
+    let progress = crate::progress::Progress::new("vision features", loaded.records.len() as u64);
+    for rec in &loaded.records {
+        let feats = match &rec.image {
+            Some(p) => Some(target.features(p).map_err(|e| line_err(&run.data, rec.line, e))?),
+            None => None,
+        };
+        let response = target.response_ids(rec)?;
+        examples.push(
+            target
+                .example(&rec.prompt, feats, &response, false)
+                .map_err(|e| line_err(&run.data, rec.line, e))?,
+        );
+        progress.tick(format!("{} examples", examples.len()));
+    }
+    progress.finish();
+    if examples.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{}: no usable examples ({} skipped for missing images)",
+            run.data.display(),
+            loaded.missing_images
+        )));
+    }
+    let ds = Dataset {
+        model: drafter_model(&lm_cfg, &pcfg, &target),
+        examples,
+    };
+    std::fs::create_dir_all(&run.out).map_err(|e| Error::Io {
+        path: run.out.clone(),
+        source: e,
+    })?;
+    let before = eval_loss(&ds, &params, run.eval_examples)?;
+    let trainable = |n: &str| {
+        if n.starts_with(PROJECTOR_PREFIX) {
+            parts.projector
+        } else {
+            parts.lm
+        }
+    };
+    let report = train(&mut params, &trainable, &ds, &run.train, &run.control("sdvit"))?;
+    let after = eval_loss(&ds, &params, run.eval_examples)?;
+    if !report.interrupted {
+        hf::save_drafter(&run.draft, &run.out, Some((&lm_cfg, &params)), &pcfg, &params)?;
+    }
+    Ok(PhaseReport {
+        examples: ds.examples.len(),
+        missing_images: loaded.missing_images,
+        mean_loss_before: before,
+        mean_loss_after: after,
+        train: report,
+        out: run.out.clone(),
+    })
+}
