@@ -11,12 +11,14 @@
 pub mod backend;
 pub mod bench;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod generate;
 pub mod image;
 pub mod kv_cache;
 pub mod metrics;
 pub mod model;
+pub mod plot;
 pub mod reference;
 pub mod sampling;
 pub mod spec;

@@ -115,6 +115,20 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// The shapes-world demo: target-only vs text-only vs MASSV drafters (the paper's table).
+    Demo {
+        /// Folder of the demo models (target/, drafter-text/, drafter-massv-p1/, drafter-massv/).
+        #[arg(long)]
+        assets: Option<PathBuf>,
+        /// Held-out scenes to ask about.
+        #[arg(long, default_value_t = 12)]
+        scenes: usize,
+        #[arg(long, default_value_t = 5)]
+        gamma: usize,
+        /// Where demo.json and demo.png go.
+        #[arg(long, default_value = "target/demo")]
+        out: PathBuf,
+    },
     /// Write a random-weight checkpoint with the real tensor names and shapes of a config.
     Synth {
         #[arg(long)]
@@ -346,6 +360,17 @@ fn run(cli: Cli) -> Result<()> {
                 });
                 massv::weights::write_atomic(&path, serde_json::to_string_pretty(&doc).unwrap_or_default().as_bytes())?;
             }
+            Ok(())
+        }
+        Command::Demo {
+            assets,
+            scenes,
+            gamma,
+            out,
+        } => {
+            let assets = assets.unwrap_or_else(massv::demo::default_assets);
+            let report = massv::demo::run(&assets, scenes, gamma, &out)?;
+            massv::demo::print(&report, &out);
             Ok(())
         }
         Command::Synth {

@@ -6,6 +6,9 @@
 use crate::sampling::Rng;
 
 pub const IMAGE_SIZE: usize = 112;
+/// Seeds of the splits: training scenes never appear in the held-out set.
+pub const TRAIN_SEED: u64 = 1;
+pub const HELDOUT_SEED: u64 = 2;
 pub const SHAPES: [&str; 4] = ["circle", "square", "triangle", "star"];
 pub const COLOURS: [(&str, [u8; 3]); 6] = [
     ("red", [220, 40, 40]),

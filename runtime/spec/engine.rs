@@ -3,7 +3,7 @@
 //! caches keep the accepted prefix. Without a drafter it is plain target decoding, the
 //! baseline every speedup is measured against.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::error::{Error, Result};
@@ -63,6 +63,7 @@ pub struct Hooks<'a> {
 
 pub struct Engine {
     pub target: Target,
+    pub target_dir: PathBuf,
     pub tokenizer: Tokenizer,
     pub drafter: Option<Drafter>,
     pub stop: Vec<u32>,
@@ -84,6 +85,7 @@ impl Engine {
         }
         Ok(Engine {
             target,
+            target_dir: target_dir.to_path_buf(),
             tokenizer,
             drafter,
             stop,

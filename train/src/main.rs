@@ -12,6 +12,7 @@ use massv_train::phases::distill::{distill_data, DistillRun};
 use massv_train::phases::projector::{pretrain_projector, ProjectorRun, DEFAULT_INSTRUCTION};
 use massv_train::phases::sdvit::{sdvit, SdvitParts};
 use massv_train::phases::tvd::{tvd_report, with_ext, TvdRun};
+use massv_train::phases::world::{make_demo_models, WorldRun, WorldScale};
 use massv_train::phases::{DrafterRun, PhaseReport};
 use massv_train::trainer::TrainOptions;
 
@@ -36,6 +37,27 @@ enum Cmd {
     Sdvit(SdvitArgs),
     /// Total variation distance between target and drafter next-token distributions.
     Tvd(TvdArgs),
+    /// Build the demo's models in the shapes world from nothing (target, text drafter,
+    /// MASSV drafters after phase 1 and after SDViT).
+    DemoModels(DemoModelsArgs),
+}
+
+#[derive(Args)]
+struct DemoModelsArgs {
+    /// Output folder of the four model directories.
+    #[arg(long, default_value = "assets")]
+    out: PathBuf,
+    /// Scratch folder (images, JSONL, training logs).
+    #[arg(long, default_value = "target/demo-work")]
+    work: PathBuf,
+    /// tokenizer_config.json to take the Qwen2.5-VL chat template from.
+    #[arg(long, default_value = "tests/fixtures/tokenizer/tokenizer_config.json")]
+    chat_template_from: PathBuf,
+    /// `mini` for a quick smoke run.
+    #[arg(long, default_value = "full")]
+    scale: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Args, Clone)]
@@ -290,6 +312,36 @@ fn run(cli: Cli) -> massv::Result<()> {
                 with_ext(&a.out, "json").display(),
                 with_ext(&a.out, "png").display()
             );
+        }
+        Cmd::DemoModels(a) => {
+            let scale = match a.scale.as_str() {
+                "full" => WorldScale::full(),
+                "mini" => WorldScale::mini(),
+                other => {
+                    return Err(massv::Error::InvalidArgument(format!(
+                        "--scale {other:?}: use full or mini"
+                    )))
+                }
+            };
+            let run = WorldRun {
+                out: a.out,
+                work: a.work,
+                chat_template_from: a.chat_template_from,
+                scale,
+                seed: a.seed,
+            };
+            let r = make_demo_models(&run)?;
+            println!(
+                "target accuracy on held-out colour/shape/count questions: {:.1}%",
+                100.0 * r.target_accuracy
+            );
+            for (k, acc) in &r.accuracy_by_kind {
+                println!("  {k}: {:.1}%", 100.0 * acc);
+            }
+            for (stage, s) in &r.seconds {
+                println!("  {stage}: {s:.0} s");
+            }
+            println!("wrote {}", run.out.display());
         }
     }
     Ok(())

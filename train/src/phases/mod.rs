@@ -10,6 +10,7 @@ pub mod models;
 pub mod projector;
 pub mod sdvit;
 pub mod tvd;
+pub mod world;
 
 use std::path::{Path, PathBuf};
 
