@@ -1,11 +1,13 @@
 //! The shapes world: a small, deterministic visual world in which the MASSV effect can be
-//! reproduced on any machine. Each scene is a 112×112 image with 1–3 distinct shapes of
-//! distinct colours, each in its own cell of a 3×3 grid, on a plain or noisy background,
-//! with a caption and visually grounded questions whose answers need the image.
+//! reproduced on any machine. Each scene is an 84×84 image with 1–3 distinct shapes of
+//! distinct colours, each centred in its own cell of a 3×3 grid, on a plain or noisy
+//! background, with a caption and visually grounded questions whose answers need the image.
+//! A cell is 28×28 pixels: exactly one merged vision token (2×2 patches of 14), so each
+//! shape is seen whole by one token of the target's vision tower.
 
 use crate::sampling::Rng;
 
-pub const IMAGE_SIZE: usize = 112;
+pub const IMAGE_SIZE: usize = 84;
 /// Seeds of the splits: training scenes never appear in the held-out set.
 pub const TRAIN_SEED: u64 = 1;
 pub const HELDOUT_SEED: u64 = 2;
@@ -28,7 +30,7 @@ pub struct Shape {
     pub colour: usize,
     /// Cell of the 3×3 grid (row, column).
     pub cell: (usize, usize),
-    /// Radius in pixels and a jitter of the centre inside the cell.
+    /// Radius in pixels; the centre is the cell's.
     pub radius: f32,
     pub centre: (f32, f32),
 }
@@ -84,10 +86,9 @@ impl Scene {
         let shapes = (0..n)
             .map(|i| {
                 let cell = (cells[i] / 3, cells[i] % 3);
-                let radius = 9.0 + rng.uniform() as f32 * 7.0;
-                let jitter = |rng: &mut Rng| (rng.uniform() as f32 - 0.5) * (cell_size - 2.0 * radius).max(0.0);
-                let cx = (cell.1 as f32 + 0.5) * cell_size + jitter(rng);
-                let cy = (cell.0 as f32 + 0.5) * cell_size + jitter(rng);
+                let radius = 9.0 + rng.uniform() as f32 * 4.0;
+                let cx = (cell.1 as f32 + 0.5) * cell_size;
+                let cy = (cell.0 as f32 + 0.5) * cell_size;
                 Shape {
                     kind: kinds[i],
                     colour: colours[i],
