@@ -32,3 +32,123 @@ __device__ __forceinline__ float block_sum(float v) {
     __syncthreads();  // partial[] is reused by the next call
     return v;
 }
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+    return v;
+}
+
+// Max over the whole block; same contract as block_sum.
+__device__ __forceinline__ float block_max(float v) {
+    __shared__ float partial[32];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    v = warp_max(v);
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    const int nwarps = (blockDim.x + 31) >> 5;
+    v = (threadIdx.x < nwarps) ? partial[threadIdx.x] : -INFINITY;
+    if (warp == 0) v = warp_max(v);
+    if (threadIdx.x == 0) partial[0] = v;
+    __syncthreads();
+    v = partial[0];
+    __syncthreads();
+    return v;
+}
+
+// f64 sum over the block (order fixed by the block shape, so deterministic for a given
+// launch configuration); every thread gets the result.
+__device__ __forceinline__ double block_sum_f64(double v) {
+    __shared__ double partial_d[32];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0) partial_d[warp] = v;
+    __syncthreads();
+    const int nwarps = (blockDim.x + 31) >> 5;
+    v = (threadIdx.x < nwarps) ? partial_d[threadIdx.x] : 0.0;
+    if (warp == 0) {
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    }
+    if (threadIdx.x == 0) partial_d[0] = v;
+    __syncthreads();
+    v = partial_d[0];
+    __syncthreads();
+    return v;
+}
+
+// 8 bf16 values in one 16-byte word: the unit of every vectorised load.
+union bf16x8 {
+    uint4 u;
+    __nv_bfloat162 h[4];
+};
+
+__device__ __forceinline__ void bf16x8_to_f32(const uint4 u, float f[8]) {
+    bf16x8 v;
+    v.u = u;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 p = __bfloat1622float2(v.h[i]);
+        f[2 * i] = p.x;
+        f[2 * i + 1] = p.y;
+    }
+}
+
+// Streaming 16-byte load that does not pollute L1 (weights are read once per step).
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+    uint4 r;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+__host__ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// IEEE single-precision operations that --use_fast_math (ftz, approximate division)
+// must not touch: the kernels that promise bit-equality with the CPU use these.
+__device__ __forceinline__ float ieee_sub(float a, float b) {
+    float r;
+    asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+__device__ __forceinline__ float ieee_div(float a, float b) {
+    float r;
+    asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+__device__ __forceinline__ float ieee_max(float a, float b) {
+    float r;
+    asm("max.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+__device__ __forceinline__ double f32_to_f64(float a) {
+    double r;
+    asm("cvt.f64.f32 %0, %1;" : "=d"(r) : "f"(a));
+    return r;
+}
+__device__ __forceinline__ float f64_to_f32(double a) {
+    float r;
+    asm("cvt.rn.f32.f64 %0, %1;" : "=f"(r) : "d"(a));
+    return r;
+}
+
+// Rotary helpers shared by rope / mrope / rope_vision: the inverse frequency and the
+// angle's sine and cosine computed as the CPU twin does (f32 pow and product, then a
+// correctly rounded sin/cos), immune to --use_fast_math's approximate powf/sincosf,
+// whose error at positions of a few thousand radians exceeds bf16's precision.
+__device__ __forceinline__ float rope_inv_freq_at(int i, int dim, float theta) {
+    const float e = ieee_div((float)(2 * i), (float)dim);
+    const float p = (float)pow((double)theta, (double)e);
+    return ieee_div(1.0f, p);
+}
+__device__ __forceinline__ void rope_sincos(float pos, float inv_freq, float* s, float* c) {
+    const float angle = __fmul_rn(pos, inv_freq);
+    double sd, cd;
+    sincos((double)angle, &sd, &cd);
+    *s = (float)sd;
+    *c = (float)cd;
+}

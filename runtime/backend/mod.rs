@@ -2,6 +2,7 @@
 //! the CUDA backend (cudarc + the kernels of `cuda/`) plugs in beside it.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::{Error, Result};
 
@@ -28,13 +29,18 @@ impl DeviceRequest {
     pub fn resolve(self) -> Result<Device> {
         match self {
             DeviceRequest::Cpu => Ok(Device::Cpu),
-            // No CUDA backend is wired in yet: `auto` is the CPU, an explicit request
-            // says why it cannot be served.
+            // The CUDA kernels exist (backend::cuda) but no model runs on them yet: `auto`
+            // is the CPU, an explicit request says why it cannot be served: no kernels,
+            // no driver or GPU (cuda::probe), or no CUDA model path.
             DeviceRequest::Auto => Ok(Device::Cpu),
-            DeviceRequest::Cuda if !kernels::COMPILED => Err(Error::NoCudaKernels),
-            DeviceRequest::Cuda => Err(Error::InvalidArgument(
-                "the CUDA backend is not available in this version of massv; use --device cpu".into(),
-            )),
+            DeviceRequest::Cuda => {
+                let gpu = cuda::probe()?;
+                Err(Error::InvalidArgument(format!(
+                    "the CUDA backend has kernels but no CUDA model path yet in this version of massv \
+                     (found {}); use --device cpu",
+                    gpu.name
+                )))
+            }
         }
     }
 }

@@ -3,15 +3,32 @@
 //! parallelism) and the CUDA tests compare the device against them.
 
 mod attention;
+mod attention_ops;
+mod convert;
+mod embedding;
 mod gelu;
+mod gemv;
+mod kv_cache;
+mod projector;
 mod rmsnorm;
 mod rope;
+mod sampling;
 mod swiglu;
 
 pub use attention::{attention, attention_varlen};
+pub use attention_ops::{attention_decode, attention_prefill, attention_verify};
+pub use convert::{bf16_to_f32, f32_to_bf16};
+pub use embedding::{embedding, scatter_rows};
 pub use gelu::gelu;
+pub use gemv::gemv_bf16;
+pub use kv_cache::{kv_append, kv_compact};
+pub use projector::{bias_add, bias_gelu, projector_norm_gather};
 pub use rmsnorm::{rmsnorm, rmsnorm_residual};
 pub use rope::{mrope, rope, rope_inv_freq, rope_vision};
+pub use sampling::{
+    argmax, blocked_sum, probabilities, residual, sample, uniforms_consumed, verify_greedy, verify_sampled,
+    SAMPLE_CHUNK, SAMPLE_TILE,
+};
 pub use swiglu::swiglu;
 
 /// y[n, m] = x[n, k] · w[m, k]ᵀ (+ bias[m]): the nn.Linear convention, naive loops.

@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# The CUDA kernels on a lent GPU in one `device` call: correctness (tests/cuda_ops.rs,
+# every kernel against its CPU twin), compute-sanitizer (memcheck, racecheck), and
+# microbenchmarks against the memory floors of KERNELS.md, written to
+# bench/results/<date>-<gpu>.json under $OUT.
+#
+# 1) On the development machine (no GPU needed), build what travels:
+#        bench/gpu.sh build
+#    It builds with the CI's nvcc (or $NVCC) and MASSV_CUDA_ARCHS=sm_90 (H100 / H200
+#    only) in target/gpu/: the release test binary of tests/cuda_ops.rs and the massv
+#    binary, strips both into .gpu/ (ignored by git) with the commit id, and downloads
+#    the compute-sanitizer wheel (nvidia-cuda-sanitizer-api, ~14 MB) there. It prints
+#    the total size: what travels must stay under 64 MiB.
+# 2) One device call (tracked files travel by themselves; .gpu is ignored, so carry it):
+#        run(command="bench/gpu.sh", carry=[".gpu"], timeout_s=600)
+#    The JSON comes back as files_at/bench/results/<date>-<gpu>.json, the logs as
+#    files_at/logs/*.log. Copy the JSON into bench/results/ and commit it.
+#
+# On the GPU machine (`bench/gpu.sh run`, the default) it:
+#   - puts the folders of libcuda and libcublas on LD_LIBRARY_PATH (cuBLAS may exist there
+#     only inside PyTorch's nvidia-cublas wheel: found with find / -name 'libcublas.so*');
+#   - checks that the binaries start (glibc of the build machine vs this one);
+#   - runs the CUDA tests with MASSV_REQUIRE_CUDA=1 (no GPU = failure, not a skip);
+#   - runs the benchmark (the ignored test bench_kernels) and `massv generate
+#     --device cuda` (which must name the GPU: the driver probe);
+#   - runs compute-sanitizer --tool memcheck on all CUDA tests and --tool racecheck on
+#     the kernels with shared memory, each under a time limit.
+# Every step's log is in $OUT/logs; the exit status is non-zero if any step failed.
+# The step limits (tests 200 s, bench 150 s, memcheck 120 s, racecheck 90 s) keep one call
+# under the 600 s a command may run; to give a step a call of its own, name the steps:
+#        run(command="bench/gpu.sh run sanitize", carry=[".gpu"], timeout_s=600)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+mode="${1:-run}"
+gpu_dir=.gpu
+
+build() {
+    set -e
+    local nvcc="${NVCC:-$HOME/.cache/massv-ci/lib/python3.11/site-packages/nvidia/cu13/bin/nvcc}"
+    [ -x "$nvcc" ] || { echo "nvcc not found at $nvcc (set NVCC, or run .ci/run once)"; exit 1; }
+    export NVCC="$nvcc" MASSV_CUDA_ARCHS=sm_90 MASSV_REQUIRE_KERNELS=1 CARGO_TARGET_DIR=target/gpu
+    mkdir -p "$gpu_dir"
+    local test_bin
+    test_bin=$(cargo test --release --test cuda_ops --no-run --message-format=json-render-diagnostics \
+        | python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda_ops":
+        print(m["executable"])')
+    [ -n "$test_bin" ] || { echo "no cuda_ops test binary built"; exit 1; }
+    cargo build --release --bin massv
+    cp "$test_bin" "$gpu_dir/cuda_ops"
+    cp target/gpu/release/massv "$gpu_dir/massv"
+    strip "$gpu_dir/cuda_ops" "$gpu_dir/massv"
+    git rev-parse --short HEAD > "$gpu_dir/COMMIT" 2>/dev/null || echo unknown > "$gpu_dir/COMMIT"
+    git diff --quiet HEAD 2>/dev/null || sed -i 's/$/-dirty/' "$gpu_dir/COMMIT"
+    if ! ls "$gpu_dir"/nvidia_cuda_sanitizer_api-*.whl >/dev/null 2>&1; then
+        local pip="$HOME/.cache/massv-ci/bin/pip"
+        [ -x "$pip" ] || pip=pip3
+        "$pip" download --no-deps --quiet -d "$gpu_dir" "nvidia-cuda-sanitizer-api==13.0.*" \
+            || echo "warning: no compute-sanitizer wheel (the GPU run will skip the sanitizers)"
+    fi
+    echo "glibc symbols the binaries need (the GPU machine's glibc must be at least this):"
+    objdump -T "$gpu_dir/cuda_ops" "$gpu_dir/massv" 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -n 1
+    du -ch "$gpu_dir"/* | tail -n 1
+    local bytes
+    bytes=$(du -cb "$gpu_dir"/* | tail -n 1 | cut -f1)
+    if [ "$bytes" -gt $((64 * 1024 * 1024)) ]; then
+        echo "error: .gpu holds $bytes bytes, over the 64 MiB carry limit"
+        exit 1
+    fi
+    echo "ready: run(command=\"bench/gpu.sh\", carry=[\".gpu\"], timeout_s=600)"
+}
+
+run() {
+    # Steps to run (default all): tests bench massv sanitize.
+    local steps=("$@")
+    [ ${#steps[@]} -gt 0 ] || steps=(tests bench massv sanitize)
+    want() { [[ " ${steps[*]} " == *" $1 "* ]]; }
+    local out="${OUT:-$PWD/gpu-out}"
+    local logs="$out/logs"
+    mkdir -p "$logs" "$out/bench/results"
+    local failed=()
+    step() { # step NAME TIMEOUT CMD...: runs CMD with a time limit, logs it, records a failure
+        local name="$1" limit="$2"
+        shift 2
+        echo "== $name"
+        local t0=$SECONDS
+        timeout --signal=INT --kill-after=10 "$limit" "$@" > "$logs/$name.log" 2>&1
+        local rc=$?
+        tail -n 40 "$logs/$name.log"
+        echo "-- $name: exit $rc after $((SECONDS - t0)) s"
+        [ $rc -eq 0 ] || failed+=("$name (exit $rc)")
+        return $rc
+    }
+
+    for f in cuda_ops massv COMMIT; do
+        [ -e "$gpu_dir/$f" ] || { echo "error: $gpu_dir/$f missing: run bench/gpu.sh build and carry .gpu"; exit 1; }
+    done
+    local commit
+    commit=$(cat "$gpu_dir/COMMIT")
+
+    echo "== machine"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1 | tee "$logs/nvidia-smi.log"
+    ldd --version 2>&1 | head -n 1
+    # Libraries: libcuda from the driver, cuBLAS wherever it is (prefer .so.13). One
+    # bounded walk of the file system finds both.
+    local found cuda_lib cublas libdirs=""
+    found=$(timeout 90 find / \( -path /proc -o -path /sys -o -path /dev \) -prune -o \
+        \( -name 'libcuda.so.1' -o -name 'libcublas.so*' \) -print 2>/dev/null)
+    cuda_lib=$( (ldconfig -p 2>/dev/null | grep -o '/[^ ]*libcuda\.so\.1$'; grep 'libcuda\.so\.1$' <<< "$found") | head -n 1)
+    cublas=$(grep -m1 'libcublas\.so\.13' <<< "$found" || grep -m1 'libcublas\.so' <<< "$found" || true)
+    [ -n "$cuda_lib" ] && libdirs="$(dirname "$cuda_lib")"
+    if [ -n "$cublas" ]; then
+        libdirs="${libdirs:+$libdirs:}$(dirname "$cublas")"
+    else
+        echo "warning: no libcublas.so* on this machine: the GEMM test will fail"
+    fi
+    export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "libcuda: ${cuda_lib:-not found}; cuBLAS: ${cublas:-not found}"
+    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+
+    chmod +x "$gpu_dir/cuda_ops" "$gpu_dir/massv"
+    step binaries-start 60 "$gpu_dir/cuda_ops" --list || { echo "the binaries do not start here (see above)"; }
+
+    export MASSV_REQUIRE_CUDA=1 RUST_BACKTRACE=1
+    want tests && step tests 200 "$gpu_dir/cuda_ops" --test-threads=1
+
+    local date_ gpu_name json
+    date_=$(date -u +%F)
+    gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 \
+        | tr '[:upper:]' '[:lower:]' | sed 's/nvidia //; s/[^a-z0-9]\+/-/g; s/^-//; s/-$//')
+    json="$out/bench/results/$date_-${gpu_name:-gpu}.json"
+    want bench && MASSV_BENCH_JSON="$json" MASSV_BENCH_DATE="$date_" MASSV_COMMIT="$commit" \
+        step bench 150 "$gpu_dir/cuda_ops" --ignored bench_kernels --nocapture --test-threads=1
+
+    # The driver probe from the CLI: an explicit --device cuda names the GPU (no model
+    # path runs on CUDA yet, so this is expected to exit non-zero with that message).
+    if want massv; then
+        echo "== massv generate --device cuda (probe)"
+        "$gpu_dir/massv" generate --target tests/fixtures/qwen2-tiny-gqa4-tied --prompt hi --max-new-tokens 2 \
+            --device cuda > "$logs/massv-probe.log" 2>&1
+        cat "$logs/massv-probe.log"
+        grep -qi "no cuda model path" "$logs/massv-probe.log" || failed+=("massv probe (no GPU named)")
+        step massv-cpu 120 "$gpu_dir/massv" generate --target tests/fixtures/qwen2-tiny-gqa4-tied --prompt hi \
+            --max-new-tokens 4 --device cpu
+    fi
+
+    # compute-sanitizer from the carried wheel (or one installed here).
+    local san=""
+    if command -v compute-sanitizer >/dev/null; then
+        san=$(command -v compute-sanitizer)
+    elif ls "$gpu_dir"/nvidia_cuda_sanitizer_api-*.whl >/dev/null 2>&1; then
+        local sdir="${TMPDIR:-/tmp}/massv-sanitizer"
+        python3 -m zipfile -e "$(ls "$gpu_dir"/nvidia_cuda_sanitizer_api-*.whl | head -n 1)" "$sdir" >/dev/null 2>&1 \
+            || unzip -q -o "$(ls "$gpu_dir"/nvidia_cuda_sanitizer_api-*.whl | head -n 1)" -d "$sdir"
+        san="$sdir/nvidia/cu13/bin/compute-sanitizer"
+        chmod +x "$san" 2>/dev/null
+        export LD_LIBRARY_PATH="$sdir/nvidia/cu13/lib:$LD_LIBRARY_PATH"
+    fi
+    if ! want sanitize; then
+        :
+    elif [ -n "$san" ] && [ -x "$san" ]; then
+        step memcheck 120 "$san" --tool memcheck --error-exitcode 1 --leak-check no \
+            "$gpu_dir/cuda_ops" --test-threads=1
+        # racecheck: the kernels that share memory between threads.
+        step racecheck 90 "$san" --tool racecheck --error-exitcode 1 \
+            "$gpu_dir/cuda_ops" --test-threads=1 attention_decode attention_verify attention_varlen \
+            argmax probabilities sample_is_exact verify_sampled_exact rmsnorm kv_append
+    else
+        echo "== compute-sanitizer: not found (no wheel carried, none installed): sanitizers NOT run"
+        failed+=("sanitizers not run")
+    fi
+
+    echo
+    echo "== summary (commit $commit)"
+    grep -h "^test result" "$logs/tests.log" 2>/dev/null || true
+    [ -f "$json" ] && echo "benchmark: $json" || echo "benchmark: no JSON written"
+    if [ ${#failed[@]} -gt 0 ]; then
+        printf 'FAILED: %s\n' "${failed[@]}"
+        exit 1
+    fi
+    echo "all steps passed"
+}
+
+case "$mode" in
+    build) build ;;
+    run)
+        shift || true
+        run "$@"
+        ;;
+    *)
+        echo "usage: bench/gpu.sh build | bench/gpu.sh [run [tests] [bench] [massv] [sanitize]]"
+        exit 2
+        ;;
+esac

@@ -1,0 +1,436 @@
+// Sampling and verification on the device: the logits never leave the GPU, only the
+// accepted count and the next token do. CPU twins: runtime/reference/sampling.rs.
+//
+//   argmax          first index of the maximum of each row (greedy decoding / drafting);
+//   probabilities   softmax(logits / T), then top-k, then top-p, renormalised
+//                   (massv::sampling::probabilities: ties ranked by lower id first);
+//   sample          one draw per row from non-negative weights, given a uniform;
+//   verify_greedy   longest prefix of drafts equal to the target's argmax + next token;
+//   verify_sampled  rejection sampling (accept with min(1, p/q), residual
+//                   max(0, p - q) renormalised, bonus from p), given the host's uniforms.
+//
+// Exactness. argmax, verify_greedy, sample and verify_sampled are bit-exact with their
+// twins: they use IEEE f32 operations immune to --use_fast_math (common.cuh) and f64
+// sums in one fixed order: chunks of 32 elements summed left to right, tiles of 32
+// chunks, then the tiles left to right ("blocked" order, SAMPLE_CHUNK / SAMPLE_TILE in
+// the twin). For a vocabulary of at most 32 entries that is exactly the CPU's sequential
+// order; beyond it the CPU's spec::verify / Rng::sample agree unless a uniform falls
+// within f64 rounding (~1e-16) of a cumulative boundary.
+#include "common.cuh"
+
+#define SAMPLE_CHUNK 32
+#define SAMPLE_TILE 1024  // 32 chunks
+#define MAX_TILES 256     // rows up to 262144 entries
+
+// ---------------------------------------------------------------------------------
+// argmax
+
+struct ArgMax {
+    float v;
+    int i;  // INT_MAX: nothing seen yet
+};
+
+__device__ __forceinline__ ArgMax argmax_pick(ArgMax a, ArgMax b) {
+    if (b.i == INT_MAX) return a;
+    if (a.i == INT_MAX) return b;
+    if (b.v > a.v || (b.v == a.v && b.i < a.i)) return b;
+    return a;
+}
+
+// Block-wide first index of the max of x[0..n) (NaNs skipped; 0 if none). blockDim.x a
+// multiple of 32.
+__device__ int block_argmax(const float* __restrict__ x, int n) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    ArgMax best = {-INFINITY, INT_MAX};
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = x[i];
+        if (v == v && (best.i == INT_MAX || v > best.v)) best = {v, i};
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        ArgMax o = {__shfl_xor_sync(0xffffffffu, best.v, off), __shfl_xor_sync(0xffffffffu, best.i, off)};
+        best = argmax_pick(best, o);
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        sv[warp] = best.v;
+        si[warp] = best.i;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const int nw = blockDim.x >> 5;
+        best = lane < nw ? ArgMax{sv[lane], si[lane]} : ArgMax{-INFINITY, INT_MAX};
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) {
+            ArgMax o = {__shfl_xor_sync(0xffffffffu, best.v, off), __shfl_xor_sync(0xffffffffu, best.i, off)};
+            best = argmax_pick(best, o);
+        }
+        if (lane == 0) si[0] = best.i == INT_MAX ? 0 : best.i;
+    }
+    __syncthreads();
+    const int r = si[0];
+    __syncthreads();
+    return r;
+}
+
+// x: [rows, n] f32; out: [rows] int32. One block per row.
+extern "C" __global__ void argmax(const float* __restrict__ x, int32_t* __restrict__ out, int n) {
+    const int r = block_argmax(x + (size_t)blockIdx.x * n, n);
+    if (threadIdx.x == 0) out[blockIdx.x] = r;
+}
+
+// ---------------------------------------------------------------------------------
+// probabilities
+
+#define PROB_SUBS 8  // sub-histograms (warp % 8) to spread shared atomics
+#define FIXED_SCALE 72057594037927936.0  // 2^56: masses as exact integers in u64
+
+__device__ __forceinline__ unsigned long long to_fixed(float p) {
+    return __double2ull_rn((double)p * FIXED_SCALE);
+}
+
+// logits, out: [rows, n] f32. One block per row (1024 threads). temperature 0 = greedy
+// (one-hot at the argmax); top_k 0 = off; top_p 1 = off.
+extern "C" __global__ void __launch_bounds__(1024)
+    probabilities(const float* __restrict__ logits, float* __restrict__ out, int n, float temperature, int top_k,
+                  float top_p) {
+    const float* x = logits + (size_t)blockIdx.x * n;
+    float* p = out + (size_t)blockIdx.x * n;
+    if (temperature == 0.0f) {
+        const int am = block_argmax(x, n);
+        for (int i = threadIdx.x; i < n; i += blockDim.x) p[i] = i == am ? 1.0f : 0.0f;
+        return;
+    }
+    // softmax(x / T) with the CPU's operation order: (x - max) / T, exp, f64 sum, divide.
+    float mx = -INFINITY;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) mx = fmaxf(mx, x[i]);
+    mx = block_max(mx);
+    double sum = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float e = expf(ieee_div(x[i] - mx, temperature));
+        p[i] = e;
+        sum += (double)e;
+    }
+    sum = block_sum_f64(sum);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) p[i] = (float)((double)p[i] / sum);
+    const bool use_k = top_k > 0 && top_k < n;
+    if (!use_k && !(top_p < 1.0f)) return;
+    __syncthreads();
+
+    // Radix select (8-bit digits, most significant first) of the cut: the smallest
+    // prefix of the descending order whose mass reaches top_p, at most k entries.
+    // Probabilities are non-negative, so their bit patterns sort like their values.
+    __shared__ unsigned int cnt[PROB_SUBS][256];
+    __shared__ unsigned long long mass[PROB_SUBS][256];
+    __shared__ unsigned int s_prefix, s_mask, s_count_above, s_tie_count, s_keep_all, s_digit;
+    __shared__ unsigned long long s_mass_above;
+    const unsigned int k = use_k ? (unsigned int)top_k : (unsigned int)n;
+    const unsigned long long p_fixed = __double2ull_rn((double)top_p * FIXED_SCALE);
+    if (threadIdx.x == 0) {
+        s_prefix = 0;
+        s_mask = 0;
+        s_count_above = 0;
+        s_mass_above = 0;
+        s_keep_all = 0;
+    }
+    const int sub = (threadIdx.x >> 5) % PROB_SUBS;
+    for (int pass = 0; pass < 4; ++pass) {
+        const int shift = 24 - 8 * pass;
+        for (int i = threadIdx.x; i < PROB_SUBS * 256; i += blockDim.x) {
+            (&cnt[0][0])[i] = 0;
+            (&mass[0][0])[i] = 0;
+        }
+        __syncthreads();
+        const unsigned int prefix = s_prefix, pmask = s_mask;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const float v = p[i];
+            const unsigned int b = __float_as_uint(v);
+            if ((b & pmask) == prefix) {
+                const unsigned int d = (b >> shift) & 255u;
+                atomicAdd(&cnt[sub][d], 1u);
+                atomicAdd(&mass[sub][d], to_fixed(v));
+            }
+        }
+        __syncthreads();
+        for (int d = threadIdx.x; d < 256; d += blockDim.x) {
+            for (int s = 1; s < PROB_SUBS; ++s) {
+                cnt[0][d] += cnt[s][d];
+                mass[0][d] += mass[s][d];
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            unsigned int above = s_count_above;
+            unsigned long long m_above = s_mass_above;
+            int chosen = -1;
+            for (int d = 255; d >= 0; --d) {
+                if (above + cnt[0][d] >= k || m_above + mass[0][d] >= p_fixed) {
+                    chosen = d;
+                    break;
+                }
+                above += cnt[0][d];
+                m_above += mass[0][d];
+            }
+            if (chosen < 0) {
+                s_keep_all = 1;  // the mass never reaches top_p (rounding) and n <= k
+            } else {
+                s_prefix |= (unsigned int)chosen << shift;
+                s_mask |= 255u << shift;
+                s_count_above = above;
+                s_mass_above = m_above;
+                s_digit = chosen;
+            }
+        }
+        __syncthreads();
+        if (s_keep_all) break;
+    }
+    if (s_keep_all) return;  // nothing is cut: p is already normalised
+    const unsigned int cut_bits = s_prefix;
+    const float cut = __uint_as_float(cut_bits);
+    if (threadIdx.x == 0) {
+        // How many of the entries equal to the cut value are kept (lowest ids first):
+        // the CPU adds them one at a time until k entries or top_p mass.
+        const unsigned int ties = cnt[0][s_digit];
+        unsigned int t = 0;
+        unsigned long long m_acc = s_mass_above;
+        const unsigned long long v_fixed = to_fixed(cut);
+        while (t < ties) {
+            ++t;
+            m_acc += v_fixed;
+            if (s_count_above + t >= k || m_acc >= p_fixed) break;
+        }
+        s_tie_count = t;
+    }
+    __syncthreads();
+    // Keep entries above the cut and the first s_tie_count entries equal to it (in id
+    // order: a block-wide exclusive scan of the tie flags, tile by tile).
+    __shared__ unsigned int warp_ties[32];
+    __shared__ unsigned int s_tie_base;
+    if (threadIdx.x == 0) s_tie_base = 0;
+    const unsigned int tie_keep = s_tie_count;
+    double kept = 0.0;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int base = 0; base < n; base += blockDim.x) {
+        const int i = base + threadIdx.x;
+        const unsigned int b = i < n ? __float_as_uint(p[i]) : 0u;
+        const bool tie = i < n && b == cut_bits;
+        const unsigned int ballot = __ballot_sync(0xffffffffu, tie);
+        if (lane == 0) warp_ties[warp] = __popc(ballot);
+        __syncthreads();
+        unsigned int before = s_tie_base;
+        for (int w = 0; w < warp; ++w) before += warp_ties[w];
+        before += __popc(ballot & ((1u << lane) - 1u));
+        if (i < n) {
+            const bool keep = b > cut_bits || (tie && before < tie_keep);
+            if (keep) kept += (double)p[i];
+            else p[i] = 0.0f;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            unsigned int tot = 0;
+            for (int w = 0; w < nw; ++w) tot += warp_ties[w];
+            s_tie_base += tot;
+        }
+        __syncthreads();
+    }
+    kept = block_sum_f64(kept);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) p[i] = (float)((double)p[i] / kept);
+}
+
+// ---------------------------------------------------------------------------------
+// Blocked sums and sampling (see the exactness note at the top).
+
+// The weights a draw is taken from: a row of p, or the residual max(0, p - q) (q is 0
+// past its row length nq) divided by `norm` and rounded to f32 (residual with norm = 1
+// gives the unnormalised residual).
+struct Weights {
+    const float* p;
+    const float* q;  // nullptr: plain p
+    int n;
+    int nq;
+    double norm;
+    __device__ __forceinline__ float at(int i) const {
+        if (q == nullptr) return p[i];
+        const float r = ieee_max(ieee_sub(p[i], i < nq ? q[i] : 0.0f), 0.0f);
+        return norm == 1.0 ? r : f64_to_f32(__ddiv_rn(f32_to_f64(r), norm));
+    }
+};
+
+// Sequential f64 sum of chunk c (elements past n are absent).
+__device__ __forceinline__ double chunk_sum(const Weights& w, int c, int* last_pos) {
+    double s = 0.0;
+    const int i0 = c * SAMPLE_CHUNK, i1 = min(w.n, i0 + SAMPLE_CHUNK);
+    for (int i = i0; i < i1; ++i) {
+        const double x = f32_to_f64(w.at(i));
+        s = __dadd_rn(s, x);
+        if (x > 0.0) *last_pos = i;
+    }
+    return s;
+}
+
+// Tile sums of the whole row into tile_sum[], the last positive index into *s_last, and
+// the total (tiles summed in order) into *s_total. Whole block.
+__device__ void blocked_tile_sums(const Weights& w, double* tile_sum, int* s_last, double* s_total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int tiles = ceil_div(w.n, SAMPLE_TILE);
+    if (threadIdx.x == 0) *s_last = -1;
+    __syncthreads();
+    for (int t = warp; t < tiles; t += nw) {
+        int last = -1;
+        const double c = chunk_sum(w, t * (SAMPLE_TILE / SAMPLE_CHUNK) + lane, &last);
+        double s = 0.0;
+        for (int j = 0; j < 32; ++j) s = __dadd_rn(s, __shfl_sync(0xffffffffu, c, j));
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, off));
+        if (lane == 0) {
+            tile_sum[t] = s;
+            atomicMax(s_last, last);
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double s = 0.0;
+        for (int t = 0; t < tiles; ++t) s = __dadd_rn(s, tile_sum[t]);
+        *s_total = s;
+    }
+    __syncthreads();
+}
+
+// One draw from w with the uniform u01, in the blocked order: find the tile, the chunk,
+// then the entry where the running remainder falls. Whole block; returns the index to
+// every thread.
+__device__ int blocked_sample(const Weights& w, double u01) {
+    __shared__ double tile_sum[MAX_TILES];
+    __shared__ int s_last, s_tile, s_result;
+    __shared__ double s_total, s_u;
+    blocked_tile_sums(w, tile_sum, &s_last, &s_total);
+    const int tiles = ceil_div(w.n, SAMPLE_TILE);
+    if (threadIdx.x == 0) {
+        double u = __dmul_rn(u01, s_total);
+        int tile = -1;
+        for (int t = 0; t < tiles; ++t) {
+            if (u < tile_sum[t]) {
+                tile = t;
+                break;
+            }
+            u = __dsub_rn(u, tile_sum[t]);
+        }
+        s_tile = tile;
+        s_u = u;
+        s_result = s_last < 0 ? 0 : s_last;
+    }
+    __syncthreads();
+    const int tile = s_tile;
+    if (tile >= 0 && threadIdx.x < 32) {
+        const int lane = threadIdx.x;
+        int last = -1;
+        const int c0 = tile * (SAMPLE_TILE / SAMPLE_CHUNK);
+        const double c = chunk_sum(w, c0 + lane, &last);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, off));
+        // Walk the chunks (every lane follows lane 0's arithmetic on broadcast values).
+        double u = s_u;
+        int chunk = -1;
+        for (int j = 0; j < 32; ++j) {
+            const double cj = __shfl_sync(0xffffffffu, c, j);
+            if (chunk < 0) {
+                if (u < cj) chunk = j;
+                else u = __dsub_rn(u, cj);
+            }
+        }
+        int result = last;  // the tile's last positive entry, if the walk falls through
+        if (chunk >= 0) {
+            const int i = (c0 + chunk) * SAMPLE_CHUNK + lane;
+            const double x = i < w.n ? f32_to_f64(w.at(i)) : 0.0;
+            int found = -1, last_in_chunk = -1;
+            for (int j = 0; j < 32; ++j) {
+                const double xj = __shfl_sync(0xffffffffu, x, j);
+                if (found < 0 && xj > 0.0) {
+                    last_in_chunk = (c0 + chunk) * SAMPLE_CHUNK + j;
+                    if (u < xj) found = last_in_chunk;
+                    else u = __dsub_rn(u, xj);
+                }
+            }
+            result = found >= 0 ? found : last_in_chunk;
+        }
+        if (lane == 0) s_result = result;
+    }
+    __syncthreads();
+    const int r = s_result;
+    __syncthreads();
+    return r;
+}
+
+// w: [rows, n] non-negative weights; uniforms: [rows] in [0, 1); out: [rows]. One block
+// per row (the drafter's draws at temperature > 0).
+extern "C" __global__ void __launch_bounds__(1024)
+    sample(const float* __restrict__ w, const double* __restrict__ uniforms, int32_t* __restrict__ out, int n) {
+    Weights wt = {w + (size_t)blockIdx.x * n, nullptr, n, 0, 1.0};
+    const int r = blocked_sample(wt, uniforms[blockIdx.x]);
+    if (threadIdx.x == 0) out[blockIdx.x] = r;
+}
+
+// ---------------------------------------------------------------------------------
+// Verification
+
+// drafts: [gamma]; target_argmax: [gamma + 1]; out: (accepted, next). One thread.
+extern "C" __global__ void verify_greedy(const int32_t* __restrict__ drafts, const int32_t* __restrict__ target_argmax,
+                                         int32_t* __restrict__ out, int gamma) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    int a = 0;
+    while (a < gamma && drafts[a] == target_argmax[a]) ++a;
+    out[0] = a;
+    out[1] = target_argmax[a];
+}
+
+// min(1, p/q); a draft the drafter could not have drawn (q = 0) is accepted iff p > 0.
+__device__ __forceinline__ double accept_probability(float p, float q) {
+    if (f32_to_f64(q) <= 0.0) return f32_to_f64(p) > 0.0 ? 1.0 : 0.0;
+    const float r = ieee_div(p, q);
+    return f32_to_f64(r) < 1.0 ? f32_to_f64(r) : 1.0;
+}
+
+// drafts: [gamma]; q: [gamma, nq] the distributions the drafts were drawn from; p:
+// [gamma + 1, np] the target's; uniforms: [gamma + 1] (the host RNG's next draws: one
+// per accept test, then one for the final draw); out: (accepted, next). The host RNG
+// consumed accepted + 1 uniforms if all were accepted (accepted == gamma), else
+// accepted + 2. One block of 1024 threads.
+extern "C" __global__ void __launch_bounds__(1024)
+    verify_sampled(const int32_t* __restrict__ drafts, const float* __restrict__ q, const float* __restrict__ p,
+                   const double* __restrict__ uniforms, int32_t* __restrict__ out, int gamma, int nq, int np) {
+    __shared__ int s_accepted;
+    __shared__ double s_norm;
+    if (threadIdx.x == 0) {
+        int i = 0;
+        for (; i < gamma; ++i) {
+            const int d = drafts[i];
+            const float pd = d >= 0 && d < np ? p[(size_t)i * np + d] : 0.0f;
+            const float qd = d >= 0 && d < nq ? q[(size_t)i * nq + d] : 0.0f;
+            if (uniforms[i] >= accept_probability(pd, qd)) break;
+        }
+        s_accepted = i;
+    }
+    __syncthreads();
+    const int a = s_accepted;
+    Weights w = {p + (size_t)a * np, nullptr, np, 0, 1.0};
+    if (a < gamma) {
+        // Residual max(0, p - q), normalised by its blocked sum (p itself if that is 0).
+        __shared__ double tile_sum[MAX_TILES];
+        __shared__ int s_last;
+        __shared__ double s_total;
+        Weights r = {w.p, q + (size_t)a * nq, np, nq, 1.0};
+        blocked_tile_sums(r, tile_sum, &s_last, &s_total);
+        if (threadIdx.x == 0) s_norm = s_total;
+        __syncthreads();
+        if (s_norm > 0.0) {
+            r.norm = s_norm;
+            w = r;
+        }
+    }
+    const int next = blocked_sample(w, uniforms[a < gamma ? a + 1 : gamma]);
+    if (threadIdx.x == 0) {
+        out[0] = a;
+        out[1] = next;
+    }
+}

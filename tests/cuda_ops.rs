@@ -1,0 +1,1590 @@
+//! Every CUDA kernel against its CPU twin in `massv::reference` (ggml's test-backend-ops
+//! idea), over a sweep of shapes: odd sizes, GQA ratios 1/2/4/7, head dims 64/80/128,
+//! lengths 1..4096, γ + 1 = 2..9.
+//!
+//! Tolerances are dtype-aware. bf16 outputs follow flash-attention's rule: the reference
+//! is computed in f32 from the bf16-rounded inputs, and also "in bf16" (the same
+//! computation rounding where a bf16 framework would: the output, softmax probabilities,
+//! a stored residual); the device's max error against the f32 reference must be at most
+//! twice the bf16 computation's (+ 1e-5 of the output's scale). f32 outputs of sums
+//! (GEMV logits) must be within the classic bound k·ε·Σ|xᵢwᵢ| per element. argmax,
+//! sampling, verification, gathers, copies and conversions must be exact.
+//!
+//! Without a usable GPU (built without nvcc, no libcuda, no device) every test prints
+//! `skipped: no CUDA device (<reason>)` and passes; with MASSV_REQUIRE_CUDA=1 (set by
+//! bench/gpu.sh) a missing device fails instead.
+//!
+//! `bench_kernels` (ignored; `--ignored bench_kernels --nocapture`) times the decode
+//! kernels at the real shapes of KERNELS.md against their memory-bandwidth floors and
+//! writes JSON to $MASSV_BENCH_JSON.
+
+use massv::backend::cuda::{bf16, AttnShape, CudaDevice};
+use massv::reference as r;
+use massv::sampling::{Rng, SamplingParams};
+use massv::spec::verify::Verdict;
+
+// -------------------------------------------------------------------------------------
+// Harness
+
+fn device() -> Option<CudaDevice> {
+    match CudaDevice::new() {
+        Ok(d) => Some(d),
+        Err(e) => {
+            assert!(
+                std::env::var("MASSV_REQUIRE_CUDA").as_deref() != Ok("1"),
+                "MASSV_REQUIRE_CUDA=1 but no CUDA device: {e}"
+            );
+            println!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+macro_rules! dev_or_skip {
+    () => {
+        match device() {
+            Some(d) => d,
+            None => return,
+        }
+    };
+}
+
+fn rand_vec(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| (rng.uniform() * 2.0 - 1.0) as f32 * scale).collect()
+}
+
+fn round(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
+}
+
+fn to_bf16(x: &[f32]) -> Vec<bf16> {
+    x.iter().map(|&v| bf16::from_f32(v)).collect()
+}
+
+/// Random bf16 values: (device-ready bf16, the same values in f32).
+fn rand_bf16(rng: &mut Rng, n: usize, scale: f32) -> (Vec<bf16>, Vec<f32>) {
+    let f = round(&rand_vec(rng, n, scale));
+    (to_bf16(&f), f)
+}
+
+fn down_bf16(dev: &CudaDevice, x: &cudarc::driver::CudaSlice<bf16>, n: usize) -> Vec<f32> {
+    dev.download(&x.slice(..n))
+        .unwrap()
+        .iter()
+        .map(|v| v.to_f32())
+        .collect()
+}
+
+fn max_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).fold(0.0f32, |m, (&x, &y)| {
+        let d = (x - y).abs();
+        if d.is_nan() {
+            f32::INFINITY
+        } else {
+            m.max(d)
+        }
+    })
+}
+
+/// flash-attention's rule for bf16 outputs (see the module doc).
+fn check_bf16(what: &str, dev: &[f32], ref32: &[f32], ref_lo: &[f32]) {
+    let scale = ref32.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    let err = max_err(dev, ref32);
+    let err_lo = max_err(ref_lo, ref32);
+    assert!(
+        err <= 2.0 * err_lo + 1e-5 * scale,
+        "{what}: device error {err:e} exceeds 2 × the bf16 computation's {err_lo:e} (scale {scale})"
+    );
+}
+
+fn rows_of(v: &[f32], n: usize) -> Vec<Vec<f32>> {
+    v.chunks(n).map(<[f32]>::to_vec).collect()
+}
+
+// -------------------------------------------------------------------------------------
+// Element-wise and row-wise kernels
+
+#[test]
+fn rmsnorm_and_residual() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(1);
+    for &(rows, dim) in &[(1, 64), (3, 5), (17, 896), (4, 1280), (2, 3584)] {
+        let eps = 1e-6;
+        let (xb, x) = rand_bf16(&mut rng, rows * dim, 2.0);
+        let (wb, w) = rand_bf16(&mut rng, dim, 1.0);
+        let (rb, res) = rand_bf16(&mut rng, rows * dim, 2.0);
+        let (dx, dw) = (dev.upload(&xb).unwrap(), dev.upload(&wb).unwrap());
+        let mut dy = dev.alloc_zeros::<bf16>(rows * dim).unwrap();
+        dev.rmsnorm(&dx.as_view(), &dw.as_view(), &mut dy.as_view_mut(), rows, dim, eps)
+            .unwrap();
+        let mut want = vec![0.0; rows * dim];
+        r::rmsnorm(&x, &w, &mut want, dim, eps);
+        let got = down_bf16(&dev, &dy, rows * dim);
+        check_bf16(&format!("rmsnorm {rows}x{dim}"), &got, &want, &round(&want));
+
+        // Fused residual: the device stores the residual in bf16 and normalises that.
+        let mut dr = dev.upload(&rb).unwrap();
+        dev.rmsnorm_residual(
+            &dx.as_view(),
+            &mut dr.as_view_mut(),
+            &dw.as_view(),
+            &mut dy.as_view_mut(),
+            rows,
+            dim,
+            eps,
+        )
+        .unwrap();
+        let (mut res32, mut want) = (res.clone(), vec![0.0; rows * dim]);
+        r::rmsnorm_residual(&x, &mut res32, &w, &mut want, dim, eps);
+        let res_lo = round(&res32);
+        let mut want_lo = vec![0.0; rows * dim];
+        r::rmsnorm(&res_lo, &w, &mut want_lo, dim, eps);
+        let what = format!("rmsnorm_residual {rows}x{dim}");
+        check_bf16(&what, &down_bf16(&dev, &dr, rows * dim), &res32, &res_lo);
+        check_bf16(&what, &down_bf16(&dev, &dy, rows * dim), &want, &round(&want_lo));
+    }
+}
+
+#[test]
+fn swiglu() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(2);
+    for &(rows, inter) in &[(1, 7), (5, 4864), (3, 1)] {
+        let (gb, g) = rand_bf16(&mut rng, rows * 2 * inter, 4.0);
+        let dg = dev.upload(&gb).unwrap();
+        let mut dout = dev.alloc_zeros::<bf16>(rows * inter).unwrap();
+        dev.swiglu(&dg.as_view(), &mut dout.as_view_mut(), rows, inter).unwrap();
+        let mut want = vec![0.0; rows * inter];
+        r::swiglu(&g, &mut want, inter);
+        check_bf16(
+            &format!("swiglu {rows}x{inter}"),
+            &down_bf16(&dev, &dout, rows * inter),
+            &want,
+            &round(&want),
+        );
+    }
+}
+
+#[test]
+fn rope_mrope_rope_vision() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(3);
+    for &(tokens, heads, hd, theta) in &[(1, 2, 64, 1e6f32), (9, 28, 128, 1e6), (5, 4, 80, 1e4), (3, 3, 6, 1e4)] {
+        let (xb, x) = rand_bf16(&mut rng, tokens * heads * hd, 1.0);
+        let pos: Vec<i32> = (0..tokens).map(|_| (rng.uniform() * 32768.0) as i32).collect();
+        let mut dx = dev.upload(&xb).unwrap();
+        let dp = dev.upload(&pos).unwrap();
+        dev.rope(&mut dx.as_view_mut(), &dp.as_view(), tokens, heads, hd, theta)
+            .unwrap();
+        let mut want = x.clone();
+        r::rope(&mut want, &pos, heads, hd, theta);
+        let what = format!("rope t{tokens} h{heads} d{hd}");
+        check_bf16(&what, &down_bf16(&dev, &dx, x.len()), &want, &round(&want));
+    }
+    for &(tokens, heads, hd, section) in &[
+        (7, 28, 128, [16, 24, 24]),
+        (3, 2, 64, [8, 12, 12]),
+        (1, 1, 16, [2, 3, 3]),
+    ] {
+        let (xb, x) = rand_bf16(&mut rng, tokens * heads * hd, 1.0);
+        let pos: Vec<i32> = (0..3 * tokens).map(|_| (rng.uniform() * 5000.0) as i32).collect();
+        let mut dx = dev.upload(&xb).unwrap();
+        let dp = dev.upload(&pos).unwrap();
+        dev.mrope(&mut dx.as_view_mut(), &dp.as_view(), tokens, heads, hd, 1e6, section)
+            .unwrap();
+        let mut want = x.clone();
+        r::mrope(&mut want, &pos, section, heads, hd, 1e6);
+        let what = format!("mrope t{tokens} h{heads} d{hd}");
+        check_bf16(&what, &down_bf16(&dev, &dx, x.len()), &want, &round(&want));
+    }
+    for &(tokens, heads, hd) in &[(64, 16, 80), (5, 2, 64), (1, 1, 8)] {
+        let (xb, x) = rand_bf16(&mut rng, tokens * heads * hd, 1.0);
+        let rows: Vec<i32> = (0..tokens).map(|_| (rng.uniform() * 64.0) as i32).collect();
+        let cols: Vec<i32> = (0..tokens).map(|_| (rng.uniform() * 64.0) as i32).collect();
+        let mut dx = dev.upload(&xb).unwrap();
+        let (dr, dc) = (dev.upload(&rows).unwrap(), dev.upload(&cols).unwrap());
+        dev.rope_vision(
+            &mut dx.as_view_mut(),
+            &dr.as_view(),
+            &dc.as_view(),
+            tokens,
+            heads,
+            hd,
+            1e4,
+        )
+        .unwrap();
+        let mut want = x.clone();
+        r::rope_vision(&mut want, &rows, &cols, heads, hd, 1e4);
+        let what = format!("rope_vision t{tokens} h{heads} d{hd}");
+        check_bf16(&what, &down_bf16(&dev, &dx, x.len()), &want, &round(&want));
+    }
+}
+
+#[test]
+fn gelu_bias_gelu_bias_add_projector_norm_gather() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(4);
+    for &(rows, cols) in &[(1, 1), (3, 7), (16, 4864)] {
+        let n = rows * cols;
+        let (xb, x) = rand_bf16(&mut rng, n, 4.0);
+        let (bb, b) = rand_bf16(&mut rng, cols, 1.0);
+        let db = dev.upload(&bb).unwrap();
+
+        let mut dx = dev.upload(&xb).unwrap();
+        dev.gelu(&mut dx.as_view_mut(), n).unwrap();
+        let mut want = x.clone();
+        r::gelu(&mut want);
+        check_bf16(&format!("gelu {n}"), &down_bf16(&dev, &dx, n), &want, &round(&want));
+
+        let mut dx = dev.upload(&xb).unwrap();
+        dev.bias_gelu(&mut dx.as_view_mut(), &db.as_view(), rows, cols).unwrap();
+        let mut want = x.clone();
+        r::bias_gelu(&mut want, &b);
+        check_bf16(
+            &format!("bias_gelu {rows}x{cols}"),
+            &down_bf16(&dev, &dx, n),
+            &want,
+            &round(&want),
+        );
+
+        let mut dx = dev.upload(&xb).unwrap();
+        dev.bias_add(&mut dx.as_view_mut(), &db.as_view(), rows, cols).unwrap();
+        let mut want = x.clone();
+        r::bias_add(&mut want, &b);
+        check_bf16(
+            &format!("bias_add {rows}x{cols}"),
+            &down_bf16(&dev, &dx, n),
+            &want,
+            &round(&want),
+        );
+    }
+    for &(patches, dv, m2) in &[(16, 1280, 4), (9, 33, 9), (4, 8, 1)] {
+        let (xb, x) = rand_bf16(&mut rng, patches * dv, 3.0);
+        let (wb, w) = rand_bf16(&mut rng, dv, 1.0);
+        let (dx, dw) = (dev.upload(&xb).unwrap(), dev.upload(&wb).unwrap());
+        let mut dy = dev.alloc_zeros::<bf16>(patches * dv).unwrap();
+        dev.projector_norm_gather(
+            &dx.as_view(),
+            &dw.as_view(),
+            &mut dy.as_view_mut(),
+            patches,
+            dv,
+            m2,
+            1e-6,
+        )
+        .unwrap();
+        let mut want = vec![0.0; patches * dv];
+        r::projector_norm_gather(&x, &w, &mut want, dv, 1e-6);
+        let what = format!("projector_norm_gather {patches}x{dv} m2={m2}");
+        check_bf16(&what, &down_bf16(&dev, &dy, patches * dv), &want, &round(&want));
+    }
+}
+
+#[test]
+fn embedding_and_scatter_rows() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(5);
+    for &(vocab, dim, n) in &[(1000, 896, 13), (50, 7, 9), (3, 8, 1)] {
+        let (tb, table) = rand_bf16(&mut rng, vocab * dim, 1.0);
+        // Ids past the table (the target's padding ids) must give zero rows.
+        let ids: Vec<u32> = (0..n).map(|_| (rng.uniform() * (vocab + 5) as f64) as u32).collect();
+        let ids_i: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+        let (dt, di) = (dev.upload(&tb).unwrap(), dev.upload(&ids_i).unwrap());
+        let mut dout = dev.alloc_zeros::<bf16>(n * dim).unwrap();
+        dev.embedding(&di.as_view(), &dt.as_view(), &mut dout.as_view_mut(), n, dim)
+            .unwrap();
+        let mut want = vec![1.0; n * dim];
+        r::embedding(&ids, &table, &mut want, dim);
+        assert_eq!(down_bf16(&dev, &dout, n * dim), want, "embedding {vocab}x{dim}");
+
+        // Scatter into a prompt of 2n rows at distinct positions (one past the end: skipped).
+        let rows = 2 * n;
+        let (sb, src) = rand_bf16(&mut rng, n * dim, 1.0);
+        let (pb, prompt) = rand_bf16(&mut rng, rows * dim, 1.0);
+        let mut pos: Vec<u32> = (0..n as u32).map(|i| 2 * i + 1).collect();
+        pos[n - 1] = rows as u32 + 3;
+        let pos_i: Vec<i32> = pos.iter().map(|&p| p as i32).collect();
+        let (ds, dp) = (dev.upload(&sb).unwrap(), dev.upload(&pos_i).unwrap());
+        let mut dd = dev.upload(&pb).unwrap();
+        dev.scatter_rows(&ds.as_view(), &dp.as_view(), &mut dd.as_view_mut(), n, dim)
+            .unwrap();
+        let mut want = prompt.clone();
+        r::scatter_rows(&src, &pos, &mut want, dim);
+        assert_eq!(down_bf16(&dev, &dd, rows * dim), want, "scatter_rows {n}x{dim}");
+    }
+}
+
+#[test]
+fn kv_append_and_compact() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(6);
+    for &(row, cap, len, n) in &[(512, 64, 10, 6), (128, 20, 0, 1), (12, 16, 7, 9)] {
+        let (kb, k_cache) = rand_bf16(&mut rng, cap * row, 1.0);
+        let (vb, v_cache) = rand_bf16(&mut rng, cap * row, 1.0);
+        let (knb, k_new) = rand_bf16(&mut rng, n * row, 1.0);
+        let (vnb, v_new) = rand_bf16(&mut rng, n * row, 1.0);
+        let (mut dk, mut dv) = (dev.upload(&kb).unwrap(), dev.upload(&vb).unwrap());
+        let (dkn, dvn) = (dev.upload(&knb).unwrap(), dev.upload(&vnb).unwrap());
+        dev.kv_append(
+            &dkn.as_view(),
+            &dvn.as_view(),
+            &mut dk.as_view_mut(),
+            &mut dv.as_view_mut(),
+            len,
+            n,
+            row,
+        )
+        .unwrap();
+        let (mut wk, mut wv) = (k_cache.clone(), v_cache.clone());
+        r::kv_append(&k_new, &v_new, &mut wk, &mut wv, len, row);
+        assert_eq!(down_bf16(&dev, &dk, cap * row), wk, "kv_append keys row {row}");
+        assert_eq!(down_bf16(&dev, &dv, cap * row), wv, "kv_append values row {row}");
+    }
+    // Compact a tree path in 3 buffers of one allocation (e.g. layers × K/V).
+    for &(row, cap, dst, ref path) in &[
+        (512, 32, 10, vec![11u32, 12, 15, 20]),
+        (64, 16, 3, vec![3, 5, 6]),
+        (8, 8, 0, vec![1]),
+    ] {
+        let buffers = 3;
+        let stride = cap * row + 5;
+        let (cb, cache) = rand_bf16(&mut rng, buffers * stride, 1.0);
+        let path_i: Vec<i32> = path.iter().map(|&p| p as i32).collect();
+        let mut dc = dev.upload(&cb).unwrap();
+        let dp = dev.upload(&path_i).unwrap();
+        dev.kv_compact(
+            &mut dc.as_view_mut(),
+            &dp.as_view(),
+            path.len(),
+            dst,
+            row,
+            buffers,
+            stride,
+        )
+        .unwrap();
+        let mut want = cache.clone();
+        for b in 0..buffers {
+            r::kv_compact(&mut want[b * stride..][..cap * row], path, dst, row);
+        }
+        assert_eq!(down_bf16(&dev, &dc, buffers * stride), want, "kv_compact {path:?}");
+    }
+}
+
+#[test]
+fn conversions_are_exact() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(7);
+    let mut x = rand_vec(&mut rng, 10_007, 100.0);
+    // Halfway cases (round to even), signed zeros, large and tiny normal values.
+    x.extend([
+        1.0 + 1.0 / 256.0,
+        1.0 + 3.0 / 256.0,
+        -0.0,
+        0.0,
+        3.0e38,
+        -1.0e-30,
+        65504.0,
+    ]);
+    let n = x.len();
+    let dx = dev.upload(&x).unwrap();
+    let mut dy = dev.alloc_zeros::<bf16>(n).unwrap();
+    dev.f32_to_bf16(&dx.as_view(), &mut dy.as_view_mut(), n).unwrap();
+    let mut want = vec![bf16::ZERO; n];
+    r::f32_to_bf16(&x, &mut want);
+    let got = dev.download(&dy.as_view()).unwrap();
+    let bits = |v: &[bf16]| v.iter().map(|b| b.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&got[..n]), bits(&want), "f32_to_bf16");
+    let mut back = dev.alloc_zeros::<f32>(n).unwrap();
+    dev.bf16_to_f32(&dy.as_view(), &mut back.as_view_mut(), n).unwrap();
+    let mut want32 = vec![0.0; n];
+    r::bf16_to_f32(&want, &mut want32);
+    assert_eq!(dev.download(&back.as_view()).unwrap()[..n], want32[..], "bf16_to_f32");
+}
+
+// -------------------------------------------------------------------------------------
+// GEMV / GEMM
+
+#[test]
+fn gemv_bf16_all_row_counts() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(8);
+    // (n, k): tiny, odd n, the drafter's o_proj, a 7B QKV, a tall head-like matrix, and
+    // two short-and-wide ones that split K (gemv_splits > 1 with the scratch).
+    let shapes = [
+        (1, 8),
+        (33, 64),
+        (896, 896),
+        (4608, 3584),
+        (20011, 128),
+        (100, 4096),
+        (7, 18944),
+    ];
+    let mut scratch = dev.alloc_zeros::<f32>(64 * 8 * 4608).unwrap();
+    for &(n, k) in &shapes {
+        let (wb, w) = rand_bf16(&mut rng, n * k, 1.0);
+        let (bb, bias) = rand_bf16(&mut rng, n, 1.0);
+        let (dw, db) = (dev.upload(&wb).unwrap(), dev.upload(&bb).unwrap());
+        for rows in 1..=8 {
+            if n * k > 1 << 22 && !matches!(rows, 1 | 6 | 8) {
+                continue; // keep the CPU reference's time modest on the big shapes
+            }
+            let (xb, x) = rand_bf16(&mut rng, rows * k, 1.0);
+            let dx = dev.upload(&xb).unwrap();
+            let with_bias = rows % 2 == 1;
+            let bias_view = db.as_view();
+            let b = with_bias.then_some(&bias_view);
+            let mut want = vec![0.0; rows * n];
+            r::gemv_bf16(&x, &w, with_bias.then_some(&bias[..]), &mut want, k);
+            // Per-element f32 bound k·ε·Σ|x||w| (+ |bias|).
+            let bound: Vec<f32> = (0..rows * n)
+                .map(|i| {
+                    let (b_, j) = (i / n, i % n);
+                    let s: f32 = x[b_ * k..][..k]
+                        .iter()
+                        .zip(&w[j * k..][..k])
+                        .map(|(a, c)| (a * c).abs())
+                        .sum();
+                    (k as f32 + 2.0) * f32::EPSILON * (s + if with_bias { bias[j].abs() } else { 0.0 })
+                })
+                .collect();
+            let splits = dev.gemv_splits(rows, n, k, scratch.len());
+            for split in [false, true] {
+                let what = format!(
+                    "gemv_bf16 rows={rows} n={n} k={k} bias={with_bias} splits={}",
+                    [1, splits][split as usize]
+                );
+                // bf16 output.
+                let mut dy = dev.alloc_zeros::<bf16>(rows * n).unwrap();
+                let mut sv = scratch.as_view_mut();
+                dev.gemv_bf16(
+                    &dx.as_view(),
+                    &dw.as_view(),
+                    b,
+                    &mut dy.as_view_mut(),
+                    split.then_some(&mut sv),
+                    rows,
+                    n,
+                    k,
+                )
+                .unwrap();
+                check_bf16(&what, &down_bf16(&dev, &dy, rows * n), &want, &round(&want));
+                // f32 output (logits).
+                let mut dy = dev.alloc_zeros::<f32>(rows * n).unwrap();
+                let mut sv = scratch.as_view_mut();
+                dev.gemv_bf16_f32(
+                    &dx.as_view(),
+                    &dw.as_view(),
+                    b,
+                    &mut dy.as_view_mut(),
+                    split.then_some(&mut sv),
+                    rows,
+                    n,
+                    k,
+                )
+                .unwrap();
+                let got = dev.download(&dy.as_view()).unwrap();
+                for (i, ((g, w_), bd)) in got.iter().zip(&want).zip(&bound).enumerate() {
+                    assert!(
+                        (g - w_).abs() <= *bd,
+                        "{what} (f32 out): [{i}] {g} vs {w_} (bound {bd:e})"
+                    );
+                }
+            }
+        }
+    }
+    let (xb, _) = rand_bf16(&mut rng, 12, 1.0);
+    let dx = dev.upload(&xb).unwrap();
+    let mut dy = dev.alloc_zeros::<bf16>(4).unwrap();
+    assert!(
+        dev.gemv_splits(1, 100, 4096, scratch.len()) > 1,
+        "the sweep exercises split-K"
+    );
+    let err = dev
+        .gemv_bf16(
+            &dx.as_view(),
+            &dx.as_view(),
+            None,
+            &mut dy.as_view_mut(),
+            None,
+            1,
+            1,
+            12,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("multiple of 8"), "{err}");
+}
+
+#[test]
+fn gemm_cublas_and_linear_cublaslt() {
+    let dev = dev_or_skip!();
+    if let Err(e) = dev.cublas_status() {
+        panic!("a CUDA device but no cuBLAS: {e}");
+    }
+    let mut rng = Rng::new(9);
+    for &(m, n, k) in &[(1, 64, 64), (17, 100, 96), (300, 512, 256), (64, 1280, 1176)] {
+        let (xb, x) = rand_bf16(&mut rng, m * k, 1.0);
+        let (wb, w) = rand_bf16(&mut rng, n * k, 1.0);
+        let (bb, bias) = rand_bf16(&mut rng, n, 1.0);
+        let (dx, dw, db) = (
+            dev.upload(&xb).unwrap(),
+            dev.upload(&wb).unwrap(),
+            dev.upload(&bb).unwrap(),
+        );
+        let mut dy = dev.alloc_zeros::<bf16>(m * n).unwrap();
+        dev.gemm_bf16(&dx.as_view(), &dw.as_view(), &mut dy.as_view_mut(), m, n, k)
+            .unwrap();
+        let mut want = vec![0.0; m * n];
+        r::linear(&x, &w, None, &mut want, k);
+        check_bf16(
+            &format!("gemm_bf16 {m}x{n}x{k}"),
+            &down_bf16(&dev, &dy, m * n),
+            &want,
+            &round(&want),
+        );
+
+        dev.linear(
+            &dx.as_view(),
+            &dw.as_view(),
+            Some(&db.as_view()),
+            &mut dy.as_view_mut(),
+            m,
+            n,
+            k,
+        )
+        .unwrap();
+        r::linear(&x, &w, Some(&bias), &mut want, k);
+        // cuBLASLt's epilogue may add the bias after rounding the product to bf16: allow
+        // one more bf16 rounding in the low-precision reference.
+        let mut lo = vec![0.0; m * n];
+        r::linear(&x, &w, None, &mut lo, k);
+        let lo: Vec<f32> = round(&lo).iter().zip(bias.iter().cycle()).map(|(a, b)| a + b).collect();
+        check_bf16(
+            &format!("linear {m}x{n}x{k}"),
+            &down_bf16(&dev, &dy, m * n),
+            &want,
+            &round(&lo),
+        );
+    }
+}
+
+// -------------------------------------------------------------------------------------
+// Attention
+
+/// The "bf16 computation" of attention for the tolerance, as a bf16 framework computes it
+/// (flash-attention's reference with upcast=False): scores rounded to bf16, softmax
+/// probabilities rounded to bf16 before the PV product (f32 accumulation), output rounded.
+/// `visible(t, j)`: query t sees key j.
+#[allow(clippy::too_many_arguments)]
+fn attention_lo(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n: usize,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    keys: usize,
+    visible: impl Fn(usize, usize) -> bool,
+) -> Vec<f32> {
+    let (group, scale) = (hq / hkv, 1.0 / (d as f32).sqrt());
+    let mut out = vec![0.0; n * hq * d];
+    for t in 0..n {
+        let js: Vec<usize> = (0..keys).filter(|&j| visible(t, j)).collect();
+        for h in 0..hq {
+            let kh = h / group;
+            let qv = &q[(t * hq + h) * d..][..d];
+            let s: Vec<f32> = js
+                .iter()
+                .map(|&j| {
+                    let dot = qv
+                        .iter()
+                        .zip(&k[(j * hkv + kh) * d..][..d])
+                        .map(|(a, b)| a * b)
+                        .sum::<f32>();
+                    bf16::from_f32(dot * scale).to_f32()
+                })
+                .collect();
+            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = s.iter().map(|x| (x - max).exp()).collect();
+            let sum: f32 = e.iter().sum();
+            let o = &mut out[(t * hq + h) * d..][..d];
+            for (&j, &p) in js.iter().zip(&e) {
+                let p = bf16::from_f32(p / sum).to_f32();
+                for (oi, &vi) in o.iter_mut().zip(&v[(j * hkv + kh) * d..][..d]) {
+                    *oi += p * vi;
+                }
+            }
+        }
+    }
+    round(&out)
+}
+
+struct Qkv {
+    q: (Vec<bf16>, Vec<f32>),
+    k: (Vec<bf16>, Vec<f32>),
+    v: (Vec<bf16>, Vec<f32>),
+}
+
+fn qkv(rng: &mut Rng, n: usize, keys: usize, hq: usize, hkv: usize, d: usize) -> Qkv {
+    Qkv {
+        q: rand_bf16(rng, n * hq * d, 1.0),
+        k: rand_bf16(rng, keys * hkv * d, 1.0),
+        v: rand_bf16(rng, keys * hkv * d, 1.0),
+    }
+}
+
+const GQA: [(usize, usize); 4] = [(4, 4), (8, 4), (8, 2), (14, 2)];
+
+#[test]
+fn attention_prefill_causal_gqa_and_window() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(10);
+    let mut scratch = dev.attn_scratch(300 * 14, 64, 128).unwrap();
+    for &(hq, hkv) in &GQA {
+        for &d in &[64, 80, 128] {
+            for &(n, start, window) in &[
+                (1, 0, None),
+                (7, 0, None),
+                (65, 37, None),
+                (300, 0, None),
+                (70, 20, Some(33)),
+            ] {
+                if d != 128 && n == 300 {
+                    continue;
+                }
+                let keys = start + n;
+                let t = qkv(&mut rng, n, keys, hq, hkv, d);
+                let (dq, dk, dv) = (
+                    dev.upload(&t.q.0).unwrap(),
+                    dev.upload(&t.k.0).unwrap(),
+                    dev.upload(&t.v.0).unwrap(),
+                );
+                let shape = AttnShape {
+                    n,
+                    start,
+                    q_heads: hq,
+                    kv_heads: hkv,
+                    head_dim: d,
+                };
+                let mut want = vec![0.0; n * hq * d];
+                r::attention_prefill(&t.q.1, &t.k.1, &t.v.1, &mut want, start, hq, hkv, d, window);
+                let lo = attention_lo(&t.q.1, &t.k.1, &t.v.1, n, hq, hkv, d, keys, |tq, j| {
+                    j <= start + tq && window.is_none_or(|w| j + w > start + tq)
+                });
+                for split in [false, true] {
+                    let mut dout = dev.alloc_zeros::<bf16>(n * hq * d).unwrap();
+                    dev.attention_prefill(
+                        &dq.as_view(),
+                        &dk.as_view(),
+                        &dv.as_view(),
+                        &mut dout.as_view_mut(),
+                        shape,
+                        window,
+                        split.then_some(&mut scratch),
+                    )
+                    .unwrap();
+                    let what = format!(
+                        "attention_prefill hq={hq} hkv={hkv} d={d} n={n} start={start} window={window:?} split={split}"
+                    );
+                    check_bf16(&what, &down_bf16(&dev, &dout, n * hq * d), &want, &lo);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn attention_decode_split_k() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(11);
+    let mut scratch = dev.attn_scratch(28, 256, 128).unwrap();
+    for &(hq, hkv, d) in &[(28, 4, 128), (14, 2, 64), (8, 8, 80), (8, 2, 128), (4, 2, 64)] {
+        for &len in &[1, 2, 63, 64, 65, 1000, 4096] {
+            let t = qkv(&mut rng, 1, len, hq, hkv, d);
+            let (dq, dk, dv) = (
+                dev.upload(&t.q.0).unwrap(),
+                dev.upload(&t.k.0).unwrap(),
+                dev.upload(&t.v.0).unwrap(),
+            );
+            let mut dout = dev.alloc_zeros::<bf16>(hq * d).unwrap();
+            dev.attention_decode(
+                &dq.as_view(),
+                &dk.as_view(),
+                &dv.as_view(),
+                &mut dout.as_view_mut(),
+                len,
+                hq,
+                hkv,
+                d,
+                &mut scratch,
+            )
+            .unwrap();
+            let mut want = vec![0.0; hq * d];
+            r::attention_decode(&t.q.1, &t.k.1, &t.v.1, &mut want, hq, hkv, d);
+            let lo = attention_lo(&t.q.1, &t.k.1, &t.v.1, 1, hq, hkv, d, len, |_, _| true);
+            let what = format!("attention_decode hq={hq} hkv={hkv} d={d} len={len}");
+            check_bf16(&what, &down_bf16(&dev, &dout, hq * d), &want, &lo);
+        }
+    }
+}
+
+/// A random tree over n nodes (node 0 the root, parents before children) as an ancestor
+/// mask (self included); `chain` gives the causal mask.
+fn tree_mask(rng: &mut Rng, n: usize, chain: bool) -> Vec<u8> {
+    let mut parent = vec![0usize; n];
+    for (i, p) in parent.iter_mut().enumerate().skip(1) {
+        *p = if chain {
+            i - 1
+        } else {
+            (rng.uniform() * i as f64) as usize
+        };
+    }
+    let mut mask = vec![0u8; n * n];
+    for t in 0..n {
+        let mut a = t;
+        loop {
+            mask[t * n + a] = 1;
+            if a == 0 {
+                break;
+            }
+            a = parent[a];
+        }
+    }
+    mask
+}
+
+#[test]
+fn twin_attention_verify_chain_is_causal_and_tree_is_per_branch() {
+    // No device needed: the verify twin with a chain mask is the causal twin; with a tree,
+    // each query equals a causal pass over its own ancestor path.
+    let mut rng = Rng::new(21);
+    let (hq, hkv, d, start, n) = (4, 2, 16, 11, 6);
+    let t = qkv(&mut rng, n, start + n, hq, hkv, d);
+    let (q, k, v) = (&t.q.1, &t.k.1, &t.v.1);
+    let mut got = vec![0.0; n * hq * d];
+    r::attention_verify(q, k, v, &mut got, &tree_mask(&mut rng, n, true), start, hq, hkv, d);
+    let mut want = vec![0.0; n * hq * d];
+    r::attention(q, k, v, &mut want, start, hq, hkv, d, None);
+    assert!(max_err(&got, &want) < 1e-5);
+    let mask = tree_mask(&mut rng, n, false);
+    r::attention_verify(q, k, v, &mut got, &mask, start, hq, hkv, d);
+    let row = hkv * d;
+    for tq in 0..n {
+        let path: Vec<usize> = (0..n).filter(|&j| mask[tq * n + j] != 0).collect();
+        let (mut kp, mut vp) = (k[..start * row].to_vec(), v[..start * row].to_vec());
+        for &j in &path {
+            kp.extend_from_slice(&k[(start + j) * row..][..row]);
+            vp.extend_from_slice(&v[(start + j) * row..][..row]);
+        }
+        let mut o = vec![0.0; hq * d];
+        r::attention_decode(&q[tq * hq * d..][..hq * d], &kp, &vp, &mut o, hq, hkv, d);
+        assert!(
+            max_err(&o, &got[tq * hq * d..][..hq * d]) < 1e-5,
+            "query {tq} path {path:?}"
+        );
+    }
+}
+
+#[test]
+fn attention_verify_chain_and_tree() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(12);
+    let mut scratch = dev.attn_scratch(9 * 28, 256, 128).unwrap();
+    for &(hq, hkv, d) in &[(28, 4, 128), (14, 2, 64), (8, 4, 80), (4, 4, 128)] {
+        for n in 2..=9 {
+            for &start in &[0usize, 100, 2000] {
+                for chain in [true, false] {
+                    if !chain && start == 2000 && n % 3 != 0 {
+                        continue;
+                    }
+                    let keys = start + n;
+                    let t = qkv(&mut rng, n, keys, hq, hkv, d);
+                    let mask = tree_mask(&mut rng, n, chain);
+                    let (dq, dk, dv) = (
+                        dev.upload(&t.q.0).unwrap(),
+                        dev.upload(&t.k.0).unwrap(),
+                        dev.upload(&t.v.0).unwrap(),
+                    );
+                    let dm = dev.upload(&mask).unwrap();
+                    let mut dout = dev.alloc_zeros::<bf16>(n * hq * d).unwrap();
+                    let shape = AttnShape {
+                        n,
+                        start,
+                        q_heads: hq,
+                        kv_heads: hkv,
+                        head_dim: d,
+                    };
+                    dev.attention_verify(
+                        &dq.as_view(),
+                        &dk.as_view(),
+                        &dv.as_view(),
+                        &mut dout.as_view_mut(),
+                        &dm.as_view(),
+                        shape,
+                        &mut scratch,
+                    )
+                    .unwrap();
+                    let mut want = vec![0.0; n * hq * d];
+                    r::attention_verify(&t.q.1, &t.k.1, &t.v.1, &mut want, &mask, start, hq, hkv, d);
+                    if chain {
+                        // A chain's mask is causal: the same as a prefill of the block.
+                        let mut causal = vec![0.0; n * hq * d];
+                        r::attention(&t.q.1, &t.k.1, &t.v.1, &mut causal, start, hq, hkv, d, None);
+                        assert!(max_err(&causal, &want) < 1e-5, "verify twin vs causal twin");
+                    }
+                    let lo = attention_lo(&t.q.1, &t.k.1, &t.v.1, n, hq, hkv, d, keys, |tq, j| {
+                        j < start || mask[tq * n + j - start] != 0
+                    });
+                    let what = format!("attention_verify hq={hq} hkv={hkv} d={d} n={n} start={start} chain={chain}");
+                    check_bf16(&what, &down_bf16(&dev, &dout, n * hq * d), &want, &lo);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn attention_varlen_vision_head_dim_80() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(13);
+    // Window attention (segments of 64), odd segments, one full-attention segment.
+    for (heads, d, segs) in [
+        (16, 80, vec![64, 64, 64, 64]),
+        (16, 80, vec![1, 17, 100, 3]),
+        (4, 80, vec![256]),
+        (2, 64, vec![5, 70]),
+        (2, 128, vec![33]),
+    ] {
+        let total: usize = segs.iter().sum();
+        let mut cu = vec![0usize];
+        for s in &segs {
+            cu.push(cu.last().unwrap() + s);
+        }
+        let t = qkv(&mut rng, total, total, heads, heads, d);
+        let (dq, dk, dv) = (
+            dev.upload(&t.q.0).unwrap(),
+            dev.upload(&t.k.0).unwrap(),
+            dev.upload(&t.v.0).unwrap(),
+        );
+        let cu_i: Vec<i32> = cu.iter().map(|&c| c as i32).collect();
+        let dcu = dev.upload(&cu_i).unwrap();
+        let mut dout = dev.alloc_zeros::<bf16>(total * heads * d).unwrap();
+        let max_seqlen = *segs.iter().max().unwrap();
+        dev.attention_varlen(
+            &dq.as_view(),
+            &dk.as_view(),
+            &dv.as_view(),
+            &mut dout.as_view_mut(),
+            &dcu.as_view(),
+            segs.len(),
+            max_seqlen,
+            total,
+            heads,
+            d,
+        )
+        .unwrap();
+        let mut want = vec![0.0; total * heads * d];
+        r::attention_varlen(&t.q.1, &t.k.1, &t.v.1, &mut want, &cu, heads, d);
+        let seg_of = |i: usize| cu.iter().rposition(|&c| c <= i).unwrap();
+        let lo = attention_lo(&t.q.1, &t.k.1, &t.v.1, total, heads, heads, d, total, |a, b| {
+            seg_of(a) == seg_of(b)
+        });
+        let what = format!("attention_varlen heads={heads} d={d} segments={segs:?}");
+        check_bf16(&what, &down_bf16(&dev, &dout, total * heads * d), &want, &lo);
+    }
+}
+
+// -------------------------------------------------------------------------------------
+// Sampling and verification
+
+fn softmax(logits: &[f32]) -> Vec<f32> {
+    massv::sampling::probabilities(
+        logits,
+        &SamplingParams {
+            temperature: 1.0,
+            ..Default::default()
+        },
+    )
+}
+
+#[test]
+fn argmax_first_index_on_ties() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(14);
+    for &(rows, n) in &[(1, 1), (9, 31), (6, 152_064), (2, 1025)] {
+        let mut x = rand_vec(&mut rng, rows * n, 10.0);
+        for row in x.chunks_mut(n) {
+            // Ties at the max: the first one must win.
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) + 1.0;
+            let a = (rng.uniform() * n as f64) as usize;
+            let b = (rng.uniform() * n as f64) as usize;
+            row[a] = m;
+            row[b] = m;
+        }
+        let dx = dev.upload(&x).unwrap();
+        let mut dout = dev.alloc_zeros::<i32>(rows).unwrap();
+        dev.argmax(&dx.as_view(), &mut dout.as_view_mut(), rows, n).unwrap();
+        let want: Vec<i32> = x.chunks(n).map(|row| r::argmax(row) as i32).collect();
+        assert_eq!(dev.download(&dout.as_view()).unwrap(), want, "argmax {rows}x{n}");
+    }
+}
+
+#[test]
+fn probabilities_temperature_top_k_top_p() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(15);
+    let params = [
+        SamplingParams::default(),
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        SamplingParams {
+            temperature: 0.7,
+            top_k: 20,
+            top_p: 1.0,
+        },
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.9,
+        },
+        SamplingParams {
+            temperature: 1.3,
+            top_k: 50,
+            top_p: 0.8,
+        },
+        SamplingParams {
+            temperature: 0.5,
+            top_k: 1,
+            top_p: 1.0,
+        },
+    ];
+    for &(rows, n) in &[(1, 10), (3, 1000), (2, 151_936)] {
+        let logits = rand_vec(&mut rng, rows * n, 8.0);
+        let dl = dev.upload(&logits).unwrap();
+        let mut dp = dev.alloc_zeros::<f32>(rows * n).unwrap();
+        for p in &params {
+            dev.probabilities(&dl.as_view(), &mut dp.as_view_mut(), rows, n, p)
+                .unwrap();
+            let got = dev.download(&dp.as_view()).unwrap();
+            for (row, (g, l)) in got.chunks(n).zip(logits.chunks(n)).enumerate() {
+                let want = r::probabilities(l, p);
+                let what = format!("probabilities {p:?} n={n} row={row}");
+                for (i, (a, b)) in g.iter().zip(&want).enumerate() {
+                    assert_eq!(*a == 0.0, *b == 0.0, "{what}: support differs at {i} ({a} vs {b})");
+                    assert!((a - b).abs() <= 2e-5 * b + 1e-7, "{what}: [{i}] {a} vs {b}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn sample_is_exact() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(16);
+    for &n in &[1usize, 5, 32, 33, 1025, 152_064] {
+        let rows = 8;
+        let mut w = rand_vec(&mut rng, rows * n, 1.0);
+        for (i, x) in w.iter_mut().enumerate() {
+            *x = if i % 3 == 0 { 0.0 } else { x.abs() };
+        }
+        let mut u: Vec<f64> = (0..rows).map(|_| rng.uniform()).collect();
+        u[0] = 0.0;
+        u[1] = 1.0 - f64::EPSILON;
+        let (dw, du) = (dev.upload(&w).unwrap(), dev.upload(&u).unwrap());
+        let mut dout = dev.alloc_zeros::<i32>(rows).unwrap();
+        dev.sample(&dw.as_view(), &du.as_view(), &mut dout.as_view_mut(), rows, n)
+            .unwrap();
+        let want: Vec<i32> = w.chunks(n).zip(&u).map(|(row, &u)| r::sample(row, u) as i32).collect();
+        assert_eq!(dev.download(&dout.as_view()).unwrap(), want, "sample n={n}");
+    }
+}
+
+#[test]
+fn twin_sample_is_the_cpu_sampler() {
+    // No device needed. Up to one chunk the blocked order is Rng::sample's sequential one
+    // exactly; beyond, they agree unless a uniform lands within f64 rounding of a boundary.
+    let mut rng = Rng::new(20);
+    for &n in &[1usize, 2, 5, 31, 32, 33, 100, 1025, 5000] {
+        for _ in 0..200 {
+            let w: Vec<f32> = (0..n)
+                .map(|i| if i % 4 == 1 { 0.0 } else { rng.uniform() as f32 })
+                .collect();
+            let u = rng.uniform();
+            assert_eq!(r::sample(&w, u), SeqRng(u).sample(&w), "n={n} u={u}");
+        }
+    }
+    assert_eq!(r::sample(&[0.0, 0.0], 0.3), 0, "no positive weight: 0 (as Rng::sample)");
+}
+
+/// Rng::sample's scan with a given uniform (the sequential CPU order).
+struct SeqRng(f64);
+
+impl SeqRng {
+    fn sample(&mut self, w: &[f32]) -> usize {
+        let total: f64 = w.iter().map(|&x| x as f64).sum();
+        let mut u = self.0 * total;
+        let mut last = 0;
+        for (i, &x) in w.iter().enumerate() {
+            if x > 0.0 {
+                last = i;
+                if u < x as f64 {
+                    return i;
+                }
+                u -= x as f64;
+            }
+        }
+        last
+    }
+}
+
+#[test]
+fn verify_greedy_exact() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(17);
+    for gamma in 0..=8 {
+        for _ in 0..20 {
+            let target: Vec<u32> = (0..=gamma).map(|_| (rng.uniform() * 4.0) as u32).collect();
+            let drafts: Vec<u32> = (0..gamma)
+                .map(|i| {
+                    if rng.uniform() < 0.8 {
+                        target[i]
+                    } else {
+                        (rng.uniform() * 4.0) as u32
+                    }
+                })
+                .collect();
+            let di: Vec<i32> = drafts.iter().map(|&x| x as i32).collect();
+            let ti: Vec<i32> = target.iter().map(|&x| x as i32).collect();
+            let (dd, dt) = (dev.upload(&di).unwrap(), dev.upload(&ti).unwrap());
+            let mut dout = dev.alloc_zeros::<i32>(2).unwrap();
+            dev.verify_greedy(&dd.as_view(), &dt.as_view(), &mut dout.as_view_mut(), gamma)
+                .unwrap();
+            let got = dev.download(&dout.as_view()).unwrap();
+            let want = r::verify_greedy(&drafts, &target);
+            assert_eq!(
+                (got[0] as usize, got[1] as u32),
+                (want.accepted, want.next),
+                "verify_greedy {drafts:?} {target:?}"
+            );
+        }
+    }
+}
+
+/// One verification problem: drafts sampled from q, the target's p, the host RNG's next
+/// γ + 1 uniforms, and the verdict of the CPU engine's `spec::verify::verify_sampled`
+/// drawing from that same RNG.
+struct VerifyCase {
+    gamma: usize,
+    np: usize,
+    nq: usize,
+    drafts: Vec<u32>,
+    q: Vec<f32>,
+    p: Vec<f32>,
+    uniforms: Vec<f64>,
+    cpu: Verdict,
+    what: String,
+}
+
+/// (np, nq, trials): tiny vocabularies (where the blocked order is the CPU's), a shorter
+/// drafter vocabulary, and the real 7B target / 0.5B drafter sizes.
+const VERIFY_SIZES: [(usize, usize, usize); 4] = [(20, 18, 200), (32, 32, 100), (1000, 990, 40), (152_064, 151_936, 6)];
+
+fn verify_cases(seed: u64) -> Vec<VerifyCase> {
+    let mut rng = Rng::new(seed);
+    let mut cases = Vec::new();
+    for &(np, nq, trials) in &VERIFY_SIZES {
+        for trial in 0..trials {
+            let gamma = 1 + trial % 8;
+            let temp = [0.5f32, 1.0, 2.0][trial % 3];
+            let sp = SamplingParams {
+                temperature: temp,
+                top_k: if trial % 4 == 3 { 10 } else { 0 },
+                top_p: 1.0,
+            };
+            // Target and drafter logits share structure so drafts are often accepted.
+            let base = rand_vec(&mut rng, np, 4.0);
+            let (mut p, mut q, mut drafts) = (Vec::new(), Vec::new(), Vec::new());
+            for i in 0..=gamma {
+                let noise = rand_vec(&mut rng, np, 1.0);
+                let lp: Vec<f32> = base.iter().zip(&noise).map(|(a, b)| a + b).collect();
+                p.extend(massv::sampling::probabilities(&lp, &sp));
+                if i < gamma {
+                    let noise = rand_vec(&mut rng, nq, 1.0);
+                    let lq: Vec<f32> = base[..nq].iter().zip(&noise).map(|(a, b)| a + 0.7 * b).collect();
+                    let qi = massv::sampling::probabilities(&lq, &sp);
+                    drafts.push(rng.sample(&qi) as u32);
+                    q.extend(qi);
+                }
+            }
+            // The host RNG's next γ + 1 draws, and the CPU engine's verdict from that state.
+            let mut cpu_rng = rng.clone();
+            let uniforms: Vec<f64> = (0..=gamma).map(|_| rng.uniform()).collect();
+            let cpu = massv::spec::verify::verify_sampled(
+                &drafts,
+                &rows_of(&q, nq),
+                &rows_of(&p, np),
+                &mut cpu_rng,
+                massv::spec::verify::residual,
+            );
+            cases.push(VerifyCase {
+                gamma,
+                np,
+                nq,
+                drafts,
+                q,
+                p,
+                uniforms,
+                cpu,
+                what: format!("verify_sampled np={np} nq={nq} γ={gamma} T={temp} trial={trial}"),
+            });
+        }
+    }
+    cases
+}
+
+#[test]
+fn twin_verify_sampled_is_the_cpu_engines() {
+    // No device needed: the twin (blocked sums) against spec::verify (sequential sums).
+    // Exact by construction up to 32 entries; beyond, a mismatch needs a uniform within
+    // f64 rounding of a cumulative boundary.
+    let mut outcomes = [0usize; 2];
+    for c in verify_cases(18) {
+        let twin = r::verify_sampled(&c.drafts, &c.q, &c.p, &c.uniforms, c.nq, c.np);
+        assert_eq!(twin, c.cpu, "{}: twin vs spec::verify", c.what);
+        outcomes[(twin.accepted == c.gamma) as usize] += 1;
+    }
+    assert!(
+        outcomes[0] > 20 && outcomes[1] > 20,
+        "cases exercise both paths: {outcomes:?}"
+    );
+}
+
+#[test]
+fn verify_sampled_exact() {
+    let dev = dev_or_skip!();
+    for c in verify_cases(18) {
+        let di: Vec<i32> = c.drafts.iter().map(|&x| x as i32).collect();
+        let (dd, dq, dp, du) = (
+            dev.upload(&di).unwrap(),
+            dev.upload(&c.q).unwrap(),
+            dev.upload(&c.p).unwrap(),
+            dev.upload(&c.uniforms).unwrap(),
+        );
+        let mut dout = dev.alloc_zeros::<i32>(2).unwrap();
+        dev.verify_sampled(
+            &dd.as_view(),
+            &dq.as_view(),
+            &dp.as_view(),
+            &du.as_view(),
+            &mut dout.as_view_mut(),
+            c.gamma,
+            c.nq,
+            c.np,
+        )
+        .unwrap();
+        let got = dev.download(&dout.as_view()).unwrap();
+        let got = Verdict {
+            accepted: got[0] as usize,
+            next: got[1] as u32,
+        };
+        let twin = r::verify_sampled(&c.drafts, &c.q, &c.p, &c.uniforms, c.nq, c.np);
+        assert_eq!(got, twin, "{}: device vs twin", c.what);
+        assert_eq!(got, c.cpu, "{}: device vs spec::verify", c.what);
+    }
+}
+
+#[test]
+fn uniforms_consumed_matches_the_cpu_rng() {
+    // No device needed: the host side of verify_sampled's contract.
+    let mut rng = Rng::new(19);
+    for trial in 0..200 {
+        let gamma = 1 + trial % 8;
+        let np = 12;
+        let sp = SamplingParams {
+            temperature: 1.0,
+            ..Default::default()
+        };
+        let p: Vec<Vec<f32>> = (0..=gamma).map(|_| softmax(&rand_vec(&mut rng, np, 3.0))).collect();
+        let q: Vec<Vec<f32>> = (0..gamma)
+            .map(|_| massv::sampling::probabilities(&rand_vec(&mut rng, np, 3.0), &sp))
+            .collect();
+        let drafts: Vec<u32> = q.iter().map(|qi| rng.sample(qi) as u32).collect();
+        let start = rng.clone();
+        let mut cpu_rng = rng.clone();
+        let v = massv::spec::verify::verify_sampled(&drafts, &q, &p, &mut cpu_rng, massv::spec::verify::residual);
+        let mut probe = start.clone();
+        let used = (1..=gamma + 1)
+            .find(|_| {
+                probe.next_u64();
+                probe.clone().next_u64() == cpu_rng.clone().next_u64()
+            })
+            .unwrap();
+        assert_eq!(r::uniforms_consumed(v, gamma), used, "γ={gamma} {v:?}");
+        rng = cpu_rng;
+    }
+}
+
+// -------------------------------------------------------------------------------------
+// Benchmarks (ignored; run by bench/gpu.sh on a lent GPU)
+
+/// One decoder's GEMV matrices per layer: (name, n, k, bias).
+fn layer_mats(hidden: usize, q_dim: usize, kv_dim: usize, inter: usize) -> [(&'static str, usize, usize, bool); 4] {
+    [
+        ("qkv", q_dim + 2 * kv_dim, hidden, true),
+        ("o", hidden, q_dim, false),
+        ("gate_up", 2 * inter, hidden, false),
+        ("down", hidden, inter, false),
+    ]
+}
+
+struct Bench {
+    dev: CudaDevice,
+    bw: f64, // bytes/s, measured device-to-device copy (read + write)
+    results: Vec<serde_json::Value>,
+}
+
+impl Bench {
+    /// Records a timing against its memory floor (`bytes` / measured bandwidth).
+    fn row(&mut self, name: &str, ms: f64, bytes: f64) {
+        let floor = bytes / self.bw * 1e3;
+        println!("{name:<52} {ms:>10.4} {floor:>10.4} {:>7.2}", ms / floor);
+        self.results.push(serde_json::json!({
+            "name": name, "ms": ms, "floor_ms": floor, "ratio": ms / floor, "bytes": bytes,
+        }));
+    }
+
+    fn row_flops(&mut self, name: &str, ms: f64, flops: f64) {
+        let tflops = flops / (ms * 1e-3) / 1e12;
+        println!("{name:<52} {ms:>10.4} {:>10} {:>7} {tflops:.1} TFLOP/s", "-", "-");
+        self.results
+            .push(serde_json::json!({"name": name, "ms": ms, "tflops": tflops}));
+    }
+
+    /// Average ms of `f` over `iters` runs after 2 warm-up runs.
+    fn time(&self, iters: usize, mut f: impl FnMut() -> massv::Result<()>) -> f64 {
+        for _ in 0..2 {
+            f().unwrap();
+        }
+        let ms = self
+            .dev
+            .time_ms(|| {
+                for _ in 0..iters {
+                    f()?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        ms as f64 / iters as f64
+    }
+
+    /// The GEMV time of one decode (rows = 1) or verify (rows = γ + 1) step of a model:
+    /// every layer's matrices once (all layers allocated, so nothing is served from L2),
+    /// then the head; per matrix kind and in total, against weight bytes / bandwidth.
+    #[allow(clippy::too_many_arguments)]
+    fn model_step(
+        &mut self,
+        model: &str,
+        layers: usize,
+        hidden: usize,
+        q_dim: usize,
+        kv_dim: usize,
+        inter: usize,
+        vocab: usize,
+        rows_list: &[usize],
+    ) {
+        let mats = layer_mats(hidden, q_dim, kv_dim, inter);
+        let dev = &self.dev;
+        let weights: Vec<Vec<cudarc::driver::CudaSlice<bf16>>> = (0..layers)
+            .map(|_| {
+                mats.iter()
+                    .map(|&(_, n, k, _)| dev.alloc_zeros::<bf16>(n * k).unwrap())
+                    .collect()
+            })
+            .collect();
+        let bias = dev.alloc_zeros::<bf16>(q_dim + 2 * kv_dim).unwrap();
+        let head = dev.alloc_zeros::<bf16>(vocab * hidden).unwrap();
+        let x = dev.alloc_zeros::<bf16>(8 * inter.max(hidden)).unwrap();
+        let mut y = dev
+            .alloc_zeros::<bf16>(8 * (2 * inter).max(q_dim + 2 * kv_dim))
+            .unwrap();
+        let mut logits = dev.alloc_zeros::<f32>(8 * vocab).unwrap();
+        let mut scratch = dev.alloc_zeros::<f32>(64 * 8 * (2 * inter)).unwrap();
+        let head_bytes = (vocab * hidden * 2) as f64;
+        for &rows in rows_list {
+            let tag = format!("{model} gemv rows={rows}");
+            let mut total_bytes = head_bytes;
+            for (i, &(name, n, k, has_bias)) in mats.iter().enumerate() {
+                let bytes = (layers * n * k * 2) as f64;
+                total_bytes += bytes;
+                let ms = self.time(3, || {
+                    for w in &weights {
+                        let bv = bias.as_view();
+                        self.dev.gemv_bf16(
+                            &x.as_view(),
+                            &w[i].as_view(),
+                            has_bias.then_some(&bv),
+                            &mut y.as_view_mut(),
+                            Some(&mut scratch.as_view_mut()),
+                            rows,
+                            n,
+                            k,
+                        )?;
+                    }
+                    Ok(())
+                });
+                self.row(&format!("{tag} {name} ×{layers}"), ms, bytes);
+            }
+            let ms = self.time(5, || {
+                self.dev.gemv_bf16_f32(
+                    &x.as_view(),
+                    &head.as_view(),
+                    None,
+                    &mut logits.as_view_mut(),
+                    Some(&mut scratch.as_view_mut()),
+                    rows,
+                    vocab,
+                    hidden,
+                )
+            });
+            self.row(&format!("{tag} head {vocab}x{hidden}"), ms, head_bytes);
+            let ms = self.time(3, || {
+                for w in &weights {
+                    for (i, &(_, n, k, has_bias)) in mats.iter().enumerate() {
+                        let bv = bias.as_view();
+                        self.dev.gemv_bf16(
+                            &x.as_view(),
+                            &w[i].as_view(),
+                            has_bias.then_some(&bv),
+                            &mut y.as_view_mut(),
+                            Some(&mut scratch.as_view_mut()),
+                            rows,
+                            n,
+                            k,
+                        )?;
+                    }
+                }
+                self.dev.gemv_bf16_f32(
+                    &x.as_view(),
+                    &head.as_view(),
+                    None,
+                    &mut logits.as_view_mut(),
+                    Some(&mut scratch.as_view_mut()),
+                    rows,
+                    vocab,
+                    hidden,
+                )
+            });
+            self.row(&format!("{tag} STEP (all layers + head)"), ms, total_bytes);
+        }
+    }
+
+    /// attention_decode and attention_verify (γ + 1 = 6) of one layer at several lengths,
+    /// against the KV bytes read.
+    fn attention(&mut self, model: &str, hq: usize, hkv: usize, d: usize) {
+        let dev = &self.dev;
+        let max_len = 4096 + 8;
+        let k = dev.alloc_zeros::<bf16>(max_len * hkv * d).unwrap();
+        let v = dev.alloc_zeros::<bf16>(max_len * hkv * d).unwrap();
+        let q = dev.alloc_zeros::<bf16>(8 * hq * d).unwrap();
+        let mut out = dev.alloc_zeros::<bf16>(8 * hq * d).unwrap();
+        let mut scratch = dev.attn_scratch(8 * hq, 256, d).unwrap();
+        let n = 6;
+        let mut mask = vec![0u8; n * n];
+        for t in 0..n {
+            for j in 0..=t {
+                mask[t * n + j] = 1;
+            }
+        }
+        let mask = dev.upload(&mask).unwrap();
+        for &len in &[512usize, 1024, 2048, 4096] {
+            let bytes = (len * hkv * d * 2 * 2) as f64;
+            let ms = self.time(50, || {
+                self.dev.attention_decode(
+                    &q.as_view(),
+                    &k.as_view(),
+                    &v.as_view(),
+                    &mut out.as_view_mut(),
+                    len,
+                    hq,
+                    hkv,
+                    d,
+                    &mut scratch,
+                )
+            });
+            self.row(&format!("{model} attention_decode len={len} (1 layer)"), ms, bytes);
+            let shape = AttnShape {
+                n,
+                start: len - n,
+                q_heads: hq,
+                kv_heads: hkv,
+                head_dim: d,
+            };
+            let ms = self.time(50, || {
+                self.dev.attention_verify(
+                    &q.as_view(),
+                    &k.as_view(),
+                    &v.as_view(),
+                    &mut out.as_view_mut(),
+                    &mask.as_view(),
+                    shape,
+                    &mut scratch,
+                )
+            });
+            self.row(
+                &format!("{model} attention_verify γ+1=6 len={len} (1 layer)"),
+                ms,
+                bytes,
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "benchmark: run by bench/gpu.sh on a lent GPU"]
+fn bench_kernels() {
+    let dev = dev_or_skip!();
+    let info = dev.info().clone();
+    println!(
+        "device: {} (sm_{}{}, {} SMs, {:.1} GiB)",
+        info.name,
+        info.compute_capability.0,
+        info.compute_capability.1,
+        info.multiprocessors,
+        info.total_memory as f64 / (1u64 << 30) as f64
+    );
+    // Device-to-device copy of 1 GiB: read + write bytes / time.
+    let bytes = 1usize << 30;
+    let a = dev.alloc_zeros::<u8>(bytes).unwrap();
+    let mut b_ = dev.alloc_zeros::<u8>(bytes).unwrap();
+    let mut bench = Bench {
+        dev,
+        bw: 1.0,
+        results: Vec::new(),
+    };
+    let ms = bench.time(10, || bench.dev.copy(&a.as_view(), &mut b_.as_view_mut()));
+    bench.bw = 2.0 * bytes as f64 / (ms * 1e-3);
+    drop((a, b_));
+    println!("device-to-device copy bandwidth: {:.0} GB/s", bench.bw / 1e9);
+    println!("{:<52} {:>10} {:>10} {:>7}", "kernel", "ms", "floor ms", "ratio");
+
+    // Qwen2.5-VL-7B target: decode (1 row) and verify (γ + 1 = 6 rows); 0.5B drafter.
+    bench.model_step("7B", 28, 3584, 28 * 128, 4 * 128, 18944, 152_064, &[1, 6]);
+    bench.model_step("0.5B", 24, 896, 14 * 64, 2 * 64, 4864, 151_936, &[1]);
+    bench.attention("7B", 28, 4, 128);
+    bench.attention("0.5B", 14, 2, 64);
+
+    // Sampling and verification at the real vocabulary.
+    let dev = &bench.dev;
+    let vocab = 152_064;
+    let logits = dev.upload(&rand_vec(&mut Rng::new(1), 6 * vocab, 8.0)).unwrap();
+    let mut probs = dev.alloc_zeros::<f32>(6 * vocab).unwrap();
+    let mut ids = dev.alloc_zeros::<i32>(8).unwrap();
+    let uniforms = dev.upload(&[0.5f64; 8]).unwrap();
+    let drafts = dev.upload(&[1i32, 2, 3, 4, 5]).unwrap();
+    let row_bytes = (vocab * 4) as f64;
+    let ms = bench.time(50, || {
+        bench.dev.argmax(&logits.as_view(), &mut ids.as_view_mut(), 1, vocab)
+    });
+    bench.row("argmax 1x152064", ms, row_bytes);
+    let t1 = SamplingParams {
+        temperature: 1.0,
+        ..Default::default()
+    };
+    let ms = bench.time(20, || {
+        bench
+            .dev
+            .probabilities(&logits.as_view(), &mut probs.as_view_mut(), 6, vocab, &t1)
+    });
+    bench.row("probabilities 6x152064 T=1", ms, 2.0 * 6.0 * row_bytes);
+    let tp = SamplingParams {
+        temperature: 1.0,
+        top_k: 50,
+        top_p: 0.9,
+    };
+    let ms = bench.time(5, || {
+        bench
+            .dev
+            .probabilities(&logits.as_view(), &mut probs.as_view_mut(), 6, vocab, &tp)
+    });
+    bench.row(
+        "probabilities 6x152064 T=1 top-k 50 top-p 0.9",
+        ms,
+        2.0 * 6.0 * row_bytes,
+    );
+    let ms = bench.time(20, || {
+        bench.dev.verify_sampled(
+            &drafts.as_view(),
+            &probs.as_view(),
+            &probs.as_view(),
+            &uniforms.as_view(),
+            &mut ids.as_view_mut(),
+            5,
+            vocab,
+            vocab,
+        )
+    });
+    bench.row("verify_sampled γ=5 152064", ms, 2.0 * row_bytes);
+
+    // Compute-bound prefill pieces (no floor: achieved TFLOP/s).
+    let (s, hq, hkv, d) = (1024usize, 28usize, 4usize, 128usize);
+    let dev = &bench.dev;
+    let q = dev.alloc_zeros::<bf16>(s * hq * d).unwrap();
+    let kv = dev.alloc_zeros::<bf16>(s * hkv * d).unwrap();
+    let mut out = dev.alloc_zeros::<bf16>(s * hq * d).unwrap();
+    let shape = AttnShape {
+        n: s,
+        start: 0,
+        q_heads: hq,
+        kv_heads: hkv,
+        head_dim: d,
+    };
+    let ms = bench.time(10, || {
+        bench.dev.attention_prefill(
+            &q.as_view(),
+            &kv.as_view(),
+            &kv.as_view(),
+            &mut out.as_view_mut(),
+            shape,
+            None,
+            None,
+        )
+    });
+    bench.row_flops(
+        "attention_prefill 7B S=1024 (1 layer)",
+        ms,
+        (4 * s * s / 2 * hq * d) as f64,
+    );
+    if bench.dev.cublas_status().is_ok() {
+        let (m, n, k) = (1024usize, 18944usize * 2, 3584usize);
+        let dev = &bench.dev;
+        let x = dev.alloc_zeros::<bf16>(m * k).unwrap();
+        let w = dev.alloc_zeros::<bf16>(n * k).unwrap();
+        let mut y = dev.alloc_zeros::<bf16>(m * n).unwrap();
+        let ms = bench.time(10, || {
+            bench
+                .dev
+                .gemm_bf16(&x.as_view(), &w.as_view(), &mut y.as_view_mut(), m, n, k)
+        });
+        bench.row_flops("gemm_bf16 (cuBLAS) 1024x37888x3584", ms, (2 * m * n * k) as f64);
+    }
+
+    if let Ok(path) = std::env::var("MASSV_BENCH_JSON") {
+        let doc = serde_json::json!({
+            "device": info.name,
+            "compute_capability": format!("{}.{}", info.compute_capability.0, info.compute_capability.1),
+            "multiprocessors": info.multiprocessors,
+            "date": std::env::var("MASSV_BENCH_DATE").unwrap_or_default(),
+            "commit": std::env::var("MASSV_COMMIT").unwrap_or_default(),
+            "kernel_archs": massv::backend::kernels::ARCHS,
+            "copy_bandwidth_gbs": bench.bw / 1e9,
+            "results": bench.results,
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
+        println!("wrote {path}");
+    }
+}
