@@ -56,6 +56,9 @@ struct DemoModelsArgs {
     /// `mini` for a quick smoke run.
     #[arg(long, default_value = "full")]
     scale: String,
+    /// Multiply every training phase's step count.
+    #[arg(long, default_value_t = 1.0)]
+    steps_multiplier: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -327,7 +330,7 @@ fn run(cli: Cli) -> massv::Result<()> {
                 out: a.out,
                 work: a.work,
                 chat_template_from: a.chat_template_from,
-                scale,
+                scale: scale.scaled_steps(a.steps_multiplier),
                 seed: a.seed,
             };
             let r = make_demo_models(&run)?;

@@ -54,6 +54,19 @@ impl WorldScale {
         }
     }
 
+    /// Every step count multiplied by `k` (longer or shorter training, same data).
+    pub fn scaled_steps(mut self, k: f64) -> Self {
+        for s in [
+            &mut self.target_steps,
+            &mut self.drafter_steps,
+            &mut self.projector_steps,
+            &mut self.sdvit_steps,
+        ] {
+            *s = ((*s as f64 * k).round() as usize).max(1);
+        }
+        self
+    }
+
     pub fn mini() -> Self {
         WorldScale {
             train_scenes: 24,
@@ -183,64 +196,8 @@ pub fn make_demo_models(run: &WorldRun) -> Result<WorldReport> {
     };
     let vocab = tok.vocab_size().div_ceil(16) * 16;
 
-    // 3. Target: a random Qwen2.5-VL; LM + merger trained on captions and QA.
-    let target = out.join("target");
-    let cfg = target_config(sc, vocab, &id)?;
-    let cfg_path = work.join("target_config.json");
-    write_atomic(
-        &cfg_path,
-        serde_json::to_string_pretty(&cfg).unwrap_or_default().as_bytes(),
-    )?;
-    let _ = std::fs::remove_dir_all(&target);
-    let opts = SynthOptions {
-        dtype: SynthDtype::F32,
-        seed: run.seed,
-        layers: None,
-        max_shard_bytes: MAX_SHARD_BYTES,
-    };
-    synth(&cfg_path, &target, &opts)?;
-    write_model_files(&target, &tok_dir, &id)?;
-    write_atomic(
-        &target.join("preprocessor_config.json"),
-        json!({"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
-               "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-               "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"})
-        .to_string()
-        .as_bytes(),
-    )?;
-    let tv = TargetVision::load(&target, None)?;
-    let eot = tv.end_of_turn()?;
-    let mut examples = Vec::new();
-    for (i, s) in scenes.iter().enumerate() {
-        let feats = tv.features(&work.join(format!("images/{i:05}.png")))?;
-        for q in s.questions() {
-            let mut resp = tok.encode(&q.answer)?;
-            resp.push(eot);
-            examples.push(tv.example(&q.question, Some(Arc::clone(&feats)), &resp, true)?);
-        }
-    }
-    let mut ck = VlCheckpoint::load(&target)?;
-    let topts = TrainOptions {
-        steps: sc.target_steps,
-        batch: 16,
-        lr: 3e-3,
-        warmup_steps: 30,
-        seed: run.seed,
-        ..Default::default()
-    };
-    train_vl(
-        &mut ck,
-        examples,
-        VlParts { lm: true, merger: true },
-        &topts,
-        &control("target", work, "target"),
-    )?;
-    ck.save(&target)?;
-    write_model_files(&target, &tok_dir, &id)?;
-    drop(tv);
-    lap("target", &mut seconds);
-
-    // 4. Text-only drafter: the world's text without images (text-mode prompts + answers).
+    let eot = id("<|im_end|>")?;
+    // 3. Text-only drafter: the world's text without images (text-mode prompts + answers).
     let drafter_text = out.join("drafter-text");
     let vt = massv::spec::draft::VisionTokens {
         vision_start: id("<|vision_start|>")?,
@@ -296,6 +253,62 @@ pub fn make_demo_models(run: &WorldRun) -> Result<WorldReport> {
     hf::save_qwen2(&drafter_text, &dcfg, None, &dparams)?;
     write_model_files(&drafter_text, &tok_dir, &id)?;
     lap("drafter-text", &mut seconds);
+
+    // 4. Target: a random Qwen2.5-VL; LM + merger trained on captions and QA.
+    let target = out.join("target");
+    let cfg = target_config(sc, vocab, &id)?;
+    let cfg_path = work.join("target_config.json");
+    write_atomic(
+        &cfg_path,
+        serde_json::to_string_pretty(&cfg).unwrap_or_default().as_bytes(),
+    )?;
+    let _ = std::fs::remove_dir_all(&target);
+    let opts = SynthOptions {
+        dtype: SynthDtype::F32,
+        seed: run.seed,
+        layers: None,
+        max_shard_bytes: MAX_SHARD_BYTES,
+    };
+    synth(&cfg_path, &target, &opts)?;
+    write_model_files(&target, &tok_dir, &id)?;
+    write_atomic(
+        &target.join("preprocessor_config.json"),
+        json!({"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+               "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+               "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"})
+        .to_string()
+        .as_bytes(),
+    )?;
+    let tv = TargetVision::load(&target, None)?;
+    let mut examples = Vec::new();
+    for (i, s) in scenes.iter().enumerate() {
+        let feats = tv.features(&work.join(format!("images/{i:05}.png")))?;
+        for q in s.questions() {
+            let mut resp = tok.encode(&q.answer)?;
+            resp.push(eot);
+            examples.push(tv.example(&q.question, Some(Arc::clone(&feats)), &resp, true)?);
+        }
+    }
+    let mut ck = VlCheckpoint::load(&target)?;
+    let topts = TrainOptions {
+        steps: sc.target_steps,
+        batch: 16,
+        lr: 3e-3,
+        warmup_steps: 30,
+        seed: run.seed,
+        ..Default::default()
+    };
+    train_vl(
+        &mut ck,
+        examples,
+        VlParts { lm: true, merger: true },
+        &topts,
+        &control("target", work, "target"),
+    )?;
+    ck.save(&target)?;
+    write_model_files(&target, &tok_dir, &id)?;
+    drop(tv);
+    lap("target", &mut seconds);
 
     // 5. Phase 1: the projector on captions, drafter frozen.
     let p1 = out.join("drafter-massv-p1");
