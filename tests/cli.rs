@@ -102,11 +102,7 @@ fn missing_model_dir_is_one_error_line() {
 #[test]
 fn corrupt_weights_are_one_error_line_and_no_output_file() {
     let src = fixture("qwen2-tiny-gqa4-tied");
-    let dir = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(&src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
-    }
+    let dir = common::copy_dir(&src);
     let p = dir.path().join("model.safetensors");
     let len = std::fs::metadata(&p).unwrap().len();
     std::fs::OpenOptions::new()
@@ -293,11 +289,7 @@ fn generate_parameter_errors_are_one_line() {
 #[test]
 fn drafter_with_another_tokenizer_is_refused() {
     let src = fixture("qwen2-tiny-mha-untied");
-    let tmp = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(&src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
-    }
+    let tmp = common::copy_dir(&src);
     // Swap two special tokens' ids: same size, different mapping.
     let p = tmp.path().join("tokenizer.json");
     let text = std::fs::read_to_string(&p).unwrap();

@@ -168,11 +168,7 @@ fn mode_and_projector_mismatches_are_errors() {
     assert!(e.contains("needs a text-only drafter"), "{e}");
 
     // A projector whose input width does not fit the target's vision features.
-    let tmp = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(&massv_dir).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
-    }
+    let tmp = common::copy_dir(&massv_dir);
     let cfg_path = tmp.path().join("massv.json");
     let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["vision_hidden_size"] = 16.into();

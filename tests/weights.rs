@@ -172,11 +172,7 @@ fn config_errors_name_file_and_field() {
 #[test]
 fn sharded_index_must_agree_with_shards() {
     let src = fixture("qwen2-tiny-gqa2-sharded");
-    let dir = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(&src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
-    }
+    let dir = common::copy_dir(&src);
     assert!(Qwen2::load(dir.path()).is_ok());
     let idx_path = dir.path().join("model.safetensors.index.json");
     let mut idx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&idx_path).unwrap()).unwrap();

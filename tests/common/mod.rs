@@ -22,6 +22,16 @@ pub fn real_model(name: &str) -> PathBuf {
     p
 }
 
+/// A temporary copy of a model directory (files only), for tests that corrupt it.
+pub fn copy_dir(src: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    dir
+}
+
 /// Golden tensors written by tests/reference/*.py.
 pub struct Golden {
     bytes: Vec<u8>,
