@@ -86,7 +86,8 @@ impl Scene {
         let shapes = (0..n)
             .map(|i| {
                 let cell = (cells[i] / 3, cells[i] % 3);
-                let radius = 9.0 + rng.uniform() as f32 * 4.0;
+                // Nearly one size: the frozen random vision tower then sees one pattern per shape.
+                let radius = 11.5 + rng.uniform() as f32;
                 let cx = (cell.1 as f32 + 0.5) * cell_size;
                 let cy = (cell.0 as f32 + 0.5) * cell_size;
                 Shape {

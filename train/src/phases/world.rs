@@ -225,7 +225,10 @@ pub fn make_demo_models(run: &WorldRun) -> Result<WorldReport> {
         head_dim: 16,
         rms_norm_eps: 1e-6,
         rope_theta: 10000.0,
-        tie_word_embeddings: true,
+        // Untied: with a tied table, the output softmax over answers the text alone cannot
+        // know (which shape is in the image) pulls those words' rows together until the
+        // drafter can no longer tell them apart as inputs, and copying them fails.
+        tie_word_embeddings: false,
         max_position_embeddings: 4096,
         sliding_window: None,
         max_window_layers: 2,
@@ -442,7 +445,7 @@ fn target_config(sc: &WorldScale, vocab: usize, id: &dyn Fn(&str) -> Result<u32>
         "use_sliding_window": false,
         "vocab_size": vocab,
         "vision_config": {
-            "depth": 2, "hidden_act": "silu", "hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
+            "depth": 2, "hidden_act": "silu", "hidden_size": 128, "intermediate_size": 256, "num_heads": 4,
             "in_chans": 3, "out_hidden_size": h, "patch_size": 14, "spatial_merge_size": 2,
             "spatial_patch_size": 14, "window_size": 56, "fullatt_block_indexes": [1],
             "tokens_per_second": 2, "temporal_patch_size": 2
