@@ -161,19 +161,11 @@ fn mean_tvd(engine: &Engine, drafter: &Drafter, qs: &[Question], answers: &[Vec<
         for i in 0..answer.len().saturating_sub(1) {
             let p = crate::sampling::probabilities(&p_rows[i * vt..(i + 1) * vt], &t1);
             let qd = crate::sampling::probabilities(&q_rows[(prompt_len + i) * vd..(prompt_len + i + 1) * vd], &t1);
-            sum += tvd(&p, &qd);
+            sum += crate::metrics::tvd(&p, &qd);
             n += 1;
         }
     }
     Ok(sum / n.max(1) as f64)
-}
-
-/// ½ Σ |p − q| with q zero past its end.
-pub fn tvd(p: &[f32], q: &[f32]) -> f64 {
-    let len = p.len().max(q.len());
-    0.5 * (0..len)
-        .map(|i| (p.get(i).copied().unwrap_or(0.0) as f64 - q.get(i).copied().unwrap_or(0.0) as f64).abs())
-        .sum::<f64>()
 }
 
 /// Runs the demo on `scenes` held-out scenes with the models in `assets`.

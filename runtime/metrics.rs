@@ -35,6 +35,15 @@ pub struct Metrics {
     pub gamma: usize,
 }
 
+/// Total variation distance ½ Σ |p − q| over the longer of the two vocabularies (the
+/// shorter distribution is 0 past its end: a drafter's smaller vocabulary).
+pub fn tvd(p: &[f32], q: &[f32]) -> f64 {
+    let len = p.len().max(q.len());
+    0.5 * (0..len)
+        .map(|i| (p.get(i).copied().unwrap_or(0.0) as f64 - q.get(i).copied().unwrap_or(0.0) as f64).abs())
+        .sum::<f64>()
+}
+
 /// Per-pass counts the engine accumulates; turned into [`Metrics`] at the end.
 #[derive(Debug, Default)]
 pub struct Counters {

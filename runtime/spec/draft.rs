@@ -165,6 +165,28 @@ pub struct VisionTokens {
     pub image_pad: u32,
 }
 
+impl VisionTokens {
+    /// The delimiters of `target`'s prompts: from its config for Qwen2.5-VL, else looked up
+    /// in the tokenizer (ids that never occur when absent).
+    pub fn of(target: &Target, tok: &Tokenizer) -> Self {
+        match target {
+            Target::Vl(m) => VisionTokens {
+                vision_start: m.cfg.vision_start_token_id,
+                vision_end: m.cfg.vision_end_token_id,
+                image_pad: m.cfg.image_token_id,
+            },
+            Target::Text(_) => {
+                let id = |t: &str| tok.token_to_id(t).unwrap_or(u32::MAX);
+                VisionTokens {
+                    vision_start: id("<|vision_start|>"),
+                    vision_end: id("<|vision_end|>"),
+                    image_pad: id("<|image_pad|>"),
+                }
+            }
+        }
+    }
+}
+
 /// The prompt without its `<|vision_start|> … <|vision_end|>` segments (text mode).
 pub fn strip_vision(ids: &[u32], t: &VisionTokens) -> Vec<u32> {
     let mut out = Vec::with_capacity(ids.len());

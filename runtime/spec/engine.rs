@@ -119,19 +119,7 @@ impl Engine {
 
     /// The ids that delimit images in this target's prompts.
     pub fn vision_tokens(&self) -> VisionTokens {
-        let id = |t: &str, default: u32| self.tokenizer.token_to_id(t).unwrap_or(default);
-        match &self.target {
-            Target::Vl(m) => VisionTokens {
-                vision_start: m.cfg.vision_start_token_id,
-                vision_end: m.cfg.vision_end_token_id,
-                image_pad: m.cfg.image_token_id,
-            },
-            Target::Text(_) => VisionTokens {
-                vision_start: id("<|vision_start|>", u32::MAX),
-                vision_end: id("<|vision_end|>", u32::MAX),
-                image_pad: id("<|image_pad|>", u32::MAX),
-            },
-        }
+        VisionTokens::of(&self.target, &self.tokenizer)
     }
 
     fn check(&self, params: &GenerateParams) -> Result<Option<(&Drafter, DraftMode)>> {

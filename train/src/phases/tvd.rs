@@ -76,35 +76,7 @@ pub struct PlotLabels {
     pub blue_line: String,
 }
 
-/// ½ Σ |p − q| over the union of both vocabularies (the shorter one padded with zeros).
-pub fn tvd(p: &[f32], q: &[f32]) -> f64 {
-    let n = p.len().max(q.len());
-    let mut s = 0.0f64;
-    for i in 0..n {
-        let a = p.get(i).copied().unwrap_or(0.0) as f64;
-        let b = q.get(i).copied().unwrap_or(0.0) as f64;
-        s += (a - b).abs();
-    }
-    0.5 * s
-}
-
-fn vision_tokens(target: &Target, tok: &Tokenizer) -> VisionTokens {
-    match target {
-        Target::Vl(m) => VisionTokens {
-            vision_start: m.cfg.vision_start_token_id,
-            vision_end: m.cfg.vision_end_token_id,
-            image_pad: m.cfg.image_token_id,
-        },
-        Target::Text(_) => {
-            let id = |t: &str| tok.token_to_id(t).unwrap_or(u32::MAX);
-            VisionTokens {
-                vision_start: id("<|vision_start|>"),
-                vision_end: id("<|vision_end|>"),
-                image_pad: id("<|image_pad|>"),
-            }
-        }
-    }
-}
+pub use massv::metrics::tvd;
 
 struct Models {
     target: Target,
@@ -211,7 +183,7 @@ pub fn tvd_report(args: &TvdRun) -> Result<TvdReport> {
         .eos_token_id()
         .or_else(|| tok.token_to_id("<|im_end|>"))
         .ok_or_else(|| Error::InvalidArgument("the target's tokenizer has no eos_token".into()))?;
-    let vt = vision_tokens(&target, &tok);
+    let vt = VisionTokens::of(&target, &tok);
     let models = Models {
         target,
         tok,
