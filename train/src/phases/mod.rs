@@ -128,6 +128,59 @@ fn check_projector_fits(p: &ProjectorConfig, target: &TargetVision, lm: &TextCon
     Ok(())
 }
 
+/// What the drafter phases do once their examples are built: train the tensors
+/// `trainable` selects, measure the loss before and after, and (unless interrupted) write
+/// the drafter directory — with the LM's weights rewritten when `save_lm`.
+pub(crate) struct PhaseData<'a> {
+    pub examples: Vec<crate::objective::Example>,
+    pub missing_images: usize,
+    pub lm_cfg: &'a TextConfig,
+    pub pcfg: &'a ProjectorConfig,
+    pub target: &'a TargetVision,
+}
+
+impl DrafterRun {
+    pub(crate) fn train_and_save(
+        &self,
+        data: PhaseData,
+        params: &mut Params,
+        trainable: &dyn Fn(&str) -> bool,
+        label: &str,
+        save_lm: bool,
+    ) -> Result<PhaseReport> {
+        if data.examples.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: no usable examples ({} skipped for missing images)",
+                self.data.display(),
+                data.missing_images
+            )));
+        }
+        let ds = Dataset {
+            model: drafter_model(data.lm_cfg, data.pcfg, data.target),
+            examples: data.examples,
+        };
+        std::fs::create_dir_all(&self.out).map_err(|e| Error::Io {
+            path: self.out.clone(),
+            source: e,
+        })?;
+        let before = eval_loss(&ds, params, self.eval_examples)?;
+        let report = crate::trainer::train(params, trainable, &ds, &self.train, &self.control(label))?;
+        let after = eval_loss(&ds, params, self.eval_examples)?;
+        if !report.interrupted {
+            let lm = save_lm.then_some((data.lm_cfg, &*params));
+            hf::save_drafter(&self.draft, &self.out, lm, data.pcfg, params)?;
+        }
+        Ok(PhaseReport {
+            examples: ds.examples.len(),
+            missing_images: data.missing_images,
+            mean_loss_before: before,
+            mean_loss_after: after,
+            train: report,
+            out: self.out.clone(),
+        })
+    }
+}
+
 fn drafter_model(lm: &TextConfig, p: &ProjectorConfig, target: &TargetVision) -> ModelSpec {
     ModelSpec {
         lm: lm.clone(),

@@ -6,11 +6,9 @@
 use massv::model::projector::ProjectorConfig;
 use massv::{Error, Result};
 
-use super::{check_projector_fits, drafter_model, eval_loss, load_drafter_lm, DrafterRun, PhaseReport};
+use super::{check_projector_fits, load_drafter_lm, DrafterRun, PhaseData, PhaseReport};
 use crate::data::{read_captions, TargetVision};
 use crate::hf;
-use crate::objective::Dataset;
-use crate::trainer::train;
 use crate::vision::PROJECTOR_PREFIX;
 
 pub const DEFAULT_INSTRUCTION: &str = "Describe the image.";
@@ -85,39 +83,18 @@ pub fn pretrain_projector(args: &ProjectorRun) -> Result<PhaseReport> {
         progress.tick(format!("{} examples", examples.len()));
     }
     progress.finish();
-    if examples.is_empty() {
-        return Err(Error::InvalidArgument(format!(
-            "{}: no usable examples ({} skipped for missing images)",
-            r.data.display(),
-            loaded.missing_images
-        )));
-    }
-    let ds = Dataset {
-        model: drafter_model(&lm_cfg, &pcfg, &target),
+    let data = PhaseData {
         examples,
+        missing_images: loaded.missing_images,
+        lm_cfg: &lm_cfg,
+        pcfg: &pcfg,
+        target: &target,
     };
-    std::fs::create_dir_all(&r.out).map_err(|e| Error::Io {
-        path: r.out.clone(),
-        source: e,
-    })?;
-    let before = eval_loss(&ds, &params, r.eval_examples)?;
-    let report = train(
+    r.train_and_save(
+        data,
         &mut params,
         &|n: &str| n.starts_with(PROJECTOR_PREFIX),
-        &ds,
-        &r.train,
-        &r.control("projector"),
-    )?;
-    let after = eval_loss(&ds, &params, r.eval_examples)?;
-    if !report.interrupted {
-        hf::save_drafter(&r.draft, &r.out, None, &pcfg, &params)?;
-    }
-    Ok(PhaseReport {
-        examples: ds.examples.len(),
-        missing_images: loaded.missing_images,
-        mean_loss_before: before,
-        mean_loss_after: after,
-        train: report,
-        out: r.out.clone(),
-    })
+        "projector",
+        false,
+    )
 }

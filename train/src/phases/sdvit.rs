@@ -5,11 +5,9 @@
 
 use massv::{Error, Result};
 
-use super::{check_projector_fits, drafter_model, eval_loss, load_drafter_lm, DrafterRun, PhaseReport};
+use super::{check_projector_fits, load_drafter_lm, DrafterRun, PhaseData, PhaseReport};
 use crate::data::{line_err, read_prompts, TargetVision};
 use crate::hf;
-use crate::objective::Dataset;
-use crate::trainer::train;
 use crate::vision::PROJECTOR_PREFIX;
 
 /// Which parts train.
@@ -62,22 +60,6 @@ pub fn sdvit(run: &DrafterRun, parts: SdvitParts) -> Result<PhaseReport> {
         progress.tick(format!("{} examples", examples.len()));
     }
     progress.finish();
-    if examples.is_empty() {
-        return Err(Error::InvalidArgument(format!(
-            "{}: no usable examples ({} skipped for missing images)",
-            run.data.display(),
-            loaded.missing_images
-        )));
-    }
-    let ds = Dataset {
-        model: drafter_model(&lm_cfg, &pcfg, &target),
-        examples,
-    };
-    std::fs::create_dir_all(&run.out).map_err(|e| Error::Io {
-        path: run.out.clone(),
-        source: e,
-    })?;
-    let before = eval_loss(&ds, &params, run.eval_examples)?;
     let trainable = |n: &str| {
         if n.starts_with(PROJECTOR_PREFIX) {
             parts.projector
@@ -85,17 +67,12 @@ pub fn sdvit(run: &DrafterRun, parts: SdvitParts) -> Result<PhaseReport> {
             parts.lm
         }
     };
-    let report = train(&mut params, &trainable, &ds, &run.train, &run.control("sdvit"))?;
-    let after = eval_loss(&ds, &params, run.eval_examples)?;
-    if !report.interrupted {
-        hf::save_drafter(&run.draft, &run.out, Some((&lm_cfg, &params)), &pcfg, &params)?;
-    }
-    Ok(PhaseReport {
-        examples: ds.examples.len(),
+    let data = PhaseData {
+        examples,
         missing_images: loaded.missing_images,
-        mean_loss_before: before,
-        mean_loss_after: after,
-        train: report,
-        out: run.out.clone(),
-    })
+        lm_cfg: &lm_cfg,
+        pcfg: &pcfg,
+        target: &target,
+    };
+    run.train_and_save(data, &mut params, &trainable, "sdvit", true)
 }
