@@ -125,20 +125,27 @@ impl Rng {
 
     /// A draw from the (unnormalised, non-negative) weights `w`.
     pub fn sample(&mut self, w: &[f32]) -> usize {
-        let total: f64 = w.iter().map(|&x| x as f64).sum();
-        let mut u = self.uniform() * total;
-        let mut last = 0;
-        for (i, &x) in w.iter().enumerate() {
-            if x > 0.0 {
-                last = i;
-                if u < x as f64 {
-                    return i;
-                }
-                u -= x as f64;
-            }
-        }
-        last
+        draw(w, self.uniform())
     }
+}
+
+/// The id that uniform `u` in [0, 1) selects from weights `w`: a cumulative scan of
+/// u × total mass in id order, skipping zero weights (what `Rng::sample` and the device's
+/// `sample` kernel both compute).
+pub fn draw(w: &[f32], u: f64) -> usize {
+    let total: f64 = w.iter().map(|&x| x as f64).sum();
+    let mut u = u * total;
+    let mut last = 0;
+    for (i, &x) in w.iter().enumerate() {
+        if x > 0.0 {
+            last = i;
+            if u < x as f64 {
+                return i;
+            }
+            u -= x as f64;
+        }
+    }
+    last
 }
 
 #[cfg(test)]

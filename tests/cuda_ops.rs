@@ -1015,31 +1015,10 @@ fn twin_sample_is_the_cpu_sampler() {
                 .map(|i| if i % 4 == 1 { 0.0 } else { rng.uniform() as f32 })
                 .collect();
             let u = rng.uniform();
-            assert_eq!(r::sample(&w, u), SeqRng(u).sample(&w), "n={n} u={u}");
+            assert_eq!(r::sample(&w, u), massv::sampling::draw(&w, u), "n={n} u={u}");
         }
     }
     assert_eq!(r::sample(&[0.0, 0.0], 0.3), 0, "no positive weight: 0 (as Rng::sample)");
-}
-
-/// Rng::sample's scan with a given uniform (the sequential CPU order).
-struct SeqRng(f64);
-
-impl SeqRng {
-    fn sample(&mut self, w: &[f32]) -> usize {
-        let total: f64 = w.iter().map(|&x| x as f64).sum();
-        let mut u = self.0 * total;
-        let mut last = 0;
-        for (i, &x) in w.iter().enumerate() {
-            if x > 0.0 {
-                last = i;
-                if u < x as f64 {
-                    return i;
-                }
-                u -= x as f64;
-            }
-        }
-        last
-    }
 }
 
 #[test]
