@@ -16,8 +16,10 @@
 // (and of a prefill whose keys were split).
 //   prefill / decode (causal): query t (cache position start + t) sees keys
 //       lo..=start + t, lo = 0 or start + t + 1 - window with a sliding window;
-//   verify (masked): query t sees every cached key < start and block key start + j when
-//       mask[t * n + j] != 0 (causal for a chain, ancestors for a tree);
+//   verify (masked): query t sees every cached key < mask_start and key mask_start + j
+//       when mask[t * span + j] != 0, span = start + n - mask_start (mask_start = start:
+//       the block alone, causal for a chain, ancestors for a tree; < start: a drafter's
+//       tree whose earlier depths are already cached);
 //   varlen: tokens of segment s (cu_seqlens[s]..cu_seqlens[s + 1]) see each other.
 // Grid: (row tiles, KV heads [varlen: heads], key splits [varlen: segments]);
 // block: 32 * warps threads, 16 rows per warp. Head dims must be 64, 80 or 128.
@@ -35,10 +37,11 @@ struct AttnParams {
     bf16* out;                  // [n, out_stride], like q
     float* o_part;              // split-K: [splits, n * hq, D] partial outputs (normalised)
     float* ml_part;             // split-K: [splits, n * hq, 2] (running max in log2 units, sum)
-    const uint8_t* mask;        // verify: [n, n]
+    const uint8_t* mask;        // verify: [n, start + n - mask_start]
     const int32_t* cu_seqlens;  // varlen: [segments + 1]
     int n;                      // query tokens (varlen: total tokens)
     int start;                  // cache position of query token 0
+    int mask_start;             // verify: first key the mask covers (<= start)
     int kv_len;                 // keys available
     int hq;                     // query heads
     int hkv;                    // KV heads
@@ -189,8 +192,8 @@ __device__ __forceinline__ void attention_body(const AttnParams& p) {
                     const int last = p.start + tok[h];
                     vis = vis && key <= last && (p.window <= 0 || key > last - p.window);
                 } else if (MODE == MODE_MASKED) {
-                    const int jb = key - p.start;
-                    vis = vis && (jb < 0 || (jb < p.n && valid[h] && p.mask[(size_t)tok[h] * p.n + jb] != 0));
+                    const int jb = key - p.mask_start, span = p.start + p.n - p.mask_start;
+                    vis = vis && (jb < 0 || (jb < span && valid[h] && p.mask[(size_t)tok[h] * span + jb] != 0));
                 }
                 s[j][c] = vis ? s[j][c] * p.scale_log2 : -INFINITY;
                 mx[h] = fmaxf(mx[h], s[j][c]);

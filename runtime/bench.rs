@@ -1,6 +1,7 @@
-//! `massv bench`: target-only, text-drafter and MASSV-drafter decoding on the same
-//! inputs, one table (MAL, tokens/s, ms per token, per-stage ms, speedup), and the
-//! decode step of a model next to its memory-bandwidth floor.
+//! `massv bench`: target-only, text-drafter and MASSV-drafter decoding (chains, and
+//! token trees with `--tree`) on the same inputs, one table (MAL, drafted tokens per
+//! pass, tokens/s, ms per token, per-stage ms, speedup), and the decode step of a model
+//! next to its memory-bandwidth floor.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -12,6 +13,16 @@ use crate::image::ImageInput;
 use crate::model::qwen2::Logits;
 use crate::model::Target;
 use crate::spec::engine::{Engine, GenerateParams, Hooks};
+use crate::spec::tree::TreeSpec;
+
+/// One decoding setup of the comparison.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub label: String,
+    pub drafter: Option<PathBuf>,
+    /// Token trees of this shape instead of chains of γ.
+    pub tree: Option<TreeSpec>,
+}
 
 /// One row of the table: a decoding setup summed over every input.
 #[derive(Debug, Clone, Serialize)]
@@ -19,6 +30,9 @@ pub struct Row {
     pub setup: String,
     /// Tokens emitted by verification passes / passes, over all inputs.
     pub mal: f64,
+    /// Drafted tokens the target scores per pass (γ for chains, mean nodes for trees):
+    /// the verify cost beside the MAL it buys.
+    pub drafted_per_pass: f64,
     pub tokens_per_s: f64,
     pub ms_per_token: f64,
     pub speedup: f64,
@@ -37,22 +51,18 @@ pub struct Input {
     pub image: Option<ImageInput>,
 }
 
-/// Runs `setups` (label, drafter directory or None) over `inputs`; the first
-/// setup is the speedup baseline.
-pub fn compare(
-    target: &Path,
-    setups: &[(String, Option<PathBuf>)],
-    inputs: &[Input],
-    params: &GenerateParams,
-) -> Result<Vec<Row>> {
+/// Runs `setups` over `inputs`; the first setup is the speedup baseline.
+pub fn compare(target: &Path, setups: &[Setup], inputs: &[Input], params: &GenerateParams) -> Result<Vec<Row>> {
     let mut rows: Vec<Row> = Vec::new();
-    for (label, drafter) in setups {
-        let engine = Engine::load(target, drafter.as_deref())?;
+    for setup in setups {
+        let engine = Engine::load(target, setup.drafter.as_deref())?;
         let p = GenerateParams {
             draft_mode: None,
-            ..*params
+            tree: setup.tree.clone(),
+            ..params.clone()
         };
         let (mut tokens, mut passes, mut emitted, mut loop_s) = (0usize, 0usize, 0.0f64, 0.0f64);
+        let mut drafted = 0.0f64;
         let mut stage = [0.0f64; 5];
         for input in inputs {
             let out = engine.generate(&input.prompt, input.image.as_ref(), &p, Hooks::default())?;
@@ -61,6 +71,12 @@ pub fn compare(
             tokens += out.tokens.len().saturating_sub(1);
             passes += m.target_passes;
             emitted += m.mal * m.target_passes as f64;
+            let per_pass = match setup.tree {
+                Some(_) => m.tree_nodes,
+                None if setup.drafter.is_some() => m.gamma as f64,
+                None => 0.0,
+            };
+            drafted += per_pass * m.target_passes as f64;
             loop_s += (t.draft + t.verify + t.accept) / 1e3;
             for (acc, v) in stage.iter_mut().zip([
                 t.vision,
@@ -81,8 +97,9 @@ pub fn compare(
             }
         });
         rows.push(Row {
-            setup: label.clone(),
+            setup: setup.label.clone(),
             mal: if passes > 0 { emitted / passes as f64 } else { 0.0 },
+            drafted_per_pass: if passes > 0 { drafted / passes as f64 } else { 0.0 },
             tokens_per_s: if loop_s > 0.0 { tokens as f64 / loop_s } else { 0.0 },
             ms_per_token,
             speedup,
@@ -100,14 +117,15 @@ pub fn compare(
 
 pub fn print_table(rows: &[Row]) {
     println!(
-        "{:<16} {:>6} {:>9} {:>8} {:>8} {:>9} {:>10} {:>9} {:>10} {:>9}",
-        "setup", "MAL", "tok/s", "ms/tok", "speedup", "vision", "prefill", "draft", "verify", "accept"
+        "{:<28} {:>6} {:>7} {:>9} {:>8} {:>8} {:>9} {:>10} {:>9} {:>10} {:>9}",
+        "setup", "MAL", "drafted", "tok/s", "ms/tok", "speedup", "vision", "prefill", "draft", "verify", "accept"
     );
     for r in rows {
         println!(
-            "{:<16} {:>6.2} {:>9.1} {:>8.2} {:>7.2}x {:>9.2} {:>10.2} {:>9.2} {:>10.2} {:>9.2}",
+            "{:<28} {:>6.2} {:>7.1} {:>9.1} {:>8.2} {:>7.2}x {:>9.2} {:>10.2} {:>9.2} {:>10.2} {:>9.2}",
             r.setup,
             r.mal,
+            r.drafted_per_pass,
             r.tokens_per_s,
             r.ms_per_token,
             r.speedup,
@@ -118,7 +136,7 @@ pub fn print_table(rows: &[Row]) {
             r.accept_ms
         );
     }
-    println!("(stage columns: mean ms per request)");
+    println!("(drafted: tokens the target scores per pass besides the last one; stage columns: mean ms per request)");
 }
 
 /// A model's decode step against the time it takes just to stream its weights once.

@@ -98,7 +98,7 @@ fn run_all(engine: &Engine, qs: &[Question], params: &GenerateParams) -> Result<
             .encode(&engine.tokenizer.user_prompt(&q.prompt, true)?)?;
         let p = GenerateParams {
             seed: params.seed + i as u64,
-            ..*params
+            ..params.clone()
         };
         let out = engine.generate_ids(&ids, std::slice::from_ref(&q.image), &p, Hooks::default())?;
         let m = &out.metrics;
@@ -192,7 +192,7 @@ pub fn run(assets: &Path, scenes: usize, gamma: usize, out_dir: &Path) -> Result
             top_k: 0,
             top_p: 1.0,
         },
-        ..greedy
+        ..greedy.clone()
     };
     let base0 = run_all(&baseline, &qs, &greedy)?;
     let base1 = run_all(&baseline, &qs, &sampled)?;

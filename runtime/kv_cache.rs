@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 
+#[derive(Clone)]
 pub struct KvCache {
     /// Per layer: [capacity, kv_heads, head_dim] keys and values.
     k: Vec<Vec<f32>>,
@@ -73,6 +74,26 @@ impl KvCache {
             )));
         }
         self.len = len;
+        Ok(())
+    }
+
+    /// Keeps, after the first `dst` tokens, the tokens at positions `keep` (ascending, each
+    /// at least `dst`) in that order and forgets the rest: the accepted path of a token tree
+    /// becomes contiguous, at the positions its depths gave it.
+    pub fn compact(&mut self, dst: usize, keep: &[usize]) -> Result<()> {
+        let ok =
+            keep.iter().enumerate().all(|(i, &p)| p >= dst + i && p < self.len) && keep.windows(2).all(|w| w[0] < w[1]);
+        if !ok {
+            return Err(Error::InvalidArgument(format!(
+                "compact({dst}, {keep:?}) needs ascending cached positions from {dst} (length {})",
+                self.len
+            )));
+        }
+        let path: Vec<u32> = keep.iter().map(|&p| p as u32).collect();
+        for cache in self.k.iter_mut().chain(self.v.iter_mut()) {
+            crate::reference::kv_compact(cache, &path, dst, self.row);
+        }
+        self.len = dst + keep.len();
         Ok(())
     }
 

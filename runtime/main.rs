@@ -13,6 +13,7 @@ use massv::model::Target;
 use massv::sampling::SamplingParams;
 use massv::spec::draft::DraftMode;
 use massv::spec::engine::{Engine, GenerateParams, Hooks};
+use massv::spec::tree::TreeSpec;
 use massv::synth::{synth, SynthDtype, SynthOptions};
 use massv::tokenizer::Tokenizer;
 use massv::weights::{write_safetensors, OwnedTensor};
@@ -62,6 +63,10 @@ enum Command {
         prompt: String,
         #[arg(long, default_value_t = 5)]
         gamma: usize,
+        /// Draft token trees instead of chains: static:<paths> (e.g. 0;1;0.0;0.1;0.0.0),
+        /// static:<w1>x<w2>x… (children per node at each depth) or dynamic:<nodes>,<depth>[,<width>].
+        #[arg(long)]
+        tree: Option<TreeSpec>,
         #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         temperature: f32,
         #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
@@ -99,6 +104,10 @@ enum Command {
         prompt: Vec<String>,
         #[arg(long, default_value_t = 5)]
         gamma: usize,
+        /// Also run every drafter with token trees of this shape (repeatable; syntax as
+        /// for `generate --tree`).
+        #[arg(long)]
+        tree: Vec<TreeSpec>,
         #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         temperature: f32,
         #[arg(long, default_value_t = 0)]
@@ -249,6 +258,7 @@ fn run(cli: Cli) -> Result<()> {
             image,
             prompt,
             gamma,
+            tree,
             temperature,
             top_p,
             top_k,
@@ -263,6 +273,7 @@ fn run(cli: Cli) -> Result<()> {
             let image = image.as_deref().map(ImageInput::from_path).transpose()?;
             let params = GenerateParams {
                 gamma,
+                tree,
                 sampling: SamplingParams {
                     temperature,
                     top_k,
@@ -296,6 +307,7 @@ fn run(cli: Cli) -> Result<()> {
             image,
             prompt,
             gamma,
+            tree,
             temperature,
             seed,
             max_new_tokens,
@@ -318,11 +330,23 @@ fn run(cli: Cli) -> Result<()> {
                     });
                 }
             }
-            let mut setups = vec![("target-only".to_string(), None)];
-            setups.extend(text_draft.map(|d| ("text-drafter".to_string(), Some(d))));
-            setups.extend(massv_draft.map(|d| ("massv-drafter".to_string(), Some(d))));
+            let setup =
+                |label: String, drafter: Option<PathBuf>, tree: Option<TreeSpec>| bench::Setup { label, drafter, tree };
+            let mut setups = vec![setup("target-only".into(), None, None)];
+            for (name, dir) in [("text-drafter", text_draft), ("massv-drafter", massv_draft)] {
+                let Some(dir) = dir else { continue };
+                setups.push(setup(name.into(), Some(dir.clone()), None));
+                for (i, t) in tree.iter().enumerate() {
+                    setups.push(setup(
+                        format!("{name} tree#{}", i + 1),
+                        Some(dir.clone()),
+                        Some(t.clone()),
+                    ));
+                }
+            }
             let params = GenerateParams {
                 gamma,
+                tree: None,
                 sampling: SamplingParams {
                     temperature,
                     ..Default::default()

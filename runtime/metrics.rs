@@ -32,7 +32,12 @@ pub struct Metrics {
     pub tokens_per_s: f64,
     pub target_passes: usize,
     pub generated_tokens: usize,
+    /// Drafted tokens per pass at most (the chain's γ, or the tree's depth).
     pub gamma: usize,
+    /// Mean drafted nodes per tree pass (0 for chains).
+    pub tree_nodes: f64,
+    /// accepted_hist[k]: passes that accepted k drafted tokens (accepted depth for trees).
+    pub accepted_hist: Vec<usize>,
 }
 
 /// Total variation distance ½ Σ |p − q| over the longer of the two vocabularies (the
@@ -51,6 +56,9 @@ pub struct Counters {
     pub emitted_by_passes: usize,
     pub drafted_at: Vec<usize>,
     pub accepted_at: Vec<usize>,
+    pub accepted_hist: Vec<usize>,
+    pub tree_passes: usize,
+    pub tree_nodes: usize,
 }
 
 impl Counters {
@@ -65,6 +73,24 @@ impl Counters {
         }
         self.passes += 1;
         self.emitted_by_passes += emitted;
+        if self.accepted_hist.len() <= accepted {
+            self.accepted_hist.resize(accepted + 1, 0);
+        }
+        self.accepted_hist[accepted] += 1;
+    }
+
+    /// A tree pass's size (drafted nodes); `record_pass` counts its acceptance.
+    pub fn record_tree(&mut self, nodes: usize) {
+        self.tree_passes += 1;
+        self.tree_nodes += nodes;
+    }
+
+    pub fn mean_tree_nodes(&self) -> f64 {
+        if self.tree_passes == 0 {
+            0.0
+        } else {
+            self.tree_nodes as f64 / self.tree_passes as f64
+        }
     }
 
     pub fn mal(&self) -> f64 {

@@ -763,12 +763,23 @@ fn twin_attention_verify_chain_is_causal_and_tree_is_per_branch() {
     let t = qkv(&mut rng, n, start + n, hq, hkv, d);
     let (q, k, v) = (&t.q.1, &t.k.1, &t.v.1);
     let mut got = vec![0.0; n * hq * d];
-    r::attention_verify(q, k, v, &mut got, &tree_mask(&mut rng, n, true), start, hq, hkv, d);
+    r::attention_verify(
+        q,
+        k,
+        v,
+        &mut got,
+        &tree_mask(&mut rng, n, true),
+        start,
+        start,
+        hq,
+        hkv,
+        d,
+    );
     let mut want = vec![0.0; n * hq * d];
     r::attention(q, k, v, &mut want, start, hq, hkv, d, None);
     assert!(max_err(&got, &want) < 1e-5);
     let mask = tree_mask(&mut rng, n, false);
-    r::attention_verify(q, k, v, &mut got, &mask, start, hq, hkv, d);
+    r::attention_verify(q, k, v, &mut got, &mask, start, start, hq, hkv, d);
     let row = hkv * d;
     for tq in 0..n {
         let path: Vec<usize> = (0..n).filter(|&j| mask[tq * n + j] != 0).collect();
@@ -821,12 +832,13 @@ fn attention_verify_chain_and_tree() {
                         &dv.as_view(),
                         &mut dout.as_view_mut(),
                         &dm.as_view(),
+                        start,
                         shape,
                         &mut scratch,
                     )
                     .unwrap();
                     let mut want = vec![0.0; n * hq * d];
-                    r::attention_verify(&t.q.1, &t.k.1, &t.v.1, &mut want, &mask, start, hq, hkv, d);
+                    r::attention_verify(&t.q.1, &t.k.1, &t.v.1, &mut want, &mask, start, start, hq, hkv, d);
                     if chain {
                         // A chain's mask is causal: the same as a prefill of the block.
                         let mut causal = vec![0.0; n * hq * d];
@@ -1410,6 +1422,7 @@ impl Bench {
                     &v.as_view(),
                     &mut out.as_view_mut(),
                     &mask.as_view(),
+                    len - n,
                     shape,
                     &mut scratch,
                 )

@@ -5,9 +5,9 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::fixture;
+use common::{chi2, chi2_critical, exact_sequences, fixture};
 use massv::model::qwen2::Logits;
-use massv::sampling::{probabilities, Rng, SamplingParams};
+use massv::sampling::{Rng, SamplingParams};
 use massv::spec::engine::{Engine, GenerateParams, Hooks};
 use massv::spec::verify::{residual, verify_sampled};
 
@@ -63,39 +63,6 @@ fn text_drafters_are_lossless_at_t0() {
     }
 }
 
-/// Exact probability of each 3-token continuation under target-only sampling.
-fn exact_sequences(e: &Engine, prompt: &[u32], sp: &SamplingParams) -> BTreeMap<Vec<u32>, f64> {
-    let mut out = BTreeMap::new();
-    let (logits, mut s) = e.target.prefill(prompt, &[], &[], 4, Logits::Last).unwrap();
-    let p0 = probabilities(&logits, sp);
-    for (a, &pa) in p0.iter().enumerate().filter(|(_, &p)| p > 0.0) {
-        let base = s.cache.len();
-        let l1 = e.target.decode(&[a as u32], &mut s, Logits::Last).unwrap();
-        let p1 = probabilities(&l1, sp);
-        for (b, &pb) in p1.iter().enumerate().filter(|(_, &p)| p > 0.0) {
-            let l2 = e.target.decode(&[b as u32], &mut s, Logits::Last).unwrap();
-            for (c, &pc) in probabilities(&l2, sp).iter().enumerate().filter(|(_, &p)| p > 0.0) {
-                out.insert(vec![a as u32, b as u32, c as u32], pa as f64 * pb as f64 * pc as f64);
-            }
-            s.cache.rollback_to(base + 1).unwrap();
-        }
-        s.cache.rollback_to(base).unwrap();
-    }
-    out
-}
-
-/// Pearson χ² of observed counts against expected probabilities.
-fn chi2(observed: &BTreeMap<Vec<u32>, usize>, expected: &BTreeMap<Vec<u32>, f64>, n: usize) -> f64 {
-    assert!(
-        observed.keys().all(|k| expected.contains_key(k)),
-        "a sequence the target cannot produce"
-    );
-    expected
-        .iter()
-        .map(|(k, &p)| (observed.get(k).copied().unwrap_or(0) as f64 - p * n as f64).powi(2) / (p * n as f64))
-        .sum()
-}
-
 #[test]
 fn sampling_keeps_the_target_distribution() {
     // A drafter that disagrees with the target (another random model), top-k 2 so three
@@ -117,6 +84,7 @@ fn sampling_keeps_the_target_distribution() {
     for seed in 0..n {
         let params = GenerateParams {
             gamma: 3,
+            tree: None,
             sampling: sp,
             seed: seed as u64,
             max_new_tokens: 3,
@@ -134,7 +102,7 @@ fn sampling_keeps_the_target_distribution() {
     let df = expected.len() - 1;
     let stat = chi2(&observed, &expected, n);
     // 99.9% quantiles of χ² for df ≤ 7.
-    let crit = [10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32][df - 1];
+    let crit = chi2_critical(df);
     assert!(
         stat < crit,
         "χ² = {stat:.2} ≥ {crit} (df {df}): {observed:?} vs {expected:?}"

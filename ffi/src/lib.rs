@@ -398,6 +398,7 @@ fn to_generate_params(p: &massv_generate_params) -> Result<GenerateParams, Failu
     }
     Ok(GenerateParams {
         gamma: p.gamma,
+        tree: None,
         sampling: SamplingParams {
             temperature: p.temperature,
             top_k: p.top_k,

@@ -149,6 +149,25 @@ pub fn attention(
     out
 }
 
+/// Attention of n new queries under an explicit mask (token trees; see
+/// `reference::attention_verify`). Tree blocks are small: one pass, no rayon.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_masked(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[u8],
+    mask_start: usize,
+    start: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    d: usize,
+) -> Vec<f32> {
+    let mut out = vec![0.0; q.len()];
+    reference::attention_verify(q, k, v, &mut out, mask, mask_start, start, q_heads, kv_heads, d);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -181,6 +181,7 @@ struct AttnParams {
     cu_seqlens: u64,
     n: i32,
     start: i32,
+    mask_start: i32,
     kv_len: i32,
     hq: i32,
     hkv: i32,
@@ -1128,8 +1129,10 @@ impl CudaDevice {
     }
 
     /// A block of n = γ + 1 (or tree) queries at positions start..start + n: every cached
-    /// key before `start` plus block key j for query t iff mask[t · n + j] != 0
-    /// (mask: [n, n] u8 on the device; causal for a chain, ancestors for a tree).
+    /// key before `mask_start` plus key mask_start + j for query t iff
+    /// mask[t · span + j] != 0, span = start + n − mask_start (mask: [n, span] u8 on the
+    /// device; mask_start = start for a target's chain or tree, below it for a drafter
+    /// whose earlier tree depths are cached). Twin: `reference::attention_verify`.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_verify(
         &self,
@@ -1138,10 +1141,18 @@ impl CudaDevice {
         v: &CudaView<'_, bf16>,
         out: &mut CudaViewMut<'_, bf16>,
         mask: &CudaView<'_, u8>,
+        mask_start: usize,
         shape: AttnShape,
         scratch: &mut AttnScratch,
     ) -> Result<()> {
-        need("attention_verify", "mask", mask.len(), shape.n * shape.n)?;
+        if mask_start > shape.start {
+            return Err(shape_err(
+                "attention_verify",
+                format!("mask_start {mask_start} is past the block start {}", shape.start),
+            ));
+        }
+        let span = shape.start + shape.n - mask_start;
+        need("attention_verify", "mask", mask.len(), shape.n * span)?;
         let mp = self.rptr(mask);
         let kv_len = shape.start + shape.n;
         self.attention(
@@ -1153,7 +1164,7 @@ impl CudaDevice {
             shape,
             kv_len,
             None,
-            Some(mp),
+            Some((mp, mask_start)),
             Some(scratch),
         )
     }
@@ -1227,7 +1238,7 @@ impl CudaDevice {
         s: AttnShape,
         kv_len: usize,
         window: Option<usize>,
-        mask: Option<u64>,
+        mask: Option<(u64, usize)>,
         scratch: Option<&mut AttnScratch>,
     ) -> Result<()> {
         let op = match mode {
@@ -1280,10 +1291,11 @@ impl CudaDevice {
             out: self.wptr(out),
             o_part: op_ptr,
             ml_part: ml_ptr,
-            mask: mask.unwrap_or(0),
+            mask: mask.map_or(0, |m| m.0),
             cu_seqlens: 0,
             n: i32_arg(op, "n", s.n)?,
             start: i32_arg(op, "start", s.start)?,
+            mask_start: i32_arg(op, "mask_start", mask.map_or(s.start, |m| m.1))?,
             kv_len: i32_arg(op, "kv_len", kv_len)?,
             hq: s.q_heads as i32,
             hkv: s.kv_heads as i32,

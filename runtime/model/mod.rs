@@ -11,7 +11,7 @@ use crate::config::{read_json_object, TextConfig};
 use crate::error::{Error, Result};
 use crate::image::Preprocessed;
 use crate::kv_cache::KvCache;
-use qwen2::{Logits, Qwen2};
+use qwen2::{Logits, Positions, Qwen2, TreeMask};
 use qwen2_5_vl::{Qwen25Vl, VisionOutput};
 
 #[allow(clippy::large_enum_variant)] // one per process, never moved in a hot path
@@ -21,6 +21,7 @@ pub enum Target {
 }
 
 /// Per-request decoding state of one model.
+#[derive(Clone)]
 pub struct Session {
     pub cache: KvCache,
     /// Added to cache indices to get text positions (M-RoPE; 0 for text LMs).
@@ -121,6 +122,38 @@ impl Target {
         match self {
             Target::Text(m) => m.forward_tokens(tokens, &mut s.cache, logits),
             Target::Vl(m) => m.decode(tokens, s.rope_delta, &mut s.cache, logits),
+        }
+    }
+
+    /// Scores a token tree after the session's cache in one pass: node i (tree order,
+    /// parents first) sits at position (cache length + depths[i]) and sees the cache and
+    /// the nodes `mask` allows ([n, n]: its ancestors and itself). Logits of every node.
+    pub fn decode_tree(&self, tokens: &[u32], depths: &[usize], mask: &[u8], s: &mut Session) -> Result<Vec<f32>> {
+        if depths.len() != tokens.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} tree depths for {} tokens",
+                depths.len(),
+                tokens.len()
+            )));
+        }
+        let mask = TreeMask {
+            start: s.cache.len(),
+            allow: mask,
+        };
+        match self {
+            Target::Text(m) => {
+                let start = s.cache.len() as i32;
+                let positions: Vec<i32> = depths.iter().map(|&d| start + d as i32).collect();
+                let hidden = m.embed(tokens)?;
+                m.forward_masked(
+                    hidden,
+                    Positions::Seq(&positions),
+                    &mut s.cache,
+                    Logits::All,
+                    Some(mask),
+                )
+            }
+            Target::Vl(m) => m.decode_tree(tokens, depths, mask, s.rope_delta, &mut s.cache),
         }
     }
 }

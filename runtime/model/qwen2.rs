@@ -28,6 +28,15 @@ pub enum Positions<'a> {
     Multi(&'a [i32]),
 }
 
+/// Which cached keys each new token sees when the causal rule does not apply (a token
+/// tree): every key before `start`, and key start + j for new token t iff
+/// allow[t · span + j] != 0, where span = (cache length after the pass) − start.
+#[derive(Debug, Clone, Copy)]
+pub struct TreeMask<'a> {
+    pub start: usize,
+    pub allow: &'a [u8],
+}
+
 /// One decoder layer. Shapes with D = hidden, Q = heads·head_dim, KV = kv_heads·head_dim,
 /// I = intermediate.
 struct Layer {
@@ -187,13 +196,25 @@ impl Qwen2 {
     }
 
     /// The decoder on input embeddings `hidden` [n, D] at rotary `positions` (which need
-    /// not equal cache indices). Returns [rows, V] logits.
+    /// not equal cache indices), causal. Returns [rows, V] logits.
     pub fn forward(
+        &self,
+        hidden: Vec<f32>,
+        positions: Positions,
+        cache: &mut KvCache,
+        logits: Logits,
+    ) -> Result<Vec<f32>> {
+        self.forward_masked(hidden, positions, cache, logits, None)
+    }
+
+    /// [`Qwen2::forward`] with the causal rule replaced by `mask` when one is given.
+    pub fn forward_masked(
         &self,
         mut hidden: Vec<f32>,
         positions: Positions,
         cache: &mut KvCache,
         logits: Logits,
+        mask: Option<TreeMask>,
     ) -> Result<Vec<f32>> {
         let c = &self.cfg;
         let (d, q_dim, kv_dim) = (c.hidden_size, c.q_dim(), c.kv_dim());
@@ -222,6 +243,24 @@ impl Qwen2 {
             }
         };
         cache.reserve(n)?;
+        if let Some(m) = mask {
+            let span = (cache.len() + n)
+                .checked_sub(m.start)
+                .filter(|_| m.start <= cache.len());
+            if span.map(|s| s * n) != Some(m.allow.len()) {
+                return Err(Error::InvalidArgument(format!(
+                    "tree mask of {} entries from key {} does not fit {n} tokens after {} cached",
+                    m.allow.len(),
+                    m.start,
+                    cache.len()
+                )));
+            }
+            if (0..c.num_hidden_layers).any(|l| c.layer_window(l).is_some()) {
+                return Err(Error::InvalidArgument(
+                    "token trees are not supported with sliding-window attention".into(),
+                ));
+            }
+        }
         let eps = c.rms_norm_eps as f32;
         let theta = c.rope_theta as f32;
         let start = cache.len();
@@ -249,16 +288,11 @@ impl Qwen2 {
                 }
             }
             let (kc, vc) = cache.write(l, &k, &v);
-            let attn = cpu::attention(
-                &q,
-                kc,
-                vc,
-                start,
-                c.num_attention_heads,
-                c.num_key_value_heads,
-                c.head_dim,
-                c.layer_window(l),
-            );
+            let (hq, hkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+            let attn = match mask {
+                None => cpu::attention(&q, kc, vc, start, hq, hkv, hd, c.layer_window(l)),
+                Some(m) => cpu::attention_masked(&q, kc, vc, m.allow, m.start, start, hq, hkv, hd),
+            };
             add_into(&mut hidden, &cpu::linear(&attn, &layer.o_w, None, q_dim));
             let h = cpu::rmsnorm(&hidden, &layer.post_norm, d, eps);
             let gu = cpu::linear(&h, &layer.gate_up_w, None, d);

@@ -10,7 +10,7 @@ use crate::backend::cpu;
 use crate::config::{self, VisionConfig, VlConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
-use crate::model::qwen2::{self, add_into, Logits, Positions, Qwen2};
+use crate::model::qwen2::{self, add_into, Logits, Positions, Qwen2, TreeMask};
 use crate::weights::Weights;
 
 const VISION_NORM_EPS: f32 = 1e-6;
@@ -468,5 +468,22 @@ impl Qwen25Vl {
         let positions: Vec<i32> = (start..start + tokens.len() as i32).collect();
         let hidden = self.lm.embed(tokens)?;
         self.lm.forward(hidden, Positions::Seq(&positions), cache, logits)
+    }
+
+    /// Scores a token tree after the cache: node i at text position
+    /// cache index + depths[i] + rope_delta, attending through `mask`.
+    pub fn decode_tree(
+        &self,
+        tokens: &[u32],
+        depths: &[usize],
+        mask: TreeMask,
+        rope_delta: i32,
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>> {
+        let start = cache.len() as i32 + rope_delta;
+        let positions: Vec<i32> = depths.iter().map(|&d| start + d as i32).collect();
+        let hidden = self.lm.embed(tokens)?;
+        self.lm
+            .forward_masked(hidden, Positions::Seq(&positions), cache, Logits::All, Some(mask))
     }
 }

@@ -27,8 +27,11 @@ pub fn attention_decode(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], q_head
 }
 
 /// A block of n queries (q: [n, q_heads, d]) whose keys/values were written at cache
-/// positions start..start + n: query t sees every key before `start` and block key j
-/// iff mask[t * n + j] != 0. k, v: [start + n, kv_heads, d]. A key-less row gives zeros.
+/// positions start..start + n. Query t sees every key before `mask_start` and key
+/// mask_start + j iff mask[t * span + j] != 0, span = start + n − mask_start (≤ start:
+/// with mask_start = start the mask is [n, n] over the block, causal for a chain and
+/// ancestors for a tree; a drafter expanding a tree depth by depth masks its earlier
+/// depths too). k, v: [start + n, kv_heads, d]. A key-less row gives zeros.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_verify(
     q: &[f32],
@@ -36,6 +39,7 @@ pub fn attention_verify(
     v: &[f32],
     out: &mut [f32],
     mask: &[u8],
+    mask_start: usize,
     start: usize,
     q_heads: usize,
     kv_heads: usize,
@@ -44,12 +48,13 @@ pub fn attention_verify(
     let group = q_heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     let n = q.len() / (q_heads * d);
+    let span = start + n - mask_start;
     let mut keys = Vec::new();
     let mut scores = Vec::new();
     for t in 0..n {
         keys.clear();
-        keys.extend(0..start);
-        keys.extend((0..n).filter(|&j| mask[t * n + j] != 0).map(|j| start + j));
+        keys.extend(0..mask_start);
+        keys.extend((0..span).filter(|&j| mask[t * span + j] != 0).map(|j| mask_start + j));
         for h in 0..q_heads {
             let kh = h / group;
             let qv = &q[(t * q_heads + h) * d..][..d];

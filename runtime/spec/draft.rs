@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::model::projector::Projector;
-use crate::model::qwen2::{Logits, Positions, Qwen2};
+use crate::model::qwen2::{Logits, Positions, Qwen2, TreeMask};
 use crate::model::qwen2_5_vl::VisionOutput;
 use crate::model::Target;
 use crate::sampling::{probabilities, Rng, SamplingParams};
@@ -149,11 +149,30 @@ impl Drafter {
     }
 
     /// Runs `hidden` after the cache at 1-D positions = cache indices; last-row logits.
-    fn run(&self, hidden: Vec<f32>, cache: &mut KvCache) -> Result<Vec<f32>> {
+    pub(super) fn run(&self, hidden: Vec<f32>, cache: &mut KvCache) -> Result<Vec<f32>> {
         let n = hidden.len() / self.lm.cfg.hidden_size;
         let start = cache.len() as i32;
         let positions: Vec<i32> = (start..start + n as i32).collect();
         self.lm.forward(hidden, Positions::Seq(&positions), cache, Logits::Last)
+    }
+
+    /// Scores one depth of a tree: `tokens` at `position` each, seeing what `mask` allows;
+    /// logits of every row.
+    pub(super) fn run_tree(
+        &self,
+        tokens: &[u32],
+        position: i32,
+        cache: &mut KvCache,
+        mask: TreeMask,
+    ) -> Result<Vec<f32>> {
+        let positions = vec![position; tokens.len()];
+        self.lm.forward_masked(
+            self.embed_lossy(tokens),
+            Positions::Seq(&positions),
+            cache,
+            Logits::All,
+            Some(mask),
+        )
     }
 }
 
@@ -205,14 +224,17 @@ pub fn strip_vision(ids: &[u32], t: &VisionTokens) -> Vec<u32> {
 
 /// The drafter's side of one request: its cache, and the committed tokens it has not
 /// seen yet (the target's last token, plus the last draft when all were accepted).
+#[derive(Clone)]
 pub struct DraftState {
     pub cache: KvCache,
     pub pending: Vec<u32>,
     /// Cache length before the last `draft` call fed anything.
-    base: usize,
+    pub(super) base: usize,
     /// Tokens of the last `draft` call that entered the cache: pending, then drafts.
-    fed_drafts: usize,
-    fed_pending: usize,
+    pub(super) fed_drafts: usize,
+    pub(super) fed_pending: usize,
+    /// After `draft_tree`: the cache index of each tree node the drafter scored.
+    pub(super) tree_slots: Vec<Option<usize>>,
 }
 
 impl DraftState {
@@ -235,6 +257,7 @@ impl DraftState {
             base: 0,
             fed_drafts: 0,
             fed_pending: 0,
+            tree_slots: Vec::new(),
         })
     }
 

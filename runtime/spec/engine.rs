@@ -14,13 +14,16 @@ use crate::model::qwen2::Logits;
 use crate::model::Target;
 use crate::sampling::{probabilities, Rng, SamplingParams};
 use crate::spec::draft::{DraftMode, DraftState, Drafter, VisionTokens};
+use crate::spec::tree::{verify_tree_greedy, verify_tree_sampled, TreeSpec, TreeVerdict};
 use crate::spec::verify::{residual, verify_greedy, verify_sampled, Verdict};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GenerateParams {
-    /// Drafted tokens per verification pass (ignored without a drafter).
+    /// Drafted tokens per verification pass (ignored without a drafter or with a tree).
     pub gamma: usize,
+    /// Draft token trees of this shape instead of chains (needs a drafter).
+    pub tree: Option<TreeSpec>,
     pub sampling: SamplingParams,
     pub seed: u64,
     pub max_new_tokens: usize,
@@ -32,6 +35,7 @@ impl Default for GenerateParams {
     fn default() -> Self {
         GenerateParams {
             gamma: 5,
+            tree: None,
             sampling: SamplingParams::default(),
             seed: 0,
             max_new_tokens: 128,
@@ -131,9 +135,12 @@ impl Engine {
             if params.draft_mode.is_some() {
                 return Err(Error::InvalidArgument("--draft-mode needs --draft".into()));
             }
+            if params.tree.is_some() {
+                return Err(Error::InvalidArgument("--tree needs --draft".into()));
+            }
             return Ok(None);
         };
-        if params.gamma == 0 {
+        if params.gamma == 0 && params.tree.is_none() {
             return Err(Error::InvalidArgument("gamma must be at least 1 with a drafter".into()));
         }
         let mode = params.draft_mode.unwrap_or(d.default_mode());
@@ -170,9 +177,15 @@ impl Engine {
         let mut rng = Rng::new(params.seed);
         let mut t = Timings::default();
         let t_total = Instant::now();
-        let gamma = if drafter.is_some() { params.gamma } else { 0 };
-        // The cache must hold the output plus one verify block beyond it.
-        let extra = params.max_new_tokens + gamma + 1;
+        let tree = params.tree.as_ref().filter(|_| drafter.is_some());
+        let gamma = match (drafter, tree) {
+            (None, _) => 0,
+            (Some(_), None) => params.gamma,
+            (Some(_), Some(t)) => t.depth(),
+        };
+        // The caches must hold the output plus one verify block (or drafted tree) beyond it.
+        let block = tree.map_or(gamma, |t| t.max_nodes().max(t.max_fed()));
+        let extra = params.max_new_tokens + block + 1;
 
         let t0 = Instant::now();
         let vision = self.target.encode_images(images)?;
@@ -206,46 +219,71 @@ impl Engine {
             step += 1;
             // Shorten the chain near the end: a pass emits at most g + 1 tokens.
             let g = gamma.min(params.max_new_tokens - out.len() - 1);
-            let t0 = Instant::now();
-            let (drafts, qs) = match &mut draft_state {
-                Some((d, state)) if g > 0 => state.draft(d, g, sp, &mut rng)?,
-                _ => (Vec::new(), Vec::new()),
-            };
-            t.draft += trace.span("draft", step, t0);
-
-            let t0 = Instant::now();
             let last = *out.last().unwrap_or(&first);
-            let base = session.cache.len();
-            let block: Vec<u32> = std::iter::once(last).chain(drafts.iter().copied()).collect();
-            let logits = self.target.decode(&block, &mut session, Logits::All)?;
-            t.verify += trace.span("verify", step, t0);
+            // Each arm drafts, verifies, keeps the accepted tokens in both caches and returns
+            // them with the depth drafted and when acceptance began.
+            let (new, drafted, t_accept) = match (&mut draft_state, tree) {
+                (Some((d, state)), Some(spec)) if g > 0 => {
+                    let t0 = Instant::now();
+                    let tr = state.draft_tree(d, spec, g, sp, &mut rng)?;
+                    t.draft += trace.span("draft", step, t0);
+                    let t0 = Instant::now();
+                    let base = session.cache.len();
+                    let logits = self
+                        .target
+                        .decode_tree(&tr.tokens, &tr.depths, &tr.mask(), &mut session)?;
+                    t.verify += trace.span("verify", step, t0);
+                    let t0 = Instant::now();
+                    let verdict = self.verify_tree(&tr, &logits, sp, &mut rng);
+                    let keep: Vec<usize> = verdict.path.iter().map(|&n| base + n).collect();
+                    session.cache.compact(base + 1, &keep)?;
+                    state.commit_tree(&tr, &verdict)?;
+                    counters.record_tree(tr.len() - 1);
+                    (verdict.emitted(&tr), tr.depth(), t0)
+                }
+                _ => {
+                    let t0 = Instant::now();
+                    let (drafts, qs) = match &mut draft_state {
+                        Some((d, state)) if g > 0 => state.draft(d, g, sp, &mut rng)?,
+                        _ => (Vec::new(), Vec::new()),
+                    };
+                    t.draft += trace.span("draft", step, t0);
 
-            let t0 = Instant::now();
-            let v = logits.len() / block.len();
-            let verdict = if sp.is_greedy() {
-                let argmaxes: Vec<u32> = logits.chunks_exact(v).map(|r| argmax(r) as u32).collect();
-                verify_greedy(&drafts, &argmaxes)
-            } else {
-                let ps: Vec<Vec<f32>> = logits.chunks_exact(v).map(|r| probabilities(r, sp)).collect();
-                if drafts.is_empty() {
-                    Verdict {
-                        accepted: 0,
-                        next: rng.sample(&ps[0]) as u32,
+                    let t0 = Instant::now();
+                    let base = session.cache.len();
+                    let block: Vec<u32> = std::iter::once(last).chain(drafts.iter().copied()).collect();
+                    let logits = self.target.decode(&block, &mut session, Logits::All)?;
+                    t.verify += trace.span("verify", step, t0);
+
+                    let t0 = Instant::now();
+                    let v = logits.len() / block.len();
+                    let verdict = if sp.is_greedy() {
+                        let argmaxes: Vec<u32> = logits.chunks_exact(v).map(|r| argmax(r) as u32).collect();
+                        verify_greedy(&drafts, &argmaxes)
+                    } else {
+                        let ps: Vec<Vec<f32>> = logits.chunks_exact(v).map(|r| probabilities(r, sp)).collect();
+                        if drafts.is_empty() {
+                            Verdict {
+                                accepted: 0,
+                                next: rng.sample(&ps[0]) as u32,
+                            }
+                        } else {
+                            verify_sampled(&drafts, &qs, &ps, &mut rng, residual)
+                        }
+                    };
+                    session.cache.rollback_to(base + 1 + verdict.accepted)?;
+                    if let Some((_, state)) = &mut draft_state {
+                        state.commit(&drafts, verdict.accepted, verdict.next)?;
                     }
-                } else {
-                    verify_sampled(&drafts, &qs, &ps, &mut rng, residual)
+                    let new: Vec<u32> = drafts[..verdict.accepted]
+                        .iter()
+                        .copied()
+                        .chain([verdict.next])
+                        .collect();
+                    (new, drafts.len(), t0)
                 }
             };
-            session.cache.rollback_to(base + 1 + verdict.accepted)?;
-            if let Some((_, state)) = &mut draft_state {
-                state.commit(&drafts, verdict.accepted, verdict.next)?;
-            }
-            let new: Vec<u32> = drafts[..verdict.accepted]
-                .iter()
-                .copied()
-                .chain([verdict.next])
-                .collect();
-            counters.record_pass(drafts.len(), verdict.accepted, new.len());
+            counters.record_pass(drafted, new.len() - 1, new.len());
             for tok in new {
                 out.push(tok);
                 let last = is_last(tok, out.len());
@@ -254,7 +292,7 @@ impl Engine {
                     break;
                 }
             }
-            t.accept += trace.span("accept", step, t0);
+            t.accept += trace.span("accept", step, t_accept);
         }
         let loop_s = t_loop.elapsed().as_secs_f64();
         t.total = t_total.elapsed().as_secs_f64() * 1e3;
@@ -273,12 +311,34 @@ impl Engine {
             target_passes: counters.passes,
             generated_tokens: out.len(),
             gamma,
+            tree_nodes: counters.mean_tree_nodes(),
+            accepted_hist: counters.accepted_hist.clone(),
         };
         Ok(Output {
             text,
             tokens: out,
             metrics,
         })
+    }
+}
+
+impl Engine {
+    /// The target's verdict on a scored tree (logits: one row per node).
+    fn verify_tree(
+        &self,
+        tree: &crate::spec::tree::TokenTree,
+        logits: &[f32],
+        sp: &SamplingParams,
+        rng: &mut Rng,
+    ) -> TreeVerdict {
+        let v = logits.len() / tree.len();
+        if sp.is_greedy() {
+            let argmaxes: Vec<u32> = logits.chunks_exact(v).map(|r| argmax(r) as u32).collect();
+            verify_tree_greedy(tree, &argmaxes)
+        } else {
+            let ps: Vec<Vec<f32>> = logits.chunks_exact(v).map(|r| probabilities(r, sp)).collect();
+            verify_tree_sampled(tree, &ps, rng, residual)
+        }
     }
 }
 

@@ -1,5 +1,8 @@
-//! Speculative decoding: the drafter and chain drafting, the verification maths, and the loop.
+//! Speculative decoding: the drafter and chain / tree drafting, the verification maths,
+//! and the loop.
 
 pub mod draft;
 pub mod engine;
+pub mod tree;
+mod tree_draft;
 pub mod verify;

@@ -1,6 +1,7 @@
 //! Shared helpers of the integration tests: fixture paths and golden tensors.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
@@ -82,4 +83,61 @@ impl Golden {
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Exact probability of each 3-token continuation under target-only sampling.
+pub fn exact_sequences(
+    e: &massv::spec::engine::Engine,
+    prompt: &[u32],
+    sp: &massv::sampling::SamplingParams,
+) -> BTreeMap<Vec<u32>, f64> {
+    let mut out = BTreeMap::new();
+    let (logits, mut s) = e
+        .target
+        .prefill(prompt, &[], &[], 4, massv::model::qwen2::Logits::Last)
+        .unwrap();
+    let p0 = massv::sampling::probabilities(&logits, sp);
+    for (a, &pa) in p0.iter().enumerate().filter(|(_, &p)| p > 0.0) {
+        let base = s.cache.len();
+        let l1 = e
+            .target
+            .decode(&[a as u32], &mut s, massv::model::qwen2::Logits::Last)
+            .unwrap();
+        let p1 = massv::sampling::probabilities(&l1, sp);
+        for (b, &pb) in p1.iter().enumerate().filter(|(_, &p)| p > 0.0) {
+            let l2 = e
+                .target
+                .decode(&[b as u32], &mut s, massv::model::qwen2::Logits::Last)
+                .unwrap();
+            for (c, &pc) in massv::sampling::probabilities(&l2, sp)
+                .iter()
+                .enumerate()
+                .filter(|(_, &p)| p > 0.0)
+            {
+                out.insert(vec![a as u32, b as u32, c as u32], pa as f64 * pb as f64 * pc as f64);
+            }
+            s.cache.rollback_to(base + 1).unwrap();
+        }
+        s.cache.rollback_to(base).unwrap();
+    }
+    out
+}
+
+/// Pearson χ² of observed counts against expected probabilities.
+pub fn chi2(observed: &BTreeMap<Vec<u32>, usize>, expected: &BTreeMap<Vec<u32>, f64>, n: usize) -> f64 {
+    assert!(
+        observed.keys().all(|k| expected.contains_key(k)),
+        "a sequence the target cannot produce"
+    );
+    expected
+        .iter()
+        .map(|(k, &p)| (observed.get(k).copied().unwrap_or(0) as f64 - p * n as f64).powi(2) / (p * n as f64))
+        .sum()
+}
+
+/// 99.9% quantile of χ² with `df` (1..=15) degrees of freedom.
+pub fn chi2_critical(df: usize) -> f64 {
+    [
+        10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32, 26.12, 27.88, 29.59, 31.26, 32.91, 34.53, 36.12, 37.70,
+    ][df - 1]
 }

@@ -149,6 +149,7 @@ pub fn distill_data(args: &DistillRun) -> Result<DistillReport> {
             }
             let params = GenerateParams {
                 gamma: 1,
+                tree: None,
                 sampling,
                 // Distinct, reproducible streams per (line, sample).
                 seed: args

@@ -1,0 +1,218 @@
+//! Drafting a token tree depth by depth (all nodes of a depth in one drafter pass, under
+//! a tree mask over the drafter's own cache), and keeping only the accepted path of that
+//! cache afterwards.
+
+use std::cmp::Ordering;
+
+use crate::error::{Error, Result};
+use crate::model::qwen2::TreeMask;
+use crate::sampling::{probabilities, Rng, SamplingParams};
+use crate::spec::draft::{DraftState, Drafter};
+use crate::spec::tree::{draw_without_replacement, top_tokens, Proposal, TokenTree, TreeSpec, TreeVerdict};
+
+/// A tree while it grows: per node its rank path, log path probability under the
+/// drafter, drafter cache slot, and the distribution its children come from.
+struct Growing {
+    tree: TokenTree,
+    ranks: Vec<Vec<usize>>,
+    logp: Vec<f64>,
+    slots: Vec<Option<usize>>,
+    dist: Vec<Option<Vec<f32>>>,
+}
+
+impl Growing {
+    fn push(&mut self, parent: usize, rank: usize, token: u32, q: f32) -> usize {
+        let c = self.tree.push(parent, token);
+        self.ranks.push([self.ranks[parent].as_slice(), &[rank]].concat());
+        self.logp.push(self.logp[parent] + (q as f64).ln());
+        self.slots.push(None);
+        self.dist.push(None);
+        c
+    }
+
+    /// Orders nodes by path probability, best first (ties: earlier node).
+    fn by_logp(&self, a: usize, b: usize) -> Ordering {
+        self.logp[b]
+            .partial_cmp(&self.logp[a])
+            .unwrap_or(Ordering::Equal)
+            .then(a.cmp(&b))
+    }
+
+    /// The `nodes` most probable nodes (a node's path probability never exceeds its
+    /// parent's, so the kept set is a tree), renumbered parents first, siblings in order.
+    fn prune(self, nodes: usize) -> (TokenTree, Vec<Option<usize>>) {
+        let n = self.tree.len();
+        let mut order: Vec<usize> = (1..n).collect();
+        order.sort_by(|&a, &b| self.by_logp(a, b));
+        let mut keep = vec![false; n];
+        keep[0] = true;
+        let mut kept = 0;
+        for c in order {
+            if kept == nodes {
+                break;
+            }
+            if keep[self.tree.parents[c]] {
+                keep[c] = true;
+                kept += 1;
+            }
+        }
+        let mut new_order: Vec<usize> = (0..n).filter(|&i| keep[i]).collect();
+        new_order.sort_by_key(|&i| (self.tree.depths[i], i));
+        let mut new_index = vec![usize::MAX; n];
+        new_index[0] = 0;
+        let mut tree = TokenTree::root(self.tree.tokens[0], self.tree.proposal);
+        let mut slots = vec![self.slots[0]];
+        for &old in &new_order[1..] {
+            let c = tree.push(new_index[self.tree.parents[old]], self.tree.tokens[old]);
+            tree.q[c] = self.tree.q[old].clone();
+            new_index[old] = c;
+            slots.push(self.slots[old]);
+        }
+        tree.q[0] = self.tree.q[0].clone();
+        (tree, slots)
+    }
+}
+
+/// The distribution children are ranked or drawn by: the processed q at T > 0 (what
+/// verification tests against), the plain softmax at T = 0 (the processed one is one-hot).
+fn child_dist(logits: &[f32], params: &SamplingParams) -> Vec<f32> {
+    if params.is_greedy() {
+        let softmax = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        };
+        probabilities(logits, &softmax)
+    } else {
+        probabilities(logits, params)
+    }
+}
+
+impl DraftState {
+    /// Drafts a tree shaped by `spec`, at most `max_depth` deep, rooted at the last
+    /// pending token. Children are the top tokens (T = 0, and dynamic shapes) or draws
+    /// without replacement (static shapes at T > 0); see `spec::tree` for why both are exact.
+    pub fn draft_tree(
+        &mut self,
+        drafter: &Drafter,
+        spec: &TreeSpec,
+        max_depth: usize,
+        params: &SamplingParams,
+        rng: &mut Rng,
+    ) -> Result<TokenTree> {
+        let root = *self
+            .pending
+            .last()
+            .ok_or_else(|| Error::InvalidArgument("draft_tree with nothing pending".into()))?;
+        self.base = self.cache.len();
+        self.fed_drafts = 0;
+        let logits = drafter.run(drafter.embed_lossy(&self.pending), &mut self.cache)?;
+        self.fed_pending = self.pending.len();
+        let tree_start = self.cache.len();
+        let root_slot = tree_start - 1;
+        let fixed = params.is_greedy() || matches!(spec, TreeSpec::Dynamic { .. });
+        let proposal = if fixed { Proposal::Fixed } else { Proposal::Sampled };
+        let mut g = Growing {
+            tree: TokenTree::root(root, proposal),
+            ranks: vec![Vec::new()],
+            logp: vec![0.0],
+            slots: vec![Some(root_slot)],
+            dist: vec![Some(child_dist(&logits, params))],
+        };
+        let depth = spec.depth().min(max_depth);
+        let vocab = drafter.lm.cfg.vocab_size;
+        let mut frontier = vec![0usize];
+        for d in 1..=depth {
+            let mut born = Vec::new();
+            for &f in &frontier {
+                let Some(q) = g.dist[f].take() else { continue };
+                let k = match spec {
+                    TreeSpec::Static(paths) => TreeSpec::static_children(paths, &g.ranks[f]),
+                    TreeSpec::Dynamic { width, .. } => *width,
+                };
+                let tokens = if fixed {
+                    top_tokens(&q, k)
+                } else {
+                    draw_without_replacement(&q, k, rng)
+                };
+                for (rank, &t) in tokens.iter().enumerate() {
+                    born.push(g.push(f, rank, t, q[t as usize]));
+                }
+                if proposal == Proposal::Sampled {
+                    g.tree.q[f] = Some(q);
+                }
+            }
+            if d == depth {
+                break;
+            }
+            let grow: Vec<usize> = match spec {
+                TreeSpec::Static(paths) => born
+                    .into_iter()
+                    .filter(|&c| TreeSpec::static_children(paths, &g.ranks[c]) > 0)
+                    .collect(),
+                TreeSpec::Dynamic { width, .. } => {
+                    let mut best = born;
+                    best.sort_by(|&a, &b| g.by_logp(a, b));
+                    best.truncate(*width);
+                    best.sort_unstable();
+                    best
+                }
+            };
+            if grow.is_empty() {
+                break;
+            }
+            // One pass for the whole depth: each node sees the committed tokens, its
+            // ancestors (earlier depths, already cached) and itself.
+            let cached = self.cache.len();
+            let span = cached + grow.len() - tree_start;
+            let mut allow = vec![0u8; grow.len() * span];
+            for (i, &c) in grow.iter().enumerate() {
+                let row = &mut allow[i * span..(i + 1) * span];
+                row[cached + i - tree_start] = 1;
+                let mut a = g.tree.parents[c];
+                while a != 0 {
+                    let slot = g.slots[a]
+                        .ok_or_else(|| Error::InvalidArgument("tree node scored before its parent".into()))?;
+                    row[slot - tree_start] = 1;
+                    a = g.tree.parents[a];
+                }
+            }
+            let tokens: Vec<u32> = grow.iter().map(|&c| g.tree.tokens[c]).collect();
+            let mask = TreeMask {
+                start: tree_start,
+                allow: &allow,
+            };
+            let logits = drafter.run_tree(&tokens, (root_slot + d) as i32, &mut self.cache, mask)?;
+            for (i, (&c, row)) in grow.iter().zip(logits.chunks_exact(vocab)).enumerate() {
+                g.slots[c] = Some(cached + i);
+                g.dist[c] = Some(child_dist(row, params));
+            }
+            frontier = grow;
+        }
+        let (tree, slots) = match spec {
+            TreeSpec::Dynamic { nodes, .. } => g.prune(*nodes),
+            TreeSpec::Static(_) => (g.tree, g.slots),
+        };
+        self.tree_slots = slots;
+        Ok(tree)
+    }
+
+    /// After verifying `tree`: the accepted nodes the drafter scored move to contiguous
+    /// cache positions after the root, everything else of the tree is forgotten, and the
+    /// accepted tokens it has not scored (plus the target's token) become pending.
+    pub fn commit_tree(&mut self, tree: &TokenTree, verdict: &TreeVerdict) -> Result<()> {
+        let scored: Vec<usize> = verdict
+            .path
+            .iter()
+            .map_while(|&n| self.tree_slots.get(n).copied().flatten())
+            .collect();
+        self.cache.compact(self.base + self.fed_pending, &scored)?;
+        self.pending = verdict.path[scored.len()..]
+            .iter()
+            .map(|&n| tree.tokens[n])
+            .chain([verdict.next])
+            .collect();
+        self.tree_slots.clear();
+        Ok(())
+    }
+}
