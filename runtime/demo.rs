@@ -2,7 +2,8 @@
 //! (`assets/`: a toy Qwen2.5-VL target, a text-only drafter, MASSV drafters after phase 1
 //! and after SDViT), asks visually grounded questions about held-out scenes, and reports
 //! MAL and speedup at T = 0 and T = 1 (γ = 5), mean TVD per drafter, the target's accuracy,
-//! and one example answer; writes the table as JSON and a bar chart PNG.
+//! and one example answer; writes the table as JSON and a bar chart PNG. A last row runs
+//! the MASSV drafter with token trees instead of chains.
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +15,7 @@ use crate::model::qwen2::{Logits, Positions};
 use crate::sampling::SamplingParams;
 use crate::spec::draft::Drafter;
 use crate::spec::engine::{Engine, GenerateParams, Hooks};
+use crate::spec::tree::TreeSpec;
 use crate::world::{self, QuestionKind, Scene};
 
 /// The drafters of the table, in order: (row label, directory under the assets folder).
@@ -39,6 +41,8 @@ pub struct Row {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub rows: Vec<Row>,
+    /// The token-tree shape of the last row.
+    pub tree: String,
     pub target_accuracy: f64,
     pub questions: usize,
     pub example: (String, String),
@@ -168,8 +172,12 @@ fn mean_tvd(engine: &Engine, drafter: &Drafter, qs: &[Question], answers: &[Vec<
     Ok(sum / n.max(1) as f64)
 }
 
-/// Runs the demo on `scenes` held-out scenes with the models in `assets`.
-pub fn run(assets: &Path, scenes: usize, gamma: usize, out_dir: &Path) -> Result<Report> {
+/// The tree of the demo's last row: EAGLE-2-style growth, 32 nodes, 8 deep.
+pub const DEFAULT_TREE: &str = "dynamic:32,8,4";
+
+/// Runs the demo on `scenes` held-out scenes with the models in `assets`; the last row
+/// drafts `tree`s with the MASSV drafter.
+pub fn run(assets: &Path, scenes: usize, gamma: usize, tree: &TreeSpec, out_dir: &Path) -> Result<Report> {
     let t0 = std::time::Instant::now();
     let target_dir = assets.join("target");
     if !target_dir.join("config.json").is_file() {
@@ -216,10 +224,15 @@ pub fn run(assets: &Path, scenes: usize, gamma: usize, out_dir: &Path) -> Result
         tvd: None,
         lossless_t0: true,
     }];
-    for (label, dir) in DRAFTERS {
+    let tree_row = ("MASSV + token tree", "drafter-massv", Some(tree));
+    for (label, dir, tree) in DRAFTERS.iter().map(|&(l, d)| (l, d, None)).chain([tree_row]) {
         let engine = Engine::load(&target_dir, Some(&assets.join(dir)))?;
-        let t0 = run_all(&engine, &qs, &greedy)?;
-        let t1 = run_all(&engine, &qs, &sampled)?;
+        let with_tree = |p: &GenerateParams| GenerateParams {
+            tree: tree.cloned(),
+            ..p.clone()
+        };
+        let t0 = run_all(&engine, &qs, &with_tree(&greedy))?;
+        let t1 = run_all(&engine, &qs, &with_tree(&sampled))?;
         let drafter = engine
             .drafter
             .as_ref()
@@ -236,6 +249,7 @@ pub fn run(assets: &Path, scenes: usize, gamma: usize, out_dir: &Path) -> Result
     }
     let report = Report {
         rows,
+        tree: tree.to_string(),
         target_accuracy: right as f64 / graded.max(1) as f64,
         questions: qs.len(),
         example: (qs[0].prompt.clone(), example_answer),
@@ -262,6 +276,7 @@ fn short_label(setup: &str) -> String {
     match setup {
         "text-only drafter" => "TEXT-ONLY".into(),
         "MASSV w/o SDViT" => "MASSV W/O SDVIT".into(),
+        "MASSV + token tree" => "MASSV TREE".into(),
         other => other.to_uppercase(),
     }
 }
@@ -287,6 +302,7 @@ pub fn print(r: &Report, out_dir: &Path) {
         100.0 * r.target_accuracy
     );
     println!("example: Q: {}  A: {}", r.example.0, r.example.1);
+    println!("token tree of the last row: {}", r.tree);
     println!(
         "all T=0 outputs equal target-only: {}",
         r.rows.iter().all(|x| x.lossless_t0)

@@ -134,6 +134,9 @@ enum Command {
         scenes: usize,
         #[arg(long, default_value_t = 5)]
         gamma: usize,
+        /// The token-tree shape of the last row (syntax as for `generate --tree`).
+        #[arg(long, default_value = massv::demo::DEFAULT_TREE)]
+        tree: TreeSpec,
         /// Where demo.json and demo.png go.
         #[arg(long, default_value = "target/demo")]
         out: PathBuf,
@@ -357,6 +360,9 @@ fn run(cli: Cli) -> Result<()> {
             };
             let rows = bench::compare(&target, &setups, &inputs, &params)?;
             bench::print_table(&rows);
+            for (i, t) in tree.iter().enumerate() {
+                println!("tree#{} = {t}", i + 1);
+            }
             let floor = floor_model
                 .map(|m| bench::decode_floor(&m, floor_steps.max(1)))
                 .transpose()?;
@@ -377,6 +383,7 @@ fn run(cli: Cli) -> Result<()> {
                     "target": target.display().to_string(),
                     "inputs": inputs.len(),
                     "gamma": gamma,
+                    "trees": tree.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
                     "temperature": temperature,
                     "max_new_tokens": max_new_tokens,
                     "rows": rows,
@@ -390,10 +397,11 @@ fn run(cli: Cli) -> Result<()> {
             assets,
             scenes,
             gamma,
+            tree,
             out,
         } => {
             let assets = assets.unwrap_or_else(massv::demo::default_assets);
-            let report = massv::demo::run(&assets, scenes, gamma, &out)?;
+            let report = massv::demo::run(&assets, scenes, gamma, &tree, &out)?;
             massv::demo::print(&report, &out);
             Ok(())
         }

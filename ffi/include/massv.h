@@ -242,6 +242,16 @@ massv_status massv_request_set_prompt(massv_request *request, const char *prompt
 massv_status massv_request_set_params(massv_request *request, const massv_generate_params *params);
 
 /*
+ * Drafts token trees instead of chains of gamma: spec is `massv generate --tree`'s syntax
+ * (static:<paths> such as "0;1;0.0;0.1;0.0.0", static:<w1>x<w2>x... such as "8x1x1x1x1",
+ * or dynamic:<nodes>,<depth>[,<width>]); NULL goes back to chains. Kept across
+ * massv_request_set_params(). Needs an engine with a drafter at generation time.
+ * Returns MASSV_OK, MASSV_ERR_INVALID_ARGUMENT (malformed spec; the shape is unchanged)
+ * or MASSV_ERR_BUSY.
+ */
+massv_status massv_request_set_tree(massv_request *request, const char *spec);
+
+/*
  * Sets the image shown before the prompt, replacing any previous one. The image is read
  * and decoded now (PNG, JPEG or WebP, format sniffed from the content; EXIF orientation
  * applied; alpha dropped) and kept decoded in the request, so errors surface here. On
@@ -377,12 +387,14 @@ typedef struct massv_metrics {
     size_t target_passes;
     /* Tokens generated, the final stop token included. */
     size_t generated_tokens;
-    /* The gamma used (0 without a drafter). */
+    /* The gamma used (0 without a drafter; the tree's depth with token trees). */
     size_t gamma;
     /* Number of entries of the acceptance-by-position array (at most gamma). */
     size_t n_accept_rate_by_pos;
     /* A massv_finish_reason value. */
     int finish_reason;
+    /* Mean drafted nodes per target pass with token trees (0 with chains). */
+    double tree_nodes;
 } massv_metrics;
 
 /*

@@ -535,7 +535,29 @@ pub unsafe extern "C" fn massv_request_set_params(
         if p.max_new_tokens == 0 {
             return invalid("max_new_tokens must be at least 1");
         }
-        req.params = p;
+        // The tree shape is set by massv_request_set_tree and survives new parameters.
+        let tree = req.params.tree.take();
+        req.params = GenerateParams { tree, ..p };
+        Ok(())
+    })
+}
+
+/// # Safety
+/// See `massv_request_set_tree` in massv.h.
+#[no_mangle]
+pub unsafe extern "C" fn massv_request_set_tree(request: *mut massv_request, spec: *const c_char) -> massv_status {
+    guard(|| {
+        let mut req = unsafe { lock(request) }?;
+        let tree = if spec.is_null() {
+            None
+        } else {
+            let s = unsafe { utf8_arg(spec, "spec") }?;
+            Some(
+                s.parse::<massv::spec::tree::TreeSpec>()
+                    .map_err(|e| massv_failure(MASSV_ERR_INVALID_ARGUMENT, &e))?,
+            )
+        };
+        req.params.tree = tree;
         Ok(())
     })
 }
@@ -840,6 +862,7 @@ pub struct massv_metrics {
     pub gamma: usize,
     pub n_accept_rate_by_pos: usize,
     pub finish_reason: c_int,
+    pub tree_nodes: f64,
 }
 
 /// # Safety
@@ -879,6 +902,7 @@ pub unsafe extern "C" fn massv_request_metrics(
             gamma: m.gamma,
             n_accept_rate_by_pos: m.accept_rate_by_pos.len(),
             finish_reason: f.finish_reason,
+            tree_nodes: m.tree_nodes,
         };
         // SAFETY: non-NULL, per the contract a writable massv_metrics.
         unsafe { out.write(metrics) };

@@ -303,6 +303,64 @@ fn text_buffer_cuts_at_a_character_boundary() {
 }
 
 #[test]
+fn token_trees_through_the_c_api() {
+    let e = load("qwen2-tiny-gqa4-tied", Some("qwen2-tiny-mha-untied"));
+    let chain = request("Tell me a story about a cat.", 12);
+    assert_eq!(
+        unsafe { massv_generate(e, chain, None, null_mut()) },
+        MASSV_OK,
+        "{}",
+        last_error()
+    );
+    let tree = request("Tell me a story about a cat.", 12);
+    assert_eq!(
+        unsafe { massv_request_set_tree(tree, c"not a tree".as_ptr()) },
+        MASSV_ERR_INVALID_ARGUMENT
+    );
+    assert!(last_error().contains("--tree"), "{}", last_error());
+    assert_eq!(
+        unsafe { massv_request_set_tree(tree, c"dynamic:8,4".as_ptr()) },
+        MASSV_OK
+    );
+    // New parameters keep the tree.
+    let params = massv_generate_params {
+        max_new_tokens: 12,
+        ..massv_generate_default_params()
+    };
+    assert_eq!(unsafe { massv_request_set_params(tree, &params) }, MASSV_OK);
+    assert_eq!(
+        unsafe { massv_generate(e, tree, None, null_mut()) },
+        MASSV_OK,
+        "{}",
+        last_error()
+    );
+    assert_eq!(tokens(tree), tokens(chain), "lossless at T = 0");
+    let mut m = std::mem::MaybeUninit::<massv_metrics>::uninit();
+    assert_eq!(
+        unsafe { massv_request_metrics(tree, m.as_mut_ptr(), null_mut(), 0) },
+        MASSV_OK
+    );
+    let m = unsafe { m.assume_init() };
+    assert!(m.tree_nodes > 0.0 && m.tree_nodes <= 8.0, "{}", m.tree_nodes);
+    assert_eq!(m.gamma, 4, "the tree's depth");
+    // NULL goes back to chains.
+    assert_eq!(unsafe { massv_request_set_tree(tree, null()) }, MASSV_OK);
+    assert_eq!(unsafe { massv_generate(e, tree, None, null_mut()) }, MASSV_OK);
+    let mut m = std::mem::MaybeUninit::<massv_metrics>::uninit();
+    assert_eq!(
+        unsafe { massv_request_metrics(tree, m.as_mut_ptr(), null_mut(), 0) },
+        MASSV_OK
+    );
+    assert_eq!(unsafe { m.assume_init() }.tree_nodes, 0.0);
+    unsafe {
+        let (mut a, mut b, mut e) = (chain, tree, e);
+        massv_request_free(&mut a);
+        massv_request_free(&mut b);
+        massv_engine_free(&mut e);
+    }
+}
+
+#[test]
 fn version_is_the_runtime_crate_version() {
     let v = unsafe { CStr::from_ptr(massv_version()) }.to_str().unwrap();
     let root = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml")).unwrap();

@@ -10,7 +10,9 @@
 //! product of the drafter's probabilities along the path) are expanded by their `width`
 //! most likely tokens, and at the end the `nodes` most probable nodes are kept.
 //!
-//! Exactness at T > 0 (see [`verify_tree_sampled`]). At a node the target's distribution
+//! Exactness at T > 0 (see [`verify_tree_sampled`]). The rule that keeps it: how many
+//! children a node gets may depend on anything drafted before them, never on the
+//! children's own tokens (so a T > 0 tree is never reranked after drawing). At a node the target's distribution
 //! p is tested against its children in order; after a child x with proposal q_x is
 //! rejected, p ← normalize(max(0, p − q_x)); when every child is rejected the token is
 //! drawn from the final p. Each step is the two-outcome speculative-sampling lemma (emit
@@ -18,16 +20,15 @@
 //! is distributed as p), applied recursively, so the emitted token is distributed as the
 //! target's p provided each child, given everything decided before it, is distributed as
 //! its q_x. Two kinds of children satisfy that:
-//! - [`Proposal::Sampled`] (the static shapes at T > 0): children drawn from the drafter's
+//! - [`Proposal::Sampled`] (every shape at T > 0): children drawn from the drafter's
 //!   q *without replacement*; child i's proposal is q with the earlier siblings removed and
 //!   renormalised, which is exactly the law it was drawn from (recursive rejection
 //!   sampling, Jeon et al. 2024). A rejected sibling has p(x) < q_x(x), so the residual has
 //!   no mass on it either, and the lemma applies again with the reduced p and q.
-//! - [`Proposal::Fixed`] (T = 0, and the dynamic shapes at any T): children chosen
-//!   without randomness (the top tokens, or the top path probabilities, which depend on
-//!   siblings' and cousins' values: i.i.d. draws would not cover that); each child is a
-//!   point-mass proposal q_x = δ_x, accepted with probability p(x), and a rejection
-//!   removes x from p. A deterministic candidate list never biases the lemma.
+//! - [`Proposal::Fixed`] (T = 0): children chosen without randomness (top tokens, top
+//!   path probabilities); verified greedily. The sampled rule treats such a child as a
+//!   point-mass proposal q_x = δ_x (accepted with probability p(x); a rejection removes x
+//!   from p), which is exact too: a deterministic candidate list never biases the lemma.
 
 use std::collections::BTreeSet;
 use std::str::FromStr;
@@ -84,6 +85,22 @@ impl TreeSpec {
             .iter()
             .filter(|p| p.len() == path.len() + 1 && p.starts_with(path))
             .count()
+    }
+}
+
+impl std::fmt::Display for TreeSpec {
+    /// The `static:<paths>` / `dynamic:<nodes>,<depth>,<width>` form `--tree` parses.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TreeSpec::Static(paths) => {
+                let paths: Vec<String> = paths
+                    .iter()
+                    .map(|p| p.iter().map(usize::to_string).collect::<Vec<_>>().join("."))
+                    .collect();
+                write!(f, "static:{}", paths.join(";"))
+            }
+            TreeSpec::Dynamic { nodes, depth, width } => write!(f, "dynamic:{nodes},{depth},{width}"),
+        }
     }
 }
 
@@ -421,6 +438,9 @@ mod tests {
         assert_eq!(w.max_nodes(), 2 + 4 + 4);
         assert_eq!(w.depth(), 3);
         assert_eq!("static:1x1x1".parse::<TreeSpec>().unwrap(), TreeSpec::chain(3));
+        for spec in [&s, &w, &TreeSpec::chain(2)] {
+            assert_eq!(&spec.to_string().parse::<TreeSpec>().unwrap(), spec, "{spec}");
+        }
         assert_eq!(
             "dynamic:32,6".parse::<TreeSpec>().unwrap(),
             TreeSpec::Dynamic {

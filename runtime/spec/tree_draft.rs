@@ -38,6 +38,35 @@ impl Growing {
             .then(a.cmp(&b))
     }
 
+    /// Splits `share` children over `frontier` (at most `width` each): each next child
+    /// goes to the slot with the highest expected worth, the node's path probability times
+    /// the probability of its next-ranked token (the (k+1)-th largest of its q). Uses only
+    /// the frontier's own values and distributions, never the children's draws.
+    fn allot(&self, frontier: &[usize], share: usize, width: usize) -> Vec<usize> {
+        let ranked: Vec<Vec<f32>> = frontier
+            .iter()
+            .map(|&f| {
+                let q = self.dist[f].as_deref().unwrap_or(&[]);
+                top_tokens(q, width).iter().map(|&t| q[t as usize]).collect()
+            })
+            .collect();
+        let mut counts = vec![0usize; frontier.len()];
+        for _ in 0..share {
+            let worth = |i: usize| -> Option<f64> {
+                let q = ranked[i].get(counts[i])?;
+                Some(self.logp[frontier[i]] + (*q as f64).ln())
+            };
+            let best = (0..frontier.len())
+                .filter_map(|i| worth(i).map(|w| (i, w)))
+                .max_by(|a, b| a.1.partial_cmp(&b.1).unwrap_or(Ordering::Equal).then(b.0.cmp(&a.0)));
+            match best {
+                Some((i, _)) => counts[i] += 1,
+                None => break,
+            }
+        }
+        counts
+    }
+
     /// The `nodes` most probable nodes (a node's path probability never exceeds its
     /// parent's, so the kept set is a tree), renumbered parents first, siblings in order.
     fn prune(self, nodes: usize) -> (TokenTree, Vec<Option<usize>>) {
@@ -110,7 +139,7 @@ impl DraftState {
         self.fed_pending = self.pending.len();
         let tree_start = self.cache.len();
         let root_slot = tree_start - 1;
-        let fixed = params.is_greedy() || matches!(spec, TreeSpec::Dynamic { .. });
+        let fixed = params.is_greedy();
         let proposal = if fixed { Proposal::Fixed } else { Proposal::Sampled };
         let mut g = Growing {
             tree: TokenTree::root(root, proposal),
@@ -122,14 +151,25 @@ impl DraftState {
         let depth = spec.depth().min(max_depth);
         let vocab = drafter.lm.cfg.vocab_size;
         let mut frontier = vec![0usize];
+        let mut budget = spec.max_nodes();
         for d in 1..=depth {
             let mut born = Vec::new();
-            for &f in &frontier {
+            // Children per frontier node, fixed before any of them is drawn.
+            let counts: Vec<usize> = match spec {
+                TreeSpec::Static(paths) => frontier
+                    .iter()
+                    .map(|&f| TreeSpec::static_children(paths, &g.ranks[f]))
+                    .collect(),
+                TreeSpec::Dynamic { width, .. } if fixed => vec![*width; frontier.len()],
+                TreeSpec::Dynamic { width, .. } => {
+                    let share = budget.div_ceil(depth + 1 - d);
+                    let c = g.allot(&frontier, share, *width);
+                    budget -= c.iter().sum::<usize>();
+                    c
+                }
+            };
+            for (&f, &k) in frontier.iter().zip(&counts) {
                 let Some(q) = g.dist[f].take() else { continue };
-                let k = match spec {
-                    TreeSpec::Static(paths) => TreeSpec::static_children(paths, &g.ranks[f]),
-                    TreeSpec::Dynamic { width, .. } => *width,
-                };
                 let tokens = if fixed {
                     top_tokens(&q, k)
                 } else {
@@ -189,9 +229,10 @@ impl DraftState {
             }
             frontier = grow;
         }
+        // Reranking looks at the children's own values: only fixed (T = 0) trees may.
         let (tree, slots) = match spec {
-            TreeSpec::Dynamic { nodes, .. } => g.prune(*nodes),
-            TreeSpec::Static(_) => (g.tree, g.slots),
+            TreeSpec::Dynamic { nodes, .. } if fixed => g.prune(*nodes),
+            _ => (g.tree, g.slots),
         };
         self.tree_slots = slots;
         Ok(tree)

@@ -26,8 +26,9 @@ fn miniature_demo_pipeline_runs_end_to_end() {
         !run.out.join("drafter-text/massv.json").exists(),
         "the text drafter has no projector"
     );
-    let demo = massv::demo::run(&run.out, 2, 3, &tmp.path().join("demo")).unwrap();
-    assert_eq!(demo.rows.len(), 4);
+    let tree = massv::demo::DEFAULT_TREE.parse().unwrap();
+    let demo = massv::demo::run(&run.out, 2, 3, &tree, &tmp.path().join("demo")).unwrap();
+    assert_eq!(demo.rows.len(), 5, "target, three drafters, MASSV with trees");
     assert!(
         demo.rows.iter().all(|r| r.lossless_t0),
         "T = 0 speculative outputs equal the target's"
