@@ -7,15 +7,20 @@
 //   sample          one draw per row from non-negative weights, given a uniform;
 //   verify_greedy   longest prefix of drafts equal to the target's argmax + next token;
 //   verify_sampled  rejection sampling (accept with min(1, p/q), residual
-//                   max(0, p - q) renormalised, bonus from p), given the host's uniforms.
+//                   max(0, p - q) renormalised, bonus from p), given the host's uniforms;
+//   verify_tree_greedy   the longest root-to-node path of a token tree whose every node
+//                        is the target's argmax at its parent, + next token;
+//   verify_tree_sampled  multi-candidate rejection sampling down a token tree
+//                        (massv::spec::tree::verify_tree_sampled), given the uniforms.
 //
-// Exactness. argmax, verify_greedy, sample and verify_sampled are bit-exact with their
-// twins: they use IEEE f32 operations immune to --use_fast_math (common.cuh) and f64
-// sums in one fixed order: chunks of 32 elements summed left to right, tiles of 32
-// chunks, then the tiles left to right ("blocked" order, SAMPLE_CHUNK / SAMPLE_TILE in
-// the twin). For a vocabulary of at most 32 entries that is exactly the CPU's sequential
-// order; beyond it the CPU's spec::verify / Rng::sample agree unless a uniform falls
-// within f64 rounding (~1e-16) of a cumulative boundary.
+// Exactness. argmax, verify_greedy, sample, verify_sampled and the tree versions are
+// bit-exact with their twins: they use IEEE f32 operations immune to --use_fast_math
+// (common.cuh) and f64 sums in one fixed order: chunks of 32 elements summed left to
+// right, tiles of 32 chunks, then the tiles left to right ("blocked" order,
+// SAMPLE_CHUNK / SAMPLE_TILE in the twin). For a vocabulary of at most 32 entries that
+// is exactly the CPU's sequential order; beyond it the CPU's spec::verify / spec::tree /
+// Rng::sample agree unless a uniform falls within rounding of an acceptance threshold or
+// a cumulative boundary (the normalisations may differ in the last f32 bit).
 #include "common.cuh"
 
 #define SAMPLE_CHUNK 32
@@ -257,8 +262,25 @@ struct Weights {
     }
 };
 
-// Sequential f64 sum of chunk c (elements past n are absent).
-__device__ __forceinline__ double chunk_sum(const Weights& w, int c, int* last_pos) {
+// The weights of one tree-verification step (verify_tree_sampled): the residual
+// max(0, p - q) against a drafter row q (0 past nq) or, without one, against the point
+// mass at x; or, with p = nullptr, the drafter row q with entry x removed (unnormalised).
+struct TreeWeights {
+    const float* p;  // nullptr: "q without x"
+    const float* q;  // nullptr: point mass at x
+    int n;
+    int nq;
+    int x;
+    __device__ __forceinline__ float at(int i) const {
+        if (p == nullptr) return i == x ? 0.0f : q[i];
+        const float qi = q != nullptr ? (i < nq ? q[i] : 0.0f) : (i == x ? 1.0f : 0.0f);
+        return ieee_max(ieee_sub(p[i], qi), 0.0f);
+    }
+};
+
+// Sequential f64 sum of chunk c (elements past n are absent). W: Weights or TreeWeights.
+template <class W>
+__device__ __forceinline__ double chunk_sum(const W& w, int c, int* last_pos) {
     double s = 0.0;
     const int i0 = c * SAMPLE_CHUNK, i1 = min(w.n, i0 + SAMPLE_CHUNK);
     for (int i = i0; i < i1; ++i) {
@@ -271,7 +293,8 @@ __device__ __forceinline__ double chunk_sum(const Weights& w, int c, int* last_p
 
 // Tile sums of the whole row into tile_sum[], the last positive index into *s_last, and
 // the total (tiles summed in order) into *s_total. Whole block.
-__device__ void blocked_tile_sums(const Weights& w, double* tile_sum, int* s_last, double* s_total) {
+template <class W>
+__device__ void blocked_tile_sums(const W& w, double* tile_sum, int* s_last, double* s_total) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const int tiles = ceil_div(w.n, SAMPLE_TILE);
     if (threadIdx.x == 0) *s_last = -1;
@@ -431,6 +454,128 @@ extern "C" __global__ void __launch_bounds__(1024)
     const int next = blocked_sample(w, uniforms[a < gamma ? a + 1 : gamma]);
     if (threadIdx.x == 0) {
         out[0] = a;
+        out[1] = next;
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Token-tree verification. A tree of n nodes: node 0 is the root (the last committed
+// token), every other node's parent comes before it, siblings in proposal order (the
+// children of a node are the later nodes naming it as parent, in index order). out:
+// [n + 1] int32 = (m, next, path[0..m]): the accepted path's length, the target's token
+// after it, and the path's node indices root-side first (root excluded). Malformed
+// input never reads out of bounds: a child is always a later node, tokens outside the
+// vocabularies have probability 0, a q_row outside 0..q_rows means "no drafter row".
+
+// tokens, parents, argmax: [n] (argmax[i]: the target's argmax after the path to node
+// i). From the root, follow the first child equal to the argmax while there is one.
+// One warp.
+extern "C" __global__ void verify_tree_greedy(const int32_t* __restrict__ tokens, const int32_t* __restrict__ parents,
+                                              const int32_t* __restrict__ argmax, int32_t* __restrict__ out, int n) {
+    if (blockIdx.x != 0 || threadIdx.x >= 32) return;
+    const int lane = threadIdx.x;
+    int node = 0, m = 0;
+    for (;;) {
+        const int want = argmax[node];
+        int found = -1;
+        for (int base = node + 1; base < n && found < 0; base += 32) {
+            const int c = base + lane;
+            const bool hit = c < n && parents[c] == node && tokens[c] == want;
+            const unsigned int b = __ballot_sync(0xffffffffu, hit);
+            if (b != 0u) found = base + __ffs(b) - 1;
+        }
+        if (found < 0) break;
+        if (lane == 0) out[2 + m] = found;
+        ++m;
+        node = found;
+    }
+    if (lane == 0) {
+        out[0] = m;
+        out[1] = argmax[node];
+    }
+}
+
+// tokens, parents: [n]; p: [n, np] the target's distribution after the path to each
+// node; q: [q_rows, nq] drafter distributions and q_row: [n] the row of q node i's
+// children were drawn from (-1: none; read only when sampled != 0, i.e.
+// Proposal::Sampled: without a row, and always for Proposal::Fixed, a child's proposal
+// is the point mass at its token); uniforms: [n] (the host RNG's next draws: one per
+// tested child, then one for the final draw: at most n - 1 tests + 1);
+// work: [np + nq] scratch (the running p, then the running q: p and q are never
+// written). At a node the children are tested in order: accept child x with
+// min(1, p(x) / q_x(x)); after a rejection p <- normalize(max(0, p - q_x)) (p itself when
+// that is 0 everywhere) and, with a drafter row, q <- q without x, renormalised (zeros
+// when nothing is left); an accepted child is descended into; when all are rejected
+// the next token is drawn from the running p. Each rejection is two blocked sums and
+// one pass over the vocabulary by the whole block. One block of 1024 threads.
+extern "C" __global__ void __launch_bounds__(1024)
+    verify_tree_sampled(const int32_t* __restrict__ tokens, const int32_t* __restrict__ parents,
+                        const int32_t* __restrict__ q_row, const float* q, const float* p,
+                        const double* __restrict__ uniforms, float* work, int32_t* __restrict__ out, int n, int sampled,
+                        int q_rows, int nq, int np) {
+    __shared__ double tile_sum[MAX_TILES];
+    __shared__ int s_last, s_accept;
+    __shared__ double s_sum_p, s_sum_q;
+    // The running p and q may live in work, written here: p, q and work are read through
+    // plain pointers (no __restrict__), so none is read through the non-coherent
+    // read-only cache.
+    float* work_p = work;
+    float* work_q = work + np;
+    int node = 0, m = 0, used = 0;
+    const float* pn = p;
+    for (;;) {
+        pn = p + (size_t)node * np;
+        const int qr = sampled ? q_row[node] : -1;
+        const float* ql = qr >= 0 && qr < q_rows ? q + (size_t)qr * nq : nullptr;
+        int accepted = -1;
+        for (int c = node + 1; c < n; ++c) {
+            if (parents[c] != node) continue;
+            const int x = tokens[c];
+            if (threadIdx.x == 0) {
+                const float px = x >= 0 && x < np ? pn[x] : 0.0f;
+                const float qx = ql != nullptr ? (x >= 0 && x < nq ? ql[x] : 0.0f) : 1.0f;
+                s_accept = uniforms[used] < accept_probability(px, qx);
+            }
+            __syncthreads();
+            const bool accept = s_accept != 0;
+            ++used;
+            __syncthreads();  // s_accept is rewritten by the next test
+            if (accept) {
+                accepted = c;
+                break;
+            }
+            // p <- residual(p, q_x), q <- q without x: the sums, then one pass.
+            const TreeWeights r = {pn, ql, np, nq, x};
+            blocked_tile_sums(r, tile_sum, &s_last, &s_sum_p);
+            const double sum_p = s_sum_p;
+            double sum_q = 0.0;
+            if (ql != nullptr) {
+                const TreeWeights w = {nullptr, ql, nq, nq, x};
+                blocked_tile_sums(w, tile_sum, &s_last, &s_sum_q);
+                sum_q = s_sum_q;
+            }
+            const int len = ql != nullptr ? max(np, nq) : np;
+            for (int i = threadIdx.x; i < len; i += blockDim.x) {
+                // Read both old values before writing (work may be the source of either).
+                const float pi = i < np ? r.at(i) : 0.0f;
+                const float qi = ql != nullptr && i < nq ? ql[i] : 0.0f;
+                if (i < np && sum_p > 0.0) work_p[i] = f64_to_f32(__ddiv_rn(f32_to_f64(pi), sum_p));
+                if (ql != nullptr && i < nq)
+                    work_q[i] = i == x || !(sum_q > 0.0) ? 0.0f : f64_to_f32(__ddiv_rn(f32_to_f64(qi), sum_q));
+            }
+            __syncthreads();
+            if (sum_p > 0.0) pn = work_p;
+            if (ql != nullptr) ql = work_q;
+        }
+        if (accepted < 0) break;
+        if (threadIdx.x == 0) out[2 + m] = accepted;
+        ++m;
+        node = accepted;
+    }
+    const Weights w = {pn, nullptr, np, 0, 1.0};
+    const int next = blocked_sample(w, uniforms[used]);
+    if (threadIdx.x == 0) {
+        out[0] = m;
         out[1] = next;
     }
 }

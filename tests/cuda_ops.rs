@@ -21,6 +21,7 @@
 use massv::backend::cuda::{bf16, AttnShape, CudaDevice};
 use massv::reference as r;
 use massv::sampling::{Rng, SamplingParams};
+use massv::spec::tree::{verify_tree_greedy, verify_tree_sampled, Proposal, TokenTree, TreeVerdict};
 use massv::spec::verify::Verdict;
 
 // -------------------------------------------------------------------------------------
@@ -797,11 +798,64 @@ fn twin_attention_verify_chain_is_causal_and_tree_is_per_branch() {
     }
 }
 
+/// A mask over `span` keys for the last n of them as queries (the drafter's case: the
+/// first span − n are earlier tree nodes already cached): a random tree's ancestor rows
+/// or, with `ancestors` false, random bits. [n, span].
+fn drafter_mask(rng: &mut Rng, span: usize, n: usize, ancestors: bool) -> Vec<u8> {
+    if ancestors {
+        let full = tree_mask(rng, span, false);
+        full[(span - n) * span..].to_vec()
+    } else {
+        (0..n * span).map(|_| (rng.uniform() < 0.5) as u8).collect()
+    }
+}
+
+#[test]
+fn twin_attention_verify_mask_start_below_start_sees_exactly_its_keys() {
+    // No device needed: with mask_start < start the mask covers earlier cached keys too;
+    // each query equals plain attention over exactly the keys it sees (every key before
+    // mask_start, then its mask's), and a query that sees none gives zeros.
+    let mut rng = Rng::new(23);
+    let (hq, hkv, d) = (4, 2, 16);
+    let row = hkv * d;
+    for &(mask_start, start, n) in &[(0, 5, 4), (3, 9, 6), (7, 8, 1), (10, 17, 5), (0, 0, 3), (20, 40, 32)] {
+        let span = start + n - mask_start;
+        let t = qkv(&mut rng, n, start + n, hq, hkv, d);
+        let (q, k, v) = (&t.q.1, &t.k.1, &t.v.1);
+        for ancestors in [true, false] {
+            let mask = drafter_mask(&mut rng, span, n, ancestors);
+            let mut got = vec![f32::NAN; n * hq * d];
+            r::attention_verify(q, k, v, &mut got, &mask, mask_start, start, hq, hkv, d);
+            for tq in 0..n {
+                let keys: Vec<usize> = (0..mask_start)
+                    .chain((0..span).filter(|&j| mask[tq * span + j] != 0).map(|j| mask_start + j))
+                    .collect();
+                let o_got = &got[tq * hq * d..][..hq * d];
+                if keys.is_empty() {
+                    assert!(o_got.iter().all(|&x| x == 0.0), "query {tq} sees no key: zeros");
+                    continue;
+                }
+                let (mut kp, mut vp) = (Vec::new(), Vec::new());
+                for &j in &keys {
+                    kp.extend_from_slice(&k[j * row..][..row]);
+                    vp.extend_from_slice(&v[j * row..][..row]);
+                }
+                let mut o = vec![0.0; hq * d];
+                r::attention_decode(&q[tq * hq * d..][..hq * d], &kp, &vp, &mut o, hq, hkv, d);
+                assert!(
+                    max_err(&o, o_got) < 1e-5,
+                    "mask_start={mask_start} start={start} n={n} query {tq} keys {keys:?}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn attention_verify_chain_and_tree() {
     let dev = dev_or_skip!();
     let mut rng = Rng::new(12);
-    let mut scratch = dev.attn_scratch(9 * 28, 256, 128).unwrap();
+    let mut scratch = dev.attn_scratch(32 * 28, 256, 128).unwrap();
     for &(hq, hkv, d) in &[(28, 4, 128), (14, 2, 64), (8, 4, 80), (4, 4, 128)] {
         for n in 2..=9 {
             for &start in &[0usize, 100, 2000] {
@@ -852,6 +906,57 @@ fn attention_verify_chain_and_tree() {
                     check_bf16(&what, &down_bf16(&dev, &dout, n * hq * d), &want, &lo);
                 }
             }
+        }
+        // The drafter's case, mask_start < start: the mask also covers earlier tree nodes
+        // already cached (ancestor rows of a random tree, or random bits that keep every
+        // key before mask_start); and a 32-node target tree.
+        for &(mask_start, start, n, ancestors) in &[
+            (90, 100, 6, true),
+            (0, 40, 9, true),
+            (1990, 2000, 4, true),
+            (60, 64, 8, false),
+            (1, 3, 5, false),
+            (2016, 2048, 32, true),
+            (500, 500, 32, true),
+        ] {
+            let keys = start + n;
+            let span = keys - mask_start;
+            let t = qkv(&mut rng, n, keys, hq, hkv, d);
+            let mask = drafter_mask(&mut rng, span, n, ancestors);
+            let (dq, dk, dv) = (
+                dev.upload(&t.q.0).unwrap(),
+                dev.upload(&t.k.0).unwrap(),
+                dev.upload(&t.v.0).unwrap(),
+            );
+            let dm = dev.upload(&mask).unwrap();
+            let mut dout = dev.alloc_zeros::<bf16>(n * hq * d).unwrap();
+            let shape = AttnShape {
+                n,
+                start,
+                q_heads: hq,
+                kv_heads: hkv,
+                head_dim: d,
+            };
+            dev.attention_verify(
+                &dq.as_view(),
+                &dk.as_view(),
+                &dv.as_view(),
+                &mut dout.as_view_mut(),
+                &dm.as_view(),
+                mask_start,
+                shape,
+                &mut scratch,
+            )
+            .unwrap();
+            let mut want = vec![0.0; n * hq * d];
+            r::attention_verify(&t.q.1, &t.k.1, &t.v.1, &mut want, &mask, mask_start, start, hq, hkv, d);
+            let lo = attention_lo(&t.q.1, &t.k.1, &t.v.1, n, hq, hkv, d, keys, |tq, j| {
+                j < mask_start || mask[tq * span + j - mask_start] != 0
+            });
+            let what = format!(
+                "attention_verify hq={hq} hkv={hkv} d={d} n={n} start={start} mask_start={mask_start} ancestors={ancestors}"
+            );
+            check_bf16(&what, &down_bf16(&dev, &dout, n * hq * d), &want, &lo);
         }
     }
 }
@@ -1221,6 +1326,399 @@ fn uniforms_consumed_matches_the_cpu_rng() {
 }
 
 // -------------------------------------------------------------------------------------
+// Token-tree verification
+
+/// One tree-verification problem: a drafted tree (children drawn from q without
+/// replacement for a sampled tree, the top tokens for a fixed one, some replaced by
+/// arbitrary tokens), the target's rows p, the flat drafter rows, the host RNG's next n
+/// uniforms, and the CPU engine's verdicts (`spec::tree::verify_tree_*`) with the number
+/// of uniforms its RNG consumed.
+struct TreeCase {
+    tree: TokenTree,
+    np: usize,
+    nq: usize,
+    /// [n, np]
+    p: Vec<f32>,
+    /// [n]: the row of `q` each node's children were drawn from (-1: none).
+    q_row: Vec<i32>,
+    /// [rows, nq]
+    q: Vec<f32>,
+    argmax: Vec<u32>,
+    uniforms: Vec<f64>,
+    cpu: TreeVerdict,
+    cpu_used: usize,
+    cpu_greedy: TreeVerdict,
+    what: String,
+}
+
+impl TreeCase {
+    fn tokens_i32(&self) -> Vec<i32> {
+        self.tree.tokens.iter().map(|&t| t as i32).collect()
+    }
+
+    fn parents_i32(&self) -> Vec<i32> {
+        self.tree.parents.iter().map(|&p| p as i32).collect()
+    }
+}
+
+/// Tree shapes over n nodes (node 0 the root, parents first): a chain, a star (every
+/// node a child of the root), random parents (siblings interleaved with cousins), and
+/// complete binary / ternary trees in breadth-first order.
+const TREE_SHAPES: [&str; 5] = ["chain", "star", "random", "binary", "ternary"];
+
+fn tree_parents(rng: &mut Rng, shape: &str, n: usize) -> Vec<usize> {
+    (0..n)
+        .map(|i| match (i, shape) {
+            (0, _) => 0,
+            (_, "chain") => i - 1,
+            (_, "star") => 0,
+            (_, "random") => (rng.uniform() * i as f64) as usize,
+            (_, "binary") => (i - 1) / 2,
+            _ => (i - 1) / 3,
+        })
+        .collect()
+}
+
+/// The flat drafter rows of a tree: (q_row [n], q [rows, nq]).
+fn flat_q(tree: &TokenTree, nq: usize) -> (Vec<i32>, Vec<f32>) {
+    let (mut q_row, mut q) = (Vec::new(), Vec::new());
+    for row in &tree.q {
+        match row {
+            Some(r) => {
+                assert_eq!(r.len(), nq);
+                q_row.push((q.len() / nq) as i32);
+                q.extend_from_slice(r);
+            }
+            None => q_row.push(-1),
+        }
+    }
+    (q_row, q)
+}
+
+/// (np, nq, trials) of the CPU-side checks: vocabularies of 7..5000 (up to 32 the
+/// blocked order is the CPU's exactly), drafter vocabularies shorter and longer.
+const TREE_SIZES: [(usize, usize, usize); 7] = [
+    (7, 7, 120),
+    (20, 18, 120),
+    (32, 32, 80),
+    (30, 34, 60),
+    (100, 97, 40),
+    (1000, 1000, 25),
+    (5000, 4990, 10),
+];
+
+fn tree_cases(seed: u64, sizes: &[(usize, usize, usize)], max_nodes: usize) -> Vec<TreeCase> {
+    let mut rng = Rng::new(seed);
+    let mut cases = Vec::new();
+    for &(np, nq, trials) in sizes {
+        for trial in 0..trials {
+            let shape = TREE_SHAPES[trial % TREE_SHAPES.len()];
+            let n = [1usize, 2, 3, 6, 9, 17, 33, 64][(trial / 2 + trial / 7) % 8].min(max_nodes);
+            let proposal = if trial % 2 == 0 {
+                Proposal::Sampled
+            } else {
+                Proposal::Fixed
+            };
+            let sp = SamplingParams {
+                temperature: [1.0f32, 0.5, 0.0, 2.0, 1.0][trial % 5],
+                top_k: if trial % 3 == 2 { 5 } else { 0 },
+                top_p: if trial % 4 == 3 { 0.9 } else { 1.0 },
+            };
+            // Per node: shared logits, then target and drafter rows near them (rounded to
+            // whole numbers in some trials: tied probabilities).
+            let ties = trial % 6 == 1;
+            let (mut p_rows, mut q_rows) = (Vec::new(), Vec::new());
+            for _ in 0..n {
+                let base = rand_vec(&mut rng, np.max(nq), 4.0);
+                let near = |rng: &mut Rng, len: usize| -> Vec<f32> {
+                    let l: Vec<f32> = base[..len]
+                        .iter()
+                        .zip(rand_vec(rng, len, 0.7))
+                        .map(|(a, b)| if ties { (a + b).round() } else { a + b })
+                        .collect();
+                    massv::sampling::probabilities(&l, &sp)
+                };
+                p_rows.push(near(&mut rng, np));
+                q_rows.push(near(&mut rng, nq));
+            }
+            let parents = tree_parents(&mut rng, shape, n);
+            let mut tokens = vec![(rng.uniform() * np as f64) as u32; n];
+            let mut has_q = vec![false; n];
+            for node in 0..n {
+                let kids: Vec<usize> = (node + 1..n).filter(|&c| parents[c] == node).collect();
+                if kids.is_empty() {
+                    continue;
+                }
+                let mut picked = match proposal {
+                    Proposal::Sampled => {
+                        massv::spec::tree::draw_without_replacement(&q_rows[node], kids.len(), &mut rng)
+                    }
+                    Proposal::Fixed => massv::spec::tree::top_tokens(&q_rows[node], kids.len()),
+                };
+                // q runs out, or an arbitrary token (a repeat, q = 0, p = 0, past nq).
+                for (i, &c) in kids.iter().enumerate() {
+                    let arbitrary = i >= picked.len() || rng.uniform() < 0.1;
+                    let t = (rng.uniform() * np.max(nq) as f64) as u32;
+                    if i >= picked.len() {
+                        picked.push(t);
+                    } else if arbitrary {
+                        picked[i] = t;
+                    }
+                    tokens[c] = picked[i];
+                }
+                // A sampled tree's node may lack its row (the verifier falls back to
+                // point masses there).
+                has_q[node] = proposal == Proposal::Sampled && rng.uniform() < 0.9;
+            }
+            let mut tree = TokenTree::root(tokens[0], proposal);
+            for c in 1..n {
+                tree.push(parents[c], tokens[c]);
+            }
+            for node in 0..n {
+                if has_q[node] {
+                    tree.q[node] = Some(q_rows[node].clone());
+                }
+            }
+            tree.validate().unwrap();
+            let (q_row, q) = flat_q(&tree, nq);
+            let argmax: Vec<u32> = p_rows.iter().map(|row| r::argmax(row) as u32).collect();
+            // The host RNG's next n draws, and the CPU engine's verdict from that state.
+            let mut record = rng.clone();
+            let uniforms: Vec<f64> = (0..n).map(|_| record.uniform()).collect();
+            let mut cpu_rng = rng.clone();
+            let cpu = verify_tree_sampled(&tree, &p_rows, &mut cpu_rng, massv::spec::verify::residual);
+            let mut probe = rng.clone();
+            let cpu_used = (1..=n)
+                .find(|_| {
+                    probe.uniform();
+                    probe.state() == cpu_rng.state()
+                })
+                .expect("the CPU consumed between 1 and n uniforms");
+            rng = cpu_rng;
+            cases.push(TreeCase {
+                cpu_greedy: verify_tree_greedy(&tree, &argmax),
+                tree,
+                np,
+                nq,
+                p: p_rows.concat(),
+                q_row,
+                q,
+                argmax,
+                uniforms,
+                cpu,
+                cpu_used,
+                what: format!("tree np={np} nq={nq} n={n} {shape} {proposal:?} {sp:?} ties={ties} trial={trial}"),
+            });
+        }
+    }
+    cases
+}
+
+#[test]
+fn twin_verify_tree_is_the_cpu_engines() {
+    // No device needed: the twins (flat arrays, blocked sums) against spec::tree, fed the
+    // uniforms the engine's RNG draws. Exact by construction up to 32 entries; beyond, a
+    // mismatch needs a uniform within rounding of a threshold or a cumulative boundary.
+    // Outcomes: (empty path, path ≥ 2, ended at a leaf, ended rejecting every child).
+    let mut seen = [0usize; 4];
+    for c in tree_cases(22, &TREE_SIZES, usize::MAX) {
+        let t = &c.tree;
+        let twin = r::verify_tree_sampled(
+            &t.tokens,
+            &t.parents,
+            t.proposal,
+            &c.q_row,
+            &c.q,
+            &c.p,
+            &c.uniforms,
+            c.nq,
+            c.np,
+        );
+        assert_eq!(twin, c.cpu, "{}: twin vs spec::tree", c.what);
+        assert_eq!(
+            r::tree_uniforms_consumed(&t.parents, &twin),
+            c.cpu_used,
+            "{}: uniforms consumed, {twin:?}",
+            c.what
+        );
+        let greedy = r::verify_tree_greedy(&t.tokens, &t.parents, &c.argmax);
+        assert_eq!(greedy, c.cpu_greedy, "{}: greedy twin vs spec::tree", c.what);
+        let end = twin.path.last().copied().unwrap_or(0);
+        seen[0] += twin.path.is_empty() as usize;
+        seen[1] += (twin.path.len() >= 2) as usize;
+        seen[2 + t.children(end).next().is_some() as usize] += 1;
+    }
+    assert!(seen.iter().all(|&k| k >= 20), "cases exercise every outcome: {seen:?}");
+}
+
+#[test]
+fn twin_verify_tree_edges() {
+    // No device needed. Root alone: one uniform, the draw from p[0].
+    let p = [0.0f32, 0.25, 0.0, 0.75];
+    let v = r::verify_tree_sampled(&[2], &[0], Proposal::Sampled, &[-1], &[], &p, &[0.5], 4, 4);
+    assert_eq!(v, TreeVerdict { path: vec![], next: 3 });
+    assert_eq!(r::tree_uniforms_consumed(&[0], &v), 1);
+    // Fixed children: a point mass, so a child with p(x) = 0 is always rejected and a
+    // repeat of a rejected sibling then has p(x) = 0 too; the draw avoids both.
+    let (tokens, parents) = ([9u32, 1, 1, 3], [0usize, 0, 0, 0]);
+    let p = [0.5f32, 0.3, 0.0, 0.2].repeat(4);
+    let v = r::verify_tree_sampled(
+        &tokens,
+        &parents,
+        Proposal::Fixed,
+        &[-1; 4],
+        &[],
+        &p,
+        &[0.4, 0.0, 0.99, 0.0],
+        0,
+        4,
+    );
+    assert_eq!(
+        v,
+        TreeVerdict { path: vec![], next: 0 },
+        "0.4 ≥ 0.3, p(1) = 0 after, 0.99 ≥ 0.2"
+    );
+    assert_eq!(r::tree_uniforms_consumed(&parents, &v), 4);
+    // A sampled child with q(x) = 0 and p(x) > 0 is accepted; descending to it.
+    let q = [0.5f32, 0.0, 0.5, 0.0];
+    let v = r::verify_tree_sampled(
+        &[0, 1, 2],
+        &[0, 0, 1],
+        Proposal::Sampled,
+        &[0, -1, -1],
+        &q,
+        &p[..12],
+        &[0.999, 0.999, 0.1],
+        4,
+        4,
+    );
+    assert_eq!(v, TreeVerdict { path: vec![1], next: 0 });
+    assert_eq!(r::tree_uniforms_consumed(&[0, 0, 1], &v), 3);
+    // Greedy: the first of two equal children wins, a leaf gives the argmax there.
+    let v = r::verify_tree_greedy(&[0, 5, 5, 6], &[0, 0, 0, 2], &[5, 7, 6, 8]);
+    assert_eq!(v, TreeVerdict { path: vec![1], next: 7 });
+}
+
+#[test]
+fn verify_tree_greedy_exact() {
+    let dev = dev_or_skip!();
+    for c in tree_cases(24, &TREE_SIZES[..3], usize::MAX) {
+        let n = c.tree.len();
+        let am: Vec<i32> = c.argmax.iter().map(|&a| a as i32).collect();
+        let (dt, dp, da) = (
+            dev.upload(&c.tokens_i32()).unwrap(),
+            dev.upload(&c.parents_i32()).unwrap(),
+            dev.upload(&am).unwrap(),
+        );
+        let mut dout = dev.alloc_zeros::<i32>(n + 1).unwrap();
+        dev.verify_tree_greedy(&dt.as_view(), &dp.as_view(), &da.as_view(), &mut dout.as_view_mut(), n)
+            .unwrap();
+        let got = tree_verdict(&dev.download(&dout.as_view()).unwrap());
+        assert_eq!(got, c.cpu_greedy, "{}: device vs spec::tree (greedy)", c.what);
+        let mut short = dev.alloc_zeros::<i32>(n).unwrap();
+        assert!(dev
+            .verify_tree_greedy(&dt.as_view(), &dp.as_view(), &da.as_view(), &mut short.as_view_mut(), n)
+            .is_err());
+    }
+}
+
+/// (m, next, path[0..m]) from the device's out buffer.
+fn tree_verdict(out: &[i32]) -> TreeVerdict {
+    let m = out[0] as usize;
+    TreeVerdict {
+        path: out[2..2 + m].iter().map(|&x| x as usize).collect(),
+        next: out[1] as u32,
+    }
+}
+
+#[test]
+fn verify_tree_sampled_exact() {
+    let dev = dev_or_skip!();
+    let mut cases = tree_cases(25, &TREE_SIZES, usize::MAX);
+    // The real 7B target / 0.5B drafter vocabularies, trees up to 33 nodes.
+    cases.extend(tree_cases(26, &[(152_064, 151_936, 10)], 33));
+    for c in cases {
+        let t = &c.tree;
+        let n = t.len();
+        let (dt, dpar, dqr, dq, dp, du) = (
+            dev.upload(&c.tokens_i32()).unwrap(),
+            dev.upload(&c.parents_i32()).unwrap(),
+            dev.upload(&c.q_row).unwrap(),
+            dev.upload(&c.q).unwrap(),
+            dev.upload(&c.p).unwrap(),
+            dev.upload(&c.uniforms).unwrap(),
+        );
+        let mut work = dev.alloc_zeros::<f32>(c.np + c.nq).unwrap();
+        let mut dout = dev.alloc_zeros::<i32>(n + 1).unwrap();
+        let q_rows = c.q.len() / c.nq;
+        dev.verify_tree_sampled(
+            &dt.as_view(),
+            &dpar.as_view(),
+            t.proposal,
+            &dqr.as_view(),
+            &dq.as_view(),
+            &dp.as_view(),
+            &du.as_view(),
+            &mut work.as_view_mut(),
+            &mut dout.as_view_mut(),
+            n,
+            q_rows,
+            c.nq,
+            c.np,
+        )
+        .unwrap();
+        let got = tree_verdict(&dev.download(&dout.as_view()).unwrap());
+        let twin = r::verify_tree_sampled(
+            &t.tokens,
+            &t.parents,
+            t.proposal,
+            &c.q_row,
+            &c.q,
+            &c.p,
+            &c.uniforms,
+            c.nq,
+            c.np,
+        );
+        assert_eq!(got, twin, "{}: device vs twin", c.what);
+        assert_eq!(got, c.cpu, "{}: device vs spec::tree", c.what);
+    }
+    // Lengths are checked: errors, never a launch past a buffer.
+    let one = dev.upload(&[0i32]).unwrap();
+    let p = dev.upload(&[1.0f32; 8]).unwrap();
+    let u = dev.upload(&[0.5f64; 2]).unwrap();
+    let mut work = dev.alloc_zeros::<f32>(8).unwrap();
+    let mut out = dev.alloc_zeros::<i32>(3).unwrap();
+    let mut call = |n: usize, nq: usize, np: usize, proposal: Proposal| {
+        dev.verify_tree_sampled(
+            &one.as_view(),
+            &one.as_view(),
+            proposal,
+            &one.as_view(),
+            &p.as_view(),
+            &p.as_view(),
+            &u.as_view(),
+            &mut work.as_view_mut(),
+            &mut out.as_view_mut(),
+            n,
+            1,
+            nq,
+            np,
+        )
+    };
+    call(1, 4, 4, Proposal::Sampled).unwrap();
+    for (n, nq, np, proposal) in [
+        (0, 4, 4, Proposal::Fixed),       // no root
+        (2, 4, 4, Proposal::Fixed),       // tokens, parents, p, out too short
+        (1, 5, 4, Proposal::Sampled),     // work (np + nq) too short
+        (1, 9, 4, Proposal::Sampled),     // q too short for a row of nq
+        (1, 4, 9, Proposal::Fixed),       // p too short
+        (1, 0, 300_000, Proposal::Fixed), // past SAMPLE_MAX_N
+    ] {
+        assert!(call(n, nq, np, proposal).is_err(), "n={n} nq={nq} np={np}");
+    }
+}
+
+// -------------------------------------------------------------------------------------
 // Benchmarks (ignored; run by bench/gpu.sh on a lent GPU)
 
 /// One decoder's GEMV matrices per layer: (name, n, k, bias).
@@ -1374,24 +1872,21 @@ impl Bench {
         }
     }
 
-    /// attention_decode and attention_verify (γ + 1 = 6) of one layer at several lengths,
-    /// against the KV bytes read.
+    /// attention_decode, attention_verify of a chain (γ + 1 = 6) and of a 32-node tree
+    /// (random ancestor mask; the target wants it within 1.15 × the chain's) of one layer
+    /// at several lengths, against the KV bytes read.
     fn attention(&mut self, model: &str, hq: usize, hkv: usize, d: usize) {
         let dev = &self.dev;
         let max_len = 4096 + 8;
+        let tree_n = 32;
         let k = dev.alloc_zeros::<bf16>(max_len * hkv * d).unwrap();
         let v = dev.alloc_zeros::<bf16>(max_len * hkv * d).unwrap();
-        let q = dev.alloc_zeros::<bf16>(8 * hq * d).unwrap();
-        let mut out = dev.alloc_zeros::<bf16>(8 * hq * d).unwrap();
-        let mut scratch = dev.attn_scratch(8 * hq, 256, d).unwrap();
+        let q = dev.alloc_zeros::<bf16>(tree_n * hq * d).unwrap();
+        let mut out = dev.alloc_zeros::<bf16>(tree_n * hq * d).unwrap();
+        let mut scratch = dev.attn_scratch(tree_n * hq, 256, d).unwrap();
         let n = 6;
-        let mut mask = vec![0u8; n * n];
-        for t in 0..n {
-            for j in 0..=t {
-                mask[t * n + j] = 1;
-            }
-        }
-        let mask = dev.upload(&mask).unwrap();
+        let mask = dev.upload(&tree_mask(&mut Rng::new(5), n, true)).unwrap();
+        let tree = dev.upload(&tree_mask(&mut Rng::new(6), tree_n, false)).unwrap();
         for &len in &[512usize, 1024, 2048, 4096] {
             let bytes = (len * hkv * d * 2 * 2) as f64;
             let ms = self.time(50, || {
@@ -1432,6 +1927,34 @@ impl Bench {
                 ms,
                 bytes,
             );
+            let shape = AttnShape {
+                n: tree_n,
+                start: len - tree_n,
+                ..shape
+            };
+            let tree_ms = self.time(50, || {
+                self.dev.attention_verify(
+                    &q.as_view(),
+                    &k.as_view(),
+                    &v.as_view(),
+                    &mut out.as_view_mut(),
+                    &tree.as_view(),
+                    len - tree_n,
+                    shape,
+                    &mut scratch,
+                )
+            });
+            self.row(
+                &format!("{model} attention_verify tree n=32 len={len} (1 layer)"),
+                tree_ms,
+                bytes,
+            );
+            let ratio = tree_ms / ms;
+            println!("{:<52} {ratio:>10.3} (target ≤ 1.15)", "  tree n=32 / chain γ+1=6");
+            self.results.push(serde_json::json!({
+                "name": format!("{model} attention_verify tree n=32 / chain γ+1=6 len={len}"),
+                "tree_ms": tree_ms, "chain_ms": ms, "tree_over_chain": ratio, "target_max": 1.15,
+            }));
         }
     }
 }
@@ -1521,6 +2044,65 @@ fn bench_kernels() {
         )
     });
     bench.row("verify_sampled γ=5 152064", ms, 2.0 * row_bytes);
+    // A sampled tree's worst step: the root's 8 children all rejected (8 residuals and
+    // 8 removals over the vocabulary), then the draw; floor: p and q read and written
+    // once per rejection. p: the top-k/top-p rows (children where p = 0: always
+    // rejected), q: full softmax rows.
+    let dev = &bench.dev;
+    let kids = 8;
+    let mut tree_p = dev.alloc_zeros::<f32>((kids + 1) * vocab).unwrap();
+    dev.copy(&probs.slice(..6 * vocab), &mut tree_p.slice_mut(..6 * vocab))
+        .unwrap();
+    let mut tree_q = dev.alloc_zeros::<f32>(vocab).unwrap();
+    dev.probabilities(
+        &logits.slice(vocab..2 * vocab),
+        &mut tree_q.as_view_mut(),
+        1,
+        vocab,
+        &t1,
+    )
+    .unwrap();
+    let p0 = dev.download(&tree_p.slice(..vocab)).unwrap();
+    let mut tokens = vec![0i32];
+    tokens.extend((0..vocab as i32).filter(|&i| p0[i as usize] == 0.0).take(kids));
+    let parents = vec![0i32; kids + 1];
+    let mut q_row = vec![-1i32; kids + 1];
+    q_row[0] = 0;
+    let (dt, dpar, dqr) = (
+        dev.upload(&tokens).unwrap(),
+        dev.upload(&parents).unwrap(),
+        dev.upload(&q_row).unwrap(),
+    );
+    let uniforms = dev.upload(&[0.5f64; 16]).unwrap();
+    let mut work = dev.alloc_zeros::<f32>(2 * vocab).unwrap();
+    let mut tree_out = dev.alloc_zeros::<i32>(kids + 2).unwrap();
+    let ms = bench.time(10, || {
+        bench.dev.verify_tree_sampled(
+            &dt.as_view(),
+            &dpar.as_view(),
+            Proposal::Sampled,
+            &dqr.as_view(),
+            &tree_q.as_view(),
+            &tree_p.as_view(),
+            &uniforms.as_view(),
+            &mut work.as_view_mut(),
+            &mut tree_out.as_view_mut(),
+            kids + 1,
+            1,
+            vocab,
+            vocab,
+        )
+    });
+    assert_eq!(
+        bench.dev.download(&tree_out.slice(..1)).unwrap()[0],
+        0,
+        "every child rejected"
+    );
+    bench.row(
+        "verify_tree_sampled 8 children rejected 152064",
+        ms,
+        (kids * 4) as f64 * row_bytes,
+    );
 
     // Compute-bound prefill pieces (no floor: achieved TFLOP/s).
     let (s, hq, hkv, d) = (1024usize, 28usize, 4usize, 128usize);

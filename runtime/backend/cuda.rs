@@ -33,6 +33,7 @@ pub use half::bf16;
 use super::kernels;
 use crate::error::{Error, Result};
 use crate::sampling::SamplingParams;
+use crate::spec::tree::Proposal;
 
 /// Keys per attention tile (ATTN_BC in cuda/attention.cu): split-K chunks are multiples.
 const ATTN_TILE: usize = 64;
@@ -1480,6 +1481,110 @@ impl CudaDevice {
             ],
         )
     }
+
+    /// Greedy verification of a token tree of n nodes (node 0 the root; children after
+    /// their parent, siblings in proposal order): tokens, parents, argmax: [n] (argmax[i]
+    /// the target's argmax after the path to node i). out: [n + 1] ← (m, next,
+    /// path[0..m]), the accepted path's node indices root-side first.
+    /// Twin: `reference::verify_tree_greedy`.
+    pub fn verify_tree_greedy(
+        &self,
+        tokens: &CudaView<'_, i32>,
+        parents: &CudaView<'_, i32>,
+        argmax: &CudaView<'_, i32>,
+        out: &mut CudaViewMut<'_, i32>,
+        n: usize,
+    ) -> Result<()> {
+        const OP: &str = "verify_tree_greedy";
+        check_tree_n(OP, n)?;
+        need(OP, "tokens", tokens.len(), n)?;
+        need(OP, "parents", parents.len(), n)?;
+        need(OP, "argmax", argmax.len(), n)?;
+        need(OP, "out", out.len(), n + 1)?;
+        let (tp, pp, ap, op) = (self.rptr(tokens), self.rptr(parents), self.rptr(argmax), self.wptr(out));
+        self.launch(
+            "sampling",
+            OP,
+            block_per_row(1, 32),
+            &[&tp, &pp, &ap, &op, &i32_arg(OP, "n", n)?],
+        )
+    }
+
+    /// Multi-candidate rejection sampling down a token tree of n nodes into out: [n + 1]
+    /// ← (m, next, path[0..m]). tokens, parents: [n]; p: [n, np] the target's distribution
+    /// after the path to each node; q: [q_rows, nq] drafter rows and q_row: [n] the row
+    /// each node's children were drawn from (-1: none; used with [`Proposal::Sampled`]
+    /// only, otherwise children are point-mass proposals); uniforms: [n] (the host RNG's
+    /// next draws: one per tested child, then the final draw; see
+    /// `reference::tree_uniforms_consumed`); work: [np + nq] scratch ([np] for
+    /// [`Proposal::Fixed`]). Twin: `reference::verify_tree_sampled`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn verify_tree_sampled(
+        &self,
+        tokens: &CudaView<'_, i32>,
+        parents: &CudaView<'_, i32>,
+        proposal: Proposal,
+        q_row: &CudaView<'_, i32>,
+        q: &CudaView<'_, f32>,
+        p: &CudaView<'_, f32>,
+        uniforms: &CudaView<'_, f64>,
+        work: &mut CudaViewMut<'_, f32>,
+        out: &mut CudaViewMut<'_, i32>,
+        n: usize,
+        q_rows: usize,
+        nq: usize,
+        np: usize,
+    ) -> Result<()> {
+        const OP: &str = "verify_tree_sampled";
+        check_tree_n(OP, n)?;
+        check_sample_n(OP, np)?;
+        let sampled = proposal == Proposal::Sampled;
+        need(OP, "tokens", tokens.len(), n)?;
+        need(OP, "parents", parents.len(), n)?;
+        need(OP, "p", p.len(), n * np)?;
+        need(OP, "uniforms", uniforms.len(), n)?;
+        need(OP, "out", out.len(), n + 1)?;
+        if sampled {
+            need(OP, "q_row", q_row.len(), n)?;
+            if q_rows > 0 {
+                check_sample_n(OP, nq)?;
+            }
+            need(OP, "q", q.len(), q_rows * nq)?;
+            need(OP, "work", work.len(), np + nq)?;
+        } else {
+            need(OP, "work", work.len(), np)?;
+        }
+        let (tp, pa, qr, qp, pp, up, wp, op) = (
+            self.rptr(tokens),
+            self.rptr(parents),
+            self.rptr(q_row),
+            self.rptr(q),
+            self.rptr(p),
+            self.rptr(uniforms),
+            self.wptr(work),
+            self.wptr(out),
+        );
+        self.launch(
+            "sampling",
+            OP,
+            block_per_row(1, 1024),
+            &[
+                &tp,
+                &pa,
+                &qr,
+                &qp,
+                &pp,
+                &up,
+                &wp,
+                &op,
+                &(n as i32),
+                &(sampled as i32),
+                &i32_arg(OP, "q_rows", if sampled { q_rows } else { 0 })?,
+                &i32_arg(OP, "nq", if sampled { nq } else { 0 })?,
+                &(np as i32),
+            ],
+        )
+    }
 }
 
 /// A kernel argument: anything the launch builder accepts by reference.
@@ -1582,6 +1687,16 @@ fn check_sample_n(op: &str, n: usize) -> Result<()> {
         return Err(shape_err(
             op,
             format!("rows of {n} entries (supported: 1..={SAMPLE_MAX_N})"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_tree_n(op: &str, n: usize) -> Result<()> {
+    if n == 0 || n > i32::MAX as usize - 2 {
+        return Err(shape_err(
+            op,
+            format!("a tree of {n} nodes (the root counts: at least 1)"),
         ));
     }
     Ok(())

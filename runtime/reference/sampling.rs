@@ -7,8 +7,14 @@
 //! in order, the total summing the tiles in order; a draw walks tiles, then chunks, then
 //! entries. For at most 32 entries this is exactly `Rng::sample`'s sequential order;
 //! beyond, the two agree unless the uniform lands within f64 rounding of a boundary.
+//!
+//! `verify_tree_greedy` / `verify_tree_sampled` take a token tree as the flat arrays the
+//! device gets (tokens, parents, per-node rows of p, drafter rows of q with a per-node
+//! row index) and follow `spec::tree::verify_tree_*` step for step, with the blocked sums
+//! (the residual's and the "q without x" normalisations, the final draw).
 
 use crate::sampling::SamplingParams;
+use crate::spec::tree::{Proposal, TreeVerdict};
 use crate::spec::verify::{accept_probability, Verdict};
 
 pub const SAMPLE_CHUNK: usize = 32;
@@ -136,4 +142,118 @@ pub fn uniforms_consumed(v: Verdict, gamma: usize) -> usize {
     } else {
         v.accepted + 2
     }
+}
+
+/// The children of `node` in proposal order: the later nodes naming it as parent.
+fn tree_children(parents: &[usize], node: usize) -> impl Iterator<Item = usize> + '_ {
+    (node + 1..parents.len()).filter(move |&c| parents[c] == node)
+}
+
+/// Greedy tree verification (`spec::tree::verify_tree_greedy` on flat arrays): from the
+/// root, follow the first child whose token is the target's argmax at its parent
+/// (`argmax[node]`, one per node) while there is one; `next` is the argmax at the path's
+/// end. tokens, parents, argmax: [n], node 0 the root (parents[0] ignored).
+pub fn verify_tree_greedy(tokens: &[u32], parents: &[usize], argmax: &[u32]) -> TreeVerdict {
+    let (mut node, mut path) = (0, Vec::new());
+    loop {
+        let want = argmax[node];
+        match tree_children(parents, node).find(|&c| tokens[c] == want) {
+            Some(c) => {
+                path.push(c);
+                node = c;
+            }
+            None => return TreeVerdict { path, next: want },
+        }
+    }
+}
+
+/// q with entry x removed, renormalised by its blocked sum (all zeros when nothing is
+/// left): `spec::tree::without` in the blocked order.
+fn without(q: &mut [f32], x: usize) {
+    if let Some(v) = q.get_mut(x) {
+        *v = 0.0;
+    }
+    let sum = blocked_sum(q);
+    for v in q.iter_mut() {
+        *v = if sum > 0.0 { (*v as f64 / sum) as f32 } else { 0.0 };
+    }
+}
+
+/// Multi-candidate rejection sampling down a token tree (`spec::tree::verify_tree_sampled`
+/// with `spec::verify::residual`) with the host RNG's next draws passed in.
+///
+/// tokens, parents: [n], node 0 the root; p: [n, np], the target's distribution after
+/// the path to each node; q: [rows, nq] drafter distributions and `q_row[node]` the row
+/// node's children were drawn from (-1 or out of range: none). With
+/// [`Proposal::Sampled`] a child of a node with a row has that row, minus the siblings
+/// already rejected and renormalised, as its proposal; otherwise (no row, or
+/// [`Proposal::Fixed`]) the point mass at its token. `uniforms`: one per tested child in
+/// test order, then one for the final draw (at most n; see [`tree_uniforms_consumed`]).
+#[allow(clippy::too_many_arguments)]
+pub fn verify_tree_sampled(
+    tokens: &[u32],
+    parents: &[usize],
+    proposal: Proposal,
+    q_row: &[i32],
+    q: &[f32],
+    p: &[f32],
+    uniforms: &[f64],
+    nq: usize,
+    np: usize,
+) -> TreeVerdict {
+    let rows = q.len().checked_div(nq).unwrap_or(0);
+    let (mut node, mut path, mut used) = (0, Vec::new(), 0);
+    'down: loop {
+        let mut pn = p[node * np..][..np].to_vec();
+        let mut q_left = match (proposal, usize::try_from(q_row[node])) {
+            (Proposal::Sampled, Ok(r)) if r < rows => Some(q[r * nq..][..nq].to_vec()),
+            _ => None,
+        };
+        for c in tree_children(parents, node) {
+            let x = tokens[c] as usize;
+            let px = pn.get(x).copied().unwrap_or(0.0);
+            let qx = match &q_left {
+                Some(ql) => ql.get(x).copied().unwrap_or(0.0),
+                None => 1.0,
+            };
+            let accept = uniforms[used] < accept_probability(px, qx) as f64;
+            used += 1;
+            if accept {
+                path.push(c);
+                node = c;
+                continue 'down;
+            }
+            pn = match &q_left {
+                Some(ql) => residual(&pn, ql),
+                None => {
+                    let mut point = vec![0.0; np];
+                    if let Some(v) = point.get_mut(x) {
+                        *v = 1.0;
+                    }
+                    residual(&pn, &point)
+                }
+            };
+            if let Some(ql) = &mut q_left {
+                without(ql, x);
+            }
+        }
+        return TreeVerdict {
+            path,
+            next: sample(&pn, uniforms[used]) as u32,
+        };
+    }
+}
+
+/// Uniforms the CPU's `spec::tree::verify_tree_sampled` (and so the twin and the kernel)
+/// draws for a verdict: at each node of the path the tests up to and including the
+/// accepted child (its rank among its siblings + 1), at the path's end one test per
+/// child, then one draw. At most n for a tree of n nodes.
+pub fn tree_uniforms_consumed(parents: &[usize], v: &TreeVerdict) -> usize {
+    let mut node = 0;
+    let mut used = 1;
+    for &c in &v.path {
+        used += tree_children(parents, node).take_while(|&s| s != c).count() + 1;
+        node = c;
+    }
+    used + tree_children(parents, node).count()
 }
