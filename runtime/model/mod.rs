@@ -1,6 +1,7 @@
 //! Model definitions, one file per architecture, and [`Target`]: whichever architecture
 //! a model directory holds, behind one prefill / decode interface.
 
+pub mod cuda_qwen2;
 pub mod projector;
 pub mod qwen2;
 pub mod qwen2_5_vl;

@@ -1,0 +1,774 @@
+//! The Qwen2 decoder LM of [`super::qwen2`] on a CUDA device, step for step the CPU
+//! model, so that the CPU stays the reference it is tested against.
+//!
+//! Weights are uploaded once as bf16; every activation lives in scratch buffers sized at
+//! load time for a block of [`MAX_BLOCK`] tokens, so a decode or verify step only
+//! launches kernels and copies ids, positions (and a tree mask) in and logits (or one
+//! argmax per row) out.
+//! The residual stream is bf16 like every activation (the launchers' storage type); sums
+//! are f32 inside the kernels and logits are f32. Up to `GEMV_MAX_ROWS` rows (decode,
+//! verify) take the GEMV kernels, which stream each weight once for all rows; longer
+//! blocks (prefill) take cuBLASLt.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use half::{bf16, f16};
+
+use super::qwen2::{expected_tensors, Logits, Names, Positions, TreeMask};
+use crate::backend::cuda::{AttnScratch, AttnShape, CudaDevice, ATTN_HEAD_DIMS, GEMV_MAX_ROWS};
+use crate::config::{self, TextConfig};
+use crate::error::{Error, Result};
+use crate::weights::{DType, Weights};
+
+/// Tokens per forward block: prefill runs in blocks of this many, and a masked (tree)
+/// block must fit in one, since its mask rows index keys of the whole block.
+pub const MAX_BLOCK: usize = 64;
+
+/// Splits of K the GEMV scratch allows (short matrices of the small models need them to
+/// fill the GPU).
+const GEMV_SPLITS: usize = 8;
+/// Splits of the keys the attention scratch allows (long contexts, few row tiles).
+const ATTN_SPLITS: usize = 16;
+
+fn err(op: &str, msg: impl std::fmt::Display) -> Error {
+    Error::InvalidArgument(format!("CUDA {op}: {msg}"))
+}
+
+/// What a forward pass reads: token ids, or embeddings computed on the host (the
+/// drafter's projected image tokens, Qwen2.5-VL's merged vision tokens).
+#[derive(Debug, Clone, Copy)]
+pub enum Input<'a> {
+    Tokens(&'a [u32]),
+    /// [n, hidden] row-major.
+    Embeddings(&'a [f32]),
+}
+
+/// One decoder layer on the device. D = hidden, Q = heads·head_dim, KV = kv_heads·
+/// head_dim, I = intermediate.
+struct Layer {
+    input_norm: CudaSlice<bf16>, // [D]
+    qkv_w: CudaSlice<bf16>,      // [Q + 2·KV, D]: q, k, v projections stacked
+    qkv_b: CudaSlice<bf16>,      // [Q + 2·KV]
+    o_w: CudaSlice<bf16>,        // [D, Q]
+    post_norm: CudaSlice<bf16>,  // [D]
+    gate_up_w: CudaSlice<bf16>,  // [2·I, D]: gate rows, then up rows (swiglu's layout)
+    down_w: CudaSlice<bf16>,     // [D, I]
+}
+
+/// Activations of one block of B = [`MAX_BLOCK`] tokens, reused by every pass.
+struct Scratch {
+    ids: CudaSlice<i32>,      // [B]
+    pos: CudaSlice<i32>,      // [3, B] (M-RoPE) or [B]
+    embeds: CudaSlice<f32>,   // [B, D] host embeddings before the bf16 conversion
+    hidden: CudaSlice<bf16>,  // [B, D] the residual stream
+    normed: CudaSlice<bf16>,  // [B, D]
+    qkv: CudaSlice<bf16>,     // q [n, Q], then k [n, KV], then v [n, KV] for a block of n
+    attn: CudaSlice<bf16>,    // [B, Q]
+    proj: CudaSlice<bf16>,    // [B, D] o_proj / down_proj output, added to the residual
+    gate_up: CudaSlice<bf16>, // [B, 2·I]
+    act: CudaSlice<bf16>,     // [B, I]
+    logits: CudaSlice<f32>,   // [GEMV_MAX_ROWS, V]
+    argmax: CudaSlice<i32>,   // [B]
+    /// Tree mask; starts at [B, B] (a target's tree) and grows only for a wider one (a
+    /// drafter whose earlier depths are cached).
+    mask: CudaSlice<u8>,
+    gemv: CudaSlice<f32>, // split-K partials of the GEMVs
+    attn_split: AttnScratch,
+}
+
+impl Scratch {
+    fn new(dev: &CudaDevice, c: &TextConfig) -> Result<Self> {
+        let b = MAX_BLOCK;
+        let (d, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let widest = (q + 2 * kv).max(2 * i).max(d);
+        Ok(Scratch {
+            ids: dev.alloc_zeros(b)?,
+            pos: dev.alloc_zeros(3 * b)?,
+            embeds: dev.alloc_zeros(b * d)?,
+            hidden: dev.alloc_zeros(b * d)?,
+            normed: dev.alloc_zeros(b * d)?,
+            qkv: dev.alloc_zeros(b * (q + 2 * kv))?,
+            attn: dev.alloc_zeros(b * q)?,
+            proj: dev.alloc_zeros(b * d)?,
+            gate_up: dev.alloc_zeros(b * 2 * i)?,
+            act: dev.alloc_zeros(b * i)?,
+            logits: dev.alloc_zeros(GEMV_MAX_ROWS * c.vocab_size)?,
+            argmax: dev.alloc_zeros(b)?,
+            mask: dev.alloc_zeros(b * b)?,
+            gemv: dev.alloc_zeros(GEMV_SPLITS * GEMV_MAX_ROWS * widest)?,
+            attn_split: dev.attn_scratch(b * c.num_attention_heads, ATTN_SPLITS, c.head_dim)?,
+        })
+    }
+}
+
+/// Where the head's rows go.
+enum Head<'a> {
+    Logits(&'a mut Vec<f32>),
+    Argmax(&'a mut Vec<u32>),
+}
+
+pub struct CudaQwen2 {
+    pub cfg: TextConfig,
+    dev: Arc<CudaDevice>,
+    embed: CudaSlice<bf16>, // [V, D]
+    layers: Vec<Layer>,
+    norm: CudaSlice<bf16>,            // [D]
+    lm_head: Option<CudaSlice<bf16>>, // [V, D]; None when tied to `embed`
+    /// Behind a lock so the model is shared read-only, as the CPU model is.
+    scratch: Mutex<Scratch>,
+}
+
+impl CudaQwen2 {
+    /// Loads `dir` on the first GPU: an error naming the reason (no kernels, no driver, no
+    /// device) where there is none.
+    pub fn open(dir: &Path) -> Result<Self> {
+        Self::load(Arc::new(CudaDevice::new()?), dir)
+    }
+
+    /// Loads a Qwen2 causal-LM directory: config.json + safetensors, inventory-checked as
+    /// [`super::qwen2::Qwen2::load`] does.
+    pub fn load(dev: Arc<CudaDevice>, dir: &Path) -> Result<Self> {
+        let cfg = config::load_qwen2(&dir.join("config.json"))?;
+        check_served(&cfg)?;
+        let weights = Weights::open(dir)?;
+        weights.check_inventory(&expected_tensors(&cfg, Names::QWEN2))?;
+        Self::from_weights(dev, cfg, &weights, Names::QWEN2)
+    }
+
+    /// Uploads the LM from tensors already inventory-checked by the caller.
+    pub fn from_weights(dev: Arc<CudaDevice>, cfg: TextConfig, w: &Weights, names: Names) -> Result<Self> {
+        check_served(&cfg)?;
+        let shapes = expected_tensors(&cfg, names);
+        let host = |name: &str| -> Result<Vec<bf16>> {
+            let shape = shapes.get(name).ok_or_else(|| Error::MissingTensor {
+                dir: w.dir().to_path_buf(),
+                tensor: name.to_string(),
+            })?;
+            host_bf16(w, name, shape)
+        };
+        let layer = |l: usize, rest: &str| format!("{}layers.{l}.{rest}", names.prefix);
+        let up = |v: Vec<bf16>| dev.upload(&v);
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| {
+                let t = |rest: &str| host(&layer(l, rest));
+                let attn = |kind: &str| -> Result<Vec<bf16>> {
+                    Ok([
+                        t(&format!("self_attn.q_proj.{kind}"))?,
+                        t(&format!("self_attn.k_proj.{kind}"))?,
+                        t(&format!("self_attn.v_proj.{kind}"))?,
+                    ]
+                    .concat())
+                };
+                Ok(Layer {
+                    input_norm: up(t("input_layernorm.weight")?)?,
+                    qkv_w: up(attn("weight")?)?,
+                    qkv_b: up(attn("bias")?)?,
+                    o_w: up(t("self_attn.o_proj.weight")?)?,
+                    post_norm: up(t("post_attention_layernorm.weight")?)?,
+                    gate_up_w: up([t("mlp.gate_proj.weight")?, t("mlp.up_proj.weight")?].concat())?,
+                    down_w: up(t("mlp.down_proj.weight")?)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(CudaQwen2 {
+            embed: up(host(&format!("{}embed_tokens.weight", names.prefix))?)?,
+            norm: up(host(&format!("{}norm.weight", names.prefix))?)?,
+            lm_head: if cfg.tie_word_embeddings {
+                None
+            } else {
+                Some(up(host("lm_head.weight")?)?)
+            },
+            layers,
+            scratch: Mutex::new(Scratch::new(&dev, &cfg)?),
+            cfg,
+            dev,
+        })
+    }
+
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.dev
+    }
+
+    pub fn new_cache(&self, capacity: usize) -> Result<CudaKvCache> {
+        let c = &self.cfg;
+        CudaKvCache::new(
+            self.dev.clone(),
+            c.num_hidden_layers,
+            c.num_key_value_heads,
+            c.head_dim,
+            capacity,
+        )
+    }
+
+    /// Runs `tokens` after the cache's committed positions, commits them, returns logits.
+    pub fn forward_tokens(&self, tokens: &[u32], cache: &mut CudaKvCache, logits: Logits) -> Result<Vec<f32>> {
+        let positions = next_positions(cache, tokens.len());
+        self.forward(Input::Tokens(tokens), Positions::Seq(&positions), cache, logits, None)
+    }
+
+    /// [`super::qwen2::Qwen2::forward_masked`] on the device: `input` at rotary
+    /// `positions`, causal unless `mask` is given; commits the tokens; [rows, V] logits.
+    pub fn forward(
+        &self,
+        input: Input,
+        positions: Positions,
+        cache: &mut CudaKvCache,
+        logits: Logits,
+        mask: Option<TreeMask>,
+    ) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        self.run(input, positions, cache, logits, mask, Head::Logits(&mut out))?;
+        Ok(out)
+    }
+
+    /// As [`Self::forward`], but the argmax of each row stays on the device and only the
+    /// token ids come back (greedy decoding copies nothing vocabulary-sized).
+    pub fn forward_argmax(
+        &self,
+        input: Input,
+        positions: Positions,
+        cache: &mut CudaKvCache,
+        logits: Logits,
+        mask: Option<TreeMask>,
+    ) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        self.run(input, positions, cache, logits, mask, Head::Argmax(&mut out))?;
+        Ok(out)
+    }
+
+    /// The greedy next token after `tokens`, one i32 copied back.
+    pub fn argmax_last(&self, tokens: &[u32], cache: &mut CudaKvCache) -> Result<u32> {
+        let positions = next_positions(cache, tokens.len());
+        let ids = self.forward_argmax(
+            Input::Tokens(tokens),
+            Positions::Seq(&positions),
+            cache,
+            Logits::Last,
+            None,
+        )?;
+        ids.first().copied().ok_or_else(|| err("argmax_last", "no row"))
+    }
+
+    fn run(
+        &self,
+        input: Input,
+        positions: Positions,
+        cache: &mut CudaKvCache,
+        logits: Logits,
+        mask: Option<TreeMask>,
+        mut head: Head,
+    ) -> Result<()> {
+        const OP: &str = "forward";
+        let c = &self.cfg;
+        let d = c.hidden_size;
+        let n = match input {
+            Input::Tokens(t) => t.len(),
+            Input::Embeddings(e) if e.len() % d == 0 => e.len() / d,
+            Input::Embeddings(e) => {
+                return Err(err(OP, format!("{} embedding values are not rows of {d}", e.len())));
+            }
+        };
+        if n == 0 {
+            return Err(err(OP, "forward pass with no tokens"));
+        }
+        let (given, want) = match positions {
+            Positions::Seq(p) => (p.len(), n),
+            Positions::Multi(p) => (p.len(), 3 * n),
+        };
+        if given != want {
+            return Err(err(OP, format!("{given} position values for {n} tokens")));
+        }
+        if matches!(positions, Positions::Multi(_)) && c.mrope_section.is_none() {
+            return Err(err(OP, "3-D positions given to a model without mrope_section"));
+        }
+        if let Input::Tokens(t) = input {
+            if let Some(&id) = t.iter().find(|&&id| id as usize >= c.vocab_size) {
+                return Err(Error::TokenOutOfRange {
+                    id,
+                    vocab: c.vocab_size,
+                });
+            }
+        }
+        if !Arc::ptr_eq(&cache.dev, &self.dev) || cache.layers != c.num_hidden_layers || cache.row != c.kv_dim() {
+            return Err(err(
+                OP,
+                format!(
+                    "the cache ({} layers of {} values per token) was not made for this model ({} of {}) on its device",
+                    cache.layers,
+                    cache.row,
+                    c.num_hidden_layers,
+                    c.kv_dim()
+                ),
+            ));
+        }
+        cache.reserve(n)?;
+        let start = cache.len;
+        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let s = &mut *guard;
+        if let Some(m) = mask {
+            let span = (start + n).checked_sub(m.start).filter(|_| m.start <= start);
+            if span.map(|s| s * n) != Some(m.allow.len()) {
+                return Err(err(
+                    OP,
+                    format!(
+                        "tree mask of {} entries from key {} does not fit {n} tokens after {start} cached",
+                        m.allow.len(),
+                        m.start
+                    ),
+                ));
+            }
+            if (0..c.num_hidden_layers).any(|l| c.layer_window(l).is_some()) {
+                return Err(err(OP, "token trees are not supported with sliding-window attention"));
+            }
+            if n > MAX_BLOCK {
+                return Err(err(OP, format!("a tree block of {n} tokens exceeds {MAX_BLOCK}")));
+            }
+            if s.mask.len() < m.allow.len() {
+                s.mask = self.dev.alloc_zeros(m.allow.len())?;
+            }
+            self.dev.upload_into(m.allow, &mut s.mask.as_view_mut())?;
+        }
+        for b0 in (0..n).step_by(MAX_BLOCK) {
+            let b1 = (b0 + MAX_BLOCK).min(n);
+            let m = b1 - b0;
+            match input {
+                Input::Tokens(t) => {
+                    let ids: Vec<i32> = t[b0..b1].iter().map(|&id| id as i32).collect();
+                    self.dev.upload_into(&ids, &mut s.ids.as_view_mut())?;
+                    self.dev.embedding(
+                        &s.ids.as_view(),
+                        &self.embed.as_view(),
+                        &mut s.hidden.as_view_mut(),
+                        m,
+                        d,
+                    )?;
+                }
+                Input::Embeddings(e) => {
+                    self.dev.upload_into(&e[b0 * d..b1 * d], &mut s.embeds.as_view_mut())?;
+                    self.dev
+                        .f32_to_bf16(&s.embeds.as_view(), &mut s.hidden.as_view_mut(), m * d)?;
+                }
+            }
+            let pos = block_positions(positions, c.mrope_section.is_some(), n, b0, b1);
+            self.dev.upload_into(&pos, &mut s.pos.as_view_mut())?;
+            self.layers(s, cache, start + b0, m, mask.map(|m| m.start))?;
+            let rows = match logits {
+                Logits::All => 0..m,
+                Logits::Last if b1 == n => m - 1..m,
+                Logits::Last => continue,
+            };
+            self.head(s, rows, &mut head)?;
+        }
+        cache.len += n;
+        Ok(())
+    }
+
+    /// The decoder layers on the block of n tokens in `s.hidden`, at cache positions
+    /// start.. (their keys and values written there). Leaves the last layer's down_proj
+    /// output in `s.proj`, not yet added to the residual.
+    fn layers(
+        &self,
+        s: &mut Scratch,
+        cache: &mut CudaKvCache,
+        start: usize,
+        n: usize,
+        mask_start: Option<usize>,
+    ) -> Result<()> {
+        let (dev, c) = (&*self.dev, &self.cfg);
+        let (d, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let (hq, hkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (eps, theta) = (c.rms_norm_eps as f32, c.rope_theta as f32);
+        let (q_at, k_at, v_at) = (0..n * qd, n * qd..n * (qd + kvd), n * (qd + kvd)..n * (qd + 2 * kvd));
+        let shape = AttnShape {
+            n,
+            start,
+            q_heads: hq,
+            kv_heads: hkv,
+            head_dim: hd,
+        };
+        for (l, w) in self.layers.iter().enumerate() {
+            let mut normed = s.normed.slice_mut(..n * d);
+            if l == 0 {
+                dev.rmsnorm(
+                    &s.hidden.slice(..n * d),
+                    &w.input_norm.as_view(),
+                    &mut normed,
+                    n,
+                    d,
+                    eps,
+                )?;
+            } else {
+                let mut hidden = s.hidden.slice_mut(..n * d);
+                let x = s.proj.slice(..n * d);
+                dev.rmsnorm_residual(&x, &mut hidden, &w.input_norm.as_view(), &mut normed, n, d, eps)?;
+            }
+            // One GEMV over the stacked rows when n = 1 (q, k, v are then adjacent in the
+            // output), else one projection per region.
+            let x = s.normed.slice(..n * d);
+            if n == 1 {
+                let out = qd + 2 * kvd;
+                let (wv, bv) = (w.qkv_w.as_view(), w.qkv_b.as_view());
+                project(
+                    dev,
+                    &mut s.gemv,
+                    &x,
+                    &wv,
+                    Some(&bv),
+                    &mut s.qkv.slice_mut(..out),
+                    1,
+                    out,
+                    d,
+                )?;
+            } else {
+                for (rows, at) in [(0..qd, &q_at), (qd..qd + kvd, &k_at), (qd + kvd..qd + 2 * kvd, &v_at)] {
+                    let wv = w.qkv_w.slice(rows.start * d..rows.end * d);
+                    let bv = w.qkv_b.slice(rows.clone());
+                    let mut y = s.qkv.slice_mut(at.clone());
+                    project(dev, &mut s.gemv, &x, &wv, Some(&bv), &mut y, n, rows.len(), d)?;
+                }
+            }
+            let pos = s.pos.as_view();
+            for (at, heads) in [(&q_at, hq), (&k_at, hkv)] {
+                let mut x = s.qkv.slice_mut(at.clone());
+                match c.mrope_section {
+                    Some(sec) => dev.mrope(&mut x, &pos, n, heads, hd, theta, sec)?,
+                    None => dev.rope(&mut x, &pos, n, heads, hd, theta)?,
+                }
+            }
+            {
+                let (mut kc, mut vc) = cache.layer_mut(l);
+                let (k, v) = (s.qkv.slice(k_at.clone()), s.qkv.slice(v_at.clone()));
+                dev.kv_append(&k, &v, &mut kc, &mut vc, start, n, kvd)?;
+            }
+            let (kc, vc) = cache.layer(l);
+            let q = s.qkv.slice(q_at.clone());
+            let mut out = s.attn.slice_mut(..n * qd);
+            match (mask_start, c.layer_window(l)) {
+                (Some(ms), _) => {
+                    dev.attention_verify(&q, &kc, &vc, &mut out, &s.mask.as_view(), ms, shape, &mut s.attn_split)?
+                }
+                (None, None) if n == 1 => {
+                    dev.attention_decode(&q, &kc, &vc, &mut out, start + 1, hq, hkv, hd, &mut s.attn_split)?
+                }
+                (None, window) => {
+                    dev.attention_prefill(&q, &kc, &vc, &mut out, shape, window, Some(&mut s.attn_split))?
+                }
+            }
+            let attn = s.attn.slice(..n * qd);
+            project(
+                dev,
+                &mut s.gemv,
+                &attn,
+                &w.o_w.as_view(),
+                None,
+                &mut s.proj.slice_mut(..n * d),
+                n,
+                d,
+                qd,
+            )?;
+            let mut hidden = s.hidden.slice_mut(..n * d);
+            let mut normed = s.normed.slice_mut(..n * d);
+            let x = s.proj.slice(..n * d);
+            dev.rmsnorm_residual(&x, &mut hidden, &w.post_norm.as_view(), &mut normed, n, d, eps)?;
+            let x = s.normed.slice(..n * d);
+            let mut gu = s.gate_up.slice_mut(..n * 2 * inter);
+            project(
+                dev,
+                &mut s.gemv,
+                &x,
+                &w.gate_up_w.as_view(),
+                None,
+                &mut gu,
+                n,
+                2 * inter,
+                d,
+            )?;
+            dev.swiglu(
+                &s.gate_up.slice(..n * 2 * inter),
+                &mut s.act.slice_mut(..n * inter),
+                n,
+                inter,
+            )?;
+            let act = s.act.slice(..n * inter);
+            project(
+                dev,
+                &mut s.gemv,
+                &act,
+                &w.down_w.as_view(),
+                None,
+                &mut s.proj.slice_mut(..n * d),
+                n,
+                d,
+                inter,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Final residual + norm of `rows` of the block, then the LM head on them in groups
+    /// of GEMV rows: logits copied back, or their argmax.
+    fn head(&self, s: &mut Scratch, rows: std::ops::Range<usize>, out: &mut Head) -> Result<()> {
+        let (dev, c) = (&*self.dev, &self.cfg);
+        let (d, v, eps) = (c.hidden_size, c.vocab_size, c.rms_norm_eps as f32);
+        let (r0, r1) = (rows.start, rows.end);
+        {
+            let x = s.proj.slice(r0 * d..r1 * d);
+            let mut hidden = s.hidden.slice_mut(r0 * d..r1 * d);
+            let mut normed = s.normed.slice_mut(r0 * d..r1 * d);
+            dev.rmsnorm_residual(&x, &mut hidden, &self.norm.as_view(), &mut normed, r1 - r0, d, eps)?;
+        }
+        let w = self.lm_head.as_ref().unwrap_or(&self.embed).as_view();
+        for g0 in (r0..r1).step_by(GEMV_MAX_ROWS) {
+            let g1 = (g0 + GEMV_MAX_ROWS).min(r1);
+            let g = g1 - g0;
+            let x = s.normed.slice(g0 * d..g1 * d);
+            let mut y = s.logits.slice_mut(..g * v);
+            dev.gemv_bf16_f32(&x, &w, None, &mut y, Some(&mut s.gemv.as_view_mut()), g, v, d)?;
+            match out {
+                Head::Logits(o) => o.extend(dev.download(&s.logits.slice(..g * v))?),
+                Head::Argmax(_) => dev.argmax(&s.logits.slice(..g * v), &mut s.argmax.slice_mut(g0..g1), g, v)?,
+            }
+        }
+        if let Head::Argmax(o) = out {
+            o.extend(dev.download(&s.argmax.slice(r0..r1))?.iter().map(|&i| i as u32));
+        }
+        Ok(())
+    }
+}
+
+/// y = x · wᵀ (+ b) for `rows` rows: the GEMV kernels up to GEMV_MAX_ROWS rows (each
+/// weight streamed once for all rows), cuBLASLt above.
+#[allow(clippy::too_many_arguments)]
+fn project(
+    dev: &CudaDevice,
+    gemv_scratch: &mut CudaSlice<f32>,
+    x: &CudaView<'_, bf16>,
+    w: &CudaView<'_, bf16>,
+    b: Option<&CudaView<'_, bf16>>,
+    y: &mut CudaViewMut<'_, bf16>,
+    rows: usize,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    if rows <= GEMV_MAX_ROWS {
+        dev.gemv_bf16(x, w, b, y, Some(&mut gemv_scratch.as_view_mut()), rows, n, k)
+    } else {
+        dev.linear(x, w, b, y, rows, n, k)
+    }
+}
+
+/// Positions cache.len().. for n tokens (text continuing the cache).
+fn next_positions(cache: &CudaKvCache, n: usize) -> Vec<i32> {
+    let start = cache.len() as i32;
+    (start..start + n as i32).collect()
+}
+
+/// The rotary positions of tokens b0..b1 of a pass of n, as the rope launchers read them:
+/// [b1 − b0], or [3, b1 − b0] under M-RoPE (text positions repeated on the three axes).
+fn block_positions(positions: Positions, mrope: bool, n: usize, b0: usize, b1: usize) -> Vec<i32> {
+    match positions {
+        Positions::Seq(p) if mrope => p[b0..b1].repeat(3),
+        Positions::Seq(p) => p[b0..b1].to_vec(),
+        Positions::Multi(p) => (0..3).flat_map(|a| &p[a * n + b0..a * n + b1]).copied().collect(),
+    }
+}
+
+/// The shapes the kernels serve, checked before anything is uploaded.
+fn check_served(c: &TextConfig) -> Result<()> {
+    if !ATTN_HEAD_DIMS.contains(&c.head_dim) {
+        return Err(err(
+            "load",
+            format!(
+                "head_dim {} is not served by the attention kernels (head dims {ATTN_HEAD_DIMS:?})",
+                c.head_dim
+            ),
+        ));
+    }
+    if c.hidden_size % 8 != 0 || c.intermediate_size % 8 != 0 {
+        return Err(err(
+            "load",
+            format!(
+                "hidden_size {} and intermediate_size {} must be multiples of 8 (the GEMV's 16-byte loads)",
+                c.hidden_size, c.intermediate_size
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `name` as bf16 after checking its shape: bf16 bits as stored, f32 / f16 rounded to
+/// nearest, converted one tensor at a time (never the whole model in f32).
+fn host_bf16(w: &Weights, name: &str, shape: &[usize]) -> Result<Vec<bf16>> {
+    let t = w.get(name)?;
+    if t.shape != shape {
+        return Err(Error::ShapeMismatch {
+            dir: w.dir().to_path_buf(),
+            tensor: name.to_string(),
+            expected: shape.to_vec(),
+            actual: t.shape.to_vec(),
+        });
+    }
+    Ok(match t.dtype {
+        DType::BF16 => t
+            .data
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]))
+            .collect(),
+        DType::F16 => t
+            .data
+            .chunks_exact(2)
+            .map(|b| bf16::from_f32(f16::from_le_bytes([b[0], b[1]]).to_f32()))
+            .collect(),
+        DType::F32 => t
+            .data
+            .chunks_exact(4)
+            .map(|b| bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+            .collect(),
+    })
+}
+
+/// [`crate::kv_cache::KvCache`] on the device: `capacity` positions per layer, the first
+/// `len` committed; rollback is a length change, tree compaction one kv_compact launch
+/// for the keys of every layer and one for the values.
+pub struct CudaKvCache {
+    dev: Arc<CudaDevice>,
+    /// [layers, capacity, row] keys and values: one allocation each, so that one
+    /// kv_compact launch moves a tensor's rows in every layer.
+    k: CudaSlice<bf16>,
+    v: CudaSlice<bf16>,
+    path: CudaSlice<i32>, // [capacity]: the rows kv_compact gathers
+    layers: usize,
+    row: usize,
+    capacity: usize,
+    len: usize,
+}
+
+impl CudaKvCache {
+    pub fn new(dev: Arc<CudaDevice>, layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> Result<Self> {
+        let row = kv_heads * head_dim;
+        if i32::try_from(capacity).is_err() {
+            return Err(err("kv cache", format!("capacity {capacity} exceeds i32")));
+        }
+        let total = layers
+            .checked_mul(capacity)
+            .and_then(|x| x.checked_mul(row))
+            .ok_or_else(|| err("kv cache", format!("{layers} layers × {capacity} positions overflow")))?;
+        Ok(CudaKvCache {
+            k: dev.alloc_zeros(total)?,
+            v: dev.alloc_zeros(total)?,
+            path: dev.alloc_zeros(capacity)?,
+            dev,
+            layers,
+            row,
+            capacity,
+            len: 0,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Fails unless `n` more tokens fit.
+    pub fn reserve(&self, n: usize) -> Result<()> {
+        if self.len + n > self.capacity {
+            return Err(Error::ContextOverflow {
+                tokens: self.len,
+                new: n,
+                capacity: self.capacity,
+            });
+        }
+        Ok(())
+    }
+
+    /// Makes the `n` rows written after the committed ones part of the cache.
+    pub fn commit(&mut self, n: usize) -> Result<()> {
+        self.reserve(n)?;
+        self.len += n;
+        Ok(())
+    }
+
+    /// Forgets every token at position `len` and after.
+    pub fn rollback_to(&mut self, len: usize) -> Result<()> {
+        if len > self.len {
+            return Err(err(
+                "kv cache",
+                format!("rollback_to({len}) past the cache length {}", self.len),
+            ));
+        }
+        self.len = len;
+        Ok(())
+    }
+
+    /// Keeps, after the first `dst` tokens, the tokens at positions `keep` (ascending, each
+    /// at least `dst`) in that order: [`crate::kv_cache::KvCache::compact`].
+    pub fn compact(&mut self, dst: usize, keep: &[usize]) -> Result<()> {
+        let path = compact_path(self.len, dst, keep)?;
+        if !path.is_empty() {
+            self.dev.upload_into(&path, &mut self.path.as_view_mut())?;
+            let stride = self.capacity * self.row;
+            for cache in [&mut self.k, &mut self.v] {
+                let p = self.path.slice(..path.len());
+                let (m, row) = (path.len(), self.row);
+                self.dev
+                    .kv_compact(&mut cache.as_view_mut(), &p, m, dst, row, self.layers, stride)?;
+            }
+        }
+        self.len = dst + keep.len();
+        Ok(())
+    }
+
+    /// Keys and values of the committed tokens of `layer`, as f32 (tests, diagnostics).
+    pub fn layer_to_host(&self, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        if layer >= self.layers {
+            return Err(err("kv cache", format!("layer {layer} of {}", self.layers)));
+        }
+        let (k, v) = self.layer(layer);
+        let e = self.len * self.row;
+        let f = |x: Vec<bf16>| x.iter().map(|v| v.to_f32()).collect();
+        Ok((
+            f(self.dev.download(&k.slice(..e))?),
+            f(self.dev.download(&v.slice(..e))?),
+        ))
+    }
+
+    fn layer(&self, l: usize) -> (CudaView<'_, bf16>, CudaView<'_, bf16>) {
+        let at = l * self.capacity * self.row..(l + 1) * self.capacity * self.row;
+        (self.k.slice(at.clone()), self.v.slice(at))
+    }
+
+    fn layer_mut(&mut self, l: usize) -> (CudaViewMut<'_, bf16>, CudaViewMut<'_, bf16>) {
+        let at = l * self.capacity * self.row..(l + 1) * self.capacity * self.row;
+        (self.k.slice_mut(at.clone()), self.v.slice_mut(at))
+    }
+}
+
+/// The source rows kv_compact gathers for `compact(dst, keep)` on a cache of `len`
+/// tokens, refused when the CPU cache refuses it (the kernel copies rows in order and
+/// relies on keep ascending with keep[i] ≥ dst + i) and also for dst > len, which the
+/// CPU cache accepts with an empty `keep` and which would grow the cache past rows
+/// ever written.
+pub fn compact_path(len: usize, dst: usize, keep: &[usize]) -> Result<Vec<i32>> {
+    let ok = dst <= len
+        && keep.iter().enumerate().all(|(i, &p)| p >= dst + i && p < len)
+        && keep.windows(2).all(|w| w[0] < w[1]);
+    if !ok {
+        return Err(err(
+            "kv_compact",
+            format!("compact({dst}, {keep:?}) needs ascending cached positions from {dst} (length {len})"),
+        ));
+    }
+    keep.iter()
+        .map(|&p| i32::try_from(p).map_err(|_| err("kv_compact", format!("position {p} exceeds i32"))))
+        .collect()
+}
