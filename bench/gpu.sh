@@ -41,18 +41,20 @@ build() {
     [ -x "$nvcc" ] || { echo "nvcc not found at $nvcc (set NVCC, or run .ci/run once)"; exit 1; }
     export NVCC="$nvcc" MASSV_CUDA_ARCHS=sm_90 MASSV_REQUIRE_KERNELS=1 CARGO_TARGET_DIR=target/gpu
     mkdir -p "$gpu_dir"
-    local test_bin
-    test_bin=$(cargo test --release --test cuda_ops --no-run --message-format=json-render-diagnostics \
-        | python3 -c 'import json, sys
+    local test_bin name
+    for name in cuda_ops cuda_model; do
+        test_bin=$(cargo test --release --test "$name" --no-run --message-format=json-render-diagnostics \
+            | python3 -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda_ops":
-        print(m["executable"])')
-    [ -n "$test_bin" ] || { echo "no cuda_ops test binary built"; exit 1; }
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$name")
+        [ -n "$test_bin" ] || { echo "no $name test binary built"; exit 1; }
+        cp "$test_bin" "$gpu_dir/$name"
+    done
     cargo build --release --bin massv
-    cp "$test_bin" "$gpu_dir/cuda_ops"
     cp target/gpu/release/massv "$gpu_dir/massv"
-    strip "$gpu_dir/cuda_ops" "$gpu_dir/massv"
+    strip "$gpu_dir/cuda_ops" "$gpu_dir/cuda_model" "$gpu_dir/massv"
     git rev-parse --short HEAD > "$gpu_dir/COMMIT" 2>/dev/null || echo unknown > "$gpu_dir/COMMIT"
     git diff --quiet HEAD 2>/dev/null || sed -i 's/$/-dirty/' "$gpu_dir/COMMIT"
     if ! ls "$gpu_dir"/nvidia_cuda_sanitizer_api-*.whl >/dev/null 2>&1; then
@@ -95,7 +97,7 @@ run() {
         return $rc
     }
 
-    for f in cuda_ops massv COMMIT; do
+    for f in cuda_ops cuda_model massv COMMIT; do
         [ -e "$gpu_dir/$f" ] || { echo "error: $gpu_dir/$f missing: run bench/gpu.sh build and carry .gpu"; exit 1; }
     done
     local commit
@@ -121,11 +123,13 @@ run() {
     echo "libcuda: ${cuda_lib:-not found}; cuBLAS: ${cublas:-not found}"
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 
-    chmod +x "$gpu_dir/cuda_ops" "$gpu_dir/massv"
+    chmod +x "$gpu_dir/cuda_ops" "$gpu_dir/cuda_model" "$gpu_dir/massv"
     step binaries-start 60 "$gpu_dir/cuda_ops" --list || { echo "the binaries do not start here (see above)"; }
 
     export MASSV_REQUIRE_CUDA=1 RUST_BACKTRACE=1
     want tests && step tests 200 "$gpu_dir/cuda_ops" --test-threads=1
+    # The LM on the device vs the CPU model (synth checkpoints), and the engine on CUDA.
+    want tests && step tests-model 200 "$gpu_dir/cuda_model" --test-threads=1
 
     local date_ gpu_name json
     date_=$(date -u +%F)
@@ -135,14 +139,14 @@ run() {
     want bench && MASSV_BENCH_JSON="$json" MASSV_BENCH_DATE="$date_" MASSV_COMMIT="$commit" \
         step bench 150 "$gpu_dir/cuda_ops" --ignored bench_kernels --nocapture --test-threads=1
 
-    # The driver probe from the CLI: an explicit --device cuda names the GPU (no model
-    # path runs on CUDA yet, so this is expected to exit non-zero with that message).
+    # The CLI on the device: the fixture's head_dim 16 is not served by the attention
+    # kernels, so --device cuda must refuse it with that reason (and auto fall back).
     if want massv; then
         echo "== massv generate --device cuda (probe)"
         "$gpu_dir/massv" generate --target tests/fixtures/qwen2-tiny-gqa4-tied --prompt hi --max-new-tokens 2 \
             --device cuda > "$logs/massv-probe.log" 2>&1
         cat "$logs/massv-probe.log"
-        grep -qi "no cuda model path" "$logs/massv-probe.log" || failed+=("massv probe (no GPU named)")
+        grep -qi "head_dim 16" "$logs/massv-probe.log" || failed+=("massv probe (head_dim refusal)")
         step massv-cpu 120 "$gpu_dir/massv" generate --target tests/fixtures/qwen2-tiny-gqa4-tied --prompt hi \
             --max-new-tokens 4 --device cpu
     fi

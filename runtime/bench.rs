@@ -1,13 +1,15 @@
 //! `massv bench`: target-only, text-drafter and MASSV-drafter decoding (chains, and
 //! token trees with `--tree`) on the same inputs, one table (MAL, drafted tokens per
 //! pass, tokens/s, ms per token, per-stage ms, speedup), and the decode step of a model
-//! next to its memory-bandwidth floor.
+//! next to its memory-bandwidth floor. The target's LM runs where `--device` puts it; the
+//! drafters and the floor model run on the CPU.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::backend::{cuda, Device, DeviceRequest};
 use crate::error::Result;
 use crate::image::ImageInput;
 use crate::model::qwen2::Logits;
@@ -51,11 +53,28 @@ pub struct Input {
     pub image: Option<ImageInput>,
 }
 
-/// Runs `setups` over `inputs`; the first setup is the speedup baseline.
+/// Runs `setups` over `inputs` on the CPU; the first setup is the speedup baseline.
 pub fn compare(target: &Path, setups: &[Setup], inputs: &[Input], params: &GenerateParams) -> Result<Vec<Row>> {
+    Ok(compare_on(target, setups, inputs, params, DeviceRequest::Cpu)?.0)
+}
+
+/// [`compare`] with the target's LM on the device `req` means for it (chosen once, by
+/// the first setup's load, and kept for the others); returns that device too.
+pub fn compare_on(
+    target: &Path,
+    setups: &[Setup],
+    inputs: &[Input],
+    params: &GenerateParams,
+    req: DeviceRequest,
+) -> Result<(Vec<Row>, Device)> {
     let mut rows: Vec<Row> = Vec::new();
+    let mut device = None;
     for setup in setups {
-        let engine = Engine::load(target, setup.drafter.as_deref())?;
+        let engine = match device {
+            None => Engine::load_for(target, setup.drafter.as_deref(), req)?,
+            Some(d) => Engine::load_on(target, setup.drafter.as_deref(), d)?,
+        };
+        device = Some(engine.target.device());
         let p = GenerateParams {
             draft_mode: None,
             tree: setup.tree.clone(),
@@ -112,7 +131,11 @@ pub fn compare(target: &Path, setups: &[Setup], inputs: &[Input], params: &Gener
             passes,
         });
     }
-    Ok(rows)
+    let device = match device {
+        Some(d) => d,
+        None => Target::choose_device(target, req)?,
+    };
+    Ok((rows, device))
 }
 
 pub fn print_table(rows: &[Row]) {
@@ -150,8 +173,9 @@ pub struct Floor {
     pub ratio_to_floor: f64,
 }
 
-/// Decode-step time of the LM in `dir` (mean over `steps` after a short prompt) and its
-/// floor: the bytes of f32 weights a CPU step reads / measured copy bandwidth.
+/// Decode-step time of the LM in `dir` on the CPU (mean over `steps` after a short
+/// prompt) and its floor: the bytes of f32 weights a CPU step reads / measured copy
+/// bandwidth.
 pub fn decode_floor(dir: &Path, steps: usize) -> Result<Floor> {
     let target = Target::load(dir)?;
     let cfg = target.text_config().clone();
@@ -194,6 +218,17 @@ pub fn copy_bandwidth() -> f64 {
         best = best.min(t0.elapsed().as_secs_f64());
     }
     2.0 * n as f64 / best / 1e9
+}
+
+/// The results' `device` field: `cpu: <model> (<threads> threads)` or `cuda: <GPU name>`.
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => format!("cpu: {} ({} threads)", cpu_name(), rayon::current_num_threads()),
+        Device::Cuda => format!(
+            "cuda: {}",
+            cuda::probe().map_or_else(|e| format!("unknown GPU ({e})"), |i| i.name)
+        ),
+    }
 }
 
 /// The CPU's model name (Linux), for the results' `device` field.

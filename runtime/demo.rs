@@ -3,12 +3,14 @@
 //! and after SDViT), asks visually grounded questions about held-out scenes, and reports
 //! MAL and speedup at T = 0 and T = 1 (γ = 5), mean TVD per drafter, the target's accuracy,
 //! and one example answer; writes the table as JSON and a bar chart PNG. A last row runs
-//! the MASSV drafter with token trees instead of chains.
+//! the MASSV drafter with token trees instead of chains. The target's LM runs where
+//! `--device` puts it ([`run_on`]); drafters and the vision tower run on the CPU.
 
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::backend::DeviceRequest;
 use crate::error::{Error, Result};
 use crate::image::{preprocess, ImageInput, Preprocessed};
 use crate::model::qwen2::{Logits, Positions};
@@ -175,9 +177,22 @@ fn mean_tvd(engine: &Engine, drafter: &Drafter, qs: &[Question], answers: &[Vec<
 /// The tree of the demo's last row: EAGLE-2-style growth, 32 nodes, 8 deep.
 pub const DEFAULT_TREE: &str = "dynamic:32,8,4";
 
-/// Runs the demo on `scenes` held-out scenes with the models in `assets`; the last row
-/// drafts `tree`s with the MASSV drafter.
+/// Runs the demo on the CPU on `scenes` held-out scenes with the models in `assets`; the
+/// last row drafts `tree`s with the MASSV drafter.
 pub fn run(assets: &Path, scenes: usize, gamma: usize, tree: &TreeSpec, out_dir: &Path) -> Result<Report> {
+    run_on(assets, scenes, gamma, tree, out_dir, DeviceRequest::Cpu)
+}
+
+/// [`run`] with the target's LM on the device `device` means for it (chosen once, when
+/// the baseline loads, and kept for every drafter's engine).
+pub fn run_on(
+    assets: &Path,
+    scenes: usize,
+    gamma: usize,
+    tree: &TreeSpec,
+    out_dir: &Path,
+    device: DeviceRequest,
+) -> Result<Report> {
     let t0 = std::time::Instant::now();
     let target_dir = assets.join("target");
     if !target_dir.join("config.json").is_file() {
@@ -186,7 +201,8 @@ pub fn run(assets: &Path, scenes: usize, gamma: usize, tree: &TreeSpec, out_dir:
             assets.display()
         )));
     }
-    let baseline = Engine::load(&target_dir, None)?;
+    let baseline = Engine::load_for(&target_dir, None, device)?;
+    let device = baseline.target.device();
     let held = world::scenes(world::HELDOUT_SEED, scenes);
     let qs = questions(&baseline, &held)?;
     let greedy = GenerateParams {
@@ -226,7 +242,7 @@ pub fn run(assets: &Path, scenes: usize, gamma: usize, tree: &TreeSpec, out_dir:
     }];
     let tree_row = ("MASSV + token tree", "drafter-massv", Some(tree));
     for (label, dir, tree) in DRAFTERS.iter().map(|&(l, d)| (l, d, None)).chain([tree_row]) {
-        let engine = Engine::load(&target_dir, Some(&assets.join(dir)))?;
+        let engine = Engine::load_on(&target_dir, Some(&assets.join(dir)), device)?;
         let with_tree = |p: &GenerateParams| GenerateParams {
             tree: tree.cloned(),
             ..p.clone()

@@ -43,6 +43,7 @@ enum Command {
         prompt: String,
         #[arg(long)]
         out: PathBuf,
+        /// Where the LM runs (a vision tower runs on the CPU).
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceRequest,
     },
@@ -77,6 +78,8 @@ enum Command {
         seed: u64,
         #[arg(long, default_value_t = 128)]
         max_new_tokens: usize,
+        /// Where the target's LM runs: auto is CUDA when a GPU serves the target, else the
+        /// CPU (the drafter and a vision tower run on the CPU).
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceRequest,
         /// Print one JSON object (text, tokens, metrics) instead of the answer.
@@ -120,6 +123,9 @@ enum Command {
         floor_model: Option<PathBuf>,
         #[arg(long, default_value_t = 8)]
         floor_steps: usize,
+        /// Where the target's LM runs, as for `generate` (the floor model runs on the CPU).
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceRequest,
         /// Write the results as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -140,6 +146,9 @@ enum Command {
         /// Where demo.json and demo.png go.
         #[arg(long, default_value = "target/demo")]
         out: PathBuf,
+        /// Where the target's LM runs, as for `generate`.
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceRequest,
     },
     /// Write a random-weight checkpoint with the real tensor names and shapes of a config.
     Synth {
@@ -236,9 +245,8 @@ fn run(cli: Cli) -> Result<()> {
             out,
             device,
         } => {
-            device.resolve()?;
             let tok = Tokenizer::from_dir(&model)?;
-            let target = Target::load(&model)?;
+            let target = Target::load_for(&model, device)?;
             let (ids, images) = prompt_inputs(&model, &target, &tok, &prompt, image.as_ref())?;
             let (logits, session) = target.prefill(&ids, &images, &target.encode_images(&images)?, 0, Logits::All)?;
             let ids = session.prompt;
@@ -271,8 +279,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
             trace,
         } => {
-            device.resolve()?;
-            let engine = Engine::load(&target, draft.as_deref())?;
+            let engine = Engine::load_for(&target, draft.as_deref(), device)?;
             let image = image.as_deref().map(ImageInput::from_path).transpose()?;
             let params = GenerateParams {
                 gamma,
@@ -316,6 +323,7 @@ fn run(cli: Cli) -> Result<()> {
             max_new_tokens,
             floor_model,
             floor_steps,
+            device,
             json,
         } => {
             let mut inputs = Vec::new();
@@ -358,7 +366,7 @@ fn run(cli: Cli) -> Result<()> {
                 max_new_tokens,
                 draft_mode: None,
             };
-            let rows = bench::compare(&target, &setups, &inputs, &params)?;
+            let (rows, device) = bench::compare_on(&target, &setups, &inputs, &params, device)?;
             bench::print_table(&rows);
             for (i, t) in tree.iter().enumerate() {
                 println!("tree#{} = {t}", i + 1);
@@ -379,7 +387,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             if let Some(path) = json {
                 let doc = serde_json::json!({
-                    "device": format!("cpu: {} ({} threads)", bench::cpu_name(), rayon::current_num_threads()),
+                    "device": bench::device_name(device),
                     "target": target.display().to_string(),
                     "inputs": inputs.len(),
                     "gamma": gamma,
@@ -399,9 +407,10 @@ fn run(cli: Cli) -> Result<()> {
             gamma,
             tree,
             out,
+            device,
         } => {
             let assets = assets.unwrap_or_else(massv::demo::default_assets);
-            let report = massv::demo::run(&assets, scenes, gamma, &tree, &out)?;
+            let report = massv::demo::run_on(&assets, scenes, gamma, &tree, &out, device)?;
             massv::demo::print(&report, &out);
             Ok(())
         }

@@ -1,5 +1,5 @@
-//! The `massv` binary as users run it: contracts of `generate` and `logits`, and one-line
-//! errors with a non-zero exit.
+//! The `massv` binary as users run it: contracts of `generate` and `logits`, `--device`,
+//! and one-line errors with a non-zero exit.
 
 mod common;
 
@@ -14,12 +14,17 @@ fn massv(args: &[&str]) -> Output {
         .expect("run massv")
 }
 
-/// Asserts a failed run: non-zero exit, exactly one `error: …` line, no panic.
+/// The note `--device auto` prints when a GPU is present but does not serve the target
+/// (the fixtures' head dim 16, say) and the CPU runs it instead: not an error line.
+const CPU_NOTE: &str = "massv: using the CPU: ";
+
+/// Asserts a failed run: non-zero exit, exactly one `error: …` line (besides a CPU_NOTE),
+/// no panic.
 fn assert_one_line_error(out: &Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.starts_with(CPU_NOTE)).collect();
     assert_eq!(lines.len(), 1, "want one line, got: {stderr}");
     assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{stderr}");
 }
@@ -349,4 +354,111 @@ fn bench_prints_a_table_and_writes_json() {
     assert!(rows[1]["mal"].as_f64().unwrap() > 3.0, "{}", rows[1]);
     assert!(v["device"].as_str().unwrap().starts_with("cpu"));
     assert!(v["floor"]["ratio_to_floor"].as_f64().unwrap() > 0.0);
+}
+
+/// `--device auto` is the CPU here (no GPU, or one that does not serve the fixtures' head
+/// dim 16): the same answer as `--device cpu`, with at most the CPU note on stderr, and
+/// none at all without a GPU.
+#[test]
+fn device_auto_answers_as_the_cpu_does() {
+    let dir = fixture("qwen2-tiny-gqa4-tied");
+    let run = |device: &str| {
+        let out = massv(&[
+            "generate",
+            "--target",
+            dir.to_str().unwrap(),
+            "--draft",
+            fixture("qwen2-tiny-mha-untied").to_str().unwrap(),
+            "--prompt",
+            "Hello there, how are you?",
+            "--max-new-tokens",
+            "10",
+            "--device",
+            device,
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{device}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let ((auto, note), (cpu, quiet)) = (run("auto"), run("cpu"));
+    assert_eq!(auto["tokens"], cpu["tokens"]);
+    assert_eq!(auto["text"], cpu["text"]);
+    assert!(quiet.is_empty(), "{quiet}");
+    assert!(note.lines().all(|l| l.starts_with(CPU_NOTE)), "{note}");
+    if massv::backend::cuda::probe().is_err() {
+        assert!(note.is_empty(), "no GPU, no note: {note}");
+    }
+}
+
+/// `--device cuda` on a machine or a model it cannot serve: one `error:` line naming
+/// CUDA, a non-zero exit, nothing written, for every subcommand that takes it.
+#[test]
+fn device_cuda_that_cannot_run_is_one_error_line() {
+    let text = fixture("qwen2-tiny-gqa4-tied");
+    let vl = fixture("qwen2_5_vl-tiny-hub");
+    let image = fixture("images/nonsquare_150x100.png");
+    let tmp = tempfile::tempdir().unwrap();
+    let out_file = tmp.path().join("logits.safetensors");
+    let json = tmp.path().join("bench.json");
+    let t = text.to_str().unwrap();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["generate", "--target", t, "--prompt", "hi"],
+        vec![
+            "generate",
+            "--target",
+            vl.to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ],
+        vec![
+            "logits",
+            "--model",
+            t,
+            "--prompt",
+            "hi",
+            "--out",
+            out_file.to_str().unwrap(),
+        ],
+        vec![
+            "bench",
+            "--target",
+            t,
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "2",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+    ];
+    for mut args in cases {
+        args.extend(["--device", "cuda"]);
+        let out = massv(&args);
+        assert_one_line_error(&out, "CUDA");
+        // Which reason depends on the machine: no kernels, no driver or GPU, or head_dim 16.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            ["CUDA kernels", "driver", "CUDA device", "CUDA context", "head_dim 16"]
+                .iter()
+                .any(|r| stderr.contains(r)),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(!out_file.exists() && !json.exists(), "nothing written");
+    // demo takes --device too (it fails first on the missing demo models here).
+    let out = massv(&[
+        "demo",
+        "--assets",
+        tmp.path().join("none").to_str().unwrap(),
+        "--device",
+        "cuda",
+    ]);
+    assert_one_line_error(&out, "no demo models");
 }

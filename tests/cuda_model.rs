@@ -1,7 +1,12 @@
 //! The Qwen2 LM on the CUDA device (`massv::model::cuda_qwen2`) against the CPU model
 //! (`massv::model::qwen2`), which is the reference: prefill across several blocks,
 //! decode, chain and tree verification blocks, KV compaction, host embeddings with
-//! M-RoPE positions, sliding-window layers, greedy generation, and errors.
+//! M-RoPE positions, sliding-window layers, greedy generation, and errors. Then the
+//! target on the device inside `Target` and `Engine` (`--device`): a Qwen2.5-VL target
+//! whose LM runs on the device (prompt spans, M-RoPE, rope delta, trees), and speculative
+//! decoding with a CUDA target and CPU drafters against the CPU engine; and, without a
+//! device, how `auto` / `cpu` / `cuda` resolve and that the spans the device prefills a
+//! Qwen2.5-VL prompt in give, on the CPU, the one-pass prefill.
 //!
 //! The fixtures' head dim is 16, which the attention kernels do not serve (64, 80, 128):
 //! loading them must fail with that reason, and the comparisons run on `massv synth`
@@ -22,7 +27,8 @@
 //! (`the_bound_catches_a_rope_bug`, which runs without a device). Greedy tokens must equal
 //! the CPU's until a step where the CPU's logit of the device's token is within 2 × the
 //! row bound of the CPU's maximum (both sides within the bound can flip a near tie);
-//! comparison stops at the first such step.
+//! comparison stops at the first such step. The engines are held to the same rule on
+//! their generated tokens.
 //!
 //! Without a usable GPU every device test prints `skipped: no CUDA device (<reason>)`
 //! and passes (MASSV_REQUIRE_CUDA=1 makes that a failure, as in tests/cuda_ops.rs).
@@ -31,10 +37,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use massv::backend::cuda::{probe, CudaDevice};
+use massv::backend::{Device, DeviceRequest};
+use massv::image::{preprocess, ImageInput, Preprocessed, PreprocessorConfig};
 use massv::kv_cache::KvCache;
 use massv::model::cuda_qwen2::{compact_path, CudaKvCache, CudaQwen2, Input, MAX_BLOCK};
 use massv::model::qwen2::{Logits, Positions, Qwen2, TreeMask};
+use massv::model::qwen2_5_vl::VisionOutput;
+use massv::model::Target;
 use massv::sampling::Rng;
+use massv::spec::engine::{Engine, GenerateParams, Hooks};
 use massv::synth::{synth, SynthDtype, SynthOptions};
 use massv::Error;
 use serde_json::json;
@@ -160,6 +171,64 @@ fn specs() -> Vec<Spec> {
             max_shard_bytes: 1 << 30,
         },
     ]
+}
+
+/// A text target of head dim 64 with the vocabulary of the fixtures' tokenizer (448), so
+/// that an `Engine` can load it with the fixtures' tokenizer and drafters.
+fn engine_text_spec() -> Spec {
+    Spec {
+        name: "engine-gqa4-tied-d64",
+        config: with(
+            text_config(512, 8, 2, 768, 2, 448),
+            json!({"tie_word_embeddings": true, "rope_theta": 10000.0}),
+        ),
+        dtype: SynthDtype::Bf16,
+        max_shard_bytes: 1 << 30,
+    }
+}
+
+/// The fixture Qwen2.5-VL (its vision tower, tokens, vocabulary) with an LM the kernels
+/// serve: hidden 512, 8 heads of 64, M-RoPE sections [8, 12, 12] (sum = head_dim / 2).
+/// Its vision features keep the fixture's width, so the fixture MASSV drafter fits it.
+fn engine_vl_spec() -> Spec {
+    let path = fixture("qwen2_5_vl-tiny-hub").join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    config = with(
+        config,
+        json!({
+            "hidden_size": 512,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 2,
+            "intermediate_size": 768,
+            "max_position_embeddings": 4096,
+            "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
+        }),
+    );
+    config["vision_config"]["out_hidden_size"] = json!(512);
+    Spec {
+        name: "engine-vl-d64",
+        config,
+        dtype: SynthDtype::Bf16,
+        max_shard_bytes: 1 << 30,
+    }
+}
+
+/// [`make`], plus the tokenizer, generation and preprocessor files of the fixture `like`:
+/// a directory `Engine` loads.
+fn make_model_dir(spec: &Spec, like: &str) -> (tempfile::TempDir, PathBuf) {
+    let (tmp, dir) = make(spec);
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "preprocessor_config.json",
+    ] {
+        let src = fixture(like).join(f);
+        if src.exists() {
+            std::fs::copy(&src, dir.join(f)).unwrap();
+        }
+    }
+    (tmp, dir)
 }
 
 /// Writes `spec`'s random checkpoint with `massv::synth` into a temp dir.
@@ -371,6 +440,134 @@ fn the_bound_catches_a_rope_bug() {
             "{}: positions × 2 stay within the bound; the test could not see a RoPE bug",
             spec.name
         );
+    }
+}
+
+#[test]
+fn device_requests_resolve_without_errors_or_panics() {
+    assert_eq!(DeviceRequest::Cpu.resolve().unwrap(), Device::Cpu);
+    let auto = DeviceRequest::Auto.resolve().expect("auto is never an error");
+    match probe() {
+        Err(reason) => {
+            assert_eq!(auto, Device::Cpu);
+            assert_eq!(message(DeviceRequest::Cuda.resolve()), reason.to_string());
+            println!("no device: auto is the CPU, cuda fails with: {reason}");
+        }
+        Ok(_) => {
+            assert_eq!(auto, Device::Cuda);
+            assert_eq!(DeviceRequest::Cuda.resolve().unwrap(), Device::Cuda);
+        }
+    }
+}
+
+/// The fixtures' head dim (16) is not served: with or without a device, `auto` loads them
+/// on the CPU and `cuda` fails, naming the missing device or the head dim.
+#[test]
+fn fixtures_load_on_the_cpu_under_auto_and_fail_under_cuda() {
+    let reason = probe().err().map(|e| e.to_string());
+    let cuda_error = |msg: String| match &reason {
+        Some(r) => assert_eq!(&msg, r),
+        None => assert!(msg.contains("head_dim 16 is not served"), "{msg}"),
+    };
+    for name in ["qwen2-tiny-gqa4-tied", "qwen2_5_vl-tiny-hub"] {
+        let dir = fixture(name);
+        assert_eq!(Target::choose_device(&dir, DeviceRequest::Auto).unwrap(), Device::Cpu);
+        assert_eq!(Target::choose_device(&dir, DeviceRequest::Cpu).unwrap(), Device::Cpu);
+        cuda_error(message(Target::choose_device(&dir, DeviceRequest::Cuda)));
+        cuda_error(message(Target::load_on(&dir, Device::Cuda)));
+        cuda_error(message(Engine::load_for(&dir, None, DeviceRequest::Cuda)));
+        cuda_error(message(Engine::load_on(&dir, None, Device::Cuda)));
+        let e = Engine::load_for(&dir, None, DeviceRequest::Auto).unwrap();
+        assert_eq!(e.target.device(), Device::Cpu, "{name}");
+    }
+    // A directory that cannot be read is the load's error, whatever the device.
+    let missing = fixture("no-such-model");
+    for req in [DeviceRequest::Auto, DeviceRequest::Cpu] {
+        assert!(message(Target::load_for(&missing, req)).contains("config.json"));
+    }
+}
+
+/// The spans the device runs a Qwen2.5-VL prompt in (text tokens, image rows, text) give,
+/// on the CPU, the one-pass prefill's logits and cache: their positions and image rows
+/// are the right ones. Also after text already in the cache, and with the last row only.
+#[test]
+fn vl_prefill_in_spans_equals_one_pass_on_the_cpu() {
+    use massv::model::qwen2_5_vl::Qwen25Vl;
+    let dir = fixture("qwen2_5_vl-tiny-hub");
+    let model = Qwen25Vl::load(&dir).unwrap();
+    let tok = massv::tokenizer::Tokenizer::from_dir(&dir).unwrap();
+    let img = ImageInput::from_path(&fixture("images/nonsquare_150x100.png")).unwrap();
+    let pre = preprocess(&img, &PreprocessorConfig::from_dir(&dir).unwrap()).unwrap();
+    let ids = tok
+        .encode(&tok.user_prompt("Describe the image.", true).unwrap())
+        .unwrap();
+    let ids = model.expand_image_placeholders(&ids, &[pre.grid_thw]).unwrap();
+    let embeds = model.encode_image(&pre.pixel_values, pre.grid_thw).unwrap().embeds;
+    let p = model.prepare(ids.clone(), &[pre.grid_thw], embeds).unwrap();
+    let img_id = model.cfg.image_token_id;
+    assert!(ids.first() != Some(&img_id) && ids.last() != Some(&img_id) && ids.contains(&img_id));
+    for logits in [Logits::All, Logits::Last] {
+        let (mut one, mut spans) = (model.new_cache(ids.len()), model.new_cache(ids.len()));
+        let want = model.prefill(&p, &mut one, logits).unwrap();
+        let got = model.prefill_spans(&p, &mut spans, logits).unwrap();
+        assert_eq!(got.len(), want.len(), "{logits:?}");
+        let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+        let err = max_diff(&got, &want);
+        assert!(err <= 1e-5, "{logits:?}: max |Δlogit| = {err}");
+        assert_eq!(spans.len(), one.len());
+        for l in 0..model.cfg.text.num_hidden_layers {
+            let ((k1, v1), (k2, v2)) = (spans.layer(l), one.layer(l));
+            assert_eq!((k1.len(), v1.len()), (k2.len(), v2.len()));
+            assert!(max_diff(k1, k2) <= 1e-5 && max_diff(v1, v2) <= 1e-5, "layer {l}");
+        }
+    }
+    // A bad prompt commits nothing.
+    let mut cache = model.new_cache(ids.len());
+    let short = massv::model::qwen2_5_vl::Prefill {
+        image_embeds: p.image_embeds[..p.image_embeds.len() - 1].to_vec(),
+        ids: p.ids.clone(),
+        positions: p.positions.clone(),
+        rope_delta: p.rope_delta,
+    };
+    assert!(message(model.prefill_spans(&short, &mut cache, Logits::Last)).contains("placeholders"));
+    assert_eq!(cache.len(), 0);
+}
+
+/// `auto` (the CPU without a device, or for these unserved fixtures) generates exactly
+/// what the CPU engine generates: chains and trees, text and image.
+#[test]
+fn auto_generates_what_the_cpu_engine_generates() {
+    let img = ImageInput::from_path(&fixture("images/nonsquare_150x100.png")).unwrap();
+    let cases: [(&str, Option<&str>, Option<&ImageInput>); 3] = [
+        ("qwen2-tiny-gqa4-tied", None, None),
+        ("qwen2-tiny-gqa4-tied", Some("qwen2-tiny-mha-untied"), None),
+        ("qwen2_5_vl-tiny-hub", Some("drafter-tiny-massv"), Some(&img)),
+    ];
+    for (target, drafter, image) in cases {
+        let (t, d) = (fixture(target), drafter.map(fixture));
+        let cpu = Engine::load(&t, d.as_deref()).unwrap();
+        let auto = Engine::load_for(&t, d.as_deref(), DeviceRequest::Auto).unwrap();
+        assert_eq!(auto.target.device(), Device::Cpu);
+        let trees = if drafter.is_some() {
+            vec![None, Some("dynamic:8,4")]
+        } else {
+            vec![None]
+        };
+        for tree in trees {
+            let p = GenerateParams {
+                max_new_tokens: 12,
+                tree: tree.map(|t| t.parse().unwrap()),
+                ..Default::default()
+            };
+            let want = cpu
+                .generate("Describe the image.", image, &p, Hooks::default())
+                .unwrap();
+            let got = auto
+                .generate("Describe the image.", image, &p, Hooks::default())
+                .unwrap();
+            assert_eq!(got.tokens, want.tokens, "{target} {drafter:?} {tree:?}");
+            assert_eq!(got.text, want.text);
+        }
     }
 }
 
@@ -760,4 +957,214 @@ fn errors_are_values_not_panics() {
     assert!(message(cache.layer_to_host(2)).contains("layer 2"));
     assert!(message(cache.commit(8)).contains("exceeds the context"));
     assert_eq!(cache.len(), 3);
+}
+
+// -------------------------------------------------------------------------------------
+// The target on the device: Target and Engine
+
+/// The CPU target's logits for the token after `generated`, following the prompt.
+fn cpu_next_row(
+    target: &Target,
+    ids: &[u32],
+    images: &[Preprocessed],
+    vision: &[VisionOutput],
+    generated: &[u32],
+) -> Vec<f32> {
+    let (row, mut s) = target
+        .prefill(ids, images, vision, generated.len() + 1, Logits::Last)
+        .unwrap();
+    if generated.is_empty() {
+        return row;
+    }
+    target.decode(generated, &mut s, Logits::Last).unwrap()
+}
+
+/// The near-tie rule of the module doc on two generations from the same prompt: equal up
+/// to the first step where they differ, and there the CPU's logit of the device's token
+/// within 2 × the row bound of the CPU's maximum. Returns the steps compared.
+fn assert_same_up_to_a_near_tie(
+    what: &str,
+    cpu_target: &Target,
+    (ids, images, vision): (&[u32], &[Preprocessed], &[VisionOutput]),
+    want: &[u32],
+    got: &[u32],
+) -> usize {
+    let Some(i) = (0..want.len().min(got.len())).find(|&i| want[i] != got[i]) else {
+        assert_eq!(got.len(), want.len(), "{what}: same tokens, different lengths");
+        return want.len();
+    };
+    let row = cpu_next_row(cpu_target, ids, images, vision, &want[..i]);
+    assert_eq!(
+        argmax(&row) as u32,
+        want[i],
+        "{what}: the CPU engine is the CPU's greedy"
+    );
+    let gap = row[want[i] as usize] - row[got[i] as usize];
+    let bound = 2.0 * ROW_TOL * rms(&row);
+    assert!(
+        gap <= bound,
+        "{what}: step {i}: device chose {}, CPU {}, whose logit is higher by {gap} > {bound}",
+        got[i],
+        want[i]
+    );
+    println!("{what}: near tie at step {i} (gap {gap:e}): stopped comparing");
+    i
+}
+
+#[test]
+fn vl_target_on_the_device_matches_the_cpu() {
+    let _dev = dev_or_skip!();
+    let spec = engine_vl_spec();
+    let (_tmp, dir) = make_model_dir(&spec, "qwen2_5_vl-tiny-hub");
+    let cpu = Target::load_on(&dir, Device::Cpu).unwrap();
+    let gpu = Target::load_for(&dir, DeviceRequest::Auto).unwrap();
+    assert_eq!(gpu.device(), Device::Cuda, "auto serves head dim 64 on the device");
+    let tok = massv::tokenizer::Tokenizer::from_dir(&dir).unwrap();
+    let img = ImageInput::from_path(&fixture("images/nonsquare_150x100.png")).unwrap();
+    let images = vec![preprocess(&img, &PreprocessorConfig::from_dir(&dir).unwrap()).unwrap()];
+    let ids = tok
+        .encode(&tok.user_prompt("Describe the image.", true).unwrap())
+        .unwrap();
+    // The vision tower runs on the CPU in both.
+    let vision = cpu.encode_images(&images).unwrap();
+    let gpu_vision = gpu.encode_images(&images).unwrap();
+    assert_eq!(
+        vision[0].embeds, gpu_vision[0].embeds,
+        "the vision tower stays on the CPU"
+    );
+    let v = cpu.text_config().vocab_size;
+    let row = cpu.text_config().kv_dim();
+
+    // Prefill: text, image rows, text, as spans on the device; every row's logits.
+    let (want, mut cs) = cpu.prefill(&ids, &images, &vision, 16, Logits::All).unwrap();
+    let (got, mut gs) = gpu.prefill(&ids, &images, &vision, 16, Logits::All).unwrap();
+    assert_close("VL prefill", &got, &want, v);
+    assert_eq!(gs.cache.device(), Device::Cuda);
+    assert_eq!(
+        (gs.cache.len(), gs.rope_delta, &gs.prompt),
+        (cs.cache.len(), cs.rope_delta, &cs.prompt)
+    );
+    for l in 0..cpu.text_config().num_hidden_layers {
+        let (k, vv) = gs.cache.layer_to_host(l).unwrap();
+        let (wk, wv) = cs.cache.layer(l).unwrap();
+        assert_close(&format!("VL keys of layer {l}"), &k, wk, row);
+        assert_close(&format!("VL values of layer {l}"), &vv, wv, row);
+    }
+    // The last row only (the spans before it skip the head).
+    let (last, _) = gpu.prefill(&ids, &images, &vision, 0, Logits::Last).unwrap();
+    assert_close("VL prefill, last row", &last, &want[want.len() - v..], v);
+
+    // Decode after the image: text positions are the cache index + rope delta. A cloned
+    // session is an independent copy on the device.
+    let mut rng = Rng::new(21);
+    for step in 0..3 {
+        let t = random_tokens(&mut rng, 1, v);
+        let mut copy = gs.try_clone().unwrap();
+        let want = cpu.decode(&t, &mut cs, Logits::Last).unwrap();
+        let got = gpu.decode(&t, &mut gs, Logits::Last).unwrap();
+        assert_close(&format!("VL decode {step}"), &got, &want, v);
+        assert_eq!(
+            gpu.decode(&t, &mut copy, Logits::Last).unwrap(),
+            got,
+            "a clone decodes the same"
+        );
+    }
+    // A chain block, rolled back; a tree, compacted to one path.
+    let len = cs.cache.len();
+    let t = random_tokens(&mut rng, 6, v);
+    let want = cpu.decode(&t, &mut cs, Logits::All).unwrap();
+    let got = gpu.decode(&t, &mut gs, Logits::All).unwrap();
+    assert_close("VL block of 6", &got, &want, v);
+    cs.cache.rollback_to(len).unwrap();
+    gs.cache.rollback_to(len).unwrap();
+    let parents = [None, Some(0), Some(0), Some(1), Some(2)];
+    let depths = [0, 1, 1, 2, 2];
+    let tokens = random_tokens(&mut rng, parents.len(), v);
+    let allow = tree_mask(&parents);
+    let want = cpu.decode_tree(&tokens, &depths, &allow, &mut cs).unwrap();
+    let got = gpu.decode_tree(&tokens, &depths, &allow, &mut gs).unwrap();
+    assert_close("VL tree", &got, &want, v);
+    let keep = [len, len + 2, len + 4];
+    cs.cache.compact(len, &keep).unwrap();
+    gs.cache.compact(len, &keep).unwrap();
+    let t = random_tokens(&mut rng, 1, v);
+    let want = cpu.decode(&t, &mut cs, Logits::Last).unwrap();
+    let got = gpu.decode(&t, &mut gs, Logits::Last).unwrap();
+    assert_close("VL decode after compaction", &got, &want, v);
+
+    // A cache of the other device is an error, not a wrong answer.
+    let mut host = KvCache::new(2, 2, 64, 4);
+    let msg = message(
+        gpu.lm()
+            .forward(Input::Tokens(&[1]), Positions::Seq(&[0]), &mut host, Logits::Last, None),
+    );
+    assert!(msg.contains("other device"), "{msg}");
+}
+
+/// Speculative decoding with the target's LM on the device and CPU drafters (the target
+/// itself, and another model), chains and trees, text and image: the CPU engine's greedy
+/// tokens, up to the near-tie rule.
+#[test]
+fn engine_on_the_device_reproduces_the_cpu_engine() {
+    let _dev = dev_or_skip!();
+    let (_t1, text_dir) = make_model_dir(&engine_text_spec(), "qwen2-tiny-gqa4-tied");
+    let (_t2, vl_dir) = make_model_dir(&engine_vl_spec(), "qwen2_5_vl-tiny-hub");
+    let img = ImageInput::from_path(&fixture("images/nonsquare_150x100.png")).unwrap();
+    let text_drafters = [None, Some(text_dir.clone()), Some(fixture("qwen2-tiny-mha-untied"))];
+    let vl_drafters = [None, Some(fixture("drafter-tiny-massv"))];
+    let cases = text_drafters
+        .iter()
+        .map(|d| (&text_dir, d, None))
+        .chain(vl_drafters.iter().map(|d| (&vl_dir, d, Some(&img))));
+    let prompts = ["Describe the image.", "Tell me a story about a cat."];
+    let (mut steps, mut runs) = (0, 0);
+    for (target, drafter, image) in cases {
+        let cpu = Engine::load(target, drafter.as_deref()).unwrap();
+        let gpu = Engine::load_on(target, drafter.as_deref(), Device::Cuda).unwrap();
+        assert_eq!(gpu.target.device(), Device::Cuda);
+        let shapes = if drafter.is_some() {
+            vec![None, Some("dynamic:8,4")]
+        } else {
+            vec![None]
+        };
+        for tree in shapes {
+            for prompt in prompts {
+                let p = GenerateParams {
+                    max_new_tokens: 16,
+                    tree: tree.map(|t| t.parse().unwrap()),
+                    ..Default::default()
+                };
+                let want = cpu.generate(prompt, image, &p, Hooks::default()).unwrap();
+                let got = gpu.generate(prompt, image, &p, Hooks::default()).unwrap();
+                let ids = cpu
+                    .tokenizer
+                    .encode(&cpu.tokenizer.user_prompt(prompt, image.is_some()).unwrap())
+                    .unwrap();
+                let images: Vec<Preprocessed> = image
+                    .map(|i| preprocess(i, &PreprocessorConfig::from_dir(target).unwrap()).unwrap())
+                    .into_iter()
+                    .collect();
+                let vision = cpu.target.encode_images(&images).unwrap();
+                let what = format!(
+                    "{} drafter {:?} tree {tree:?} {prompt:?}",
+                    target.file_name().unwrap().to_string_lossy(),
+                    drafter
+                        .as_deref()
+                        .map(|d| d.file_name().unwrap().to_string_lossy().into_owned()),
+                );
+                steps += assert_same_up_to_a_near_tie(
+                    &what,
+                    &cpu.target,
+                    (&ids, &images, &vision),
+                    &want.tokens,
+                    &got.tokens,
+                );
+                runs += 1;
+                let m = &got.metrics;
+                assert!(m.mal >= 1.0 && m.target_passes >= 1, "{what}: {m:?}");
+                println!("{what}: device MAL {:.2}, CPU MAL {:.2}", m.mal, want.metrics.mal);
+            }
+        }
+    }
+    println!("{steps} tokens compared over {runs} generations");
 }

@@ -241,8 +241,8 @@ fn caches_after_accept_reject_patterns_equal_a_fresh_prefill() {
         let (_, fresh) = target.target.prefill(&seen, &[], &[], 0, Logits::Last).unwrap();
         assert_eq!(session.cache.len(), fresh.cache.len());
         for l in 0..2 {
-            let (k1, v1) = session.cache.layer(l);
-            let (k2, v2) = fresh.cache.layer(l);
+            let (k1, v1) = session.cache.layer(l).unwrap();
+            let (k2, v2) = fresh.cache.layer(l).unwrap();
             assert!(
                 common::max_abs_diff(k1, k2) < 1e-4 && common::max_abs_diff(v1, v2) < 1e-4,
                 "target layer {l}"

@@ -102,7 +102,8 @@ typedef enum massv_status {
     /* A model directory could not be loaded (missing or malformed files, unsupported
      * architecture, drafter incompatible with the target). */
     MASSV_ERR_LOAD = -2,
-    /* The requested device is not available ("cuda" in this version). */
+    /* The requested device is not available ("cuda" without a working driver and GPU, or
+     * a model whose shapes the CUDA kernels do not serve). */
     MASSV_ERR_DEVICE = -3,
     /* An image could not be read or decoded (unreadable file, not PNG/JPEG/WebP, corrupt
      * data, RGB8 buffer of the wrong size). */
@@ -149,8 +150,10 @@ typedef struct massv_engine massv_engine;
  *                massv.json + projector.safetensors it is a MASSV drafter), or NULL for
  *                plain target decoding.
  *   device       "auto", "cpu" or "cuda" (ASCII, case-insensitive), or NULL for "auto".
- *                "auto" picks the best available device (the CPU in this version);
- *                "cuda" fails with MASSV_ERR_DEVICE in this version.
+ *                "auto" runs the target's language model on the GPU when a driver, a
+ *                GPU and kernels for the model's shapes are there, else on the CPU
+ *                (a note on stderr); "cuda" fails with MASSV_ERR_DEVICE when they are
+ *                not. The vision tower and the drafter run on the CPU in this version.
  *   out_engine   Receives the new engine; set to NULL on failure. Required.
  *
  * Returns MASSV_OK, MASSV_ERR_INVALID_ARGUMENT (NULL/empty arguments, unknown device),

@@ -16,6 +16,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
 use massv::backend::DeviceRequest;
 use massv::image::ImageInput;
 use massv::metrics::Metrics;
+use massv::model::Target;
 use massv::sampling::SamplingParams;
 use massv::spec::draft::DraftMode;
 use massv::spec::engine::{Engine, GenerateParams, Hooks};
@@ -301,8 +302,11 @@ pub unsafe extern "C" fn massv_engine_load(
         } else {
             parse_device(unsafe { utf8_arg(device, "device") }?)?
         };
-        device.resolve().map_err(|e| massv_failure(MASSV_ERR_DEVICE, &e))?;
-        let engine = Engine::load(&target, drafter.as_deref()).map_err(|e| massv_failure(MASSV_ERR_LOAD, &e))?;
+        // The device first (MASSV_ERR_DEVICE: none, or one that does not serve the target),
+        // then the models (MASSV_ERR_LOAD), as `massv generate --device` does.
+        let resolved = Target::choose_device(&target, device).map_err(|e| massv_failure(MASSV_ERR_DEVICE, &e))?;
+        let engine = Engine::load_resolved(&target, drafter.as_deref(), device, resolved)
+            .map_err(|e| massv_failure(MASSV_ERR_LOAD, &e))?;
         let handle = Box::into_raw(Box::new(massv_engine {
             engine,
             active: AtomicUsize::new(0),

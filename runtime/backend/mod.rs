@@ -4,17 +4,27 @@
 pub mod cpu;
 pub mod cuda;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// The fatbins build.rs compiled from `cuda/*.cu` (empty when built without nvcc).
 pub mod kernels {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
 
+/// Where a model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
     Cpu,
     Cuda,
+}
+
+impl Device {
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Cpu => "CPU",
+            Device::Cuda => "CUDA device",
+        }
+    }
 }
 
 /// What the user asked for on the command line: `auto` resolves to CUDA when it works.
@@ -26,21 +36,15 @@ pub enum DeviceRequest {
 }
 
 impl DeviceRequest {
+    /// `cpu`: the CPU. `cuda`: CUDA if [`cuda::probe`] finds the kernels embedded, a driver
+    /// and a GPU, else the probe's error. `auto`: CUDA when `cuda` would be, else the CPU
+    /// (never an error). Knows no model: [`crate::model::Target::choose_device`] also
+    /// checks that the kernels serve the target's shapes.
     pub fn resolve(self) -> Result<Device> {
         match self {
             DeviceRequest::Cpu => Ok(Device::Cpu),
-            // The CUDA kernels exist (backend::cuda) but no model runs on them yet: `auto`
-            // is the CPU, an explicit request says why it cannot be served: no kernels,
-            // no driver or GPU (cuda::probe), or no CUDA model path.
-            DeviceRequest::Auto => Ok(Device::Cpu),
-            DeviceRequest::Cuda => {
-                let gpu = cuda::probe()?;
-                Err(Error::InvalidArgument(format!(
-                    "the CUDA backend has kernels but no CUDA model path yet in this version of massv \
-                     (found {}); use --device cpu",
-                    gpu.name
-                )))
-            }
+            DeviceRequest::Auto => Ok(cuda::probe().map_or(Device::Cpu, |_| Device::Cuda)),
+            DeviceRequest::Cuda => cuda::probe().map(|_| Device::Cuda),
         }
     }
 }

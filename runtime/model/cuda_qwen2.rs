@@ -107,6 +107,8 @@ impl Scratch {
 enum Head<'a> {
     Logits(&'a mut Vec<f32>),
     Argmax(&'a mut Vec<u32>),
+    /// Nowhere: the head is not run.
+    Skip,
 }
 
 pub struct CudaQwen2 {
@@ -238,6 +240,13 @@ impl CudaQwen2 {
         Ok(out)
     }
 
+    /// As [`Self::forward`] (causal), but without the LM head: the tokens only go into
+    /// the cache (a prompt segment whose logits nobody reads, such as the part of a
+    /// Qwen2.5-VL prompt before its last span).
+    pub fn extend(&self, input: Input, positions: Positions, cache: &mut CudaKvCache) -> Result<()> {
+        self.run(input, positions, cache, Logits::Last, None, Head::Skip)
+    }
+
     /// The greedy next token after `tokens`, one i32 copied back.
     pub fn argmax_last(&self, tokens: &[u32], cache: &mut CudaKvCache) -> Result<u32> {
         let positions = next_positions(cache, tokens.len());
@@ -354,6 +363,9 @@ impl CudaQwen2 {
             let pos = block_positions(positions, c.mrope_section.is_some(), n, b0, b1);
             self.dev.upload_into(&pos, &mut s.pos.as_view_mut())?;
             self.layers(s, cache, start + b0, m, mask.map(|m| m.start))?;
+            if matches!(head, Head::Skip) {
+                continue;
+            }
             let rows = match logits {
                 Logits::All => 0..m,
                 Logits::Last if b1 == n => m - 1..m,
@@ -529,6 +541,7 @@ impl CudaQwen2 {
             match out {
                 Head::Logits(o) => o.extend(dev.download(&s.logits.slice(..g * v))?),
                 Head::Argmax(_) => dev.argmax(&s.logits.slice(..g * v), &mut s.argmax.slice_mut(g0..g1), g, v)?,
+                Head::Skip => {}
             }
         }
         if let Head::Argmax(o) = out {
@@ -575,8 +588,10 @@ fn block_positions(positions: Positions, mrope: bool, n: usize, b0: usize, b1: u
     }
 }
 
-/// The shapes the kernels serve, checked before anything is uploaded.
-fn check_served(c: &TextConfig) -> Result<()> {
+/// The shapes the kernels serve (head dims of [`ATTN_HEAD_DIMS`], hidden and intermediate
+/// sizes multiples of 8), checked before anything is uploaded; the error says which one
+/// `c` misses.
+pub fn check_served(c: &TextConfig) -> Result<()> {
     if !ATTN_HEAD_DIMS.contains(&c.head_dim) {
         return Err(err(
             "load",
@@ -631,7 +646,8 @@ fn host_bf16(w: &Weights, name: &str, shape: &[usize]) -> Result<Vec<bf16>> {
 
 /// [`crate::kv_cache::KvCache`] on the device: `capacity` positions per layer, the first
 /// `len` committed; rollback is a length change, tree compaction one kv_compact launch
-/// for the keys of every layer and one for the values.
+/// for the keys of every layer and one for the values. `try_clone` copies it on the
+/// device (no `Clone`: cudarc's would panic when the device is out of memory).
 pub struct CudaKvCache {
     dev: Arc<CudaDevice>,
     /// [layers, capacity, row] keys and values: one allocation each, so that one
@@ -646,6 +662,25 @@ pub struct CudaKvCache {
 }
 
 impl CudaKvCache {
+    /// A copy on the device (speculation from a saved state); fails when memory runs out.
+    pub fn try_clone(&self) -> Result<Self> {
+        let dup = |src: &CudaSlice<bf16>| -> Result<CudaSlice<bf16>> {
+            let mut dst = self.dev.alloc_zeros::<bf16>(src.len())?;
+            self.dev.copy(&src.as_view(), &mut dst.as_view_mut())?;
+            Ok(dst)
+        };
+        Ok(CudaKvCache {
+            dev: Arc::clone(&self.dev),
+            k: dup(&self.k)?,
+            v: dup(&self.v)?,
+            path: self.dev.alloc_zeros::<i32>(self.capacity.max(1))?,
+            layers: self.layers,
+            row: self.row,
+            capacity: self.capacity,
+            len: self.len,
+        })
+    }
+
     pub fn new(dev: Arc<CudaDevice>, layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> Result<Self> {
         let row = kv_heads * head_dim;
         if i32::try_from(capacity).is_err() {

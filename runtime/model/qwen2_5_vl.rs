@@ -2,15 +2,25 @@
 //! (patch embedding, 2-D RoPE, window/full attention blocks, 2×2 merger), the M-RoPE
 //! position ids of `get_rope_index`, and the Qwen2 LM with image embeddings scattered
 //! into the `<|image_pad|>` positions. Follows transformers 4.57's modeling_qwen2_5_vl.py.
+//!
+//! The vision tower and the merger always run on the CPU (f32); the LM runs on the CPU or
+//! on a CUDA device ([`Lm`]). On the device a prompt goes in as spans: text tokens
+//! (embedded on the device) and the merged image rows as host embeddings, each span at
+//! its M-RoPE positions.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
-use crate::backend::cpu;
+use crate::backend::cuda::CudaDevice;
+use crate::backend::{cpu, Device};
 use crate::config::{self, VisionConfig, VlConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
+use crate::model::cuda_qwen2::{CudaQwen2, Input};
 use crate::model::qwen2::{self, add_into, Logits, Positions, Qwen2, TreeMask};
+use crate::model::{CacheMut, Lm};
 use crate::weights::Weights;
 
 const VISION_NORM_EPS: f32 = 1e-6;
@@ -355,7 +365,9 @@ pub fn rope_index(ids: &[u32], image_token: u32, grids: &[[usize; 3]], m: usize)
 pub struct Qwen25Vl {
     pub cfg: VlConfig,
     pub layout: Layout,
-    pub lm: Qwen2,
+    /// On the CPU or a CUDA device.
+    pub lm: Lm,
+    /// Always on the CPU.
     pub vision: VisionTower,
 }
 
@@ -369,13 +381,27 @@ pub struct Prefill {
 }
 
 impl Qwen25Vl {
-    /// Loads a Qwen2.5-VL directory in either config layout and either tensor layout.
+    /// Loads a Qwen2.5-VL directory in either config layout and either tensor layout, on
+    /// the CPU.
     pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_on(dir, Device::Cpu)
+    }
+
+    /// [`Qwen25Vl::load`] with the LM on `device`; the vision tower stays on the CPU.
+    pub fn load_on(dir: &Path, device: Device) -> Result<Self> {
         let cfg = config::load_qwen2_5_vl(&dir.join("config.json"))?;
         let weights = Weights::open(dir)?;
         let layout = Layout::detect(&weights);
         weights.check_inventory(&expected_tensors(&cfg, layout))?;
-        let lm = Qwen2::from_weights(cfg.text.clone(), &weights, layout.lm())?;
+        let lm = match device {
+            Device::Cpu => Lm::Cpu(Qwen2::from_weights(cfg.text.clone(), &weights, layout.lm())?),
+            Device::Cuda => Lm::Cuda(CudaQwen2::from_weights(
+                Arc::new(CudaDevice::new()?),
+                cfg.text.clone(),
+                &weights,
+                layout.lm(),
+            )?),
+        };
         let vision = VisionTower::load(&cfg.vision, &weights, layout.visual())?;
         Ok(Qwen25Vl {
             cfg,
@@ -385,8 +411,11 @@ impl Qwen25Vl {
         })
     }
 
+    /// A host cache of `capacity` positions, for an LM on the CPU; [`Lm::new_cache`]
+    /// makes one wherever the LM runs.
     pub fn new_cache(&self, capacity: usize) -> KvCache {
-        self.lm.new_cache(capacity)
+        let t = &self.cfg.text;
+        KvCache::new(t.num_hidden_layers, t.num_key_value_heads, t.head_dim, capacity)
     }
 
     /// Only the vision tower of a checkpoint (e.g. to compute features for training
@@ -442,10 +471,20 @@ impl Qwen25Vl {
     }
 
     /// Prefill: embeds the prompt, puts the image embeddings at the placeholders, runs the
-    /// LM at the M-RoPE positions.
-    pub fn prefill(&self, p: &Prefill, cache: &mut KvCache, logits: Logits) -> Result<Vec<f32>> {
+    /// LM at the M-RoPE positions. The cache must be of the LM's kind.
+    pub fn prefill<'c>(&self, p: &Prefill, cache: impl Into<CacheMut<'c>>, logits: Logits) -> Result<Vec<f32>> {
+        let (lm, cache) = match (&self.lm, cache.into()) {
+            (Lm::Cpu(lm), CacheMut::Cpu(cache)) => (lm, cache),
+            (Lm::Cuda(_), cache @ CacheMut::Cuda(_)) => return self.prefill_spans(p, cache, logits),
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "a prefill of the LM on the {} was given a cache of the other device",
+                    self.lm.device().name()
+                )))
+            }
+        };
         let d = self.cfg.text.hidden_size;
-        let mut hidden = self.lm.embed(&p.ids)?;
+        let mut hidden = lm.embed(&p.ids)?;
         let mut rows = p.image_embeds.chunks_exact(d);
         for (i, _) in p.ids.iter().enumerate().filter(|(_, &t)| t == self.cfg.image_token_id) {
             let row = rows
@@ -458,32 +497,134 @@ impl Qwen25Vl {
                 "more image embeddings than image placeholders".into(),
             ));
         }
-        self.lm.forward(hidden, Positions::Multi(&p.positions), cache, logits)
+        lm.forward(hidden, Positions::Multi(&p.positions), cache, logits)
+    }
+
+    /// [`Qwen25Vl::prefill`] as the device runs it: the prompt in spans of text tokens and
+    /// of image rows (host embeddings), in order, each at its M-RoPE positions; only the
+    /// spans whose logits are asked for run the head. All or nothing: a failure rolls the
+    /// cache back to where it was. On the CPU it gives what `prefill` gives (tested there).
+    pub fn prefill_spans<'c>(&self, p: &Prefill, cache: impl Into<CacheMut<'c>>, logits: Logits) -> Result<Vec<f32>> {
+        let mut cache = cache.into();
+        let (d, s, img) = (self.cfg.text.hidden_size, p.ids.len(), self.cfg.image_token_id);
+        let rows = p.ids.iter().filter(|&&t| t == img).count();
+        if rows * d < p.image_embeds.len() {
+            return Err(Error::InvalidArgument(
+                "more image embeddings than image placeholders".into(),
+            ));
+        }
+        if rows * d > p.image_embeds.len() {
+            return Err(Error::InvalidArgument(
+                "more image placeholders than image embeddings".into(),
+            ));
+        }
+        if p.positions.len() != 3 * s {
+            return Err(Error::InvalidArgument(format!(
+                "{} position values for {s} tokens",
+                p.positions.len()
+            )));
+        }
+        if s == 0 {
+            return Err(Error::InvalidArgument("forward pass with no tokens".into()));
+        }
+        cache.reserve(s)?;
+        let start = cache.len();
+        let mut out = Vec::new();
+        let mut row = 0;
+        let mut run = |cache: &mut CacheMut| -> Result<()> {
+            for (span, image) in spans(&p.ids, img) {
+                let pos: Vec<i32> = (0..3)
+                    .flat_map(|a| &p.positions[a * s + span.start..a * s + span.end])
+                    .copied()
+                    .collect();
+                let input = if image {
+                    let e = &p.image_embeds[row * d..(row + span.len()) * d];
+                    row += span.len();
+                    Input::Embeddings(e)
+                } else {
+                    Input::Tokens(&p.ids[span.clone()])
+                };
+                let positions = Positions::Multi(&pos);
+                if logits == Logits::All || span.end == s {
+                    out.extend(self.lm.forward(input, positions, cache.reborrow(), logits, None)?);
+                } else {
+                    self.lm.extend(input, positions, cache.reborrow())?;
+                }
+            }
+            Ok(())
+        };
+        match run(&mut cache) {
+            Ok(()) => Ok(out),
+            Err(e) => {
+                cache.rollback_to(start)?;
+                Err(e)
+            }
+        }
     }
 
     /// Decodes `tokens` after the cache: text positions are cache index + rope_delta on
     /// every axis.
-    pub fn decode(&self, tokens: &[u32], rope_delta: i32, cache: &mut KvCache, logits: Logits) -> Result<Vec<f32>> {
+    pub fn decode<'c>(
+        &self,
+        tokens: &[u32],
+        rope_delta: i32,
+        cache: impl Into<CacheMut<'c>>,
+        logits: Logits,
+    ) -> Result<Vec<f32>> {
+        let cache = cache.into();
         let start = cache.len() as i32 + rope_delta;
         let positions: Vec<i32> = (start..start + tokens.len() as i32).collect();
-        let hidden = self.lm.embed(tokens)?;
-        self.lm.forward(hidden, Positions::Seq(&positions), cache, logits)
+        self.lm
+            .forward(Input::Tokens(tokens), Positions::Seq(&positions), cache, logits, None)
     }
 
     /// Scores a token tree after the cache: node i at text position
     /// cache index + depths[i] + rope_delta, attending through `mask`.
-    pub fn decode_tree(
+    pub fn decode_tree<'c>(
         &self,
         tokens: &[u32],
         depths: &[usize],
         mask: TreeMask,
         rope_delta: i32,
-        cache: &mut KvCache,
+        cache: impl Into<CacheMut<'c>>,
     ) -> Result<Vec<f32>> {
+        let cache = cache.into();
         let start = cache.len() as i32 + rope_delta;
         let positions: Vec<i32> = depths.iter().map(|&d| start + d as i32).collect();
-        let hidden = self.lm.embed(tokens)?;
-        self.lm
-            .forward_masked(hidden, Positions::Seq(&positions), cache, Logits::All, Some(mask))
+        self.lm.forward(
+            Input::Tokens(tokens),
+            Positions::Seq(&positions),
+            cache,
+            Logits::All,
+            Some(mask),
+        )
+    }
+}
+
+/// The maximal runs of `ids` that are all `image` tokens or all other tokens, in order,
+/// each with whether it is an image run.
+fn spans(ids: &[u32], image: u32) -> Vec<(Range<usize>, bool)> {
+    let mut out: Vec<(Range<usize>, bool)> = Vec::new();
+    for (i, &t) in ids.iter().enumerate() {
+        match out.last_mut() {
+            Some((r, img)) if *img == (t == image) => r.end = i + 1,
+            _ => out.push((i..i + 1, t == image)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spans;
+
+    #[test]
+    fn spans_are_the_maximal_runs_in_order() {
+        let ids = [1, 2, 9, 9, 9, 3, 9, 9];
+        let want = vec![(0..2, false), (2..5, true), (5..6, false), (6..8, true)];
+        assert_eq!(spans(&ids, 9), want);
+        assert_eq!(spans(&[9], 9), vec![(0..1, true)]);
+        assert_eq!(spans(&[4, 5], 9), vec![(0..2, false)]);
+        assert!(spans(&[], 9).is_empty());
     }
 }

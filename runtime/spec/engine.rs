@@ -2,10 +2,15 @@
 //! γ + 1 positions in one pass, the acceptance rule picks what is emitted, and both
 //! caches keep the accepted prefix. Without a drafter it is plain target decoding, the
 //! baseline every speedup is measured against.
+//!
+//! The target's LM runs on the CPU or on a CUDA device ([`Engine::load_for`]); the
+//! drafter always runs on the CPU, and the acceptance maths run on the host on the
+//! target's logits, which come back as f32 rows from either device.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::backend::{Device, DeviceRequest};
 use crate::error::{Error, Result};
 use crate::generate::{argmax, stop_tokens};
 use crate::image::{preprocess, ImageInput, Preprocessed, PreprocessorConfig};
@@ -75,9 +80,45 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// The target (and drafter) on the CPU.
     pub fn load(target_dir: &Path, drafter_dir: Option<&Path>) -> Result<Self> {
+        Self::load_on(target_dir, drafter_dir, Device::Cpu)
+    }
+
+    /// The target's LM on `device` (its vision tower, and the drafter, on the CPU); an
+    /// error where that device cannot serve the target.
+    pub fn load_on(target_dir: &Path, drafter_dir: Option<&Path>, device: Device) -> Result<Self> {
+        Self::load_with(target_dir, drafter_dir, || Target::load_on(target_dir, device))
+    }
+
+    /// The target's LM on the device `req` means for it: [`Target::choose_device`] and
+    /// [`Target::load_resolved`] (`auto` is CUDA when the GPU serves the target, else the
+    /// CPU, never an error).
+    pub fn load_for(target_dir: &Path, drafter_dir: Option<&Path>, req: DeviceRequest) -> Result<Self> {
+        let device = Target::choose_device(target_dir, req)?;
+        Self::load_resolved(target_dir, drafter_dir, req, device)
+    }
+
+    /// [`Engine::load_on`] `device`, what `req` resolved to, with `auto`'s fallback to the
+    /// CPU where the target fails to load on the GPU ([`Target::load_resolved`]).
+    pub fn load_resolved(
+        target_dir: &Path,
+        drafter_dir: Option<&Path>,
+        req: DeviceRequest,
+        device: Device,
+    ) -> Result<Self> {
+        Self::load_with(target_dir, drafter_dir, || {
+            Target::load_resolved(target_dir, req, device)
+        })
+    }
+
+    fn load_with(
+        target_dir: &Path,
+        drafter_dir: Option<&Path>,
+        load_target: impl FnOnce() -> Result<Target>,
+    ) -> Result<Self> {
         let tokenizer = Tokenizer::from_dir(target_dir)?;
-        let target = Target::load(target_dir)?;
+        let target = load_target()?;
         let stop = stop_tokens(target_dir, &target.text_config().eos_token_ids, &tokenizer)?;
         let preprocessor = match &target {
             Target::Vl(_) => Some(PreprocessorConfig::from_dir(target_dir)?),
