@@ -69,6 +69,11 @@ pub enum Error {
 
     #[error("CUDA device requested but massv was built without CUDA kernels (nvcc was not found at build time)")]
     NoCudaKernels,
+
+    /// A CUDA operation failed or was given shapes it cannot serve: `op` is the kernel,
+    /// launcher or driver call (the same name as in cuda/ and its CPU twin).
+    #[error("CUDA {op}: {reason}")]
+    Cuda { op: String, reason: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -316,7 +316,8 @@ typedef int (*massv_token_callback)(uint32_t token, const char *piece, size_t pi
  * MASSV_ERR_INVALID_ARGUMENT (NULL handles; parameters the engine rejects, e.g. gamma 0
  * with a drafter, a draft mode without a drafter or MASSV mode with a text drafter; an
  * image for a text-only target; a prompt plus max_new_tokens beyond the model's context),
- * MASSV_ERR_IMAGE (the image cannot be preprocessed), MASSV_ERR_GENERATION,
+ * MASSV_ERR_IMAGE (the image cannot be preprocessed), MASSV_ERR_DEVICE (a CUDA operation
+ * failed, e.g. out of device memory), MASSV_ERR_GENERATION,
  * MASSV_ERR_BUSY (the request is in use; it is left untouched) or MASSV_ERR_INTERNAL.
  * On any other failure the request holds no result.
  */

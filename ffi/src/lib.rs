@@ -678,6 +678,7 @@ fn generation_failure(e: Error) -> Failure {
     let code = match e {
         Error::InvalidArgument(_) | Error::ContextOverflow { .. } => MASSV_ERR_INVALID_ARGUMENT,
         Error::Image { .. } => MASSV_ERR_IMAGE,
+        Error::Cuda { .. } | Error::NoCudaKernels => MASSV_ERR_DEVICE,
         _ => MASSV_ERR_GENERATION,
     };
     massv_failure(code, &e)

@@ -51,11 +51,14 @@ pub const SAMPLE_MAX_N: usize = 256 * 1024;
 /// A CUDA failure as a runtime error. (error.rs has no CUDA variant yet: these surface
 /// as `invalid argument: CUDA …`.)
 fn cuda_err(what: &str, e: impl Display) -> Error {
-    Error::InvalidArgument(format!("CUDA {what}: {e}"))
+    Error::Cuda {
+        op: what.to_string(),
+        reason: e.to_string(),
+    }
 }
 
 fn shape_err(op: &str, msg: impl Display) -> Error {
-    Error::InvalidArgument(format!("{op}: {msg}"))
+    cuda_err(op, msg)
 }
 
 fn i32_arg(op: &str, name: &str, v: usize) -> Result<i32> {

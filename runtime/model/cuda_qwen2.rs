@@ -33,7 +33,10 @@ const GEMV_SPLITS: usize = 8;
 const ATTN_SPLITS: usize = 16;
 
 fn err(op: &str, msg: impl std::fmt::Display) -> Error {
-    Error::InvalidArgument(format!("CUDA {op}: {msg}"))
+    Error::Cuda {
+        op: op.to_string(),
+        reason: msg.to_string(),
+    }
 }
 
 /// What a forward pass reads: token ids, or embeddings computed on the host (the
