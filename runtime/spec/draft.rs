@@ -235,6 +235,8 @@ pub struct DraftState {
     pub(super) fed_pending: usize,
     /// After `draft_tree`: the cache index of each tree node the drafter scored.
     pub(super) tree_slots: Vec<Option<usize>>,
+    /// Sampled trees: per child rank, (children of that rank tried, accepted).
+    pub(super) rank_stats: Vec<(f64, f64)>,
 }
 
 impl DraftState {
@@ -258,6 +260,7 @@ impl DraftState {
             fed_drafts: 0,
             fed_pending: 0,
             tree_slots: Vec::new(),
+            rank_stats: Vec::new(),
         })
     }
 

@@ -16,6 +16,8 @@ struct Growing {
     tree: TokenTree,
     ranks: Vec<Vec<usize>>,
     logp: Vec<f64>,
+    /// Sampled trees: the measured rate at which a node's first tried child is accepted.
+    continue_rate: f64,
     slots: Vec<Option<usize>>,
     dist: Vec<Option<Vec<f32>>>,
 }
@@ -38,10 +40,13 @@ impl Growing {
             .then(a.cmp(&b))
     }
 
-    /// Splits `share` children over `frontier` (at most `width` each): each next child
-    /// goes to the slot with the highest expected worth, the node's path probability times
-    /// the probability of its next-ranked token (the (k+1)-th largest of its q). Uses only
-    /// the frontier's own values and distributions, never the children's draws.
+    /// Splits `share` children over `frontier` (at most `width` each) by water-filling on
+    /// expected worth: the node's path probability times the chance its next child is
+    /// accepted, estimated as the probability of its next-ranked token, except for a
+    /// first child (the branch going on), whose chance is at least the rate measured on
+    /// this request's earlier passes: a flat drafter is still often right, and a branch
+    /// that stops wastes the path that reached it. Depends only on the frontier and past
+    /// passes, never on the children's draws.
     fn allot(&self, frontier: &[usize], share: usize, width: usize) -> Vec<usize> {
         let ranked: Vec<Vec<f32>> = frontier
             .iter()
@@ -53,8 +58,9 @@ impl Growing {
         let mut counts = vec![0usize; frontier.len()];
         for _ in 0..share {
             let worth = |i: usize| -> Option<f64> {
-                let q = ranked[i].get(counts[i])?;
-                Some(self.logp[frontier[i]] + (*q as f64).ln())
+                let q = *ranked[i].get(counts[i])? as f64;
+                let chance = if counts[i] == 0 { q.max(self.continue_rate) } else { q };
+                Some(self.logp[frontier[i]] + chance.ln())
             };
             let best = (0..frontier.len())
                 .filter_map(|i| worth(i).map(|w| (i, w)))
@@ -117,7 +123,40 @@ fn child_dist(logits: &[f32], params: &SamplingParams) -> Vec<f32> {
     }
 }
 
+/// Prior of a first child's acceptance rate: one success in two tries.
+const RANK_PRIOR: (f64, f64) = (2.0, 1.0);
+
 impl DraftState {
+    /// How often a node's first tried child was accepted on this request's sampled tree
+    /// passes (with the prior).
+    fn continue_rate(&self) -> f64 {
+        let (tried, accepted) = self.rank_stats.first().copied().unwrap_or(RANK_PRIOR);
+        (accepted / tried).clamp(1e-3, 1.0)
+    }
+
+    /// Counts, at every node verification visited, which ranks were tried and which one
+    /// was accepted (none at the last node).
+    fn record_ranks(&mut self, tree: &TokenTree, verdict: &TreeVerdict) {
+        let mut node = 0;
+        let visit = |node: usize, accepted: Option<usize>, stats: &mut Vec<(f64, f64)>| {
+            for (k, c) in tree.children(node).enumerate() {
+                if stats.len() <= k {
+                    stats.resize(k + 1, RANK_PRIOR);
+                }
+                stats[k].0 += 1.0;
+                if Some(c) == accepted {
+                    stats[k].1 += 1.0;
+                    break;
+                }
+            }
+        };
+        for &c in &verdict.path {
+            visit(node, Some(c), &mut self.rank_stats);
+            node = c;
+        }
+        visit(node, None, &mut self.rank_stats);
+    }
+
     /// Drafts a tree shaped by `spec`, at most `max_depth` deep, rooted at the last
     /// pending token. Children are the top tokens (T = 0, and dynamic shapes) or draws
     /// without replacement (static shapes at T > 0); see `spec::tree` for why both are exact.
@@ -145,6 +184,7 @@ impl DraftState {
             tree: TokenTree::root(root, proposal),
             ranks: vec![Vec::new()],
             logp: vec![0.0],
+            continue_rate: self.continue_rate(),
             slots: vec![Some(root_slot)],
             dist: vec![Some(child_dist(&logits, params))],
         };
@@ -242,6 +282,9 @@ impl DraftState {
     /// cache positions after the root, everything else of the tree is forgotten, and the
     /// accepted tokens it has not scored (plus the target's token) become pending.
     pub fn commit_tree(&mut self, tree: &TokenTree, verdict: &TreeVerdict) -> Result<()> {
+        if tree.proposal == Proposal::Sampled {
+            self.record_ranks(tree, verdict);
+        }
         let scored: Vec<usize> = verdict
             .path
             .iter()
