@@ -5,17 +5,19 @@
 //! Shapes. `static:<paths>` lists every node as its path of child ranks from the root
 //! (Medusa / SpecInfer style: `0;1;0.0;0.1;0.0.0` is the best two tokens, the best two
 //! after the best, and one more after that); `static:<w1>x<w2>x…` gives every node at
-//! depth i the same w_i children. `dynamic:<nodes>,<depth>[,<width>]` grows the tree the
-//! EAGLE-2 way: at each depth the `width` nodes with the highest path probability (the
-//! product of the drafter's probabilities along the path) are expanded by their `width`
-//! most likely tokens, and at the end the `nodes` most probable nodes are kept.
+//! depth i the same w_i children. `dynamic:<nodes>,<depth>[,<width>]` grows the tree by
+//! path probability (the product of the drafter's probabilities along the path): at each
+//! depth the `width` most probable new nodes are expanded. At T = 0 (EAGLE-2) each gets
+//! its `width` most likely tokens and at the end the `nodes` most probable nodes are kept;
+//! at T > 0 the budget is spread over the depths as the tree grows, each depth's share
+//! split over the expanded nodes by expected worth before their children are drawn.
 //!
 //! Exactness at T > 0 (see [`verify_tree_sampled`]). The rule that keeps it: how many
 //! children a node gets may depend on anything drafted before them, never on the
-//! children's own tokens (so a T > 0 tree is never reranked after drawing). At a node the target's distribution
-//! p is tested against its children in order; after a child x with proposal q_x is
-//! rejected, p ← normalize(max(0, p − q_x)); when every child is rejected the token is
-//! drawn from the final p. Each step is the two-outcome speculative-sampling lemma (emit
+//! children's own tokens (so a T > 0 tree is never reranked after drawing). At a node the
+//! target's distribution p is tested against its children in order; after a child x with
+//! proposal q_x is rejected, p ← normalize(max(0, p − q_x)); when every child is rejected
+//! the token is drawn from the final p. Each step is the two-outcome speculative-sampling lemma (emit
 //! x ~ q_x with probability min(1, p(x)/q_x(x)), else draw from the residual: the result
 //! is distributed as p), applied recursively, so the emitted token is distributed as the
 //! target's p provided each child, given everything decided before it, is distributed as
