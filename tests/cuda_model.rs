@@ -33,6 +33,8 @@
 //! Without a usable GPU every device test prints `skipped: no CUDA device (<reason>)`
 //! and passes (MASSV_REQUIRE_CUDA=1 makes that a failure, as in tests/cuda_ops.rs).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -59,17 +61,7 @@ const ROW_TOL: f32 = 0.10;
 // Harness
 
 fn device() -> Option<Arc<CudaDevice>> {
-    match CudaDevice::new() {
-        Ok(d) => Some(Arc::new(d)),
-        Err(e) => {
-            assert!(
-                std::env::var("MASSV_REQUIRE_CUDA").as_deref() != Ok("1"),
-                "MASSV_REQUIRE_CUDA=1 but no CUDA device: {e}"
-            );
-            println!("skipped: no CUDA device ({e})");
-            None
-        }
-    }
+    common::cuda_device().map(Arc::new)
 }
 
 macro_rules! dev_or_skip {

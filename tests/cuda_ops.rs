@@ -18,6 +18,8 @@
 //! kernels at the real shapes of KERNELS.md against their memory-bandwidth floors and
 //! writes JSON to $MASSV_BENCH_JSON.
 
+mod common;
+
 use massv::backend::cuda::{bf16, AttnShape, CudaDevice};
 use massv::reference as r;
 use massv::sampling::{Rng, SamplingParams};
@@ -28,17 +30,7 @@ use massv::spec::verify::Verdict;
 // Harness
 
 fn device() -> Option<CudaDevice> {
-    match CudaDevice::new() {
-        Ok(d) => Some(d),
-        Err(e) => {
-            assert!(
-                std::env::var("MASSV_REQUIRE_CUDA").as_deref() != Ok("1"),
-                "MASSV_REQUIRE_CUDA=1 but no CUDA device: {e}"
-            );
-            println!("skipped: no CUDA device ({e})");
-            None
-        }
-    }
+    common::cuda_device()
 }
 
 macro_rules! dev_or_skip {

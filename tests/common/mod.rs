@@ -141,3 +141,19 @@ pub fn chi2_critical(df: usize) -> f64 {
         10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32, 26.12, 27.88, 29.59, 31.26, 32.91, 34.53, 36.12, 37.70,
     ][df - 1]
 }
+
+/// The first CUDA device, or None after printing why the caller skips
+/// (MASSV_REQUIRE_CUDA=1 turns a missing device into a failure: the GPU runs set it).
+pub fn cuda_device() -> Option<massv::backend::cuda::CudaDevice> {
+    match massv::backend::cuda::CudaDevice::new() {
+        Ok(d) => Some(d),
+        Err(e) => {
+            assert!(
+                std::env::var("MASSV_REQUIRE_CUDA").as_deref() != Ok("1"),
+                "MASSV_REQUIRE_CUDA=1 but no CUDA device: {e}"
+            );
+            println!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
