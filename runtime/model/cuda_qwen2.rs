@@ -20,6 +20,7 @@ use super::qwen2::{expected_tensors, Logits, Names, Positions, TreeMask};
 use crate::backend::cuda::{AttnScratch, AttnShape, CudaDevice, ATTN_HEAD_DIMS, GEMV_MAX_ROWS};
 use crate::config::{self, TextConfig};
 use crate::error::{Error, Result};
+use crate::kv_cache::Extent;
 use crate::weights::{DType, Weights};
 
 /// Tokens per forward block: prefill runs in blocks of this many, and a masked (tree)
@@ -316,7 +317,7 @@ impl CudaQwen2 {
             ));
         }
         cache.reserve(n)?;
-        let start = cache.len;
+        let start = cache.len();
         let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         let s = &mut *guard;
         if let Some(m) = mask {
@@ -376,7 +377,7 @@ impl CudaQwen2 {
             };
             self.head(s, rows, &mut head)?;
         }
-        cache.len += n;
+        cache.commit(n)?;
         Ok(())
     }
 
@@ -660,8 +661,7 @@ pub struct CudaKvCache {
     path: CudaSlice<i32>, // [capacity]: the rows kv_compact gathers
     layers: usize,
     row: usize,
-    capacity: usize,
-    len: usize,
+    extent: Extent,
 }
 
 impl CudaKvCache {
@@ -676,11 +676,10 @@ impl CudaKvCache {
             dev: Arc::clone(&self.dev),
             k: dup(&self.k)?,
             v: dup(&self.v)?,
-            path: self.dev.alloc_zeros::<i32>(self.capacity.max(1))?,
+            path: self.dev.alloc_zeros::<i32>(self.capacity().max(1))?,
             layers: self.layers,
             row: self.row,
-            capacity: self.capacity,
-            len: self.len,
+            extent: self.extent,
         })
     }
 
@@ -700,61 +699,44 @@ impl CudaKvCache {
             dev,
             layers,
             row,
-            capacity,
-            len: 0,
+            extent: Extent::new(capacity),
         })
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.extent.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.extent.is_empty()
     }
 
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.extent.capacity()
     }
 
     /// Fails unless `n` more tokens fit.
     pub fn reserve(&self, n: usize) -> Result<()> {
-        if self.len + n > self.capacity {
-            return Err(Error::ContextOverflow {
-                tokens: self.len,
-                new: n,
-                capacity: self.capacity,
-            });
-        }
-        Ok(())
+        self.extent.reserve(n)
     }
 
     /// Makes the `n` rows written after the committed ones part of the cache.
     pub fn commit(&mut self, n: usize) -> Result<()> {
-        self.reserve(n)?;
-        self.len += n;
-        Ok(())
+        self.extent.commit(n)
     }
 
     /// Forgets every token at position `len` and after.
     pub fn rollback_to(&mut self, len: usize) -> Result<()> {
-        if len > self.len {
-            return Err(err(
-                "kv cache",
-                format!("rollback_to({len}) past the cache length {}", self.len),
-            ));
-        }
-        self.len = len;
-        Ok(())
+        self.extent.rollback_to(len)
     }
 
     /// Keeps, after the first `dst` tokens, the tokens at positions `keep` (ascending, each
     /// at least `dst`) in that order: [`crate::kv_cache::KvCache::compact`].
     pub fn compact(&mut self, dst: usize, keep: &[usize]) -> Result<()> {
-        let path = compact_path(self.len, dst, keep)?;
+        let path = compact_path(self.len(), dst, keep)?;
         if !path.is_empty() {
             self.dev.upload_into(&path, &mut self.path.as_view_mut())?;
-            let stride = self.capacity * self.row;
+            let stride = self.capacity() * self.row;
             for cache in [&mut self.k, &mut self.v] {
                 let p = self.path.slice(..path.len());
                 let (m, row) = (path.len(), self.row);
@@ -762,8 +744,7 @@ impl CudaKvCache {
                     .kv_compact(&mut cache.as_view_mut(), &p, m, dst, row, self.layers, stride)?;
             }
         }
-        self.len = dst + keep.len();
-        Ok(())
+        self.extent.compact(dst, keep)
     }
 
     /// Keys and values of the committed tokens of `layer`, as f32 (tests, diagnostics).
@@ -772,7 +753,7 @@ impl CudaKvCache {
             return Err(err("kv cache", format!("layer {layer} of {}", self.layers)));
         }
         let (k, v) = self.layer(layer);
-        let e = self.len * self.row;
+        let e = self.len() * self.row;
         let f = |x: Vec<bf16>| x.iter().map(|v| v.to_f32()).collect();
         Ok((
             f(self.dev.download(&k.slice(..e))?),
@@ -781,31 +762,22 @@ impl CudaKvCache {
     }
 
     fn layer(&self, l: usize) -> (CudaView<'_, bf16>, CudaView<'_, bf16>) {
-        let at = l * self.capacity * self.row..(l + 1) * self.capacity * self.row;
+        let at = l * self.capacity() * self.row..(l + 1) * self.capacity() * self.row;
         (self.k.slice(at.clone()), self.v.slice(at))
     }
 
     fn layer_mut(&mut self, l: usize) -> (CudaViewMut<'_, bf16>, CudaViewMut<'_, bf16>) {
-        let at = l * self.capacity * self.row..(l + 1) * self.capacity * self.row;
+        let at = l * self.capacity() * self.row..(l + 1) * self.capacity() * self.row;
         (self.k.slice_mut(at.clone()), self.v.slice_mut(at))
     }
 }
 
 /// The source rows kv_compact gathers for `compact(dst, keep)` on a cache of `len`
-/// tokens, refused when the CPU cache refuses it (the kernel copies rows in order and
-/// relies on keep ascending with keep[i] ≥ dst + i) and also for dst > len, which the
-/// CPU cache accepts with an empty `keep` and which would grow the cache past rows
-/// ever written.
+/// tokens, after the same checks as every cache ([`Extent::compact`]).
 pub fn compact_path(len: usize, dst: usize, keep: &[usize]) -> Result<Vec<i32>> {
-    let ok = dst <= len
-        && keep.iter().enumerate().all(|(i, &p)| p >= dst + i && p < len)
-        && keep.windows(2).all(|w| w[0] < w[1]);
-    if !ok {
-        return Err(err(
-            "kv_compact",
-            format!("compact({dst}, {keep:?}) needs ascending cached positions from {dst} (length {len})"),
-        ));
-    }
+    let mut extent = Extent::new(len);
+    extent.commit(len)?;
+    extent.compact(dst, keep)?;
     keep.iter()
         .map(|&p| i32::try_from(p).map_err(|_| err("kv_compact", format!("position {p} exceeds i32"))))
         .collect()
