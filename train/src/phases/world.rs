@@ -30,10 +30,16 @@ use crate::trainer::{RunControl, TrainOptions};
 pub struct WorldScale {
     pub train_scenes: usize,
     pub target_steps: usize,
+    /// Examples per target step: the target's content lookup ("the colour of the token
+    /// whose shape is X") is learned within ~1000 steps at 64 and not in 3600 at 16.
+    pub target_batch: usize,
     pub drafter_steps: usize,
     pub projector_steps: usize,
+    /// Prompts the target answers for SDViT, spread evenly over all training scenes.
     pub distill_prompts: usize,
     pub sdvit_steps: usize,
+    /// Examples per SDViT step: the drafter learns the same lookup as the target.
+    pub sdvit_batch: usize,
     pub eval_scenes: usize,
     pub target_hidden: usize,
     pub target_layers: usize,
@@ -42,12 +48,14 @@ pub struct WorldScale {
 impl WorldScale {
     pub fn full() -> Self {
         WorldScale {
-            train_scenes: 1200,
-            target_steps: 900,
+            train_scenes: 2000,
+            target_steps: 1200,
+            target_batch: 64,
             drafter_steps: 500,
             projector_steps: 300,
-            distill_prompts: 1200,
-            sdvit_steps: 400,
+            distill_prompts: 16_000,
+            sdvit_steps: 2000,
+            sdvit_batch: 64,
             eval_scenes: 60,
             target_hidden: 128,
             target_layers: 4,
@@ -71,10 +79,12 @@ impl WorldScale {
         WorldScale {
             train_scenes: 24,
             target_steps: 6,
+            target_batch: 8,
             drafter_steps: 6,
             projector_steps: 4,
             distill_prompts: 12,
             sdvit_steps: 4,
+            sdvit_batch: 8,
             eval_scenes: 4,
             target_hidden: 32,
             target_layers: 1,
@@ -154,8 +164,8 @@ pub fn make_demo_models(run: &WorldRun) -> Result<WorldReport> {
     let scenes = world::scenes(TRAIN_SEED ^ run.seed, sc.train_scenes);
     let img_dir = work.join("images");
     mkdir(&img_dir)?;
-    let (mut captions, mut qa, mut prompts, mut texts) =
-        (String::new(), String::new(), String::new(), world::corpus(&scenes));
+    let (mut captions, mut qa, mut texts) = (String::new(), String::new(), world::corpus(&scenes));
+    let mut all_prompts = Vec::new();
     for (i, s) in scenes.iter().enumerate() {
         let name = format!("images/{i:05}.png");
         save_png(&work.join(&name), &s.render())?;
@@ -165,11 +175,11 @@ pub fn make_demo_models(run: &WorldRun) -> Result<WorldReport> {
                 "{}\n",
                 json!({"image": name, "prompt": q.question, "response": q.answer})
             ));
-            if prompts.lines().count() < sc.distill_prompts {
-                prompts.push_str(&format!("{}\n", json!({"image": name, "prompt": q.question})));
-            }
+            all_prompts.push(json!({"image": name, "prompt": q.question}).to_string());
         }
     }
+    let stride = all_prompts.len().div_ceil(sc.distill_prompts.max(1)).max(1);
+    let prompts: String = all_prompts.iter().step_by(stride).map(|p| format!("{p}\n")).collect();
     for (file, text) in [
         ("captions.jsonl", &captions),
         ("qa.jsonl", &qa),
@@ -295,8 +305,8 @@ pub fn make_demo_models(run: &WorldRun) -> Result<WorldReport> {
     let mut ck = VlCheckpoint::load(&target)?;
     let topts = TrainOptions {
         steps: sc.target_steps,
-        batch: 16,
-        lr: 3e-3,
+        batch: sc.target_batch,
+        lr: 1e-3,
         warmup_steps: 30,
         seed: run.seed,
         ..Default::default()
@@ -344,7 +354,7 @@ pub fn make_demo_models(run: &WorldRun) -> Result<WorldReport> {
     let mut r = DrafterRun::new(&target, &p1, &distilled, &full);
     r.train = TrainOptions {
         steps: sc.sdvit_steps,
-        batch: 16,
+        batch: sc.sdvit_batch,
         lr: 1e-3,
         warmup_steps: 20,
         seed: run.seed,
