@@ -1,8 +1,9 @@
 //! `massv bench`: target-only, text-drafter and MASSV-drafter decoding (chains, and
 //! token trees with `--tree`) on the same inputs, one table (MAL, drafted tokens per
 //! pass, tokens/s, ms per token, per-stage ms, speedup), and the decode step of a model
-//! next to its memory-bandwidth floor. The target's LM runs where `--device` puts it; the
-//! drafters and the floor model run on the CPU.
+//! next to its memory-bandwidth floor. The target's LM runs where `--device` puts it,
+//! each drafter's beside it where the kernels serve the drafter (else on the CPU); the
+//! floor model runs on the CPU.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::backend::DeviceRequest;
 use crate::error::{Error, Result};
 use crate::image::{preprocess, ImageInput, Preprocessed};
+use crate::model::cuda_qwen2::Input;
 use crate::model::qwen2::{Logits, Positions};
 use crate::sampling::SamplingParams;
 use crate::spec::draft::Drafter;
@@ -152,10 +153,14 @@ fn mean_tvd(engine: &Engine, drafter: &Drafter, qs: &[Question], answers: &[Vec<
         let prompt_len = hidden.len() / d;
         hidden.extend(drafter.embed_lossy(answer));
         let positions: Vec<i32> = (0..(hidden.len() / d) as i32).collect();
-        let mut cache = drafter.lm.new_cache(positions.len());
-        let q_rows = drafter
-            .lm
-            .forward(hidden, Positions::Seq(&positions), &mut cache, Logits::All)?;
+        let mut cache = drafter.lm.lm().new_cache(positions.len())?;
+        let q_rows = drafter.lm.lm().forward(
+            Input::Embeddings(&hidden),
+            Positions::Seq(&positions),
+            &mut cache,
+            Logits::All,
+            None,
+        )?;
         // The distributions that predict answer tokens 1.. (the prefill's last row predicted
         // token 0 for both; use rows aligned on the answer).
         let (vt, vd) = (engine.target.text_config().vocab_size, drafter.lm.cfg.vocab_size);

@@ -79,7 +79,8 @@ enum Command {
         #[arg(long, default_value_t = 128)]
         max_new_tokens: usize,
         /// Where the target's LM runs: auto is CUDA when a GPU serves the target, else the
-        /// CPU (the drafter and a vision tower run on the CPU).
+        /// CPU (a vision tower runs on the CPU; the drafter's LM on the target's device
+        /// when the kernels serve it, else on the CPU).
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceRequest,
         /// Print one JSON object (text, tokens, metrics) instead of the answer.

@@ -4,7 +4,8 @@
 //! M-RoPE positions, sliding-window layers, greedy generation, and errors. Then the
 //! target on the device inside `Target` and `Engine` (`--device`): a Qwen2.5-VL target
 //! whose LM runs on the device (prompt spans, M-RoPE, rope delta, trees), and speculative
-//! decoding with a CUDA target and CPU drafters against the CPU engine; and, without a
+//! decoding with a CUDA target against the CPU engine, its drafter beside it on the device
+//! where the kernels serve the drafter and on the CPU where they do not; and, without a
 //! device, how `auto` / `cpu` / `cuda` resolve and that the spans the device prefills a
 //! Qwen2.5-VL prompt in give, on the CPU, the one-pass prefill.
 //!
@@ -201,6 +202,21 @@ fn engine_vl_spec() -> Spec {
         name: "engine-vl-d64",
         config,
         dtype: SynthDtype::Bf16,
+        max_shard_bytes: 1 << 30,
+    }
+}
+
+/// A text drafter the kernels serve (head dim 64, untied, f32 source) for
+/// [`engine_text_spec`]'s target: smaller than it, and with 432 embedding rows like the
+/// fixture MASSV drafter, so that the target's ids 432..448 reach it as zero rows.
+fn engine_drafter_spec() -> Spec {
+    Spec {
+        name: "engine-drafter-mha-d64",
+        config: with(
+            text_config(256, 4, 4, 512, 2, 432),
+            json!({"tie_word_embeddings": false, "rope_theta": 10000.0}),
+        ),
+        dtype: SynthDtype::F32,
         max_shard_bytes: 1 << 30,
     }
 }
@@ -544,6 +560,7 @@ fn auto_generates_what_the_cpu_engine_generates() {
         let cpu = Engine::load(&t, d.as_deref()).unwrap();
         let auto = Engine::load_for(&t, d.as_deref(), DeviceRequest::Auto).unwrap();
         assert_eq!(auto.target.device(), Device::Cpu);
+        assert!(auto.drafter.iter().all(|d| d.device() == Device::Cpu));
         let trees = if drafter.is_some() {
             vec![None, Some("dynamic:8,4")]
         } else {
@@ -1097,9 +1114,10 @@ fn vl_target_on_the_device_matches_the_cpu() {
     assert!(msg.contains("other device"), "{msg}");
 }
 
-/// Speculative decoding with the target's LM on the device and CPU drafters (the target
-/// itself, and another model), chains and trees, text and image: the CPU engine's greedy
-/// tokens, up to the near-tie rule.
+/// Speculative decoding with the target's LM on the device and drafters beside it (the
+/// target itself, on the device; fixture models, which the kernels do not serve, on the
+/// CPU), chains and trees, text and image: the CPU engine's greedy tokens, up to the
+/// near-tie rule.
 #[test]
 fn engine_on_the_device_reproduces_the_cpu_engine() {
     let _dev = dev_or_skip!();
@@ -1158,6 +1176,58 @@ fn engine_on_the_device_reproduces_the_cpu_engine() {
                 runs += 1;
                 let m = &got.metrics;
                 assert!(m.mal >= 1.0 && m.target_passes >= 1, "{what}: {m:?}");
+                println!("{what}: device MAL {:.2}, CPU MAL {:.2}", m.mal, want.metrics.mal);
+            }
+        }
+    }
+    println!("{steps} tokens compared over {runs} generations");
+}
+
+/// Speculative decoding with the target's and the drafter's LMs both on the device: a
+/// smaller synth drafter the kernels serve (placed there by `cuda`) and the target drafting
+/// for itself (placed there by `auto`), chains of γ = 5 and trees of `dynamic:16,4,4`:
+/// the all-CPU engine's greedy tokens, up to the near-tie rule. The target drafting for
+/// itself must mostly be accepted, which a device drafter with wrong positions, caches or
+/// embeddings would not be.
+#[test]
+fn engine_with_a_device_drafter_reproduces_the_cpu_engine() {
+    let _dev = dev_or_skip!();
+    let (_t1, target) = make_model_dir(&engine_text_spec(), "qwen2-tiny-gqa4-tied");
+    let (_t2, small) = make_model_dir(&engine_drafter_spec(), "qwen2-tiny-mha-untied");
+    let prompts = ["Describe the image.", "Tell me a story about a cat."];
+    let (mut steps, mut runs) = (0, 0);
+    for (drafter, req) in [(&small, DeviceRequest::Cuda), (&target, DeviceRequest::Auto)] {
+        let cpu = Engine::load(&target, Some(drafter)).unwrap();
+        let gpu = Engine::load_for(&target, Some(drafter), req).unwrap();
+        let device = |e: &Engine| e.drafter.as_ref().map(|d| d.device());
+        assert_eq!(gpu.target.device(), Device::Cuda);
+        assert_eq!(device(&gpu), Some(Device::Cuda), "the drafter runs beside the target");
+        assert_eq!(device(&cpu), Some(Device::Cpu));
+        for tree in [None, Some("dynamic:16,4,4")] {
+            for prompt in prompts {
+                let p = GenerateParams {
+                    gamma: 5,
+                    max_new_tokens: 16,
+                    tree: tree.map(|t| t.parse().unwrap()),
+                    ..Default::default()
+                };
+                let want = cpu.generate(prompt, None, &p, Hooks::default()).unwrap();
+                let got = gpu.generate(prompt, None, &p, Hooks::default()).unwrap();
+                let ids = cpu
+                    .tokenizer
+                    .encode(&cpu.tokenizer.user_prompt(prompt, false).unwrap())
+                    .unwrap();
+                let what = format!(
+                    "drafter {} ({req:?}) tree {tree:?} {prompt:?}",
+                    drafter.file_name().unwrap().to_string_lossy()
+                );
+                steps += assert_same_up_to_a_near_tie(&what, &cpu.target, (&ids, &[], &[]), &want.tokens, &got.tokens);
+                runs += 1;
+                let m = &got.metrics;
+                assert!(m.mal >= 1.0 && m.target_passes >= 1, "{what}: {m:?}");
+                if drafter == &target {
+                    assert!(m.mal > 1.5, "{what}: the target drafting for itself: MAL {:.2}", m.mal);
+                }
                 println!("{what}: device MAL {:.2}, CPU MAL {:.2}", m.mal, want.metrics.mal);
             }
         }

@@ -255,8 +255,8 @@ fn caches_after_accept_reject_patterns_equal_a_fresh_prefill() {
         let fresh = DraftState::prefill(&drafter, embeds(&dseen), 0, 0).unwrap();
         assert_eq!(state.cache.len(), fresh.cache.len(), "γ={gamma} accepted={accepted}");
         for l in 0..drafter.lm.cfg.num_hidden_layers {
-            let (k1, v1) = state.cache.layer(l);
-            let (k2, v2) = fresh.cache.layer(l);
+            let (k1, v1) = state.cache.layer(l).unwrap();
+            let (k2, v2) = fresh.cache.layer(l).unwrap();
             assert!(
                 common::max_abs_diff(k1, k2) < 1e-4 && common::max_abs_diff(v1, v2) < 1e-4,
                 "drafter layer {l}"
@@ -337,4 +337,47 @@ fn trace_has_one_span_per_stage_per_step() {
         .iter()
         .all(|e| e["ph"] == "X" && e["dur"].as_f64().unwrap() >= 0.0));
     assert_eq!(events.iter().filter(|e| e["name"] == "verify").count(), passes);
+}
+
+/// The drafter's LM path on the CPU: beside a CPU target it loads on the CPU, ids past its
+/// table (a larger target vocabulary's padding: the MASSV fixture's 432 rows under the
+/// targets' 448) go in as zero rows where token ids are fed, and a cloned state drafts
+/// the same.
+#[test]
+fn ids_past_the_drafters_vocabulary_draft_from_a_zero_row() {
+    use massv::backend::Device;
+    use massv::model::qwen2::Positions;
+    use massv::sampling::probabilities;
+    use massv::spec::draft::{DraftState, Drafter};
+    let target = engine(TARGET, None);
+    let drafter = Drafter::load_beside(&fixture("drafter-tiny-massv"), &target.target).unwrap();
+    assert_eq!(drafter.device(), Device::Cpu);
+    let (d, v) = (drafter.lm.cfg.hidden_size, drafter.lm.cfg.vocab_size);
+    assert!(v < target.target.text_config().vocab_size);
+    let t1 = SamplingParams {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    let prompt = drafter.embed_lossy(&[1, 2, 3, 4]);
+    let past = v as u32 + 5;
+    assert_eq!(drafter.embed_lossy(&[past]), vec![0.0; d]);
+    let mut state = DraftState::prefill(&drafter, prompt.clone(), past, 8).unwrap();
+    let mut copy = state.try_clone().unwrap();
+    let (drafts, qs) = state.draft(&drafter, 1, &t1, &mut Rng::new(9)).unwrap();
+    assert_eq!(
+        copy.draft(&drafter, 1, &t1, &mut Rng::new(9)).unwrap(),
+        (drafts, qs.clone())
+    );
+    // The same pass by hand: the prompt's rows, then a zero row.
+    let mut hidden = prompt;
+    hidden.extend(vec![0.0; d]);
+    let positions: Vec<i32> = (0..(hidden.len() / d) as i32).collect();
+    let lm = drafter.lm.cpu().unwrap();
+    let mut cache = lm.new_cache(positions.len());
+    let logits = lm
+        .forward(hidden, Positions::Seq(&positions), &mut cache, Logits::Last)
+        .unwrap();
+    let err = common::max_abs_diff(&qs[0], &probabilities(&logits, &t1));
+    assert!(err < 1e-6, "q after an id past the table: {err}");
 }

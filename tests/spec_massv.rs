@@ -52,10 +52,10 @@ fn draft_prompt_logits_match_transformers() {
     let embeds = drafter
         .prompt_embeddings(DraftMode::Massv, &ids, &ids, &[vision], &vt)
         .unwrap();
-    let mut cache = drafter.lm.new_cache(ids.len());
+    let lm = drafter.lm.cpu().unwrap();
+    let mut cache = lm.new_cache(ids.len());
     let positions: Vec<i32> = (0..ids.len() as i32).collect();
-    let logits = drafter
-        .lm
+    let logits = lm
         .forward(
             embeds,
             massv::model::qwen2::Positions::Seq(&positions),

@@ -150,7 +150,7 @@ fn a_tree_containing_the_chain_never_accepts_fewer() {
             let mut last = first;
             for _ in 0..6 {
                 // The chain, on copies.
-                let (mut cs, mut cstate) = (session.try_clone().unwrap(), state.clone());
+                let (mut cs, mut cstate) = (session.try_clone().unwrap(), state.try_clone().unwrap());
                 let (drafts, _) = cstate.draft(&drafter, 5, &sp, &mut Rng::new(0)).unwrap();
                 let block: Vec<u32> = std::iter::once(last).chain(drafts.iter().copied()).collect();
                 let cl = e.target.decode(&block, &mut cs, Logits::All).unwrap();
@@ -354,7 +354,7 @@ fn compacted_caches_equal_a_fresh_prefill() {
         let fresh = DraftState::prefill(&drafter, embeds(&dseen), 0, 0).unwrap();
         assert_eq!(state.cache.len(), fresh.cache.len(), "pick {pick}");
         for l in 0..drafter.lm.cfg.num_hidden_layers {
-            let ((k1, v1), (k2, v2)) = (state.cache.layer(l), fresh.cache.layer(l));
+            let ((k1, v1), (k2, v2)) = (state.cache.layer(l).unwrap(), fresh.cache.layer(l).unwrap());
             assert!(
                 max_abs_diff(k1, k2) < 1e-4 && max_abs_diff(v1, v2) < 1e-4,
                 "drafter layer {l} pick {pick}"

@@ -619,7 +619,7 @@ pub fn check_served(c: &TextConfig) -> Result<()> {
 
 /// `name` as bf16 after checking its shape: bf16 bits as stored, f32 / f16 rounded to
 /// nearest, converted one tensor at a time (never the whole model in f32).
-fn host_bf16(w: &Weights, name: &str, shape: &[usize]) -> Result<Vec<bf16>> {
+pub(crate) fn host_bf16(w: &Weights, name: &str, shape: &[usize]) -> Result<Vec<bf16>> {
     let t = w.get(name)?;
     if t.shape != shape {
         return Err(Error::ShapeMismatch {

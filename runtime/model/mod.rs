@@ -503,6 +503,6 @@ pub fn text_config_of(dir: &Path) -> Result<TextConfig> {
 }
 
 /// An error's message on one line (the note of an `auto` fallback).
-fn one_line(e: &Error) -> String {
+pub(crate) fn one_line(e: &Error) -> String {
     e.to_string().replace('\n', " ")
 }

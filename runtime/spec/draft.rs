@@ -1,16 +1,20 @@
 //! The drafter: a small Qwen2 LM, made multimodal by a MASSV projector or used on text
-//! alone, and chain drafting with it.
+//! alone, and chain drafting with it. Its LM runs on the CPU or beside a CUDA target on
+//! the same device ([`DraftLm`]); its cache is a [`Cache`] of that kind.
 
 use std::path::{Path, PathBuf};
 
+use crate::backend::Device;
 use crate::error::{Error, Result};
-use crate::kv_cache::KvCache;
+use crate::model::cuda_qwen2::Input;
 use crate::model::projector::Projector;
-use crate::model::qwen2::{Logits, Positions, Qwen2, TreeMask};
+use crate::model::qwen2::{Logits, Positions, TreeMask};
 use crate::model::qwen2_5_vl::VisionOutput;
-use crate::model::Target;
+use crate::model::{Cache, Target};
 use crate::sampling::{probabilities, Rng, SamplingParams};
 use crate::tokenizer::Tokenizer;
+
+pub use super::draft_lm::DraftLm;
 
 /// What the drafter sees of the prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -22,20 +26,38 @@ pub enum DraftMode {
 }
 
 pub struct Drafter {
-    pub lm: Qwen2,
+    /// On the CPU, or on the target's CUDA device ([`Drafter::load_beside`]).
+    pub lm: DraftLm,
     pub projector: Option<Projector>,
     pub tokenizer: Tokenizer,
     pub dir: PathBuf,
 }
 
 impl Drafter {
+    /// Loads `dir` with its LM on the CPU.
     pub fn load(dir: &Path) -> Result<Self> {
+        Self::with_lm(dir, DraftLm::load(dir)?)
+    }
+
+    /// Loads `dir` with its LM beside `target`'s: on the same CUDA device when the target
+    /// runs there and the kernels serve the drafter's shapes, else on the CPU
+    /// ([`DraftLm::load_beside`]). The projector always runs on the CPU.
+    pub fn load_beside(dir: &Path, target: &Target) -> Result<Self> {
+        Self::with_lm(dir, DraftLm::load_beside(dir, target.lm())?)
+    }
+
+    fn with_lm(dir: &Path, lm: DraftLm) -> Result<Self> {
         Ok(Drafter {
-            lm: Qwen2::load(dir)?,
+            lm,
             projector: Projector::load(dir)?,
             tokenizer: Tokenizer::from_dir(dir)?,
             dir: dir.to_path_buf(),
         })
+    }
+
+    /// Where the LM runs.
+    pub fn device(&self) -> Device {
+        self.lm.device()
     }
 
     /// The mode a drafter directory implies: massv with a projector, text without.
@@ -89,19 +111,10 @@ impl Drafter {
         Ok(())
     }
 
-    /// Embeddings of `tokens`. Ids the drafter's embedding table lacks (padding rows of a
-    /// larger target vocabulary) get a zero row: the drafter only needs context, and
-    /// verification stays exact whatever it proposes.
+    /// Embeddings of `tokens` on the host ([`DraftLm::embed_lossy`]: a zero row for ids
+    /// the drafter's table lacks).
     pub fn embed_lossy(&self, tokens: &[u32]) -> Vec<f32> {
-        let d = self.lm.cfg.hidden_size;
-        let mut out = Vec::with_capacity(tokens.len() * d);
-        for &t in tokens {
-            match self.lm.embed(&[t]) {
-                Ok(row) => out.extend(row),
-                Err(_) => out.extend(std::iter::repeat_n(0.0, d)),
-            }
-        }
-        out
+        self.lm.embed_lossy(tokens)
     }
 
     /// Input embeddings of the drafter's prompt. `target_ids`: the target's prompt with
@@ -148,12 +161,21 @@ impl Drafter {
         }
     }
 
-    /// Runs `hidden` after the cache at 1-D positions = cache indices; last-row logits.
-    pub(super) fn run(&self, hidden: Vec<f32>, cache: &mut KvCache) -> Result<Vec<f32>> {
-        let n = hidden.len() / self.lm.cfg.hidden_size;
-        let start = cache.len() as i32;
-        let positions: Vec<i32> = (start..start + n as i32).collect();
-        self.lm.forward(hidden, Positions::Seq(&positions), cache, Logits::Last)
+    /// Runs input embeddings `hidden` (a prompt) after the cache at 1-D positions = cache
+    /// indices; last-row logits.
+    pub(super) fn run(&self, hidden: &[f32], cache: &mut Cache) -> Result<Vec<f32>> {
+        let positions = next_positions(cache, hidden.len() / self.lm.cfg.hidden_size);
+        let input = Input::Embeddings(hidden);
+        self.lm
+            .lm()
+            .forward(input, Positions::Seq(&positions), cache, Logits::Last, None)
+    }
+
+    /// Runs `tokens` after the cache at 1-D positions = cache indices; last-row logits.
+    pub(super) fn run_tokens(&self, tokens: &[u32], cache: &mut Cache) -> Result<Vec<f32>> {
+        let positions = next_positions(cache, tokens.len());
+        self.lm
+            .forward_tokens(tokens, Positions::Seq(&positions), cache, Logits::Last, None)
     }
 
     /// Scores one depth of a tree: `tokens` at `position` each, seeing what `mask` allows;
@@ -162,18 +184,19 @@ impl Drafter {
         &self,
         tokens: &[u32],
         position: i32,
-        cache: &mut KvCache,
+        cache: &mut Cache,
         mask: TreeMask,
     ) -> Result<Vec<f32>> {
         let positions = vec![position; tokens.len()];
-        self.lm.forward_masked(
-            self.embed_lossy(tokens),
-            Positions::Seq(&positions),
-            cache,
-            Logits::All,
-            Some(mask),
-        )
+        self.lm
+            .forward_tokens(tokens, Positions::Seq(&positions), cache, Logits::All, Some(mask))
     }
+}
+
+/// Positions cache.len().. for n tokens continuing the cache.
+fn next_positions(cache: &Cache, n: usize) -> Vec<i32> {
+    let start = cache.len() as i32;
+    (start..start + n as i32).collect()
 }
 
 /// Token ids that delimit images in a prompt.
@@ -222,11 +245,11 @@ pub fn strip_vision(ids: &[u32], t: &VisionTokens) -> Vec<u32> {
     out
 }
 
-/// The drafter's side of one request: its cache, and the committed tokens it has not
-/// seen yet (the target's last token, plus the last draft when all were accepted).
-#[derive(Clone)]
+/// The drafter's side of one request: its cache (where the drafter's LM runs), and the
+/// committed tokens it has not seen yet (the target's last token, plus the last draft
+/// when all were accepted).
 pub struct DraftState {
-    pub cache: KvCache,
+    pub cache: Cache,
     pub pending: Vec<u32>,
     /// Cache length before the last `draft` call fed anything.
     pub(super) base: usize,
@@ -240,6 +263,19 @@ pub struct DraftState {
 }
 
 impl DraftState {
+    /// A copy of this state (the cache copied where it lives).
+    pub fn try_clone(&self) -> Result<Self> {
+        Ok(DraftState {
+            cache: self.cache.try_clone()?,
+            pending: self.pending.clone(),
+            base: self.base,
+            fed_drafts: self.fed_drafts,
+            fed_pending: self.fed_pending,
+            tree_slots: self.tree_slots.clone(),
+            rank_stats: self.rank_stats.clone(),
+        })
+    }
+
     /// Prefills the drafter's prompt; `first` is the token the target's prefill chose.
     pub fn prefill(drafter: &Drafter, prompt: Vec<f32>, first: u32, extra: usize) -> Result<Self> {
         let n = prompt.len() / drafter.lm.cfg.hidden_size;
@@ -251,8 +287,8 @@ impl DraftState {
                 capacity: drafter.lm.cfg.max_position_embeddings,
             });
         }
-        let mut cache = drafter.lm.new_cache(capacity);
-        drafter.run(prompt, &mut cache)?;
+        let mut cache = drafter.lm.lm().new_cache(capacity)?;
+        drafter.run(&prompt, &mut cache)?;
         Ok(DraftState {
             cache,
             pending: vec![first],
@@ -279,7 +315,7 @@ impl DraftState {
         let (mut drafts, mut qs) = (Vec::with_capacity(gamma), Vec::with_capacity(gamma));
         let mut feed = self.pending.clone();
         for i in 0..gamma {
-            let logits = drafter.run(drafter.embed_lossy(&feed), &mut self.cache)?;
+            let logits = drafter.run_tokens(&feed, &mut self.cache)?;
             if i == 0 {
                 self.fed_pending = feed.len();
             } else {

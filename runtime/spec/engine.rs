@@ -4,8 +4,9 @@
 //! baseline every speedup is measured against.
 //!
 //! The target's LM runs on the CPU or on a CUDA device ([`Engine::load_for`]); the
-//! drafter always runs on the CPU, and the acceptance maths run on the host on the
-//! target's logits, which come back as f32 rows from either device.
+//! drafter's LM runs beside it, on the same device when the kernels serve its shapes and
+//! on the CPU otherwise ([`Drafter::load_beside`]). The acceptance maths run on the host
+//! on logits that come back as f32 rows from either device.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -16,7 +17,7 @@ use crate::generate::{argmax, stop_tokens};
 use crate::image::{preprocess, ImageInput, Preprocessed, PreprocessorConfig};
 use crate::metrics::{Counters, Metrics, Timings, Trace};
 use crate::model::qwen2::Logits;
-use crate::model::Target;
+use crate::model::{one_line, Target};
 use crate::sampling::{probabilities, Rng, SamplingParams};
 use crate::spec::draft::{DraftMode, DraftState, Drafter, VisionTokens};
 use crate::spec::tree::{verify_tree_greedy, verify_tree_sampled, TreeSpec, TreeVerdict};
@@ -85,10 +86,11 @@ impl Engine {
         Self::load_on(target_dir, drafter_dir, Device::Cpu)
     }
 
-    /// The target's LM on `device` (its vision tower, and the drafter, on the CPU); an
-    /// error where that device cannot serve the target.
+    /// The target's LM on `device` (its vision tower on the CPU), the drafter's beside it
+    /// ([`Drafter::load_beside`]); an error where that device cannot serve the target, or
+    /// fails to load a drafter it serves.
     pub fn load_on(target_dir: &Path, drafter_dir: Option<&Path>, device: Device) -> Result<Self> {
-        Self::load_with(target_dir, drafter_dir, || Target::load_on(target_dir, device))
+        Self::load_with(target_dir, drafter_dir, false, || Target::load_on(target_dir, device))
     }
 
     /// The target's LM on the device `req` means for it: [`Target::choose_device`] and
@@ -100,21 +102,24 @@ impl Engine {
     }
 
     /// [`Engine::load_on`] `device`, what `req` resolved to, with `auto`'s fallback to the
-    /// CPU where the target fails to load on the GPU ([`Target::load_resolved`]).
+    /// CPU where the target fails to load on the GPU ([`Target::load_resolved`]) or the
+    /// drafter does (each with a one-line note on stderr).
     pub fn load_resolved(
         target_dir: &Path,
         drafter_dir: Option<&Path>,
         req: DeviceRequest,
         device: Device,
     ) -> Result<Self> {
-        Self::load_with(target_dir, drafter_dir, || {
+        Self::load_with(target_dir, drafter_dir, req == DeviceRequest::Auto, || {
             Target::load_resolved(target_dir, req, device)
         })
     }
 
+    /// `auto`: the drafter may fall back to the CPU (`load_drafter`).
     fn load_with(
         target_dir: &Path,
         drafter_dir: Option<&Path>,
+        auto: bool,
         load_target: impl FnOnce() -> Result<Target>,
     ) -> Result<Self> {
         let tokenizer = Tokenizer::from_dir(target_dir)?;
@@ -124,7 +129,7 @@ impl Engine {
             Target::Vl(_) => Some(PreprocessorConfig::from_dir(target_dir)?),
             Target::Text(_) => None,
         };
-        let drafter = drafter_dir.map(Drafter::load).transpose()?;
+        let drafter = drafter_dir.map(|d| load_drafter(d, &target, auto)).transpose()?;
         if let Some(d) = &drafter {
             d.check_compatible(&target, &tokenizer, d.default_mode())?;
         }
@@ -380,6 +385,20 @@ impl Engine {
             let ps: Vec<Vec<f32>> = logits.chunks_exact(v).map(|r| probabilities(r, sp)).collect();
             verify_tree_sampled(tree, &ps, rng, residual)
         }
+    }
+}
+
+/// The drafter beside `target` ([`Drafter::load_beside`]); under `auto` (`auto` true), one
+/// that fails to load on the GPU (out of memory) loads on the CPU instead, with a
+/// one-line note on stderr, as the target does.
+fn load_drafter(dir: &Path, target: &Target, auto: bool) -> Result<Drafter> {
+    match Drafter::load_beside(dir, target) {
+        Err(e) if auto && target.device() == Device::Cuda => {
+            let drafter = Drafter::load(dir)?;
+            eprintln!("massv: the drafter uses the CPU: {}", one_line(&e));
+            Ok(drafter)
+        }
+        r => r,
     }
 }
 

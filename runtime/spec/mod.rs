@@ -2,6 +2,7 @@
 //! and the loop.
 
 pub mod draft;
+mod draft_lm;
 pub mod engine;
 pub mod tree;
 mod tree_draft;

@@ -174,7 +174,7 @@ impl DraftState {
             .ok_or_else(|| Error::InvalidArgument("draft_tree with nothing pending".into()))?;
         self.base = self.cache.len();
         self.fed_drafts = 0;
-        let logits = drafter.run(drafter.embed_lossy(&self.pending), &mut self.cache)?;
+        let logits = drafter.run_tokens(&self.pending, &mut self.cache)?;
         self.fed_pending = self.pending.len();
         let tree_start = self.cache.len();
         let root_slot = tree_start - 1;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use massv::image::{preprocess, ImageInput, PreprocessorConfig};
+use massv::model::cuda_qwen2::Input;
 use massv::model::qwen2::{Logits, Positions};
 use massv::model::Target;
 use massv::spec::draft::{DraftMode, Drafter, VisionTokens};
@@ -129,12 +130,7 @@ fn record_tvd(m: &Models, rec: &PromptRecord) -> Result<Vec<f64>> {
         .drafter
         .prompt_embeddings(m.mode, &session.prompt, &template, &vision, &m.vt)?;
     let prompt_len = hidden.len() / d;
-    for &t in &response[..response.len() - 1] {
-        match m.drafter.lm.embed(&[t]) {
-            Ok(row) => hidden.extend(row),
-            Err(_) => hidden.extend(std::iter::repeat_n(0.0, d)),
-        }
-    }
+    hidden.extend(m.drafter.embed_lossy(&response[..response.len() - 1]));
     let n = hidden.len() / d;
     if n > m.drafter.lm.cfg.max_position_embeddings {
         return Err(Error::ContextOverflow {
@@ -143,12 +139,16 @@ fn record_tvd(m: &Models, rec: &PromptRecord) -> Result<Vec<f64>> {
             capacity: m.drafter.lm.cfg.max_position_embeddings,
         });
     }
-    let mut cache = m.drafter.lm.new_cache(n);
+    let lm = m.drafter.lm.lm();
+    let mut cache = lm.new_cache(n)?;
     let positions: Vec<i32> = (0..n as i32).collect();
-    let q_all = m
-        .drafter
-        .lm
-        .forward(hidden, Positions::Seq(&positions), &mut cache, Logits::All)?;
+    let q_all = lm.forward(
+        Input::Embeddings(&hidden),
+        Positions::Seq(&positions),
+        &mut cache,
+        Logits::All,
+        None,
+    )?;
     let vq = m.drafter.lm.cfg.vocab_size;
     let q_rows = &q_all[(prompt_len - 1) * vq..];
     Ok(p_rows
