@@ -408,6 +408,55 @@ fn vl_tree_cache_equals_a_fresh_prefill() {
     }
 }
 
+/// The greedy passes hand back exactly the argmax of the logits passes (first index of
+/// the maximum), and leave the same cache: chain and tree, on the VL target (M-RoPE
+/// positions shifted by rope_delta).
+#[test]
+fn argmax_passes_equal_the_argmax_of_the_logits_passes() {
+    let e = engine(VL_TARGET, None);
+    let img = ImageInput::from_path(&fixture("images/nonsquare_150x100.png")).unwrap();
+    let pre = preprocess(&img, &PreprocessorConfig::from_dir(&fixture(VL_TARGET)).unwrap()).unwrap();
+    let ids = e
+        .tokenizer
+        .encode(&e.tokenizer.user_prompt("Describe the image.", true).unwrap())
+        .unwrap();
+    let vision = e.target.encode_images(std::slice::from_ref(&pre)).unwrap();
+    let (_, session) = e
+        .target
+        .prefill(&ids, std::slice::from_ref(&pre), &vision, 32, Logits::Last)
+        .unwrap();
+    assert_ne!(session.rope_delta, 0, "the image shifts text positions");
+    let argmax_rows = |logits: &[f32], n: usize| -> Vec<u32> {
+        let v = logits.len() / n;
+        logits
+            .chunks_exact(v)
+            .map(|r| massv::generate::argmax(r) as u32)
+            .collect()
+    };
+    let block = [5u32, 8, 10, 12];
+    let (mut a, mut b) = (session.try_clone().unwrap(), session.try_clone().unwrap());
+    let want = argmax_rows(&e.target.decode(&block, &mut a, Logits::All).unwrap(), block.len());
+    assert_eq!(e.target.decode_argmax(&block, &mut b).unwrap(), want);
+    assert_eq!(a.cache.layer(0).unwrap(), b.cache.layer(0).unwrap());
+
+    let mut t = TokenTree::root(5, Proposal::Fixed);
+    let x = t.push(0, 8);
+    t.push(0, 9);
+    t.push(x, 10);
+    let (mut a, mut b) = (session.try_clone().unwrap(), session.try_clone().unwrap());
+    let logits = e.target.decode_tree(&t.tokens, &t.depths, &t.mask(), &mut a).unwrap();
+    let got = e
+        .target
+        .decode_tree_argmax(&t.tokens, &t.depths, &t.mask(), &mut b)
+        .unwrap();
+    assert_eq!(got, argmax_rows(&logits, t.len()));
+    assert_eq!(a.cache.layer(0).unwrap(), b.cache.layer(0).unwrap());
+    assert!(e
+        .target
+        .decode_tree_argmax(&t.tokens, &t.depths[1..], &t.mask(), &mut b)
+        .is_err());
+}
+
 #[test]
 fn tree_errors_are_clear() {
     let target_only = engine(TARGET, None);

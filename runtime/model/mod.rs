@@ -12,6 +12,7 @@ use std::path::Path;
 use crate::backend::{Device, DeviceRequest};
 use crate::config::{self, read_json_object, TextConfig};
 use crate::error::{Error, Result};
+use crate::generate::argmax;
 use crate::image::Preprocessed;
 use crate::kv_cache::KvCache;
 use cuda_qwen2::{CudaKvCache, CudaQwen2, Input};
@@ -233,6 +234,27 @@ impl Lm {
         }
     }
 
+    /// [`Lm::forward`] handing back each row's argmax instead of its logits (first index
+    /// of the maximum): on a device the argmax runs there and only ids cross; on the CPU it
+    /// is the host argmax of the same logits.
+    pub fn forward_argmax<'c>(
+        &self,
+        input: Input,
+        positions: Positions,
+        cache: impl Into<CacheMut<'c>>,
+        logits: Logits,
+        mask: Option<TreeMask>,
+    ) -> Result<Vec<u32>> {
+        match (self, cache.into()) {
+            (Lm::Cuda(m), CacheMut::Cuda(c)) => m.forward_argmax(input, positions, c, logits, mask),
+            (lm, c) => {
+                let rows = lm.forward(input, positions, c, logits, mask)?;
+                let v = lm.cfg().vocab_size;
+                Ok(rows.chunks_exact(v).map(|r| argmax(r) as u32).collect())
+            }
+        }
+    }
+
     /// [`Lm::forward`] (causal) for the cache only: on the device the head does not run;
     /// on the CPU the last row's logits are computed and dropped.
     pub fn extend<'c>(&self, input: Input, positions: Positions, cache: impl Into<CacheMut<'c>>) -> Result<()> {
@@ -434,36 +456,70 @@ impl Target {
         }
     }
 
+    /// Greedy verification of a chain: [`Target::decode`] of `tokens` handing back only
+    /// each row's argmax (on a device nothing vocabulary-sized is copied back).
+    pub fn decode_argmax(&self, tokens: &[u32], s: &mut Session) -> Result<Vec<u32>> {
+        let positions = positions_after(s, 0..tokens.len());
+        self.lm().forward_argmax(
+            Input::Tokens(tokens),
+            Positions::Seq(&positions),
+            &mut s.cache,
+            Logits::All,
+            None,
+        )
+    }
+
     /// Scores a token tree after the session's cache in one pass: node i (tree order,
     /// parents first) sits at position (cache length + depths[i]) and sees the cache and
     /// the nodes `mask` allows ([n, n]: its ancestors and itself). Logits of every node.
     pub fn decode_tree(&self, tokens: &[u32], depths: &[usize], mask: &[u8], s: &mut Session) -> Result<Vec<f32>> {
-        if depths.len() != tokens.len() {
-            return Err(Error::InvalidArgument(format!(
-                "{} tree depths for {} tokens",
-                depths.len(),
-                tokens.len()
-            )));
-        }
+        let positions = tree_positions(tokens, depths, s)?;
         let mask = TreeMask {
             start: s.cache.len(),
             allow: mask,
         };
-        match self {
-            Target::Text(m) => {
-                let start = s.cache.len() as i32;
-                let positions: Vec<i32> = depths.iter().map(|&d| start + d as i32).collect();
-                m.forward(
-                    Input::Tokens(tokens),
-                    Positions::Seq(&positions),
-                    &mut s.cache,
-                    Logits::All,
-                    Some(mask),
-                )
-            }
-            Target::Vl(m) => m.decode_tree(tokens, depths, mask, s.rope_delta, &mut s.cache),
-        }
+        let input = Input::Tokens(tokens);
+        self.lm()
+            .forward(input, Positions::Seq(&positions), &mut s.cache, Logits::All, Some(mask))
     }
+
+    /// [`Target::decode_tree`] handing back only each node's argmax (greedy tree
+    /// verification).
+    pub fn decode_tree_argmax(
+        &self,
+        tokens: &[u32],
+        depths: &[usize],
+        mask: &[u8],
+        s: &mut Session,
+    ) -> Result<Vec<u32>> {
+        let positions = tree_positions(tokens, depths, s)?;
+        let mask = TreeMask {
+            start: s.cache.len(),
+            allow: mask,
+        };
+        let input = Input::Tokens(tokens);
+        self.lm()
+            .forward_argmax(input, Positions::Seq(&positions), &mut s.cache, Logits::All, Some(mask))
+    }
+}
+
+/// Text positions of tokens at `offsets` after the session's cache: cache index +
+/// `rope_delta` on every axis (0 for text LMs; Qwen2.5-VL's M-RoPE shift otherwise).
+fn positions_after(s: &Session, offsets: impl IntoIterator<Item = usize>) -> Vec<i32> {
+    let start = s.cache.len() as i32 + s.rope_delta;
+    offsets.into_iter().map(|o| start + o as i32).collect()
+}
+
+/// Positions of a tree's nodes: node i at its depth after the cache.
+fn tree_positions(tokens: &[u32], depths: &[usize], s: &Session) -> Result<Vec<i32>> {
+    if depths.len() != tokens.len() {
+        return Err(Error::InvalidArgument(format!(
+            "{} tree depths for {} tokens",
+            depths.len(),
+            tokens.len()
+        )));
+    }
+    Ok(positions_after(s, depths.iter().copied()))
 }
 
 fn new_cache(m: &Lm, prompt: usize, extra: usize) -> Result<Cache> {

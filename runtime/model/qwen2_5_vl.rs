@@ -19,7 +19,7 @@ use crate::config::{self, VisionConfig, VlConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::model::cuda_qwen2::{CudaQwen2, Input};
-use crate::model::qwen2::{self, add_into, Logits, Positions, Qwen2, TreeMask};
+use crate::model::qwen2::{self, add_into, Logits, Positions, Qwen2};
 use crate::model::{CacheMut, Lm};
 use crate::weights::Weights;
 
@@ -576,28 +576,6 @@ impl Qwen25Vl {
         let positions: Vec<i32> = (start..start + tokens.len() as i32).collect();
         self.lm
             .forward(Input::Tokens(tokens), Positions::Seq(&positions), cache, logits, None)
-    }
-
-    /// Scores a token tree after the cache: node i at text position
-    /// cache index + depths[i] + rope_delta, attending through `mask`.
-    pub fn decode_tree<'c>(
-        &self,
-        tokens: &[u32],
-        depths: &[usize],
-        mask: TreeMask,
-        rope_delta: i32,
-        cache: impl Into<CacheMut<'c>>,
-    ) -> Result<Vec<f32>> {
-        let cache = cache.into();
-        let start = cache.len() as i32 + rope_delta;
-        let positions: Vec<i32> = depths.iter().map(|&d| start + d as i32).collect();
-        self.lm.forward(
-            Input::Tokens(tokens),
-            Positions::Seq(&positions),
-            cache,
-            Logits::All,
-            Some(mask),
-        )
     }
 }
 

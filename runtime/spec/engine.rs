@@ -20,7 +20,7 @@ use crate::model::qwen2::Logits;
 use crate::model::{one_line, Target};
 use crate::sampling::{probabilities, Rng, SamplingParams};
 use crate::spec::draft::{DraftMode, DraftState, Drafter, VisionTokens};
-use crate::spec::tree::{verify_tree_greedy, verify_tree_sampled, TreeSpec, TreeVerdict};
+use crate::spec::tree::{verify_tree_greedy, verify_tree_sampled, TokenTree, TreeSpec, TreeVerdict};
 use crate::spec::verify::{residual, verify_greedy, verify_sampled, Verdict};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -275,12 +275,18 @@ impl Engine {
                     t.draft += trace.span("draft", step, t0);
                     let t0 = Instant::now();
                     let base = session.cache.len();
-                    let logits = self
-                        .target
-                        .decode_tree(&tr.tokens, &tr.depths, &tr.mask(), &mut session)?;
+                    let scores = if sp.is_greedy() {
+                        let (tokens, depths, mask) = (&tr.tokens, &tr.depths, &tr.mask());
+                        Scores::Argmax(self.target.decode_tree_argmax(tokens, depths, mask, &mut session)?)
+                    } else {
+                        Scores::Logits(
+                            self.target
+                                .decode_tree(&tr.tokens, &tr.depths, &tr.mask(), &mut session)?,
+                        )
+                    };
                     t.verify += trace.span("verify", step, t0);
                     let t0 = Instant::now();
-                    let verdict = self.verify_tree(&tr, &logits, sp, &mut rng);
+                    let verdict = verify_tree(&tr, scores, sp, &mut rng);
                     let keep: Vec<usize> = verdict.path.iter().map(|&n| base + n).collect();
                     session.cache.compact(base + 1, &keep)?;
                     state.commit_tree(&tr, &verdict)?;
@@ -298,23 +304,27 @@ impl Engine {
                     let t0 = Instant::now();
                     let base = session.cache.len();
                     let block: Vec<u32> = std::iter::once(last).chain(drafts.iter().copied()).collect();
-                    let logits = self.target.decode(&block, &mut session, Logits::All)?;
+                    let scores = if sp.is_greedy() {
+                        Scores::Argmax(self.target.decode_argmax(&block, &mut session)?)
+                    } else {
+                        Scores::Logits(self.target.decode(&block, &mut session, Logits::All)?)
+                    };
                     t.verify += trace.span("verify", step, t0);
 
                     let t0 = Instant::now();
-                    let v = logits.len() / block.len();
-                    let verdict = if sp.is_greedy() {
-                        let argmaxes: Vec<u32> = logits.chunks_exact(v).map(|r| argmax(r) as u32).collect();
-                        verify_greedy(&drafts, &argmaxes)
-                    } else {
-                        let ps: Vec<Vec<f32>> = logits.chunks_exact(v).map(|r| probabilities(r, sp)).collect();
-                        if drafts.is_empty() {
-                            Verdict {
-                                accepted: 0,
-                                next: rng.sample(&ps[0]) as u32,
+                    let verdict = match scores {
+                        Scores::Argmax(argmaxes) => verify_greedy(&drafts, &argmaxes),
+                        Scores::Logits(logits) => {
+                            let v = logits.len() / block.len();
+                            let ps: Vec<Vec<f32>> = logits.chunks_exact(v).map(|r| probabilities(r, sp)).collect();
+                            if drafts.is_empty() {
+                                Verdict {
+                                    accepted: 0,
+                                    next: rng.sample(&ps[0]) as u32,
+                                }
+                            } else {
+                                verify_sampled(&drafts, &qs, &ps, &mut rng, residual)
                             }
-                        } else {
-                            verify_sampled(&drafts, &qs, &ps, &mut rng, residual)
                         }
                     };
                     session.cache.rollback_to(base + 1 + verdict.accepted)?;
@@ -368,20 +378,19 @@ impl Engine {
     }
 }
 
-impl Engine {
-    /// The target's verdict on a scored tree (logits: one row per node).
-    fn verify_tree(
-        &self,
-        tree: &crate::spec::tree::TokenTree,
-        logits: &[f32],
-        sp: &SamplingParams,
-        rng: &mut Rng,
-    ) -> TreeVerdict {
-        let v = logits.len() / tree.len();
-        if sp.is_greedy() {
-            let argmaxes: Vec<u32> = logits.chunks_exact(v).map(|r| argmax(r) as u32).collect();
-            verify_tree_greedy(tree, &argmaxes)
-        } else {
+/// What a verification pass hands back: at T = 0 only the target's argmax of each row
+/// (on a device nothing vocabulary-sized is copied back), else every row's logits.
+enum Scores {
+    Argmax(Vec<u32>),
+    Logits(Vec<f32>),
+}
+
+/// The accepted path of a scored tree: greedy on argmaxes, rejection sampling on logits.
+fn verify_tree(tree: &TokenTree, scores: Scores, sp: &SamplingParams, rng: &mut Rng) -> TreeVerdict {
+    match scores {
+        Scores::Argmax(argmaxes) => verify_tree_greedy(tree, &argmaxes),
+        Scores::Logits(logits) => {
+            let v = logits.len() / tree.len();
             let ps: Vec<Vec<f32>> = logits.chunks_exact(v).map(|r| probabilities(r, sp)).collect();
             verify_tree_sampled(tree, &ps, rng, residual)
         }
