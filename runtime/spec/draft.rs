@@ -178,6 +178,17 @@ impl Drafter {
             .forward_tokens(tokens, Positions::Seq(&positions), cache, Logits::Last, None)
     }
 
+    /// [`Drafter::run_tokens`] at T = 0: the last row's argmax only.
+    pub(super) fn run_tokens_argmax(&self, tokens: &[u32], cache: &mut Cache) -> Result<u32> {
+        let positions = next_positions(cache, tokens.len());
+        let ids = self
+            .lm
+            .forward_tokens_argmax(tokens, Positions::Seq(&positions), cache, Logits::Last)?;
+        ids.first()
+            .copied()
+            .ok_or_else(|| Error::InvalidArgument("a drafter pass with no tokens".into()))
+    }
+
     /// Scores one depth of a tree: `tokens` at `position` each, seeing what `mask` allows;
     /// logits of every row.
     pub(super) fn run_tree(
@@ -315,18 +326,22 @@ impl DraftState {
         let (mut drafts, mut qs) = (Vec::with_capacity(gamma), Vec::with_capacity(gamma));
         let mut feed = self.pending.clone();
         for i in 0..gamma {
-            let logits = drafter.run_tokens(&feed, &mut self.cache)?;
+            let (d, q) = if params.is_greedy() {
+                // q is one-hot at the argmax: build it on the host from the id alone.
+                let d = drafter.run_tokens_argmax(&feed, &mut self.cache)?;
+                let mut q = vec![0.0; drafter.lm.cfg.vocab_size];
+                *q.get_mut(d as usize)
+                    .ok_or_else(|| Error::InvalidArgument(format!("drafter argmax {d} past its vocabulary")))? = 1.0;
+                (d, q)
+            } else {
+                let q = probabilities(&drafter.run_tokens(&feed, &mut self.cache)?, params);
+                (rng.sample(&q) as u32, q)
+            };
             if i == 0 {
                 self.fed_pending = feed.len();
             } else {
                 self.fed_drafts += 1;
             }
-            let q = probabilities(&logits, params);
-            let d = if params.is_greedy() {
-                crate::generate::argmax(&q)
-            } else {
-                rng.sample(&q)
-            } as u32;
             drafts.push(d);
             qs.push(q);
             feed = vec![d];

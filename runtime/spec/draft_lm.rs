@@ -123,12 +123,30 @@ impl DraftLm {
         logits: Logits,
         mask: Option<TreeMask>,
     ) -> Result<Vec<f32>> {
+        self.with_input(tokens, |input| self.lm.forward(input, positions, cache, logits, mask))
+    }
+
+    /// [`DraftLm::forward_tokens`] handing back only each row's argmax ([`Lm::forward_argmax`]:
+    /// greedy drafting on a device copies ids, not vocabulary rows).
+    pub fn forward_tokens_argmax(
+        &self,
+        tokens: &[u32],
+        positions: Positions,
+        cache: &mut Cache,
+        logits: Logits,
+    ) -> Result<Vec<u32>> {
+        self.with_input(tokens, |input| {
+            self.lm.forward_argmax(input, positions, cache, logits, None)
+        })
+    }
+
+    /// Calls `f` with `tokens` as ids when the table has them all, else as host rows.
+    fn with_input<T>(&self, tokens: &[u32], f: impl FnOnce(Input) -> Result<T>) -> Result<T> {
         if tokens.iter().all(|&t| (t as usize) < self.cfg.vocab_size) {
-            self.lm.forward(Input::Tokens(tokens), positions, cache, logits, mask)
+            f(Input::Tokens(tokens))
         } else {
             let rows = self.embed_lossy(tokens);
-            self.lm
-                .forward(Input::Embeddings(&rows), positions, cache, logits, mask)
+            f(Input::Embeddings(&rows))
         }
     }
 }
