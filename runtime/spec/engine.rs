@@ -5,8 +5,11 @@
 //!
 //! The target's LM runs on the CPU or on a CUDA device ([`Engine::load_for`]); the
 //! drafter's LM runs beside it, on the same device when the kernels serve its shapes and
-//! on the CPU otherwise ([`Drafter::load_beside`]). The acceptance maths run on the host
-//! on logits that come back as f32 rows from either device.
+//! on the CPU otherwise ([`Drafter::load_beside`]). At T = 0 both models hand back only
+//! each row's argmax (taken on the device where the LM runs), so a step copies ids, not
+//! vocabulary rows; at T > 0 the rejection sampling runs on the host on f32 logit rows
+//! (the device kernels `verify_sampled` / `verify_tree_sampled` exist and are
+//! twin-tested, not yet wired in).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
