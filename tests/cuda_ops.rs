@@ -1,5 +1,5 @@
 //! Every CUDA kernel against its CPU twin in `massv::reference` (ggml's test-backend-ops
-//! idea), over a sweep of shapes: odd sizes, GQA ratios 1/2/4/7, head dims 64/80/128,
+//! idea), over a sweep of shapes: odd sizes, GQA ratios 1/2/4/7, head dims 32/64/80/128,
 //! lengths 1..4096, γ + 1 = 2..9.
 //!
 //! Tolerances are dtype-aware. bf16 outputs follow flash-attention's rule: the reference
@@ -20,7 +20,7 @@
 
 mod common;
 
-use massv::backend::cuda::{bf16, AttnShape, CudaDevice};
+use massv::backend::cuda::{bf16, AttnShape, CudaDevice, ATTN_HEAD_DIMS};
 use massv::reference as r;
 use massv::sampling::{Rng, SamplingParams};
 use massv::spec::tree::{verify_tree_greedy, verify_tree_sampled, Proposal, TokenTree, TreeVerdict};
@@ -635,7 +635,7 @@ fn attention_prefill_causal_gqa_and_window() {
     let mut rng = Rng::new(10);
     let mut scratch = dev.attn_scratch(300 * 14, 64, 128).unwrap();
     for &(hq, hkv) in &GQA {
-        for &d in &[64, 80, 128] {
+        for &d in &ATTN_HEAD_DIMS {
             for &(n, start, window) in &[
                 (1, 0, None),
                 (7, 0, None),
@@ -692,7 +692,14 @@ fn attention_decode_split_k() {
     let dev = dev_or_skip!();
     let mut rng = Rng::new(11);
     let mut scratch = dev.attn_scratch(28, 256, 128).unwrap();
-    for &(hq, hkv, d) in &[(28, 4, 128), (14, 2, 64), (8, 8, 80), (8, 2, 128), (4, 2, 64)] {
+    for &(hq, hkv, d) in &[
+        (28, 4, 128),
+        (14, 2, 64),
+        (8, 8, 80),
+        (8, 2, 128),
+        (4, 2, 64),
+        (4, 2, 32),
+    ] {
         for &len in &[1, 2, 63, 64, 65, 1000, 4096] {
             let t = qkv(&mut rng, 1, len, hq, hkv, d);
             let (dq, dk, dv) = (
@@ -848,7 +855,7 @@ fn attention_verify_chain_and_tree() {
     let dev = dev_or_skip!();
     let mut rng = Rng::new(12);
     let mut scratch = dev.attn_scratch(32 * 28, 256, 128).unwrap();
-    for &(hq, hkv, d) in &[(28, 4, 128), (14, 2, 64), (8, 4, 80), (4, 4, 128)] {
+    for &(hq, hkv, d) in &[(28, 4, 128), (14, 2, 64), (8, 4, 80), (4, 4, 128), (4, 2, 32)] {
         for n in 2..=9 {
             for &start in &[0usize, 100, 2000] {
                 for chain in [true, false] {

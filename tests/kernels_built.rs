@@ -36,3 +36,30 @@ fn every_cuda_source_is_embedded_as_a_fatbin() {
     }
     println!("kernels embedded for {}: {embedded:?}", kernels::ARCHS);
 }
+
+/// Every attention entry point the launcher can ask for (mode × served head dim) is in the
+/// attention fatbin: a name the launcher builds but nvcc never instantiated would only
+/// fail at run time on a GPU.
+#[test]
+fn attention_entry_points_exist_for_every_served_head_dim() {
+    if !kernels::COMPILED {
+        println!("skipped: built without nvcc, no kernels embedded");
+        return;
+    }
+    let (_, image) = kernels::MODULES
+        .iter()
+        .find(|(n, _)| *n == "attention")
+        .expect("attention module");
+    let has = |name: &str| {
+        image
+            .windows(name.len() + 1)
+            .any(|w| &w[..name.len()] == name.as_bytes() && w[name.len()] == 0)
+    };
+    for d in massv::backend::cuda::ATTN_HEAD_DIMS {
+        for mode in ["prefill", "decode", "verify", "varlen"] {
+            let name = format!("attention_{mode}_d{d}");
+            assert!(has(&name), "{name} missing from the attention fatbin");
+        }
+    }
+    assert!(!has("attention_decode_d48"), "the check can fail");
+}

@@ -40,7 +40,7 @@ const ATTN_TILE: usize = 64;
 /// Query rows per warp in the attention kernels.
 const ATTN_ROWS_PER_WARP: usize = 16;
 /// Head dims the attention kernels are instantiated for.
-pub const ATTN_HEAD_DIMS: [usize; 3] = [64, 80, 128];
+pub const ATTN_HEAD_DIMS: [usize; 4] = [32, 64, 80, 128];
 /// Output rows per GEMV block (GEMV_WARPS * GEMV_ROWS in cuda/gemv.cu).
 const GEMV_ROWS_PER_BLOCK: usize = 16;
 /// Largest row count of gemv_bf16 (one kernel instantiation per count).
@@ -1648,17 +1648,36 @@ fn gemv_name(f32_out: bool, rows: usize) -> &'static str {
 }
 
 fn attn_name(mode: AttnMode, head_dim: usize) -> &'static str {
-    const NAMES: [[&str; 3]; 4] = [
+    const NAMES: [[&str; 4]; 4] = [
         [
+            "attention_prefill_d32",
             "attention_prefill_d64",
             "attention_prefill_d80",
             "attention_prefill_d128",
         ],
-        ["attention_decode_d64", "attention_decode_d80", "attention_decode_d128"],
-        ["attention_verify_d64", "attention_verify_d80", "attention_verify_d128"],
-        ["attention_varlen_d64", "attention_varlen_d80", "attention_varlen_d128"],
+        [
+            "attention_decode_d32",
+            "attention_decode_d64",
+            "attention_decode_d80",
+            "attention_decode_d128",
+        ],
+        [
+            "attention_verify_d32",
+            "attention_verify_d64",
+            "attention_verify_d80",
+            "attention_verify_d128",
+        ],
+        [
+            "attention_varlen_d32",
+            "attention_varlen_d64",
+            "attention_varlen_d80",
+            "attention_varlen_d128",
+        ],
     ];
-    let d = ATTN_HEAD_DIMS.iter().position(|&d| d == head_dim).unwrap_or(2);
+    let d = ATTN_HEAD_DIMS
+        .iter()
+        .position(|&d| d == head_dim)
+        .unwrap_or(ATTN_HEAD_DIMS.len() - 1);
     let name = NAMES[mode as usize][d];
     debug_assert!(name.contains(mode.name()));
     name

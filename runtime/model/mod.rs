@@ -331,7 +331,7 @@ impl Target {
     }
 
     /// The device `req` means for the model in `dir`: [`DeviceRequest::resolve`], and for
-    /// CUDA also whether the kernels serve the LM's shapes (head dims 64 / 80 / 128, hidden
+    /// CUDA also whether the kernels serve the LM's shapes (head dims 32 / 64 / 80 / 128, hidden
     /// and intermediate sizes multiples of 8). Shapes they do not serve are `cuda`'s error
     /// and, under `auto`, the CPU with a one-line note on stderr. Reads only config.json;
     /// one that cannot be read is left for the load to report.
