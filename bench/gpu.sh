@@ -2,7 +2,8 @@
 # The CUDA kernels on a lent GPU in one `device` call: correctness (tests/cuda_ops.rs,
 # every kernel against its CPU twin), compute-sanitizer (memcheck, racecheck), and
 # microbenchmarks against the memory floors of KERNELS.md, written to
-# bench/results/<date>-<gpu>.json under $OUT.
+# bench/results/<date>-<gpu>.json under $OUT, with the model-level benchmark (the LM
+# steps at the real shapes, tests/cuda_model.rs) under its key "model".
 #
 # 1) On the development machine (no GPU needed), build what travels:
 #        bench/gpu.sh build
@@ -14,20 +15,27 @@
 # 2) One device call (tracked files travel by themselves; .gpu is ignored, so carry it):
 #        run(command="bench/gpu.sh", carry=[".gpu"], timeout_s=600)
 #    The JSON comes back as files_at/bench/results/<date>-<gpu>.json, the logs as
-#    files_at/logs/*.log. Copy the JSON into bench/results/ and commit it.
+#    files_at/logs.tar.gz (at most 8 files come back). Copy the JSON into bench/results/
+#    and commit it.
 #
 # On the GPU machine (`bench/gpu.sh run`, the default) it:
 #   - puts the folders of libcuda and libcublas on LD_LIBRARY_PATH (cuBLAS may exist there
 #     only inside PyTorch's nvidia-cublas wheel: found with find / -name 'libcublas.so*');
 #   - checks that the binaries start (glibc of the build machine vs this one);
 #   - runs the CUDA tests with MASSV_REQUIRE_CUDA=1 (no GPU = failure, not a skip);
-#   - runs the benchmark (the ignored test bench_kernels) and `massv generate
-#     --device cuda` (which must name the GPU: the driver probe);
+#   - runs the benchmark (the ignored test bench_kernels), the model benchmark (the
+#     ignored test bench_model: synth checkpoints of the 7B target's LM, MASSV_BENCH_LAYERS
+#     of its layers, default 4, and of the 0.5B drafter; decode, verify, tree, TTFT) and
+#     `massv generate --device cuda` (which must name the GPU: the driver probe);
 #   - runs compute-sanitizer --tool memcheck on all CUDA tests and --tool racecheck on
 #     the kernels with shared memory, each under a time limit.
-# Every step's log is in $OUT/logs; the exit status is non-zero if any step failed.
-# The step limits (tests 200 s, bench 150 s, memcheck 120 s, racecheck 90 s) keep one call
-# under the 600 s a command may run; to give a step a call of its own, name the steps:
+# Every step's log is in $OUT/logs.tar.gz; the exit status is non-zero if any step failed.
+# The step limits (tests 200 s, model tests 200 s, bench 150 s, model bench 240 s, massv
+# 120 s, memcheck 120 s, racecheck 90 s) add up to more than the 600 s a command may run,
+# so each step's limit is also cut to what is left of the call's budget of 570 s
+# (MASSV_GPU_BUDGET_S), and a step with under 30 s left is not started (and counts as
+# failed). Steps run in the order above; to give steps a call of their own, name them:
+#        run(command="bench/gpu.sh run bench model", carry=[".gpu"], timeout_s=600)
 #        run(command="bench/gpu.sh run sanitize", carry=[".gpu"], timeout_s=600)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -76,18 +84,28 @@ for line in sys.stdin:
 }
 
 run() {
-    # Steps to run (default all): tests bench massv sanitize.
+    # Steps to run (default all): tests bench model massv sanitize.
     local steps=("$@")
-    [ ${#steps[@]} -gt 0 ] || steps=(tests bench massv sanitize)
+    [ ${#steps[@]} -gt 0 ] || steps=(tests bench model massv sanitize)
     want() { [[ " ${steps[*]} " == *" $1 "* ]]; }
     local out="${OUT:-$PWD/gpu-out}"
+    # The test binaries were built elsewhere: read the fixtures of this copy of the tree.
+    export MASSV_REPO_ROOT="$PWD"
     local logs="$out/logs"
     mkdir -p "$logs" "$out/bench/results"
     local failed=()
+    local budget="${MASSV_GPU_BUDGET_S:-570}" # seconds of the whole call ($SECONDS counts them)
     step() { # step NAME TIMEOUT CMD...: runs CMD with a time limit, logs it, records a failure
         local name="$1" limit="$2"
         shift 2
-        echo "== $name"
+        local left=$((budget - SECONDS))
+        if [ "$left" -lt 30 ]; then
+            echo "== $name: not started, $left s left of the call's $budget s (name it in a call of its own)"
+            failed+=("$name (not started: no time left)")
+            return 1
+        fi
+        [ "$limit" -le "$left" ] || limit=$left
+        echo "== $name (limit $limit s)"
         local t0=$SECONDS
         timeout --signal=INT --kill-after=10 "$limit" "$@" > "$logs/$name.log" 2>&1
         local rc=$?
@@ -138,6 +156,24 @@ run() {
     json="$out/bench/results/$date_-${gpu_name:-gpu}.json"
     want bench && MASSV_BENCH_JSON="$json" MASSV_BENCH_DATE="$date_" MASSV_COMMIT="$commit" \
         step bench 150 "$gpu_dir/cuda_ops" --ignored bench_kernels --nocapture --test-threads=1
+    # The model level: its JSON (written outside $OUT, whose files are counted) goes into
+    # the results JSON under "model" (a results JSON of its own if bench wrote none).
+    if want model; then
+        local model_json="${TMPDIR:-/tmp}/massv-bench-model.json"
+        rm -f "$model_json"
+        MASSV_BENCH_JSON="$model_json" MASSV_BENCH_DATE="$date_" MASSV_COMMIT="$commit" \
+            step bench-model 240 "$gpu_dir/cuda_model" --ignored bench_model --nocapture --test-threads=1
+        if [ -f "$model_json" ]; then
+            python3 - "$json" "$model_json" <<'PY' || failed+=("bench-model (merging its JSON)")
+import json, os, sys
+path, model = sys.argv[1], sys.argv[2]
+doc = json.load(open(path)) if os.path.exists(path) else {}
+doc["model"] = json.load(open(model))
+with open(path, "w") as f:
+    json.dump(doc, f, indent=2)
+PY
+        fi
+    fi
 
     # The CLI on the device: the fixture's head_dim 16 is not served by the attention
     # kernels, so --device cuda must refuse it with that reason (and auto fall back).
@@ -178,9 +214,12 @@ run() {
     fi
 
     echo
+    # At most 8 files come back from $OUT: the logs travel as one archive.
+    tar czf "$out/logs.tar.gz" -C "$out" logs && rm -rf "$logs"
     echo "== summary (commit $commit)"
-    grep -h "^test result" "$logs/tests.log" 2>/dev/null || true
+    tar xzOf "$out/logs.tar.gz" logs/tests.log 2>/dev/null | grep -h "^test result" || true
     [ -f "$json" ] && echo "benchmark: $json" || echo "benchmark: no JSON written"
+    [ -f "$json" ] && grep -q '"model"' "$json" && echo "model benchmark: under \"model\" in it"
     if [ ${#failed[@]} -gt 0 ]; then
         printf 'FAILED: %s\n' "${failed[@]}"
         exit 1
@@ -195,7 +234,7 @@ case "$mode" in
         run "$@"
         ;;
     *)
-        echo "usage: bench/gpu.sh build | bench/gpu.sh [run [tests] [bench] [massv] [sanitize]]"
+        echo "usage: bench/gpu.sh build | bench/gpu.sh [run [tests] [bench] [model] [massv] [sanitize]]"
         exit 2
         ;;
 esac

@@ -6,8 +6,18 @@ use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
 
+/// The checkout the tests read fixtures from: `MASSV_REPO_ROOT` when set (test binaries
+/// built here and run in a copy of the tree elsewhere, as bench/gpu.sh does on a lent
+/// GPU), else the one they were built in.
+pub fn repo_root() -> PathBuf {
+    match std::env::var_os("MASSV_REPO_ROOT") {
+        Some(root) => PathBuf::from(root),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    }
+}
+
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    repo_root().join("tests/fixtures").join(name)
 }
 
 /// The real model metadata in ../shared/real-models (present beside every checkout and CI).
