@@ -1690,3 +1690,190 @@ fn bench_model() {
         println!("wrote {path}");
     }
 }
+
+// -------------------------------------------------------------------------------------
+// The vision tower on the device (`massv::model::cuda_vision`)
+//
+// The fixture's vision tower has head dim 16, which the attention kernels do not serve, so
+// a Qwen2.5-VL on the device keeps it on the CPU (`vl_target_on_the_device_matches_the_cpu`).
+// These tests widen it to hidden 256 in 4 heads of 64 (intermediate 512, the fixture's
+// depth 4 with full attention in blocks 1 and 3, windows of 2×2 merged units): the device
+// tower runs, and its outputs are held to the bound of the module doc against the CPU's
+// f32 tower, `pre_merger` on rows of the vision width and the merged rows on rows of the
+// LM width. The images give grids [1, 10, 14] (windows cut at the right and bottom
+// edges), [1, 4, 4] (square, one window) and [1, 8, 10] (non-square, cut windows), in
+// that order so the second and third reuse the first one's larger scratch.
+
+/// [`engine_vl_spec`] with a vision tower the kernels serve (head dim 64).
+fn engine_vl_vision_spec() -> Spec {
+    let mut spec = engine_vl_spec();
+    let v = &mut spec.config["vision_config"];
+    v["hidden_size"] = json!(256);
+    v["num_heads"] = json!(4);
+    v["intermediate_size"] = json!(512);
+    spec.name = "engine-vl-d64-vision-d64";
+    spec
+}
+
+const VISION_IMAGES: [&str; 3] = [
+    "images/big_300x200.png",
+    "images/photo_64x64.webp",
+    "images/nonsquare_150x100.png",
+];
+
+#[test]
+fn vision_shapes_the_kernels_serve() {
+    use massv::config::load_qwen2_5_vl;
+    use massv::model::cuda_vision::check_served;
+    let fixture_cfg = load_qwen2_5_vl(&fixture("qwen2_5_vl-tiny-hub").join("config.json")).unwrap();
+    let msg = message(check_served(&fixture_cfg.vision));
+    assert!(msg.contains("head dim 16"), "{msg}");
+    let (_tmp, dir) = make(&engine_vl_vision_spec());
+    let cfg = load_qwen2_5_vl(&dir.join("config.json")).unwrap();
+    assert_eq!(cfg.vision.head_dim(), 64);
+    check_served(&cfg.vision).unwrap();
+    let mut odd = cfg.vision.clone();
+    odd.out_hidden_size = 500;
+    assert!(message(check_served(&odd)).contains("multiple of 8"));
+    // The real towers' MLP width, 3420, is served (cuBLAS and a bias add).
+    let mut real = cfg.vision.clone();
+    real.intermediate_size = 3420;
+    check_served(&real).unwrap();
+}
+
+#[test]
+fn vision_tower_on_the_device_matches_the_cpu() {
+    use massv::model::qwen2_5_vl::Qwen25Vl;
+    let _dev = dev_or_skip!();
+    let (_tmp, dir) = make_model_dir(&engine_vl_vision_spec(), "qwen2_5_vl-tiny-hub");
+    let cpu = Qwen25Vl::load(&dir).unwrap();
+    let gpu = Qwen25Vl::load_on(&dir, Device::Cuda).unwrap();
+    assert!(cpu.cuda_vision.is_none(), "a CPU LM keeps the tower on the CPU");
+    assert!(gpu.cuda_vision.is_some(), "head dim 64 puts the tower on the device");
+    let pcfg = PreprocessorConfig::from_dir(&dir).unwrap();
+    let (c, d) = (cpu.cfg.vision.hidden_size, cpu.cfg.vision.out_hidden_size);
+    let mut grids = Vec::new();
+    for name in VISION_IMAGES {
+        let pre = preprocess(&ImageInput::from_path(&fixture(name)).unwrap(), &pcfg).unwrap();
+        grids.push(pre.grid_thw);
+        let want = cpu.encode_image(&pre.pixel_values, pre.grid_thw).unwrap();
+        let got = gpu.encode_image(&pre.pixel_values, pre.grid_thw).unwrap();
+        assert_eq!(got.window_index, want.window_index, "{name}");
+        assert_close(&format!("{name}: pre_merger"), &got.pre_merger, &want.pre_merger, c);
+        assert_close(&format!("{name}: merged rows"), &got.embeds, &want.embeds, d);
+        // The same image again gives the same rows (nothing left over in the scratch).
+        let again = gpu.encode_image(&pre.pixel_values, pre.grid_thw).unwrap();
+        assert_eq!(again.embeds, got.embeds, "{name}: a second run");
+    }
+    assert_eq!(grids, vec![[1, 10, 14], [1, 4, 4], [1, 8, 10]]);
+    // Bad input is an error on the device as on the CPU.
+    let pre = preprocess(&ImageInput::from_path(&fixture(VISION_IMAGES[2])).unwrap(), &pcfg).unwrap();
+    let short = &pre.pixel_values[..pre.pixel_values.len() - 1];
+    assert!(message(gpu.encode_image(short, pre.grid_thw)).contains("vision input"));
+    assert!(message(gpu.encode_image(&pre.pixel_values, [1, 7, 10])).contains("vision input"));
+}
+
+/// An `Engine` whose Qwen2.5-VL target runs both its LM and its vision tower on the device
+/// generates the CPU engine's greedy tokens from image prompts, up to the near-tie rule.
+#[test]
+fn engine_with_the_vision_tower_on_the_device_reproduces_the_cpu_engine() {
+    let _dev = dev_or_skip!();
+    let (_tmp, dir) = make_model_dir(&engine_vl_vision_spec(), "qwen2_5_vl-tiny-hub");
+    let cpu = Engine::load(&dir, None).unwrap();
+    let gpu = Engine::load_on(&dir, None, Device::Cuda).unwrap();
+    assert_eq!(gpu.target.device(), Device::Cuda);
+    let on_device = |t: &Target| matches!(t, Target::Vl(m) if m.cuda_vision.is_some());
+    assert!(on_device(&gpu.target) && !on_device(&cpu.target));
+    let pcfg = PreprocessorConfig::from_dir(&dir).unwrap();
+    let (mut steps, mut runs) = (0, 0);
+    for name in [VISION_IMAGES[0], VISION_IMAGES[2]] {
+        let img = ImageInput::from_path(&fixture(name)).unwrap();
+        for prompt in ["Describe the image.", "What is in the picture?"] {
+            let p = GenerateParams {
+                max_new_tokens: 16,
+                ..Default::default()
+            };
+            let want = cpu.generate(prompt, Some(&img), &p, Hooks::default()).unwrap();
+            let got = gpu.generate(prompt, Some(&img), &p, Hooks::default()).unwrap();
+            let ids = cpu
+                .tokenizer
+                .encode(&cpu.tokenizer.user_prompt(prompt, true).unwrap())
+                .unwrap();
+            let images = vec![preprocess(&img, &pcfg).unwrap()];
+            let vision = cpu.target.encode_images(&images).unwrap();
+            let what = format!("{name} {prompt:?}");
+            steps +=
+                assert_same_up_to_a_near_tie(&what, &cpu.target, (&ids, &images, &vision), &want.tokens, &got.tokens);
+            runs += 1;
+        }
+    }
+    println!("{steps} tokens compared over {runs} generations");
+}
+
+/// T > 0 chains with both LMs on the device (`DeviceSampling`: q and p stay there, the
+/// `sample` and `verify_sampled` kernels choose) make the host path's choices from the same
+/// device models and the same RNG stream: drafts, verdicts and the RNG's state equal step
+/// by step, over a drafter whose vocabulary (432) is smaller than the target's (448).
+#[test]
+fn device_rejection_sampling_makes_the_host_paths_choices() {
+    use massv::sampling::{probabilities, SamplingParams};
+    use massv::spec::device_sampling::DeviceSampling;
+    use massv::spec::draft::{DraftMode, DraftState, VisionTokens};
+    use massv::spec::verify::{residual, verify_sampled};
+
+    let _dev = dev_or_skip!();
+    let (_t1, target_dir) = make_model_dir(&engine_text_spec(), "qwen2-tiny-gqa4-tied");
+    let (_t2, drafter_dir) = make_model_dir(&engine_drafter_spec(), "qwen2-tiny-gqa4-tied");
+    let e = Engine::load_on(&target_dir, Some(&drafter_dir), Device::Cuda).unwrap();
+    let d = e.drafter.as_ref().unwrap();
+    assert_eq!(d.device(), Device::Cuda, "the drafter's shapes are served");
+    let sp = SamplingParams {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    let ids = e
+        .tokenizer
+        .encode(&e.tokenizer.user_prompt("Tell me a story about a cat.", false).unwrap())
+        .unwrap();
+    let vt = VisionTokens::of(&e.target, &e.tokenizer);
+    let (_, session) = e.target.prefill(&ids, &[], &[], 64, Logits::Last).unwrap();
+    let prompt = d.prompt_embeddings(DraftMode::Text, &ids, &ids, &[], &vt).unwrap();
+    let state = DraftState::prefill(d, prompt, 7, 64).unwrap();
+    let mut on_device = DeviceSampling::new(&e.target, d, 5)
+        .unwrap()
+        .expect("both LMs on the device");
+    let mut accepted = 0;
+    for seed in 0..4 {
+        let (mut hs, mut hd, mut hr) = (session.try_clone().unwrap(), state.try_clone().unwrap(), Rng::new(seed));
+        let (mut gs, mut gd, mut gr) = (session.try_clone().unwrap(), state.try_clone().unwrap(), Rng::new(seed));
+        let mut last = 7u32;
+        for step in 0..6 {
+            let (drafts, qs) = hd.draft(d, 5, &sp, &mut hr).unwrap();
+            let got = on_device.draft(d, &mut gd, 5, &sp, &mut gr).unwrap();
+            assert_eq!(got, drafts, "seed {seed} step {step}: drafts");
+            let block: Vec<u32> = std::iter::once(last).chain(drafts.iter().copied()).collect();
+            let base = hs.cache.len();
+            let logits = e.target.decode(&block, &mut hs, Logits::All).unwrap();
+            let v = logits.len() / block.len();
+            let ps: Vec<Vec<f32>> = logits.chunks_exact(v).map(|r| probabilities(r, &sp)).collect();
+            let want = verify_sampled(&drafts, &qs, &ps, &mut hr, residual);
+            let got = on_device
+                .verify(&e.target, &mut gs, &block, &drafts, &sp, &mut gr)
+                .unwrap();
+            assert_eq!(got, want, "seed {seed} step {step}: verdict");
+            assert_eq!(
+                gr.clone().next_u64(),
+                hr.clone().next_u64(),
+                "seed {seed} step {step}: RNG"
+            );
+            for (s, st) in [(&mut hs, &mut hd), (&mut gs, &mut gd)] {
+                s.cache.rollback_to(base + 1 + want.accepted).unwrap();
+                st.commit(&drafts, want.accepted, want.next).unwrap();
+            }
+            accepted += want.accepted;
+            last = want.next;
+        }
+    }
+    println!("device rejection sampling: {accepted} drafts accepted over 24 passes");
+}

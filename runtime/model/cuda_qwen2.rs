@@ -21,6 +21,7 @@ use crate::backend::cuda::{AttnScratch, AttnShape, CudaDevice, ATTN_HEAD_DIMS, G
 use crate::config::{self, TextConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::Extent;
+use crate::sampling::SamplingParams;
 use crate::weights::{DType, Weights};
 
 /// Tokens per forward block: prefill runs in blocks of this many, and a masked (tree)
@@ -111,6 +112,13 @@ impl Scratch {
 enum Head<'a> {
     Logits(&'a mut Vec<f32>),
     Argmax(&'a mut Vec<u32>),
+    /// The processed distributions (`probabilities` kernel) into device rows, from row
+    /// `next` of the buffer on: they never leave the device.
+    Probs {
+        out: &'a mut CudaSlice<f32>,
+        params: &'a SamplingParams,
+        next: usize,
+    },
     /// Nowhere: the head is not run.
     Skip,
 }
@@ -227,6 +235,29 @@ impl CudaQwen2 {
         let mut out = Vec::new();
         self.run(input, positions, cache, logits, mask, Head::Logits(&mut out))?;
         Ok(out)
+    }
+
+    /// As [`Self::forward`], but each row's distribution under `params` (softmax of the
+    /// logits / T, top-k, top-p) is written on the device into `out` from row `row0` on
+    /// ([rows, V] row-major): T > 0 verification without copying the vocabulary back.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_probs(
+        &self,
+        input: Input,
+        positions: Positions,
+        cache: &mut CudaKvCache,
+        logits: Logits,
+        mask: Option<TreeMask>,
+        params: &SamplingParams,
+        out: &mut CudaSlice<f32>,
+        row0: usize,
+    ) -> Result<()> {
+        let head = Head::Probs {
+            out,
+            params,
+            next: row0,
+        };
+        self.run(input, positions, cache, logits, mask, head)
     }
 
     /// As [`Self::forward`], but the argmax of each row stays on the device and only the
@@ -545,6 +576,17 @@ impl CudaQwen2 {
             match out {
                 Head::Logits(o) => o.extend(dev.download(&s.logits.slice(..g * v))?),
                 Head::Argmax(_) => dev.argmax(&s.logits.slice(..g * v), &mut s.argmax.slice_mut(g0..g1), g, v)?,
+                Head::Probs { out, params, next } => {
+                    let (a, b) = (*next * v, (*next + g) * v);
+                    if b > out.len() {
+                        return Err(err(
+                            "forward_probs",
+                            format!("{} output rows of {v} hold fewer than row {}", out.len() / v, *next + g),
+                        ));
+                    }
+                    dev.probabilities(&s.logits.slice(..g * v), &mut out.slice_mut(a..b), g, v, params)?;
+                    *next += g;
+                }
                 Head::Skip => {}
             }
         }

@@ -3,6 +3,7 @@
 //! the CPU or on a CUDA device ([`Lm`], with its KV cache a [`Cache`] of the same kind).
 
 pub mod cuda_qwen2;
+pub mod cuda_vision;
 pub mod projector;
 pub mod qwen2;
 pub mod qwen2_5_vl;
@@ -15,7 +16,9 @@ use crate::error::{Error, Result};
 use crate::generate::argmax;
 use crate::image::Preprocessed;
 use crate::kv_cache::KvCache;
+use crate::sampling::SamplingParams;
 use cuda_qwen2::{CudaKvCache, CudaQwen2, Input};
+use cudarc::driver::CudaSlice;
 use qwen2::{Logits, Positions, Qwen2, TreeMask};
 use qwen2_5_vl::{Qwen25Vl, VisionOutput};
 
@@ -255,6 +258,27 @@ impl Lm {
         }
     }
 
+    /// [`Lm::forward`] writing each row's distribution under `params` into device rows
+    /// `out[row0..]` ([`CudaQwen2::forward_probs`]); only an LM on a CUDA device has them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_probs<'c>(
+        &self,
+        input: Input,
+        positions: Positions,
+        cache: impl Into<CacheMut<'c>>,
+        logits: Logits,
+        params: &SamplingParams,
+        out: &mut CudaSlice<f32>,
+        row0: usize,
+    ) -> Result<()> {
+        match (self, cache.into()) {
+            (Lm::Cuda(m), CacheMut::Cuda(c)) => m.forward_probs(input, positions, c, logits, None, params, out, row0),
+            _ => Err(Error::InvalidArgument(
+                "device distributions need the LM and its cache on a CUDA device".into(),
+            )),
+        }
+    }
+
     /// [`Lm::forward`] (causal) for the cache only: on the device the head does not run;
     /// on the CPU the last row's logits are computed and dropped.
     pub fn extend<'c>(&self, input: Input, positions: Positions, cache: impl Into<CacheMut<'c>>) -> Result<()> {
@@ -367,7 +391,8 @@ impl Target {
         }
     }
 
-    /// Where the language model runs (a vision tower always runs on the CPU).
+    /// Where the language model runs (a Qwen2.5-VL vision tower runs there too when the
+    /// kernels serve its shapes, else on the CPU).
     pub fn device(&self) -> Device {
         self.lm().device()
     }
@@ -466,6 +491,28 @@ impl Target {
             &mut s.cache,
             Logits::All,
             None,
+        )
+    }
+
+    /// T > 0 verification of a chain on the device: [`Target::decode`] of `tokens` with
+    /// each row's distribution under `params` left in `out` (rows 0..) on the device.
+    pub fn decode_probs(
+        &self,
+        tokens: &[u32],
+        s: &mut Session,
+        params: &SamplingParams,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let positions = positions_after(s, 0..tokens.len());
+        let input = Input::Tokens(tokens);
+        self.lm().forward_probs(
+            input,
+            Positions::Seq(&positions),
+            &mut s.cache,
+            Logits::All,
+            params,
+            out,
+            0,
         )
     }
 

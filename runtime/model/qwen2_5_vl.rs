@@ -3,8 +3,9 @@
 //! position ids of `get_rope_index`, and the Qwen2 LM with image embeddings scattered
 //! into the `<|image_pad|>` positions. Follows transformers 4.57's modeling_qwen2_5_vl.py.
 //!
-//! The vision tower and the merger always run on the CPU (f32); the LM runs on the CPU or
-//! on a CUDA device ([`Lm`]). On the device a prompt goes in as spans: text tokens
+//! The LM runs on the CPU or on a CUDA device ([`Lm`]); the vision tower and the merger
+//! run on the CPU (f32), or beside a CUDA LM on its device where the kernels serve their
+//! shapes ([`CudaVision`]). On the device a prompt goes in as spans: text tokens
 //! (embedded on the device) and the merged image rows as host embeddings, each span at
 //! its M-RoPE positions.
 
@@ -19,11 +20,12 @@ use crate::config::{self, VisionConfig, VlConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::model::cuda_qwen2::{CudaQwen2, Input};
+use crate::model::cuda_vision::{self, CudaVision};
 use crate::model::qwen2::{self, add_into, Logits, Positions, Qwen2};
 use crate::model::{CacheMut, Lm};
 use crate::weights::Weights;
 
-const VISION_NORM_EPS: f32 = 1e-6;
+pub(crate) const VISION_NORM_EPS: f32 = 1e-6;
 
 /// Tensor-name layout of a checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,13 +191,7 @@ impl VisionTower {
         let (c, pd, heads, hd) = (v.hidden_size, v.patch_dim(), v.num_heads, v.head_dim());
         let [gt, gh, gw] = grid_thw;
         let (m, unit) = (v.spatial_merge_size, v.spatial_merge_size * v.spatial_merge_size);
-        let n = gt * gh * gw;
-        if n == 0 || gh % m != 0 || gw % m != 0 || pixel_values.len() != n * pd {
-            return Err(Error::InvalidArgument(format!(
-                "vision input: grid {grid_thw:?} (must be multiples of {m}) with {} values, expected {n}×{pd}",
-                pixel_values.len()
-            )));
-        }
+        let n = check_vision_input(v, pixel_values, grid_thw)?;
         let (rows, cols) = patch_positions(grid_thw, m);
         let (window_index, cu_window) = window_index(grid_thw, m, v.window_units());
         let cu_full: Vec<usize> = (0..=gt).map(|f| f * gh * gw).collect();
@@ -257,6 +253,21 @@ impl VisionTower {
             embeds,
         })
     }
+}
+
+/// The patch count N of one image after checking its grid (multiples of the merge size)
+/// against its `pixel_values` ([N, patch_dim]).
+pub(crate) fn check_vision_input(v: &VisionConfig, pixel_values: &[f32], grid_thw: [usize; 3]) -> Result<usize> {
+    let [gt, gh, gw] = grid_thw;
+    let (m, pd) = (v.spatial_merge_size, v.patch_dim());
+    let n = gt * gh * gw;
+    if n == 0 || m == 0 || gh % m != 0 || gw % m != 0 || pixel_values.len() != n * pd {
+        return Err(Error::InvalidArgument(format!(
+            "vision input: grid {grid_thw:?} (must be multiples of {m}) with {} values, expected {n}×{pd}",
+            pixel_values.len()
+        )));
+    }
+    Ok(n)
 }
 
 /// Row and column of every patch in the image processor's order (merged units in raster
@@ -367,8 +378,11 @@ pub struct Qwen25Vl {
     pub layout: Layout,
     /// On the CPU or a CUDA device.
     pub lm: Lm,
-    /// Always on the CPU.
+    /// On the CPU: the reference, and what runs images unless `cuda_vision` is loaded.
     pub vision: VisionTower,
+    /// The tower on the LM's device, when the LM is on CUDA and the kernels serve the
+    /// tower's shapes ([`cuda_vision::check_served`]); [`Qwen25Vl::encode_image`] runs it.
+    pub cuda_vision: Option<CudaVision>,
 }
 
 /// A prompt ready for the LM: token ids with each image's placeholder expanded to its
@@ -387,7 +401,8 @@ impl Qwen25Vl {
         Self::load_on(dir, Device::Cpu)
     }
 
-    /// [`Qwen25Vl::load`] with the LM on `device`; the vision tower stays on the CPU.
+    /// [`Qwen25Vl::load`] with the LM on `device`; the vision tower goes with it onto a
+    /// CUDA device where the kernels serve its shapes, else stays on the CPU.
     pub fn load_on(dir: &Path, device: Device) -> Result<Self> {
         let cfg = config::load_qwen2_5_vl(&dir.join("config.json"))?;
         let weights = Weights::open(dir)?;
@@ -403,11 +418,21 @@ impl Qwen25Vl {
             )?),
         };
         let vision = VisionTower::load(&cfg.vision, &weights, layout.visual())?;
+        let cuda_vision = match &lm {
+            Lm::Cuda(m) if cuda_vision::check_served(&cfg.vision).is_ok() => Some(CudaVision::from_weights(
+                m.device().clone(),
+                &cfg.vision,
+                &weights,
+                layout.visual(),
+            )?),
+            _ => None,
+        };
         Ok(Qwen25Vl {
             cfg,
             layout,
             lm,
             vision,
+            cuda_vision,
         })
     }
 
@@ -452,9 +477,13 @@ impl Qwen25Vl {
         Ok(out)
     }
 
-    /// The vision tower on one preprocessed image.
+    /// The vision tower on one preprocessed image: on the device when it is loaded there,
+    /// else on the CPU.
     pub fn encode_image(&self, pixel_values: &[f32], grid_thw: [usize; 3]) -> Result<VisionOutput> {
-        self.vision.forward(pixel_values, grid_thw)
+        match &self.cuda_vision {
+            Some(v) => v.forward(pixel_values, grid_thw),
+            None => self.vision.forward(pixel_values, grid_thw),
+        }
     }
 
     /// Token ids (already expanded) plus the images' grids and merged embeddings (in

@@ -205,7 +205,7 @@ impl Drafter {
 }
 
 /// Positions cache.len().. for n tokens continuing the cache.
-fn next_positions(cache: &Cache, n: usize) -> Vec<i32> {
+pub(super) fn next_positions(cache: &Cache, n: usize) -> Vec<i32> {
     let start = cache.len() as i32;
     (start..start + n as i32).collect()
 }
@@ -320,33 +320,49 @@ impl DraftState {
         params: &SamplingParams,
         rng: &mut Rng,
     ) -> Result<(Vec<u32>, Vec<Vec<f32>>)> {
-        self.base = self.cache.len();
-        self.fed_pending = 0;
-        self.fed_drafts = 0;
-        let (mut drafts, mut qs) = (Vec::with_capacity(gamma), Vec::with_capacity(gamma));
-        let mut feed = self.pending.clone();
-        for i in 0..gamma {
+        let mut qs = Vec::with_capacity(gamma);
+        let drafts = self.draft_with(gamma, |feed, cache, _| {
             let (d, q) = if params.is_greedy() {
                 // q is one-hot at the argmax: build it on the host from the id alone.
-                let d = drafter.run_tokens_argmax(&feed, &mut self.cache)?;
+                let d = drafter.run_tokens_argmax(feed, cache)?;
                 let mut q = vec![0.0; drafter.lm.cfg.vocab_size];
                 *q.get_mut(d as usize)
                     .ok_or_else(|| Error::InvalidArgument(format!("drafter argmax {d} past its vocabulary")))? = 1.0;
                 (d, q)
             } else {
-                let q = probabilities(&drafter.run_tokens(&feed, &mut self.cache)?, params);
+                let q = probabilities(&drafter.run_tokens(feed, cache)?, params);
                 (rng.sample(&q) as u32, q)
             };
+            qs.push(q);
+            Ok(d)
+        })?;
+        Ok((drafts, qs))
+    }
+
+    /// The chain loop of [`DraftState::draft`] with the step left to `step(feed, cache, i)`:
+    /// it runs the tokens `feed` after the cache and returns draft i. Keeps the bookkeeping
+    /// [`DraftState::commit`] relies on.
+    pub(super) fn draft_with(
+        &mut self,
+        gamma: usize,
+        mut step: impl FnMut(&[u32], &mut Cache, usize) -> Result<u32>,
+    ) -> Result<Vec<u32>> {
+        self.base = self.cache.len();
+        self.fed_pending = 0;
+        self.fed_drafts = 0;
+        let mut drafts = Vec::with_capacity(gamma);
+        let mut feed = self.pending.clone();
+        for i in 0..gamma {
+            let d = step(&feed, &mut self.cache, i)?;
             if i == 0 {
                 self.fed_pending = feed.len();
             } else {
                 self.fed_drafts += 1;
             }
             drafts.push(d);
-            qs.push(q);
             feed = vec![d];
         }
-        Ok((drafts, qs))
+        Ok(drafts)
     }
 
     /// After verification: keeps the accepted drafts, forgets the rest, and queues the

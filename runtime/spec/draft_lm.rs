@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use crate::backend::cuda::CudaDevice;
@@ -13,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::model::cuda_qwen2::{self, CudaQwen2, Input};
 use crate::model::qwen2::{expected_tensors, Logits, Names, Positions, Qwen2, TreeMask};
 use crate::model::{Cache, Lm};
+use crate::sampling::SamplingParams;
 use crate::weights::Weights;
 
 /// The drafter's [`Lm`] with its config as a field and, on a CUDA device, its embedding
@@ -137,6 +139,23 @@ impl DraftLm {
     ) -> Result<Vec<u32>> {
         self.with_input(tokens, |input| {
             self.lm.forward_argmax(input, positions, cache, logits, None)
+        })
+    }
+
+    /// [`DraftLm::forward_tokens`] (causal) leaving the last row's distribution under
+    /// `params` in device row `row` of `out` ([`Lm::forward_probs`]; CUDA only).
+    pub fn forward_tokens_probs(
+        &self,
+        tokens: &[u32],
+        positions: Positions,
+        cache: &mut Cache,
+        params: &SamplingParams,
+        out: &mut CudaSlice<f32>,
+        row: usize,
+    ) -> Result<()> {
+        self.with_input(tokens, |input| {
+            self.lm
+                .forward_probs(input, positions, cache, Logits::Last, params, out, row)
         })
     }
 

@@ -7,9 +7,10 @@
 //! drafter's LM runs beside it, on the same device when the kernels serve its shapes and
 //! on the CPU otherwise ([`Drafter::load_beside`]). At T = 0 both models hand back only
 //! each row's argmax (taken on the device where the LM runs), so a step copies ids, not
-//! vocabulary rows; at T > 0 the rejection sampling runs on the host on f32 logit rows
-//! (the device kernels `verify_sampled` / `verify_tree_sampled` exist and are
-//! twin-tested, not yet wired in).
+//! vocabulary rows. At T > 0 a chain whose two LMs both run on the device is drawn and
+//! verified there ([`DeviceSampling`]: ids and the verdict cross, q and p stay); otherwise
+//! (a CPU model, or token trees: `verify_tree_sampled` has a twin-tested kernel, not wired
+//! in yet) the rejection sampling runs on the host on f32 logit rows.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -22,6 +23,7 @@ use crate::metrics::{Counters, Metrics, Timings, Trace};
 use crate::model::qwen2::Logits;
 use crate::model::{one_line, Target};
 use crate::sampling::{probabilities, Rng, SamplingParams};
+use crate::spec::device_sampling::DeviceSampling;
 use crate::spec::draft::{DraftMode, DraftState, Drafter, VisionTokens};
 use crate::spec::tree::{verify_tree_greedy, verify_tree_sampled, TokenTree, TreeSpec, TreeVerdict};
 use crate::spec::verify::{residual, verify_greedy, verify_sampled, Verdict};
@@ -259,6 +261,11 @@ impl Engine {
             }
             _ => None,
         };
+        // T > 0 chains with both LMs on the device verify there (q and p never cross).
+        let mut on_device = match &draft_state {
+            Some((d, _)) if tree.is_none() && !sp.is_greedy() => DeviceSampling::new(&self.target, d, gamma)?,
+            _ => None,
+        };
 
         let mut counters = Counters::default();
         let t_loop = Instant::now();
@@ -289,7 +296,7 @@ impl Engine {
                     };
                     t.verify += trace.span("verify", step, t0);
                     let t0 = Instant::now();
-                    let verdict = verify_tree(&tr, scores, sp, &mut rng);
+                    let verdict = verify_tree(&tr, scores, sp, &mut rng)?;
                     let keep: Vec<usize> = verdict.path.iter().map(|&n| base + n).collect();
                     session.cache.compact(base + 1, &keep)?;
                     state.commit_tree(&tr, &verdict)?;
@@ -298,8 +305,9 @@ impl Engine {
                 }
                 _ => {
                     let t0 = Instant::now();
-                    let (drafts, qs) = match &mut draft_state {
-                        Some((d, state)) if g > 0 => state.draft(d, g, sp, &mut rng)?,
+                    let (drafts, qs) = match (&mut draft_state, &mut on_device) {
+                        (Some((d, state)), Some(dev)) if g > 0 => (dev.draft(d, state, g, sp, &mut rng)?, Vec::new()),
+                        (Some((d, state)), None) if g > 0 => state.draft(d, g, sp, &mut rng)?,
                         _ => (Vec::new(), Vec::new()),
                     };
                     t.draft += trace.span("draft", step, t0);
@@ -309,6 +317,8 @@ impl Engine {
                     let block: Vec<u32> = std::iter::once(last).chain(drafts.iter().copied()).collect();
                     let scores = if sp.is_greedy() {
                         Scores::Argmax(self.target.decode_argmax(&block, &mut session)?)
+                    } else if let Some(dev) = &mut on_device {
+                        Scores::Verdict(dev.verify(&self.target, &mut session, &block, &drafts, sp, &mut rng)?)
                     } else {
                         Scores::Logits(self.target.decode(&block, &mut session, Logits::All)?)
                     };
@@ -317,6 +327,7 @@ impl Engine {
                     let t0 = Instant::now();
                     let verdict = match scores {
                         Scores::Argmax(argmaxes) => verify_greedy(&drafts, &argmaxes),
+                        Scores::Verdict(v) => v,
                         Scores::Logits(logits) => {
                             let v = logits.len() / block.len();
                             let ps: Vec<Vec<f32>> = logits.chunks_exact(v).map(|r| probabilities(r, sp)).collect();
@@ -386,18 +397,25 @@ impl Engine {
 enum Scores {
     Argmax(Vec<u32>),
     Logits(Vec<f32>),
+    /// Verified on the device ([`DeviceSampling`]).
+    Verdict(Verdict),
 }
 
 /// The accepted path of a scored tree: greedy on argmaxes, rejection sampling on logits.
-fn verify_tree(tree: &TokenTree, scores: Scores, sp: &SamplingParams, rng: &mut Rng) -> TreeVerdict {
-    match scores {
+fn verify_tree(tree: &TokenTree, scores: Scores, sp: &SamplingParams, rng: &mut Rng) -> Result<TreeVerdict> {
+    Ok(match scores {
         Scores::Argmax(argmaxes) => verify_tree_greedy(tree, &argmaxes),
         Scores::Logits(logits) => {
             let v = logits.len() / tree.len();
             let ps: Vec<Vec<f32>> = logits.chunks_exact(v).map(|r| probabilities(r, sp)).collect();
             verify_tree_sampled(tree, &ps, rng, residual)
         }
-    }
+        Scores::Verdict(_) => {
+            return Err(Error::InvalidArgument(
+                "a chain's device verdict was given for a token tree".into(),
+            ))
+        }
+    })
 }
 
 /// The drafter beside `target` ([`Drafter::load_beside`]); under `auto` (`auto` true), one

@@ -1,6 +1,7 @@
 //! Speculative decoding: the drafter and chain / tree drafting, the verification maths,
 //! and the loop.
 
+pub mod device_sampling;
 pub mod draft;
 mod draft_lm;
 pub mod engine;

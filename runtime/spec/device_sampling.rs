@@ -1,0 +1,152 @@
+//! Rejection sampling on the device. At T > 0, when the target's and the drafter's LMs
+//! both run on CUDA, a chain step keeps the drafter's q rows and the target's p rows in
+//! device buffers (the `probabilities` kernel behind the LM head), draws each draft with
+//! the `sample` kernel and verifies with `verify_sampled`: per step only draft ids and the
+//! verdict come back, and the uniforms go the other way. The uniforms are the request's
+//! host RNG draws in the order the host path takes them (one per draft; then the accept
+//! tests and the final draw, of which the RNG keeps only those the host would have
+//! consumed), so a seed gives the host path's output up to the blocked-sum caveat of
+//! cuda/sampling.cu (a uniform within rounding of a boundary).
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaSlice;
+
+use super::draft::{next_positions, DraftState, Drafter};
+use super::verify::Verdict;
+use crate::backend::cuda::CudaDevice;
+use crate::error::{Error, Result};
+use crate::model::qwen2::Positions;
+use crate::model::{Lm, Session, Target};
+use crate::reference::uniforms_consumed;
+use crate::sampling::{Rng, SamplingParams};
+
+/// Device buffers of one request's chain steps, sized for up to `gamma` drafts.
+pub struct DeviceSampling {
+    dev: Arc<CudaDevice>,
+    gamma: usize,
+    /// Drafter and target vocabularies (rows of q and p).
+    nq: usize,
+    np: usize,
+    q: CudaSlice<f32>,        // [γ, nq]
+    p: CudaSlice<f32>,        // [γ + 1, np]
+    drafts: CudaSlice<i32>,   // [γ]
+    uniforms: CudaSlice<f64>, // [γ + 1]
+    out: CudaSlice<i32>,      // [2]: a drawn id, or (accepted, next)
+}
+
+impl DeviceSampling {
+    /// Buffers for chains of up to `gamma` drafts when both LMs run on the CUDA device;
+    /// None when either runs on the CPU (the host path then verifies).
+    pub fn new(target: &Target, drafter: &Drafter, gamma: usize) -> Result<Option<Self>> {
+        let (Lm::Cuda(t), Lm::Cuda(_)) = (target.lm(), drafter.lm.lm()) else {
+            return Ok(None);
+        };
+        let dev = Arc::clone(t.device());
+        let (nq, np) = (drafter.lm.cfg.vocab_size, target.text_config().vocab_size);
+        let g = gamma.max(1);
+        Ok(Some(DeviceSampling {
+            q: dev.alloc_zeros(g * nq)?,
+            p: dev.alloc_zeros((g + 1) * np)?,
+            drafts: dev.alloc_zeros(g)?,
+            uniforms: dev.alloc_zeros(g + 1)?,
+            out: dev.alloc_zeros(2)?,
+            dev,
+            gamma,
+            nq,
+            np,
+        }))
+    }
+
+    /// [`DraftState::draft`] at T > 0 with q on the device: each draft drawn there from
+    /// its row of q with the RNG's next uniform.
+    pub fn draft(
+        &mut self,
+        drafter: &Drafter,
+        state: &mut DraftState,
+        gamma: usize,
+        params: &SamplingParams,
+        rng: &mut Rng,
+    ) -> Result<Vec<u32>> {
+        self.check_gamma(gamma)?;
+        let (dev, nq) = (&self.dev, self.nq);
+        let (q, uniforms, out) = (&mut self.q, &mut self.uniforms, &mut self.out);
+        state.draft_with(gamma, |feed, cache, i| {
+            let positions = next_positions(cache, feed.len());
+            drafter
+                .lm
+                .forward_tokens_probs(feed, Positions::Seq(&positions), cache, params, q, i)?;
+            dev.upload_into(&[rng.uniform()], &mut uniforms.slice_mut(i..i + 1))?;
+            let row = q.slice(i * nq..(i + 1) * nq);
+            dev.sample(&row, &uniforms.slice(i..i + 1), &mut out.slice_mut(0..1), 1, nq)?;
+            Ok(dev.download(&out.slice(0..1))?[0] as u32)
+        })
+    }
+
+    /// The target scores `block` (the last committed token, then `drafts`, whose q rows
+    /// [`DeviceSampling::draft`] left on the device) and rejection sampling picks the
+    /// verdict there.
+    pub fn verify(
+        &mut self,
+        target: &Target,
+        session: &mut Session,
+        block: &[u32],
+        drafts: &[u32],
+        params: &SamplingParams,
+        rng: &mut Rng,
+    ) -> Result<Verdict> {
+        let g = drafts.len();
+        self.check_gamma(g)?;
+        if block.len() != g + 1 {
+            return Err(Error::InvalidArgument(format!(
+                "a verify block of {} tokens for {g} drafts",
+                block.len()
+            )));
+        }
+        let (dev, nq, np) = (&self.dev, self.nq, self.np);
+        target.decode_probs(block, session, params, &mut self.p)?;
+        let mut peek = rng.clone();
+        let u: Vec<f64> = (0..=g).map(|_| peek.uniform()).collect();
+        dev.upload_into(&u, &mut self.uniforms.slice_mut(0..=g))?;
+        let verdict = if g == 0 {
+            let p0 = self.p.slice(0..np);
+            dev.sample(&p0, &self.uniforms.slice(0..1), &mut self.out.slice_mut(0..1), 1, np)?;
+            Verdict {
+                accepted: 0,
+                next: dev.download(&self.out.slice(0..1))?[0] as u32,
+            }
+        } else {
+            let ids: Vec<i32> = drafts.iter().map(|&d| d as i32).collect();
+            dev.upload_into(&ids, &mut self.drafts.slice_mut(0..g))?;
+            dev.verify_sampled(
+                &self.drafts.slice(0..g),
+                &self.q.slice(0..g * nq),
+                &self.p.slice(0..(g + 1) * np),
+                &self.uniforms.slice(0..=g),
+                &mut self.out.slice_mut(0..2),
+                g,
+                nq,
+                np,
+            )?;
+            let v = dev.download(&self.out.slice(0..2))?;
+            Verdict {
+                accepted: v[0] as usize,
+                next: v[1] as u32,
+            }
+        };
+        for _ in 0..uniforms_consumed(verdict, g) {
+            rng.uniform();
+        }
+        Ok(verdict)
+    }
+
+    fn check_gamma(&self, g: usize) -> Result<()> {
+        if g > self.gamma {
+            return Err(Error::InvalidArgument(format!(
+                "{g} drafts for device buffers of {}",
+                self.gamma
+            )));
+        }
+        Ok(())
+    }
+}
