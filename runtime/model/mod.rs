@@ -465,20 +465,14 @@ impl Target {
 
     /// Runs `tokens` after the session's cache.
     pub fn decode(&self, tokens: &[u32], s: &mut Session, logits: Logits) -> Result<Vec<f32>> {
-        match self {
-            Target::Text(m) => {
-                let start = s.cache.len() as i32;
-                let positions: Vec<i32> = (start..start + tokens.len() as i32).collect();
-                m.forward(
-                    Input::Tokens(tokens),
-                    Positions::Seq(&positions),
-                    &mut s.cache,
-                    logits,
-                    None,
-                )
-            }
-            Target::Vl(m) => m.decode(tokens, s.rope_delta, &mut s.cache, logits),
-        }
+        let positions = positions_after(s, 0..tokens.len());
+        self.lm().forward(
+            Input::Tokens(tokens),
+            Positions::Seq(&positions),
+            &mut s.cache,
+            logits,
+            None,
+        )
     }
 
     /// Greedy verification of a chain: [`Target::decode`] of `tokens` handing back only

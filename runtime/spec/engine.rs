@@ -91,7 +91,8 @@ impl Engine {
         Self::load_on(target_dir, drafter_dir, Device::Cpu)
     }
 
-    /// The target's LM on `device` (its vision tower on the CPU), the drafter's beside it
+    /// The target's LM on `device` (a vision tower with it where the kernels serve it, else
+    /// on the CPU), the drafter's beside it
     /// ([`Drafter::load_beside`]); an error where that device cannot serve the target, or
     /// fails to load a drafter it serves.
     pub fn load_on(target_dir: &Path, drafter_dir: Option<&Path>, device: Device) -> Result<Self> {
@@ -393,7 +394,8 @@ impl Engine {
 }
 
 /// What a verification pass hands back: at T = 0 only the target's argmax of each row
-/// (on a device nothing vocabulary-sized is copied back), else every row's logits.
+/// (on a device nothing vocabulary-sized is copied back); at T > 0 every row's logits, or
+/// the verdict itself when the device verified.
 enum Scores {
     Argmax(Vec<u32>),
     Logits(Vec<f32>),
