@@ -75,9 +75,13 @@ for line in sys.stdin:
     objdump -T "$gpu_dir/cuda_ops" "$gpu_dir/massv" 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -n 1
     du -ch "$gpu_dir"/* | tail -n 1
     local bytes
-    bytes=$(du -cb "$gpu_dir"/* | tail -n 1 | cut -f1)
+    # The 64 MiB limit covers what travels together: the tracked tree and the carry.
+    local tree
+    tree=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | awk '/\ttotal$/ {s += $1} END {print s + 0}')
+    bytes=$(( $(du -cb "$gpu_dir"/* | tail -n 1 | cut -f1) + tree ))
+    echo "with the tracked tree ($tree bytes): $bytes bytes travel"
     if [ "$bytes" -gt $((64 * 1024 * 1024)) ]; then
-        echo "error: .gpu holds $bytes bytes, over the 64 MiB carry limit"
+        echo "error: .gpu and the tracked tree hold $bytes bytes, over the 64 MiB the device takes"
         exit 1
     fi
     echo "ready: run(command=\"bench/gpu.sh\", carry=[\".gpu\"], timeout_s=600)"
