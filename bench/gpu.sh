@@ -8,10 +8,12 @@
 # 1) On the development machine (no GPU needed), build what travels:
 #        bench/gpu.sh build
 #    It builds with the CI's nvcc (or $NVCC) and MASSV_CUDA_ARCHS=sm_90 (H100 / H200
-#    only) in target/gpu/: the release test binary of tests/cuda_ops.rs and the massv
-#    binary, strips both into .gpu/ (ignored by git) with the commit id, and downloads
-#    the compute-sanitizer wheel (nvidia-cuda-sanitizer-api, ~14 MB) there. It prints
-#    the total size: what travels must stay under 64 MiB.
+#    only) in target/gpu/: the release test binaries of tests/cuda_ops.rs,
+#    tests/cuda_model.rs and tests/cuda_projector.rs and the massv binary, strips them
+#    and packs them as .gpu/bin.tar.xz (ignored by git; xz makes 34 MB of binaries
+#    about a third of that) with the commit id, and downloads the compute-sanitizer
+#    wheel (nvidia-cuda-sanitizer-api, ~14 MB) there. It prints the total size: what
+#    travels must stay under 64 MiB.
 # 2) One device call (tracked files travel by themselves; .gpu is ignored, so carry it):
 #        run(command="bench/gpu.sh", carry=[".gpu"], timeout_s=600)
 #    The JSON comes back as files_at/bench/results/<date>-<gpu>.json, the logs as
@@ -30,11 +32,12 @@
 #   - runs compute-sanitizer --tool memcheck on all CUDA tests and --tool racecheck on
 #     the kernels with shared memory, each under a time limit.
 # Every step's log is in $OUT/logs.tar.gz; the exit status is non-zero if any step failed.
-# The step limits (tests 200 s, model tests 200 s, bench 150 s, model bench 240 s, massv
-# 120 s, memcheck 120 s, racecheck 90 s) add up to more than the 600 s a command may run,
-# so each step's limit is also cut to what is left of the call's budget of 570 s
-# (MASSV_GPU_BUDGET_S), and a step with under 30 s left is not started (and counts as
-# failed). Steps run in the order above; to give steps a call of their own, name them:
+# The step limits (tests 200 s, model tests 200 s, projector tests 120 s, bench 150 s,
+# model bench 240 s, massv 120 s, memcheck 120 s, racecheck 90 s) add up to more than
+# the 600 s a command may run, so each step's limit is also cut to what is left of the
+# call's budget of 570 s (MASSV_GPU_BUDGET_S), and a step with under 30 s left is not
+# started (and counts as failed). Steps run in the order above; to give steps a call of
+# their own, name them:
 #        run(command="bench/gpu.sh run bench model", carry=[".gpu"], timeout_s=600)
 #        run(command="bench/gpu.sh run sanitize", carry=[".gpu"], timeout_s=600)
 set -uo pipefail
@@ -42,6 +45,7 @@ cd "$(dirname "$0")/.."
 
 mode="${1:-run}"
 gpu_dir=.gpu
+test_bins="cuda_ops cuda_model cuda_projector"
 
 build() {
     set -e
@@ -50,7 +54,7 @@ build() {
     export NVCC="$nvcc" MASSV_CUDA_ARCHS=sm_90 MASSV_REQUIRE_KERNELS=1 CARGO_TARGET_DIR=target/gpu
     mkdir -p "$gpu_dir"
     local test_bin name
-    for name in cuda_ops cuda_model; do
+    for name in $test_bins; do
         test_bin=$(cargo test --release --test "$name" --no-run --message-format=json-render-diagnostics \
             | python3 -c 'import json, sys
 for line in sys.stdin:
@@ -62,7 +66,7 @@ for line in sys.stdin:
     done
     cargo build --release --bin massv
     cp target/gpu/release/massv "$gpu_dir/massv"
-    strip "$gpu_dir/cuda_ops" "$gpu_dir/cuda_model" "$gpu_dir/massv"
+    (cd "$gpu_dir" && strip $test_bins massv)
     git rev-parse --short HEAD > "$gpu_dir/COMMIT" 2>/dev/null || echo unknown > "$gpu_dir/COMMIT"
     git diff --quiet HEAD 2>/dev/null || sed -i 's/$/-dirty/' "$gpu_dir/COMMIT"
     if ! ls "$gpu_dir"/nvidia_cuda_sanitizer_api-*.whl >/dev/null 2>&1; then
@@ -73,6 +77,8 @@ for line in sys.stdin:
     fi
     echo "glibc symbols the binaries need (the GPU machine's glibc must be at least this):"
     objdump -T "$gpu_dir/cuda_ops" "$gpu_dir/massv" 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -n 1
+    rm -f "$gpu_dir/bin.tar.xz"
+    (cd "$gpu_dir" && tar -cJf bin.tar.xz $test_bins massv && rm -f $test_bins massv)
     du -ch "$gpu_dir"/* | tail -n 1
     local bytes
     # The 64 MiB limit covers what travels together: the tracked tree and the carry.
@@ -119,9 +125,14 @@ run() {
         return $rc
     }
 
-    for f in cuda_ops cuda_model massv COMMIT; do
+    for f in bin.tar.xz COMMIT; do
         [ -e "$gpu_dir/$f" ] || { echo "error: $gpu_dir/$f missing: run bench/gpu.sh build and carry .gpu"; exit 1; }
     done
+    # Unpacked beside the archive (tar, or Python's tarfile where tar lacks xz).
+    tar -xJf "$gpu_dir/bin.tar.xz" -C "$gpu_dir" 2>/dev/null \
+        || python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+            "$gpu_dir/bin.tar.xz" "$gpu_dir" \
+        || { echo "error: cannot unpack $gpu_dir/bin.tar.xz"; exit 1; }
     local commit
     commit=$(cat "$gpu_dir/COMMIT")
 
@@ -145,13 +156,15 @@ run() {
     echo "libcuda: ${cuda_lib:-not found}; cuBLAS: ${cublas:-not found}"
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 
-    chmod +x "$gpu_dir/cuda_ops" "$gpu_dir/cuda_model" "$gpu_dir/massv"
+    (cd "$gpu_dir" && chmod +x $test_bins massv)
     step binaries-start 60 "$gpu_dir/cuda_ops" --list || { echo "the binaries do not start here (see above)"; }
 
     export MASSV_REQUIRE_CUDA=1 RUST_BACKTRACE=1
     want tests && step tests 200 "$gpu_dir/cuda_ops" --test-threads=1
     # The LM on the device vs the CPU model (synth checkpoints), and the engine on CUDA.
     want tests && step tests-model 200 "$gpu_dir/cuda_model" --test-threads=1
+    # The MASSV projector on the device vs the CPU projector.
+    want tests && step tests-projector 120 "$gpu_dir/cuda_projector" --test-threads=1
 
     local date_ gpu_name json
     date_=$(date -u +%F)

@@ -53,11 +53,6 @@ use massv::synth::{synth, SynthDtype, SynthOptions};
 use massv::Error;
 use serde_json::json;
 
-/// Overall rms error / rms of the reference.
-const RMS_TOL: f32 = 0.02;
-/// Max error in a row / rms of that reference row.
-const ROW_TOL: f32 = 0.10;
-
 // -------------------------------------------------------------------------------------
 // Harness
 
@@ -74,7 +69,7 @@ macro_rules! dev_or_skip {
     };
 }
 
-use common::fixture;
+use common::{assert_close, check_close, fixture, rms, ROW_TOL};
 
 struct Spec {
     name: &'static str,
@@ -287,39 +282,6 @@ fn random_tokens(rng: &mut Rng, n: usize, vocab: usize) -> Vec<u32> {
     (0..n)
         .map(|_| (rng.uniform() * vocab as f64) as u32 % vocab as u32)
         .collect()
-}
-
-fn rms(x: &[f32]) -> f32 {
-    (x.iter().map(|v| v * v).sum::<f32>() / x.len().max(1) as f32).sqrt()
-}
-
-/// The bound of the module doc, on rows of `width`; Err names the worst offence.
-fn check_close(what: &str, got: &[f32], want: &[f32], width: usize) -> Result<(), String> {
-    if got.len() != want.len() {
-        return Err(format!("{what}: {} values, expected {}", got.len(), want.len()));
-    }
-    let diff: Vec<f32> = got.iter().zip(want).map(|(a, b)| a - b).collect();
-    if diff.iter().any(|d| !d.is_finite()) {
-        return Err(format!("{what}: non-finite values"));
-    }
-    let (e, r) = (rms(&diff), rms(want));
-    if e > RMS_TOL * r {
-        return Err(format!("{what}: rms error {e:e} exceeds {RMS_TOL} × rms {r:e}"));
-    }
-    for (i, (d, w)) in diff.chunks(width).zip(want.chunks(width)).enumerate() {
-        let m = d.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let bound = ROW_TOL * rms(w) + 1e-6;
-        if m > bound {
-            return Err(format!("{what}: row {i} max error {m:e} exceeds {bound:e}"));
-        }
-    }
-    Ok(())
-}
-
-fn assert_close(what: &str, got: &[f32], want: &[f32], width: usize) {
-    if let Err(e) = check_close(what, got, want, width) {
-        panic!("{e}");
-    }
 }
 
 fn argmax(x: &[f32]) -> usize {
@@ -1144,6 +1106,11 @@ fn engine_on_the_device_reproduces_the_cpu_engine() {
         let cpu = Engine::load(target, drafter.as_deref()).unwrap();
         let gpu = Engine::load_on(target, drafter.as_deref(), Device::Cuda).unwrap();
         assert_eq!(gpu.target.device(), Device::Cuda);
+        // A MASSV drafter's projector follows the target onto the device (its LM, head
+        // dim 16, stays on the CPU): its image rows come from the projector kernels.
+        if let Some(p) = gpu.drafter.as_ref().and_then(|d| d.projector.as_ref()) {
+            assert_eq!(p.device(), Device::Cuda);
+        }
         let shapes = if drafter.is_some() {
             vec![None, Some("dynamic:8,4")]
         } else {
@@ -1748,8 +1715,12 @@ fn vision_tower_on_the_device_matches_the_cpu() {
     let (_tmp, dir) = make_model_dir(&engine_vl_vision_spec(), "qwen2_5_vl-tiny-hub");
     let cpu = Qwen25Vl::load(&dir).unwrap();
     let gpu = Qwen25Vl::load_on(&dir, Device::Cuda).unwrap();
-    assert!(cpu.cuda_vision.is_none(), "a CPU LM keeps the tower on the CPU");
-    assert!(gpu.cuda_vision.is_some(), "head dim 64 puts the tower on the device");
+    assert_eq!(cpu.vision.device(), Device::Cpu, "a CPU LM keeps the tower on the CPU");
+    assert_eq!(
+        gpu.vision.device(),
+        Device::Cuda,
+        "head dim 64 puts the tower on the device"
+    );
     let pcfg = PreprocessorConfig::from_dir(&dir).unwrap();
     let (c, d) = (cpu.cfg.vision.hidden_size, cpu.cfg.vision.out_hidden_size);
     let mut grids = Vec::new();
@@ -1782,7 +1753,7 @@ fn engine_with_the_vision_tower_on_the_device_reproduces_the_cpu_engine() {
     let cpu = Engine::load(&dir, None).unwrap();
     let gpu = Engine::load_on(&dir, None, Device::Cuda).unwrap();
     assert_eq!(gpu.target.device(), Device::Cuda);
-    let on_device = |t: &Target| matches!(t, Target::Vl(m) if m.cuda_vision.is_some());
+    let on_device = |t: &Target| matches!(t, Target::Vl(m) if m.vision.device() == Device::Cuda);
     assert!(on_device(&gpu.target) && !on_device(&cpu.target));
     let pcfg = PreprocessorConfig::from_dir(&dir).unwrap();
     let (mut steps, mut runs) = (0, 0);
@@ -1876,4 +1847,73 @@ fn device_rejection_sampling_makes_the_host_paths_choices() {
         }
     }
     println!("device rejection sampling: {accepted} drafts accepted over 24 passes");
+}
+
+/// T > 0 token trees with the target on the device (`DeviceTreeSampling`: the target's p
+/// rows stay there and `verify_tree_sampled` walks the tree) make the host path's choices
+/// from the same device models and the same RNG stream: trees, verdicts and the RNG's
+/// state equal pass by pass, for a static and a dynamic shape, over a drafter whose
+/// vocabulary (432) is smaller than the target's (448).
+#[test]
+fn device_tree_rejection_sampling_makes_the_host_paths_choices() {
+    use massv::sampling::{probabilities, SamplingParams};
+    use massv::spec::device_sampling::DeviceTreeSampling;
+    use massv::spec::draft::{DraftMode, DraftState, VisionTokens};
+    use massv::spec::tree::{verify_tree_sampled, TreeSpec};
+    use massv::spec::verify::residual;
+
+    let _dev = dev_or_skip!();
+    let (_t1, target_dir) = make_model_dir(&engine_text_spec(), "qwen2-tiny-gqa4-tied");
+    let (_t2, drafter_dir) = make_model_dir(&engine_drafter_spec(), "qwen2-tiny-gqa4-tied");
+    let e = Engine::load_on(&target_dir, Some(&drafter_dir), Device::Cuda).unwrap();
+    let d = e.drafter.as_ref().unwrap();
+    let sp = SamplingParams {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    let ids = e
+        .tokenizer
+        .encode(&e.tokenizer.user_prompt("Tell me a story about a cat.", false).unwrap())
+        .unwrap();
+    let vt = VisionTokens::of(&e.target, &e.tokenizer);
+    let (_, session) = e.target.prefill(&ids, &[], &[], 128, Logits::Last).unwrap();
+    let prompt = d.prompt_embeddings(DraftMode::Text, &ids, &ids, &[], &vt).unwrap();
+    let state = DraftState::prefill(d, prompt, 7, 128).unwrap();
+    let (mut accepted, mut passes) = (0, 0);
+    for shape in ["static:2x2x1x1", "dynamic:12,4,3"] {
+        let spec: TreeSpec = shape.parse().unwrap();
+        let mut on_device = DeviceTreeSampling::new(&e.target, d, spec.max_nodes())
+            .unwrap()
+            .expect("the target on the device");
+        for seed in 0..3 {
+            let (mut hs, mut hd, mut hr) = (session.try_clone().unwrap(), state.try_clone().unwrap(), Rng::new(seed));
+            let (mut gs, mut gd, mut gr) = (session.try_clone().unwrap(), state.try_clone().unwrap(), Rng::new(seed));
+            for step in 0..5 {
+                let what = format!("{shape} seed {seed} pass {step}");
+                let tree = hd.draft_tree(d, &spec, spec.depth(), &sp, &mut hr).unwrap();
+                let same = gd.draft_tree(d, &spec, spec.depth(), &sp, &mut gr).unwrap();
+                assert_eq!(same, tree, "{what}: trees");
+                let base = hs.cache.len();
+                let logits = e
+                    .target
+                    .decode_tree(&tree.tokens, &tree.depths, &tree.mask(), &mut hs)
+                    .unwrap();
+                let v = logits.len() / tree.len();
+                let ps: Vec<Vec<f32>> = logits.chunks_exact(v).map(|r| probabilities(r, &sp)).collect();
+                let want = verify_tree_sampled(&tree, &ps, &mut hr, residual);
+                let got = on_device.verify(&e.target, &mut gs, &tree, &sp, &mut gr).unwrap();
+                assert_eq!(got, want, "{what}: verdict");
+                assert_eq!(gr.clone().next_u64(), hr.clone().next_u64(), "{what}: RNG");
+                for (s, st) in [(&mut hs, &mut hd), (&mut gs, &mut gd)] {
+                    let keep: Vec<usize> = want.path.iter().map(|&n| base + n).collect();
+                    s.cache.compact(base + 1, &keep).unwrap();
+                    st.commit_tree(&tree, &want).unwrap();
+                }
+                accepted += want.path.len();
+                passes += 1;
+            }
+        }
+    }
+    println!("device tree rejection sampling: {accepted} drafts accepted over {passes} passes");
 }

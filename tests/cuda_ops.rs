@@ -515,7 +515,17 @@ fn gemm_cublas_and_linear_cublaslt() {
         panic!("a CUDA device but no cuBLAS: {e}");
     }
     let mut rng = Rng::new(9);
-    for &(m, n, k) in &[(1, 64, 64), (17, 100, 96), (300, 512, 256), (64, 1280, 1176)] {
+    // (17, 100, 96), (5, 3420, 1280), (7, 1280, 3420): n or k off the 8-element grid,
+    // where `linear` takes cuBLAS and a separate bias add.
+    let shapes = [
+        (1, 64, 64),
+        (17, 100, 96),
+        (300, 512, 256),
+        (64, 1280, 1176),
+        (5, 3420, 1280),
+        (7, 1280, 3420),
+    ];
+    for &(m, n, k) in &shapes {
         let (xb, x) = rand_bf16(&mut rng, m * k, 1.0);
         let (wb, w) = rand_bf16(&mut rng, n * k, 1.0);
         let (bb, bias) = rand_bf16(&mut rng, n, 1.0);

@@ -331,9 +331,12 @@ impl CudaDevice {
             .map_err(|e| cuda_err("host-to-device copy", e))
     }
 
-    /// Copies `host` into the start of `dst`.
+    /// Copies `host` into the start of `dst` (nothing for an empty `host`).
     pub fn upload_into<T: DeviceRepr>(&self, host: &[T], dst: &mut CudaViewMut<'_, T>) -> Result<()> {
         need("upload_into", "dst", dst.len(), host.len())?;
+        if host.is_empty() {
+            return Ok(());
+        }
         let mut dst = dst.slice_mut(..host.len());
         self.stream
             .memcpy_htod(host, &mut dst)
@@ -1020,7 +1023,9 @@ impl CudaDevice {
     }
 
     /// y = x · wᵀ + bias with cuBLASLt, the bias fused as the GEMM's epilogue. Shapes as
-    /// [`Self::gemm_bf16`], bias [n].
+    /// [`Self::gemm_bf16`], bias [n]. Where n or k is off the 8-element grid (a leading
+    /// dimension not 16-byte aligned, which cuBLASLt's heuristics need not serve, e.g. the
+    /// real vision towers' MLP width 3420) it is cuBLAS and a separate bias add.
     #[allow(clippy::too_many_arguments)]
     pub fn linear(
         &self,
@@ -1038,6 +1043,13 @@ impl CudaDevice {
         need(OP, "y", y.len(), m * n)?;
         if let Some(b) = bias {
             need(OP, "bias", b.len(), n)?;
+        }
+        if n % 8 != 0 || k % 8 != 0 {
+            self.gemm_bf16(x, w, y, m, n, k)?;
+            return match bias {
+                Some(b) => self.bias_add(y, b, m, n),
+                None => Ok(()),
+            };
         }
         let lt = self.blas_lt.as_ref().map_err(|e| cuda_err(OP, e))?;
         if m * n == 0 {

@@ -18,7 +18,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use super::cuda_qwen2::host_bf16;
@@ -40,7 +40,7 @@ fn err(op: &str, msg: impl std::fmt::Display) -> Error {
 /// ([`ATTN_HEAD_DIMS`], a multiple of 4 for the 2-D RoPE), the hidden and output widths
 /// multiples of 8 (16-byte rows). The MLP width may be any (the real towers' is 3420): a
 /// GEMM with a dimension off the 8-element grid takes cuBLAS and a separate bias add
-/// instead of cuBLASLt's fused bias ([`project`]).
+/// instead of cuBLASLt's fused bias ([`CudaDevice::linear`]).
 pub fn check_served(v: &VisionConfig) -> Result<()> {
     let hd = v.head_dim();
     if v.num_heads == 0 || hd * v.num_heads != v.hidden_size {
@@ -309,7 +309,7 @@ impl CudaVision {
                 (&blk.k_w, &blk.k_b, &mut s.k),
                 (&blk.v_w, &blk.v_b, &mut s.v),
             ] {
-                project(dev, &x, &w.as_view(), &bias.as_view(), &mut y.slice_mut(..nc), n, c, c)?;
+                dev.linear(&x, &w.as_view(), Some(&bias.as_view()), &mut y.slice_mut(..nc), n, c, c)?;
             }
             let (r, co) = (s.rows.as_view(), s.cols.as_view());
             dev.rope_vision(&mut s.q.slice_mut(..nc), &r, &co, n, heads, hd, theta)?;
@@ -326,11 +326,10 @@ impl CudaVision {
                 heads,
                 hd,
             )?;
-            project(
-                dev,
+            dev.linear(
                 &s.attn.slice(..nc),
                 &blk.proj_w.as_view(),
-                &blk.proj_b.as_view(),
+                Some(&blk.proj_b.as_view()),
                 &mut s.proj.slice_mut(..nc),
                 n,
                 c,
@@ -345,11 +344,10 @@ impl CudaVision {
                 c,
                 VISION_NORM_EPS,
             )?;
-            project(
-                dev,
+            dev.linear(
                 &s.normed.slice(..nc),
                 &blk.gate_up_w.as_view(),
-                &blk.gate_up_b.as_view(),
+                Some(&blk.gate_up_b.as_view()),
                 &mut s.gate_up.slice_mut(..n * 2 * inter),
                 n,
                 2 * inter,
@@ -361,11 +359,10 @@ impl CudaVision {
                 n,
                 inter,
             )?;
-            project(
-                dev,
+            dev.linear(
                 &s.act.slice(..n * inter),
                 &blk.down_w.as_view(),
-                &blk.down_b.as_view(),
+                Some(&blk.down_b.as_view()),
                 &mut s.proj.slice_mut(..nc),
                 n,
                 c,
@@ -395,22 +392,20 @@ impl CudaVision {
                 VISION_NORM_EPS,
             )?;
         }
-        project(
-            dev,
+        dev.linear(
             &s.normed.slice(..nc),
             &self.mlp0_w.as_view(),
-            &self.mlp0_b.as_view(),
+            Some(&self.mlp0_b.as_view()),
             &mut s.fc1.slice_mut(..nc),
             units,
             unit * c,
             unit * c,
         )?;
         dev.gelu(&mut s.fc1.slice_mut(..nc), nc)?;
-        project(
-            dev,
+        dev.linear(
             &s.fc1.slice(..nc),
             &self.mlp2_w.as_view(),
-            &self.mlp2_b.as_view(),
+            Some(&self.mlp2_b.as_view()),
             &mut s.out.slice_mut(..units * d),
             units,
             d,
@@ -430,27 +425,5 @@ impl CudaVision {
             window_index,
             embeds,
         })
-    }
-}
-
-/// y = x · wᵀ + bias; x [m, k], w [n, k], y [m, n]: cuBLASLt with the bias fused where n
-/// and k are multiples of 8, else cuBLAS and a bias add (leading dimensions off the
-/// 16-byte grid, which cuBLASLt's heuristics need not serve).
-#[allow(clippy::too_many_arguments)]
-fn project(
-    dev: &CudaDevice,
-    x: &CudaView<'_, bf16>,
-    w: &CudaView<'_, bf16>,
-    bias: &CudaView<'_, bf16>,
-    y: &mut CudaViewMut<'_, bf16>,
-    m: usize,
-    n: usize,
-    k: usize,
-) -> Result<()> {
-    if n % 8 == 0 && k % 8 == 0 {
-        dev.linear(x, w, Some(bias), y, m, n, k)
-    } else {
-        dev.gemm_bf16(x, w, y, m, n, k)?;
-        dev.bias_add(y, bias, m, n)
     }
 }

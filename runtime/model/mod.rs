@@ -2,6 +2,7 @@
 //! a model directory holds, behind one prefill / decode interface, its language model on
 //! the CPU or on a CUDA device ([`Lm`], with its KV cache a [`Cache`] of the same kind).
 
+pub mod cuda_projector;
 pub mod cuda_qwen2;
 pub mod cuda_vision;
 pub mod projector;
@@ -267,12 +268,13 @@ impl Lm {
         positions: Positions,
         cache: impl Into<CacheMut<'c>>,
         logits: Logits,
+        mask: Option<TreeMask>,
         params: &SamplingParams,
         out: &mut CudaSlice<f32>,
         row0: usize,
     ) -> Result<()> {
         match (self, cache.into()) {
-            (Lm::Cuda(m), CacheMut::Cuda(c)) => m.forward_probs(input, positions, c, logits, None, params, out, row0),
+            (Lm::Cuda(m), CacheMut::Cuda(c)) => m.forward_probs(input, positions, c, logits, mask, params, out, row0),
             _ => Err(Error::InvalidArgument(
                 "device distributions need the LM and its cache on a CUDA device".into(),
             )),
@@ -504,6 +506,36 @@ impl Target {
             Positions::Seq(&positions),
             &mut s.cache,
             Logits::All,
+            None,
+            params,
+            out,
+            0,
+        )
+    }
+
+    /// [`Target::decode_tree`] leaving each node's distribution under `params` in device
+    /// rows `out[0..n]` (T > 0 tree verification on the device; CUDA only).
+    pub fn decode_tree_probs(
+        &self,
+        tokens: &[u32],
+        depths: &[usize],
+        mask: &[u8],
+        s: &mut Session,
+        params: &SamplingParams,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let positions = tree_positions(tokens, depths, s)?;
+        let mask = TreeMask {
+            start: s.cache.len(),
+            allow: mask,
+        };
+        let input = Input::Tokens(tokens);
+        self.lm().forward_probs(
+            input,
+            Positions::Seq(&positions),
+            &mut s.cache,
+            Logits::All,
+            Some(mask),
             params,
             out,
             0,

@@ -378,11 +378,34 @@ pub struct Qwen25Vl {
     pub layout: Layout,
     /// On the CPU or a CUDA device.
     pub lm: Lm,
-    /// On the CPU: the reference, and what runs images unless `cuda_vision` is loaded.
-    pub vision: VisionTower,
-    /// The tower on the LM's device, when the LM is on CUDA and the kernels serve the
-    /// tower's shapes ([`cuda_vision::check_served`]); [`Qwen25Vl::encode_image`] runs it.
-    pub cuda_vision: Option<CudaVision>,
+    /// The vision tower and merger: on the LM's device when the LM is on CUDA and the
+    /// kernels serve the tower's shapes ([`cuda_vision::check_served`]), else on the CPU.
+    pub vision: Vision,
+}
+
+/// Where the vision tower runs; only that copy of its weights is held.
+#[allow(clippy::large_enum_variant)] // one per model, never moved in a hot path
+pub enum Vision {
+    /// The reference, in f32.
+    Cpu(VisionTower),
+    Cuda(CudaVision),
+}
+
+impl Vision {
+    pub fn device(&self) -> Device {
+        match self {
+            Vision::Cpu(_) => Device::Cpu,
+            Vision::Cuda(_) => Device::Cuda,
+        }
+    }
+
+    /// [`VisionTower::forward`] where the tower runs.
+    pub fn forward(&self, pixel_values: &[f32], grid_thw: [usize; 3]) -> Result<VisionOutput> {
+        match self {
+            Vision::Cpu(v) => v.forward(pixel_values, grid_thw),
+            Vision::Cuda(v) => v.forward(pixel_values, grid_thw),
+        }
+    }
 }
 
 /// A prompt ready for the LM: token ids with each image's placeholder expanded to its
@@ -417,22 +440,18 @@ impl Qwen25Vl {
                 layout.lm(),
             )?),
         };
-        let vision = VisionTower::load(&cfg.vision, &weights, layout.visual())?;
-        let cuda_vision = match &lm {
-            Lm::Cuda(m) if cuda_vision::check_served(&cfg.vision).is_ok() => Some(CudaVision::from_weights(
-                m.device().clone(),
-                &cfg.vision,
-                &weights,
-                layout.visual(),
-            )?),
-            _ => None,
-        };
+        let vision =
+            match &lm {
+                Lm::Cuda(m) if cuda_vision::check_served(&cfg.vision).is_ok() => Vision::Cuda(
+                    CudaVision::from_weights(m.device().clone(), &cfg.vision, &weights, layout.visual())?,
+                ),
+                _ => Vision::Cpu(VisionTower::load(&cfg.vision, &weights, layout.visual())?),
+            };
         Ok(Qwen25Vl {
             cfg,
             layout,
             lm,
             vision,
-            cuda_vision,
         })
     }
 
@@ -477,13 +496,9 @@ impl Qwen25Vl {
         Ok(out)
     }
 
-    /// The vision tower on one preprocessed image: on the device when it is loaded there,
-    /// else on the CPU.
+    /// The vision tower on one preprocessed image, where it runs.
     pub fn encode_image(&self, pixel_values: &[f32], grid_thw: [usize; 3]) -> Result<VisionOutput> {
-        match &self.cuda_vision {
-            Some(v) => v.forward(pixel_values, grid_thw),
-            None => self.vision.forward(pixel_values, grid_thw),
-        }
+        self.vision.forward(pixel_values, grid_thw)
     }
 
     /// Token ids (already expanded) plus the images' grids and merged embeddings (in

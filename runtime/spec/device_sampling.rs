@@ -2,23 +2,32 @@
 //! both run on CUDA, a chain step keeps the drafter's q rows and the target's p rows in
 //! device buffers (the `probabilities` kernel behind the LM head), draws each draft with
 //! the `sample` kernel and verifies with `verify_sampled`: per step only draft ids and the
-//! verdict come back, and the uniforms go the other way. The uniforms are the request's
-//! host RNG draws in the order the host path takes them (one per draft; then the accept
-//! tests and the final draw, of which the RNG keeps only those the host would have
-//! consumed), so a seed gives the host path's output up to the blocked-sum caveat of
-//! cuda/sampling.cu (a uniform within rounding of a boundary).
+//! verdict come back, and the uniforms go the other way ([`DeviceSampling`]).
+//!
+//! Token trees ([`DeviceTreeSampling`], whenever the target's LM runs on CUDA): the
+//! target's p rows of every node stay on the device and `verify_tree_sampled` walks the
+//! tree there. The drafter's q rows are host rows (tree drafting draws its children
+//! without replacement on the host), so the rows of the nodes that have children go up,
+//! one copy per pass: at most one row per drafted depth and width, where the host path
+//! would bring down a target row for every node.
+//!
+//! The uniforms are the request's host RNG draws in the order the host path takes them
+//! (one per draft; then the accept tests and the final draw, of which the RNG keeps only
+//! those the host would have consumed), so a seed gives the host path's output up to the
+//! blocked-sum caveat of cuda/sampling.cu (a uniform within rounding of a boundary).
 
 use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 
 use super::draft::{next_positions, DraftState, Drafter};
+use super::tree::{TokenTree, TreeVerdict};
 use super::verify::Verdict;
 use crate::backend::cuda::CudaDevice;
 use crate::error::{Error, Result};
 use crate::model::qwen2::Positions;
 use crate::model::{Lm, Session, Target};
-use crate::reference::uniforms_consumed;
+use crate::reference::{tree_uniforms_consumed, uniforms_consumed};
 use crate::sampling::{Rng, SamplingParams};
 
 /// Device buffers of one request's chain steps, sized for up to `gamma` drafts.
@@ -148,5 +157,129 @@ impl DeviceSampling {
             )));
         }
         Ok(())
+    }
+}
+
+/// Device buffers of one request's token-tree passes, sized for trees of up to `nodes`
+/// nodes (the root included).
+pub struct DeviceTreeSampling {
+    dev: Arc<CudaDevice>,
+    nodes: usize,
+    /// Drafter and target vocabularies (rows of q and p).
+    nq: usize,
+    np: usize,
+    p: CudaSlice<f32>,        // [nodes, np]
+    q: CudaSlice<f32>,        // [nodes, nq]: rows of the nodes with children
+    tokens: CudaSlice<i32>,   // [nodes]
+    parents: CudaSlice<i32>,  // [nodes]
+    q_row: CudaSlice<i32>,    // [nodes]: each node's row of q, -1 for none
+    uniforms: CudaSlice<f64>, // [nodes]
+    work: CudaSlice<f32>,     // [np + nq]: the kernel's running p and q
+    out: CudaSlice<i32>,      // [nodes + 1]: (m, next, path[0..m])
+}
+
+impl DeviceTreeSampling {
+    /// Buffers for trees of up to `max_drafted` drafted nodes when the target's LM runs
+    /// on the CUDA device (the drafter may run anywhere); None otherwise.
+    pub fn new(target: &Target, drafter: &Drafter, max_drafted: usize) -> Result<Option<Self>> {
+        let Lm::Cuda(t) = target.lm() else {
+            return Ok(None);
+        };
+        let dev = Arc::clone(t.device());
+        let (nq, np) = (drafter.lm.cfg.vocab_size, target.text_config().vocab_size);
+        let n = max_drafted + 1;
+        Ok(Some(DeviceTreeSampling {
+            p: dev.alloc_zeros(n * np)?,
+            q: dev.alloc_zeros(n * nq)?,
+            tokens: dev.alloc_zeros(n)?,
+            parents: dev.alloc_zeros(n)?,
+            q_row: dev.alloc_zeros(n)?,
+            uniforms: dev.alloc_zeros(n)?,
+            work: dev.alloc_zeros(np + nq)?,
+            out: dev.alloc_zeros(n + 1)?,
+            dev,
+            nodes: n,
+            nq,
+            np,
+        }))
+    }
+
+    /// The target scores `tree` after the session's cache (its p rows left on the device)
+    /// and multi-candidate rejection sampling picks the accepted path there
+    /// ([`crate::spec::tree::verify_tree_sampled`]'s rule). The RNG advances by the
+    /// uniforms the host path would have drawn.
+    pub fn verify(
+        &mut self,
+        target: &Target,
+        session: &mut Session,
+        tree: &TokenTree,
+        params: &SamplingParams,
+        rng: &mut Rng,
+    ) -> Result<TreeVerdict> {
+        tree.validate()?;
+        let n = tree.len();
+        if n > self.nodes {
+            return Err(Error::InvalidArgument(format!(
+                "a tree of {n} nodes for device buffers of {}",
+                self.nodes
+            )));
+        }
+        let (dev, nq, np) = (&self.dev, self.nq, self.np);
+        target.decode_tree_probs(&tree.tokens, &tree.depths, &tree.mask(), session, params, &mut self.p)?;
+
+        // The drafter's rows of the nodes with children, packed, in one upload.
+        let mut q_row = vec![-1i32; n];
+        let mut rows: Vec<f32> = Vec::new();
+        for (node, q) in tree.q.iter().enumerate() {
+            let Some(q) = q else { continue };
+            if q.len() != nq {
+                return Err(Error::InvalidArgument(format!(
+                    "node {node}'s drafter distribution has {} entries, the drafter's vocabulary {nq}",
+                    q.len()
+                )));
+            }
+            q_row[node] = (rows.len() / nq) as i32;
+            rows.extend_from_slice(q);
+        }
+        let q_rows = rows.len() / nq;
+        dev.upload_into(&rows, &mut self.q.slice_mut(..rows.len()))?;
+        dev.upload_into(&q_row, &mut self.q_row.slice_mut(..n))?;
+        let tokens: Vec<i32> = tree.tokens.iter().map(|&t| t as i32).collect();
+        let parents: Vec<i32> = tree.parents.iter().map(|&p| p as i32).collect();
+        dev.upload_into(&tokens, &mut self.tokens.slice_mut(..n))?;
+        dev.upload_into(&parents, &mut self.parents.slice_mut(..n))?;
+        let mut peek = rng.clone();
+        let u: Vec<f64> = (0..n).map(|_| peek.uniform()).collect();
+        dev.upload_into(&u, &mut self.uniforms.slice_mut(..n))?;
+
+        dev.verify_tree_sampled(
+            &self.tokens.slice(..n),
+            &self.parents.slice(..n),
+            tree.proposal,
+            &self.q_row.slice(..n),
+            &self.q.slice(..q_rows * nq),
+            &self.p.slice(..n * np),
+            &self.uniforms.slice(..n),
+            &mut self.work.as_view_mut(),
+            &mut self.out.slice_mut(..n + 1),
+            n,
+            q_rows,
+            nq,
+            np,
+        )?;
+        let out = dev.download(&self.out.slice(..n + 1))?;
+        let m = usize::try_from(out[0]).ok().filter(|&m| m < n);
+        let path: Option<Vec<usize>> = m.and_then(|m| out[2..2 + m].iter().map(|&c| usize::try_from(c).ok()).collect());
+        let (Some(path), Ok(next)) = (path, u32::try_from(out[1])) else {
+            return Err(Error::Cuda {
+                op: "verify_tree_sampled".into(),
+                reason: format!("malformed verdict {:?}", &out[..2]),
+            });
+        };
+        let verdict = TreeVerdict { path, next };
+        for _ in 0..tree_uniforms_consumed(&tree.parents, &verdict) {
+            rng.uniform();
+        }
+        Ok(verdict)
     }
 }

@@ -10,7 +10,7 @@ use crate::model::cuda_qwen2::Input;
 use crate::model::projector::Projector;
 use crate::model::qwen2::{Logits, Positions, TreeMask};
 use crate::model::qwen2_5_vl::VisionOutput;
-use crate::model::{Cache, Target};
+use crate::model::{Cache, Lm, Target};
 use crate::sampling::{probabilities, Rng, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
@@ -34,22 +34,29 @@ pub struct Drafter {
 }
 
 impl Drafter {
-    /// Loads `dir` with its LM on the CPU.
+    /// Loads `dir` on the CPU.
     pub fn load(dir: &Path) -> Result<Self> {
-        Self::with_lm(dir, DraftLm::load(dir)?)
-    }
-
-    /// Loads `dir` with its LM beside `target`'s: on the same CUDA device when the target
-    /// runs there and the kernels serve the drafter's shapes, else on the CPU
-    /// ([`DraftLm::load_beside`]). The projector always runs on the CPU.
-    pub fn load_beside(dir: &Path, target: &Target) -> Result<Self> {
-        Self::with_lm(dir, DraftLm::load_beside(dir, target.lm())?)
-    }
-
-    fn with_lm(dir: &Path, lm: DraftLm) -> Result<Self> {
         Ok(Drafter {
-            lm,
+            lm: DraftLm::load(dir)?,
             projector: Projector::load(dir)?,
+            tokenizer: Tokenizer::from_dir(dir)?,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Loads `dir` beside `target`: its LM on the target's CUDA device when the target's
+    /// LM runs there and the kernels serve the drafter's shapes, else on the CPU
+    /// ([`DraftLm::load_beside`]); its projector on the target's CUDA device whenever the
+    /// target's LM runs there (the projector kernels serve any shape), where the target's
+    /// vision features are.
+    pub fn load_beside(dir: &Path, target: &Target) -> Result<Self> {
+        let dev = match target.lm() {
+            Lm::Cuda(t) => Some(t.device()),
+            Lm::Cpu(_) => None,
+        };
+        Ok(Drafter {
+            lm: DraftLm::load_beside(dir, target.lm())?,
+            projector: Projector::load_on(dir, dev)?,
             tokenizer: Tokenizer::from_dir(dir)?,
             dir: dir.to_path_buf(),
         })

@@ -155,7 +155,7 @@ impl DraftLm {
     ) -> Result<()> {
         self.with_input(tokens, |input| {
             self.lm
-                .forward_probs(input, positions, cache, Logits::Last, params, out, row)
+                .forward_probs(input, positions, cache, Logits::Last, None, params, out, row)
         })
     }
 

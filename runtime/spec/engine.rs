@@ -8,9 +8,10 @@
 //! on the CPU otherwise ([`Drafter::load_beside`]). At T = 0 both models hand back only
 //! each row's argmax (taken on the device where the LM runs), so a step copies ids, not
 //! vocabulary rows. At T > 0 a chain whose two LMs both run on the device is drawn and
-//! verified there ([`DeviceSampling`]: ids and the verdict cross, q and p stay); otherwise
-//! (a CPU model, or token trees: `verify_tree_sampled` has a twin-tested kernel, not wired
-//! in yet) the rejection sampling runs on the host on f32 logit rows.
+//! verified there ([`DeviceSampling`]: ids and the verdict cross, q and p stay), and a
+//! token tree whose target runs on the device is verified there ([`DeviceTreeSampling`]:
+//! the target's p rows stay; the drafter's q rows, drawn on the host, go up); with the
+//! target on the CPU the rejection sampling runs on the host on f32 logit rows.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -23,7 +24,7 @@ use crate::metrics::{Counters, Metrics, Timings, Trace};
 use crate::model::qwen2::Logits;
 use crate::model::{one_line, Target};
 use crate::sampling::{probabilities, Rng, SamplingParams};
-use crate::spec::device_sampling::DeviceSampling;
+use crate::spec::device_sampling::{DeviceSampling, DeviceTreeSampling};
 use crate::spec::draft::{DraftMode, DraftState, Drafter, VisionTokens};
 use crate::spec::tree::{verify_tree_greedy, verify_tree_sampled, TokenTree, TreeSpec, TreeVerdict};
 use crate::spec::verify::{residual, verify_greedy, verify_sampled, Verdict};
@@ -262,10 +263,14 @@ impl Engine {
             }
             _ => None,
         };
-        // T > 0 chains with both LMs on the device verify there (q and p never cross).
-        let mut on_device = match &draft_state {
-            Some((d, _)) if tree.is_none() && !sp.is_greedy() => DeviceSampling::new(&self.target, d, gamma)?,
-            _ => None,
+        // T > 0 chains with both LMs on the device verify there (q and p never cross), and
+        // trees with the target there (its p rows never cross).
+        let (mut on_device, mut tree_on_device) = match (&draft_state, tree) {
+            (Some((d, _)), None) if !sp.is_greedy() => (DeviceSampling::new(&self.target, d, gamma)?, None),
+            (Some((d, _)), Some(spec)) if !sp.is_greedy() => {
+                (None, DeviceTreeSampling::new(&self.target, d, spec.max_nodes())?)
+            }
+            _ => (None, None),
         };
 
         let mut counters = Counters::default();
@@ -289,6 +294,8 @@ impl Engine {
                     let scores = if sp.is_greedy() {
                         let (tokens, depths, mask) = (&tr.tokens, &tr.depths, &tr.mask());
                         Scores::Argmax(self.target.decode_tree_argmax(tokens, depths, mask, &mut session)?)
+                    } else if let Some(dev) = &mut tree_on_device {
+                        Scores::TreeVerdict(dev.verify(&self.target, &mut session, &tr, sp, &mut rng)?)
                     } else {
                         Scores::Logits(
                             self.target
@@ -329,6 +336,11 @@ impl Engine {
                     let verdict = match scores {
                         Scores::Argmax(argmaxes) => verify_greedy(&drafts, &argmaxes),
                         Scores::Verdict(v) => v,
+                        Scores::TreeVerdict(_) => {
+                            return Err(Error::InvalidArgument(
+                                "a tree's device verdict was given for a chain".into(),
+                            ))
+                        }
                         Scores::Logits(logits) => {
                             let v = logits.len() / block.len();
                             let ps: Vec<Vec<f32>> = logits.chunks_exact(v).map(|r| probabilities(r, sp)).collect();
@@ -401,6 +413,8 @@ enum Scores {
     Logits(Vec<f32>),
     /// Verified on the device ([`DeviceSampling`]).
     Verdict(Verdict),
+    /// A tree verified on the device ([`DeviceTreeSampling`]).
+    TreeVerdict(TreeVerdict),
 }
 
 /// The accepted path of a scored tree: greedy on argmaxes, rejection sampling on logits.
@@ -412,6 +426,7 @@ fn verify_tree(tree: &TokenTree, scores: Scores, sp: &SamplingParams, rng: &mut 
             let ps: Vec<Vec<f32>> = logits.chunks_exact(v).map(|r| probabilities(r, sp)).collect();
             verify_tree_sampled(tree, &ps, rng, residual)
         }
+        Scores::TreeVerdict(v) => v,
         Scores::Verdict(_) => {
             return Err(Error::InvalidArgument(
                 "a chain's device verdict was given for a token tree".into(),

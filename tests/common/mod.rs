@@ -167,3 +167,75 @@ pub fn cuda_device() -> Option<massv::backend::cuda::CudaDevice> {
         }
     }
 }
+
+/// Device (bf16) outputs against the CPU's f32 reference: overall rms error ≤ RMS_TOL × the
+/// reference's rms, and each row's max error ≤ ROW_TOL × that row's rms. The module doc of
+/// tests/cuda_model.rs derives the bound (about 3× what bf16 storage alone costs).
+pub const RMS_TOL: f32 = 0.02;
+pub const ROW_TOL: f32 = 0.10;
+
+pub fn rms(x: &[f32]) -> f32 {
+    (x.iter().map(|v| v * v).sum::<f32>() / x.len().max(1) as f32).sqrt()
+}
+
+/// The bound of [`RMS_TOL`] / [`ROW_TOL`] on rows of `width`; Err names the worst offence.
+pub fn check_close(what: &str, got: &[f32], want: &[f32], width: usize) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!("{what}: {} values, expected {}", got.len(), want.len()));
+    }
+    let diff: Vec<f32> = got.iter().zip(want).map(|(a, b)| a - b).collect();
+    if diff.iter().any(|d| !d.is_finite()) {
+        return Err(format!("{what}: non-finite values"));
+    }
+    let (e, r) = (rms(&diff), rms(want));
+    if e > RMS_TOL * r {
+        return Err(format!("{what}: rms error {e:e} exceeds {RMS_TOL} × rms {r:e}"));
+    }
+    for (i, (d, w)) in diff.chunks(width).zip(want.chunks(width)).enumerate() {
+        let m = d.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let bound = ROW_TOL * rms(w) + 1e-6;
+        if m > bound {
+            return Err(format!("{what}: row {i} max error {m:e} exceeds {bound:e}"));
+        }
+    }
+    Ok(())
+}
+
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], width: usize) {
+    if let Err(e) = check_close(what, got, want, width) {
+        panic!("{e}");
+    }
+}
+
+/// Writes a MASSV projector (massv.json + projector.safetensors, f32) mapping vision
+/// features of width `dv`, merged m×m, through `dh` to `d`, with weights uniform in
+/// ±1/√fan_in (norm weights around 1) drawn from `seed`.
+pub fn write_random_projector(dir: &Path, dv: usize, m: usize, dh: usize, d: usize, seed: u64) {
+    use massv::weights::{write_safetensors, OwnedTensor};
+    let mut rng = massv::sampling::Rng::new(seed);
+    let mut t = |shape: Vec<usize>, center: f32, scale: f32| {
+        let v = (0..shape.iter().product::<usize>())
+            .map(|_| center + scale * (2.0 * rng.uniform() as f32 - 1.0))
+            .collect();
+        OwnedTensor::f32(shape, v)
+    };
+    let (k1, k2) = ((dv * m * m) as f32, dh as f32);
+    let tensors = [
+        ("norm.weight", t(vec![dv], 1.0, 0.2)),
+        ("fc1.weight", t(vec![dh, dv * m * m], 0.0, 1.0 / k1.sqrt())),
+        ("fc1.bias", t(vec![dh], 0.0, 1.0 / k1.sqrt())),
+        ("fc2.weight", t(vec![d, dh], 0.0, 1.0 / k2.sqrt())),
+        ("fc2.bias", t(vec![d], 0.0, 1.0 / k2.sqrt())),
+    ];
+    write_safetensors(&dir.join("projector.safetensors"), &tensors).unwrap();
+    let cfg = serde_json::json!({
+        "format": "massv-drafter/1",
+        "vision_hidden_size": dv,
+        "spatial_merge_size": m,
+        "projector_hidden_size": dh,
+        "draft_hidden_size": d,
+        "norm_eps": 1e-6,
+        "activation": "gelu",
+    });
+    std::fs::write(dir.join("massv.json"), cfg.to_string()).unwrap();
+}
