@@ -27,17 +27,19 @@
 #   - runs the CUDA tests with MASSV_REQUIRE_CUDA=1 (no GPU = failure, not a skip);
 #   - runs the benchmark (the ignored test bench_kernels), the model benchmark (the
 #     ignored test bench_model: synth checkpoints of the 7B target's LM, MASSV_BENCH_LAYERS
-#     of its layers, default 4, and of the 0.5B drafter; decode, verify, tree, TTFT) and
+#     of its layers, default 4, and of the 0.5B drafter; decode, verify, tree, TTFT), the
+#     image side (the ignored test bench_vision in tests/cuda_projector.rs: the 7B vision
+#     tower on a 448×448 image and the MASSV projector; under "vision" in the JSON) and
 #     `massv generate --device cuda` (which must name the GPU: the driver probe);
 #   - runs compute-sanitizer --tool memcheck on all CUDA tests and --tool racecheck on
 #     the kernels with shared memory, each under a time limit.
 # Every step's log is in $OUT/logs.tar.gz; the exit status is non-zero if any step failed.
 # The step limits (tests 200 s, model tests 200 s, projector tests 120 s, bench 150 s,
-# model bench 240 s, massv 120 s, memcheck 120 s, racecheck 90 s) add up to more than
-# the 600 s a command may run, so each step's limit is also cut to what is left of the
-# call's budget of 570 s (MASSV_GPU_BUDGET_S), and a step with under 30 s left is not
-# started (and counts as failed). Steps run in the order above; to give steps a call of
-# their own, name them:
+# model bench 240 s, vision bench 120 s, massv 120 s, memcheck 120 s, racecheck 90 s) add
+# up to more than the 600 s a command may run, so each step's limit is also cut to what
+# is left of the call's budget of 570 s (MASSV_GPU_BUDGET_S), and a step with under 30 s
+# left is not started (and counts as failed). Steps run in the order above; to give
+# steps a call of their own, name them:
 #        run(command="bench/gpu.sh run bench model", carry=[".gpu"], timeout_s=600)
 #        run(command="bench/gpu.sh run sanitize", carry=[".gpu"], timeout_s=600)
 set -uo pipefail
@@ -125,6 +127,20 @@ run() {
         return $rc
     }
 
+    # merge_json RESULTS KEY PART: PART's JSON under KEY in RESULTS (created if absent);
+    # nothing when PART was not written.
+    merge_json() {
+        [ -f "$3" ] || return 0
+        python3 - "$1" "$2" "$3" <<'PY'
+import json, os, sys
+path, key, part = sys.argv[1:4]
+doc = json.load(open(path)) if os.path.exists(path) else {}
+doc[key] = json.load(open(part))
+with open(path, "w") as f:
+    json.dump(doc, f, indent=2)
+PY
+    }
+
     for f in bin.tar.xz COMMIT; do
         [ -e "$gpu_dir/$f" ] || { echo "error: $gpu_dir/$f missing: run bench/gpu.sh build and carry .gpu"; exit 1; }
     done
@@ -180,16 +196,13 @@ run() {
         rm -f "$model_json"
         MASSV_BENCH_JSON="$model_json" MASSV_BENCH_DATE="$date_" MASSV_COMMIT="$commit" \
             step bench-model 240 "$gpu_dir/cuda_model" --ignored bench_model --nocapture --test-threads=1
-        if [ -f "$model_json" ]; then
-            python3 - "$json" "$model_json" <<'PY' || failed+=("bench-model (merging its JSON)")
-import json, os, sys
-path, model = sys.argv[1], sys.argv[2]
-doc = json.load(open(path)) if os.path.exists(path) else {}
-doc["model"] = json.load(open(model))
-with open(path, "w") as f:
-    json.dump(doc, f, indent=2)
-PY
-        fi
+        merge_json "$json" model "$model_json" || failed+=("bench-model (merging its JSON)")
+        # The image side: the 7B vision tower + merger and the MASSV projector (448×448).
+        local vision_json="${TMPDIR:-/tmp}/massv-bench-vision.json"
+        rm -f "$vision_json"
+        MASSV_BENCH_JSON="$vision_json" MASSV_BENCH_DATE="$date_" MASSV_COMMIT="$commit" \
+            step bench-vision 120 "$gpu_dir/cuda_projector" --ignored bench_vision --nocapture --test-threads=1
+        merge_json "$json" vision "$vision_json" || failed+=("bench-vision (merging its JSON)")
     fi
 
     # The CLI on the device: the fixture's head_dim 16 is not served by the attention
@@ -237,6 +250,7 @@ PY
     tar xzOf "$out/logs.tar.gz" logs/tests.log 2>/dev/null | grep -h "^test result" || true
     [ -f "$json" ] && echo "benchmark: $json" || echo "benchmark: no JSON written"
     [ -f "$json" ] && grep -q '"model"' "$json" && echo "model benchmark: under \"model\" in it"
+    [ -f "$json" ] && grep -q '"vision"' "$json" && echo "vision benchmark: under \"vision\" in it"
     if [ ${#failed[@]} -gt 0 ]; then
         printf 'FAILED: %s\n' "${failed[@]}"
         exit 1

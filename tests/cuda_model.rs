@@ -69,7 +69,7 @@ macro_rules! dev_or_skip {
     };
 }
 
-use common::{assert_close, check_close, fixture, rms, ROW_TOL};
+use common::{assert_close, check_close, fixture, median_ms, rms, BENCH_RUNS, ROW_TOL};
 
 struct Spec {
     name: &'static str,
@@ -1234,9 +1234,6 @@ const DRAFTER_CONFIG: &str = include_str!(concat!(
     "/../shared/real-models/Qwen2.5-0.5B-Instruct/config.json"
 ));
 
-/// Timed runs per step (each on its own, after the warm-up runs).
-const BENCH_RUNS: usize = 30;
-const BENCH_WARMUP: usize = 3;
 /// Cached tokens every decode and verify step follows; also the prefill (TTFT) length.
 const BENCH_CONTEXT: usize = 1024;
 const BENCH_GAMMA: usize = 5;
@@ -1258,34 +1255,6 @@ fn synth_bench(tmp: &Path, name: &str, config: &serde_json::Value, layers: Optio
     synth(&cfg, &dir, &opts).unwrap();
     println!("synth {name}: {:.1} s", t0.elapsed().as_secs_f64());
     dir
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    if v.len() % 2 == 0 {
-        (v[m - 1] + v[m]) / 2.0
-    } else {
-        v[m]
-    }
-}
-
-/// Median ms of `f` over BENCH_RUNS runs after BENCH_WARMUP, each run timed on its own
-/// with CUDA events on the stream (`CudaDevice::time_ms`, as tests/cuda_ops.rs's
-/// `Bench::time`) after the device is synchronised; and the median wall-clock ms of the
-/// same runs (host work included).
-fn median_ms(dev: &CudaDevice, mut f: impl FnMut() -> massv::Result<()>) -> (f64, f64) {
-    for _ in 0..BENCH_WARMUP {
-        f().unwrap();
-    }
-    let (mut events, mut wall) = (Vec::new(), Vec::new());
-    for _ in 0..BENCH_RUNS {
-        dev.synchronize().unwrap();
-        let t0 = Instant::now();
-        events.push(dev.time_ms(&mut f).unwrap() as f64);
-        wall.push(t0.elapsed().as_secs_f64() * 1e3);
-    }
-    (median(events), median(wall))
 }
 
 /// Device-to-device copy bandwidth, bytes read + written per second: the best of 5

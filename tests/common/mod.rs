@@ -239,3 +239,34 @@ pub fn write_random_projector(dir: &Path, dv: usize, m: usize, dh: usize, d: usi
     });
     std::fs::write(dir.join("massv.json"), cfg.to_string()).unwrap();
 }
+
+/// Timed runs per benchmark step (each on its own, after the warm-up runs).
+pub const BENCH_RUNS: usize = 30;
+pub const BENCH_WARMUP: usize = 3;
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 0 {
+        (v[m - 1] + v[m]) / 2.0
+    } else {
+        v[m]
+    }
+}
+
+/// Median ms of `f` over BENCH_RUNS runs after BENCH_WARMUP, each run timed on its own
+/// with CUDA events on the stream (`CudaDevice::time_ms`) after the device is
+/// synchronised; and the median wall-clock ms of the same runs (host work included).
+pub fn median_ms(dev: &massv::backend::cuda::CudaDevice, mut f: impl FnMut() -> massv::Result<()>) -> (f64, f64) {
+    for _ in 0..BENCH_WARMUP {
+        f().unwrap();
+    }
+    let (mut events, mut wall) = (Vec::new(), Vec::new());
+    for _ in 0..BENCH_RUNS {
+        dev.synchronize().unwrap();
+        let t0 = std::time::Instant::now();
+        events.push(dev.time_ms(&mut f).unwrap() as f64);
+        wall.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    (median(events), median(wall))
+}
