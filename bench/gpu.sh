@@ -14,8 +14,9 @@
 #    about a third of that) with the commit id, and downloads the compute-sanitizer
 #    wheel (nvidia-cuda-sanitizer-api, ~14 MB) there. It prints the total size: what
 #    travels must stay under 64 MiB.
-# 2) One device call (tracked files travel by themselves; .gpu is ignored, so carry it):
-#        run(command="bench/gpu.sh", carry=[".gpu"], timeout_s=600)
+# 2) Device calls (tracked files travel by themselves; .gpu is ignored, so carry it),
+#    three for every step (see the step limits below), e.g. the first:
+#        run(command="bench/gpu.sh run tests bench", carry=[".gpu"], timeout_s=600)
 #    The JSON comes back as files_at/bench/results/<date>-<gpu>.json, the logs as
 #    files_at/logs.tar.gz (at most 8 files come back). Copy the JSON into bench/results/
 #    and commit it.
@@ -35,13 +36,15 @@
 #     the kernels with shared memory, each under a time limit.
 # Every step's log is in $OUT/logs.tar.gz; the exit status is non-zero if any step failed.
 # The step limits (tests 200 s, model tests 200 s, projector tests 120 s, bench 150 s,
-# model bench 240 s, vision bench 120 s, massv 120 s, memcheck 120 s, racecheck 90 s) add
-# up to more than the 600 s a command may run, so each step's limit is also cut to what
-# is left of the call's budget of 570 s (MASSV_GPU_BUDGET_S), and a step with under 30 s
-# left is not started (and counts as failed). Steps run in the order above; to give
-# steps a call of their own, name them:
-#        run(command="bench/gpu.sh run bench model", carry=[".gpu"], timeout_s=600)
+# model bench 240 s, vision bench 120 s, massv 120 s, memcheck 120 + 150 + 60 s,
+# racecheck 90 s) add up to more than the 600 s a command may run, so each step's limit
+# is also cut to what is left of the call's budget of 570 s (MASSV_GPU_BUDGET_S), and a
+# step with under 30 s left is not started (and counts as failed). Steps run in the
+# order above; the whole run takes three calls, each naming its steps:
+#        run(command="bench/gpu.sh run tests bench", carry=[".gpu"], timeout_s=600)
+#        run(command="bench/gpu.sh run model massv", carry=[".gpu"], timeout_s=600)
 #        run(command="bench/gpu.sh run sanitize", carry=[".gpu"], timeout_s=600)
+# (each call's JSON holds its own steps' keys: merge them into one results file).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -92,7 +95,7 @@ for line in sys.stdin:
         echo "error: .gpu and the tracked tree hold $bytes bytes, over the 64 MiB the device takes"
         exit 1
     fi
-    echo "ready: run(command=\"bench/gpu.sh\", carry=[\".gpu\"], timeout_s=600)"
+    echo "ready: run(command=\"bench/gpu.sh run tests bench\", carry=[\".gpu\"], timeout_s=600), then \"run model massv\", then \"run sanitize\""
 }
 
 run() {
@@ -238,6 +241,15 @@ PY
         step racecheck 90 "$san" --tool racecheck --error-exitcode 1 \
             "$gpu_dir/cuda_ops" --test-threads=1 attention_decode attention_verify attention_varlen \
             argmax probabilities sample_is_exact verify_sampled_exact rmsnorm kv_append
+        # memcheck on the model level: the device rejection sampling (chains and trees),
+        # one VL target pass with its vision tower, and the projector, which drive the
+        # kernels through the runtime's own buffers (the full model tests take too long
+        # under memcheck).
+        step memcheck-model 150 "$san" --tool memcheck --error-exitcode 1 --leak-check no \
+            "$gpu_dir/cuda_model" --test-threads=1 device_rejection_sampling device_tree_rejection_sampling \
+            vision_tower_on_the_device_matches_the_cpu
+        step memcheck-projector 60 "$san" --tool memcheck --error-exitcode 1 --leak-check no \
+            "$gpu_dir/cuda_projector" --test-threads=1 fixture_projector
     else
         echo "== compute-sanitizer: not found (no wheel carried, none installed): sanitizers NOT run"
         failed+=("sanitizers not run")
