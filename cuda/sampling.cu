@@ -4,6 +4,8 @@
 //   argmax          first index of the maximum of each row (greedy decoding / drafting);
 //   probabilities   softmax(logits / T), then top-k, then top-p, renormalised
 //                   (massv::sampling::probabilities: ties ranked by lower id first);
+//   top_k           the k most likely tokens of the plain softmax and their probabilities
+//                   (T = 0 token trees; spec::tree::top_tokens' order);
 //   sample          one draw per row from non-negative weights, given a uniform;
 //   verify_greedy   longest prefix of drafts equal to the target's argmax + next token;
 //   verify_sampled  rejection sampling (accept with min(1, p/q), residual
@@ -42,16 +44,11 @@ __device__ __forceinline__ ArgMax argmax_pick(ArgMax a, ArgMax b) {
     return a;
 }
 
-// Block-wide first index of the max of x[0..n) (NaNs skipped; 0 if none). blockDim.x a
-// multiple of 32.
-__device__ int block_argmax(const float* __restrict__ x, int n) {
+// The block-wide best of every thread's pick (argmax_pick's order: higher value, then
+// lower index; i == INT_MAX: none), returned to every thread. blockDim.x a multiple of 32.
+__device__ ArgMax block_best(ArgMax best) {
     __shared__ float sv[32];
     __shared__ int si[32];
-    ArgMax best = {-INFINITY, INT_MAX};
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const float v = x[i];
-        if (v == v && (best.i == INT_MAX || v > best.v)) best = {v, i};
-    }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
         ArgMax o = {__shfl_xor_sync(0xffffffffu, best.v, off), __shfl_xor_sync(0xffffffffu, best.i, off)};
@@ -71,12 +68,27 @@ __device__ int block_argmax(const float* __restrict__ x, int n) {
             ArgMax o = {__shfl_xor_sync(0xffffffffu, best.v, off), __shfl_xor_sync(0xffffffffu, best.i, off)};
             best = argmax_pick(best, o);
         }
-        if (lane == 0) si[0] = best.i == INT_MAX ? 0 : best.i;
+        if (lane == 0) {
+            sv[0] = best.v;
+            si[0] = best.i;
+        }
     }
     __syncthreads();
-    const int r = si[0];
-    __syncthreads();
+    const ArgMax r = {sv[0], si[0]};
+    __syncthreads();  // sv / si are rewritten by the next call
     return r;
+}
+
+// Block-wide first index of the max of x[0..n) (NaNs skipped; 0 if none). blockDim.x a
+// multiple of 32.
+__device__ int block_argmax(const float* __restrict__ x, int n) {
+    ArgMax best = {-INFINITY, INT_MAX};
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = x[i];
+        if (v == v && (best.i == INT_MAX || v > best.v)) best = {v, i};
+    }
+    const ArgMax r = block_best(best);
+    return r.i == INT_MAX ? 0 : r.i;
 }
 
 // x: [rows, n] f32; out: [rows] int32. One block per row.
@@ -241,6 +253,54 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
     kept = block_sum_f64(kept);
     for (int i = threadIdx.x; i < n; i += blockDim.x) p[i] = (float)((double)p[i] / kept);
+}
+
+// ---------------------------------------------------------------------------------
+// top_k
+
+// logits: [rows, n]; ids, probs: [rows, k]. Per row the k most likely tokens of the plain
+// softmax (T = 1, with probabilities' operation order, so the values are the ones it
+// writes) that have a non-zero probability, best first, ties by lower id
+// (massv::spec::tree::top_tokens), and their probabilities; id -1 and probability 0 past
+// the last such token. What a T = 0 token tree needs of a drafter row, without the row.
+// One block per row (1024 threads); k rounds, each a block-wide pick of the best entry
+// ranked after the previous pick (probabilities recomputed per round: k passes of n
+// exponentials, far below the row's own read time for the small k of a tree).
+extern "C" __global__ void __launch_bounds__(1024)
+    top_k(const float* __restrict__ logits, int32_t* __restrict__ ids, float* __restrict__ probs, int n, int k) {
+    const float* x = logits + (size_t)blockIdx.x * n;
+    int32_t* row_ids = ids + (size_t)blockIdx.x * k;
+    float* row_probs = probs + (size_t)blockIdx.x * k;
+    float mx = -INFINITY;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) mx = fmaxf(mx, x[i]);
+    mx = block_max(mx);
+    double sum = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) sum += (double)expf(ieee_div(x[i] - mx, 1.0f));
+    sum = block_sum_f64(sum);
+    ArgMax prev = {INFINITY, -1};  // ranks before every entry
+    int j = 0;
+    for (; j < k; ++j) {
+        ArgMax best = {-INFINITY, INT_MAX};
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const float p = (float)((double)expf(ieee_div(x[i] - mx, 1.0f)) / sum);
+            if (!(p > 0.0f)) continue;  // zero, or NaN
+            const ArgMax e = {p, i};
+            // Only entries ranked after the previous pick: lower, or equal with a higher id.
+            if (!(prev.v > p || (prev.v == p && prev.i < i))) continue;
+            best = argmax_pick(best, e);
+        }
+        best = block_best(best);
+        if (best.i == INT_MAX) break;  // every thread sees the same pick
+        if (threadIdx.x == 0) {
+            row_ids[j] = best.i;
+            row_probs[j] = best.v;
+        }
+        prev = best;
+    }
+    for (int r = j + threadIdx.x; r < k; r += blockDim.x) {
+        row_ids[r] = -1;
+        row_probs[r] = 0.0f;
+    }
 }
 
 // ---------------------------------------------------------------------------------

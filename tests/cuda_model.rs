@@ -1886,3 +1886,97 @@ fn device_tree_rejection_sampling_makes_the_host_paths_choices() {
     }
     println!("device tree rejection sampling: {accepted} drafts accepted over {passes} passes");
 }
+
+/// `forward_top_k` (T = 0 tree drafting on the device: the `top_k` kernel behind the LM
+/// head) hands back, for a tree block under its mask, the host ranking
+/// (`reference::top_k`) of the same device logits: each row's ids in order, except where
+/// two probabilities are within the softmax's rounding (expf on the device), and their
+/// probabilities within that rounding; ids past the vocabulary's non-zero entries absent.
+#[test]
+fn device_top_k_is_the_host_ranking_of_the_device_logits() {
+    use massv::reference::top_k;
+    let dev = dev_or_skip!();
+    let (_tmp, dir) = make(&engine_text_spec());
+    let m = CudaQwen2::load(dev.clone(), &dir).unwrap();
+    let mut cache = m.new_cache(64).unwrap();
+    let mut rng = Rng::new(41);
+    let prompt = random_tokens(&mut rng, 20, m.cfg.vocab_size);
+    let pos: Vec<i32> = (0..20).collect();
+    m.extend(Input::Tokens(&prompt), Positions::Seq(&pos), &mut cache)
+        .unwrap();
+    // A 7-node tree (binary, depths 0..2) after the prompt.
+    let parents = [None, Some(0), Some(0), Some(1), Some(1), Some(2), Some(2)];
+    let allow = tree_mask(&parents);
+    let tree_pos = [20, 21, 21, 22, 22, 22, 22];
+    let nodes = random_tokens(&mut rng, 7, m.cfg.vocab_size);
+    let mask = || {
+        Some(TreeMask {
+            start: 20,
+            allow: &allow,
+        })
+    };
+    let run_logits = |cache: &mut CudaKvCache| {
+        let rows = m
+            .forward(
+                Input::Tokens(&nodes),
+                Positions::Seq(&tree_pos),
+                cache,
+                Logits::All,
+                mask(),
+            )
+            .unwrap();
+        cache.rollback_to(20).unwrap();
+        rows
+    };
+    let logits = run_logits(&mut cache);
+    let v = m.cfg.vocab_size;
+    for k in [1, 3, 8] {
+        let got = m
+            .forward_top_k(
+                Input::Tokens(&nodes),
+                Positions::Seq(&tree_pos),
+                &mut cache,
+                Logits::All,
+                mask(),
+                k,
+            )
+            .unwrap();
+        cache.rollback_to(20).unwrap();
+        assert_eq!(got.len(), 7, "k={k}: one list per node");
+        for (row, (g, l)) in got.iter().zip(logits.chunks_exact(v)).enumerate() {
+            let want = top_k(l, k);
+            let what = format!("k={k} node {row}");
+            assert_eq!(g.len(), want.len(), "{what}: {g:?} vs {want:?}");
+            for (j, (&(gi, gp), &(wi, wp))) in g.iter().zip(&want).enumerate() {
+                let close = (gp - wp).abs() <= 4e-5 * wp + 1e-7;
+                assert!(close, "{what}: [{j}] probability {gp} vs {wp}");
+                assert!(gi == wi || close, "{what}: [{j}] id {gi} vs {wi}");
+            }
+        }
+    }
+    // Logits::Last: one list, the last node's.
+    let last = m
+        .forward_top_k(
+            Input::Tokens(&nodes),
+            Positions::Seq(&tree_pos),
+            &mut cache,
+            Logits::Last,
+            mask(),
+            4,
+        )
+        .unwrap();
+    assert_eq!(last.len(), 1);
+    assert_eq!(last[0].len(), 4);
+    let e = m
+        .forward_top_k(
+            Input::Tokens(&nodes),
+            Positions::Seq(&tree_pos),
+            &mut cache,
+            Logits::All,
+            mask(),
+            0,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("k = 0"), "{e}");
+}

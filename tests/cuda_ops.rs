@@ -20,7 +20,7 @@
 
 mod common;
 
-use massv::backend::cuda::{bf16, AttnShape, CudaDevice, ATTN_HEAD_DIMS};
+use massv::backend::cuda::{bf16, AttnShape, CudaDevice, ATTN_HEAD_DIMS, MAX_TOP_K};
 use massv::reference as r;
 use massv::sampling::{Rng, SamplingParams};
 use massv::spec::tree::{verify_tree_greedy, verify_tree_sampled, Proposal, TokenTree, TreeVerdict};
@@ -1053,6 +1053,76 @@ fn argmax_first_index_on_ties() {
         dev.argmax(&dx.as_view(), &mut dout.as_view_mut(), rows, n).unwrap();
         let want: Vec<i32> = x.chunks(n).map(|row| r::argmax(row) as i32).collect();
         assert_eq!(dev.download(&dout.as_view()).unwrap(), want, "argmax {rows}x{n}");
+    }
+}
+
+/// `top_k` against its twin (`spec::tree::top_tokens` on the plain softmax): the same
+/// ids in the same order, probabilities within `probabilities`' tolerance; ties ranked by
+/// lower id; rows whose non-zero probabilities are fewer than k padded with -1 / 0.
+#[test]
+fn top_k_is_the_cpu_tree_ranking() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(16);
+    for &(rows, n) in &[(1, 10), (5, 1000), (3, 151_936)] {
+        let mut x = rand_vec(&mut rng, rows * n, 8.0);
+        // Row 0: three-way tie at the top. Row 1 (if any): all but 3 entries so far below
+        // that their probabilities are 0 in f32.
+        let m = x[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max) + 1.0;
+        for i in [n / 2, 0, n - 1] {
+            x[i] = m;
+        }
+        if rows > 1 {
+            for (i, v) in x[n..2 * n].iter_mut().enumerate() {
+                *v = if i % (n / 3) == 1 { 5.0 } else { -1000.0 };
+            }
+        }
+        let dx = dev.upload(&x).unwrap();
+        for k in [1, 4, 8, MAX_TOP_K] {
+            let mut ids = dev.alloc_zeros::<i32>(rows * k).unwrap();
+            let mut probs = dev.alloc_zeros::<f32>(rows * k).unwrap();
+            dev.top_k(
+                &dx.as_view(),
+                &mut ids.as_view_mut(),
+                &mut probs.as_view_mut(),
+                rows,
+                n,
+                k,
+            )
+            .unwrap();
+            let (ids, probs) = (
+                dev.download(&ids.as_view()).unwrap(),
+                dev.download(&probs.as_view()).unwrap(),
+            );
+            for row in 0..rows {
+                let what = format!("top_k {rows}x{n} k={k} row={row}");
+                let want = r::top_k(&x[row * n..(row + 1) * n], k);
+                let (gi, gp) = (&ids[row * k..(row + 1) * k], &probs[row * k..(row + 1) * k]);
+                let got_ids: Vec<u32> = gi.iter().map_while(|&i| u32::try_from(i).ok()).collect();
+                let want_ids: Vec<u32> = want.iter().map(|&(t, _)| t).collect();
+                assert_eq!(got_ids, want_ids, "{what}: ids");
+                assert!(gi[want.len()..].iter().all(|&i| i == -1), "{what}: padding ids {gi:?}");
+                assert!(
+                    gp[want.len()..].iter().all(|&p| p == 0.0),
+                    "{what}: padding probabilities"
+                );
+                for (j, (&(_, b), &a)) in want.iter().zip(gp).enumerate() {
+                    assert!((a - b).abs() <= 2e-5 * b + 1e-7, "{what}: [{j}] {a} vs {b}");
+                }
+            }
+            if n == 10 {
+                assert_eq!(&ids[..k.min(3)], &[0, 5, 9][..k.min(3)], "ties by lower id");
+            }
+        }
+    }
+    let dx = dev.upload(&[0.0f32; 8]).unwrap();
+    let mut ids = dev.alloc_zeros::<i32>(MAX_TOP_K + 1).unwrap();
+    let mut probs = dev.alloc_zeros::<f32>(MAX_TOP_K + 1).unwrap();
+    for k in [0, MAX_TOP_K + 1] {
+        let e = dev
+            .top_k(&dx.as_view(), &mut ids.as_view_mut(), &mut probs.as_view_mut(), 1, 8, k)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("top_k") && e.contains(&format!("k = {k}")), "{e}");
     }
 }
 

@@ -82,6 +82,9 @@ fn aligned16(op: &str, name: &str, ptr: u64) -> Result<()> {
     Ok(())
 }
 
+/// Most tokens [`CudaDevice::top_k`] takes per row (a token tree's widest node).
+pub const MAX_TOP_K: usize = 64;
+
 /// What [`probe`] found: the device's name and compute capability.
 #[derive(Debug, Clone)]
 pub struct DeviceInfo {
@@ -1405,6 +1408,38 @@ impl CudaDevice {
                 &top_k,
                 &params.top_p,
             ],
+        )
+    }
+
+    /// Per row of logits ([rows, n]) the k most likely tokens of the plain softmax with a
+    /// non-zero probability, best first (ties: lower id), into ids and probs ([rows, k]);
+    /// id -1, probability 0 past the last. k ≤ [`MAX_TOP_K`]. Twin: `reference::top_k`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn top_k(
+        &self,
+        logits: &CudaView<'_, f32>,
+        ids: &mut CudaViewMut<'_, i32>,
+        probs: &mut CudaViewMut<'_, f32>,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        const OP: &str = "top_k";
+        if k == 0 || k > MAX_TOP_K {
+            return Err(shape_err(OP, format!("k = {k} (1 to {MAX_TOP_K})")));
+        }
+        need(OP, "logits", logits.len(), rows * n)?;
+        need(OP, "ids", ids.len(), rows * k)?;
+        need(OP, "probs", probs.len(), rows * k)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (lp, ip, pp) = (self.rptr(logits), self.wptr(ids), self.wptr(probs));
+        self.launch(
+            "sampling",
+            OP,
+            block_per_row(rows, 1024),
+            &[&lp, &ip, &pp, &i32_arg(OP, "n", n)?, &(k as i32)],
         )
     }
 

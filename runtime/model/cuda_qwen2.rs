@@ -17,7 +17,7 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use half::{bf16, f16};
 
 use super::qwen2::{expected_tensors, Logits, Names, Positions, TreeMask};
-use crate::backend::cuda::{AttnScratch, AttnShape, CudaDevice, ATTN_HEAD_DIMS, GEMV_MAX_ROWS};
+use crate::backend::cuda::{AttnScratch, AttnShape, CudaDevice, ATTN_HEAD_DIMS, GEMV_MAX_ROWS, MAX_TOP_K};
 use crate::config::{self, TextConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::Extent;
@@ -64,18 +64,20 @@ struct Layer {
 
 /// Activations of one block of B = [`MAX_BLOCK`] tokens, reused by every pass.
 struct Scratch {
-    ids: CudaSlice<i32>,      // [B]
-    pos: CudaSlice<i32>,      // [3, B] (M-RoPE) or [B]
-    embeds: CudaSlice<f32>,   // [B, D] host embeddings before the bf16 conversion
-    hidden: CudaSlice<bf16>,  // [B, D] the residual stream
-    normed: CudaSlice<bf16>,  // [B, D]
-    qkv: CudaSlice<bf16>,     // q [n, Q], then k [n, KV], then v [n, KV] for a block of n
-    attn: CudaSlice<bf16>,    // [B, Q]
-    proj: CudaSlice<bf16>,    // [B, D] o_proj / down_proj output, added to the residual
-    gate_up: CudaSlice<bf16>, // [B, 2·I]
-    act: CudaSlice<bf16>,     // [B, I]
-    logits: CudaSlice<f32>,   // [GEMV_MAX_ROWS, V]
-    argmax: CudaSlice<i32>,   // [B]
+    ids: CudaSlice<i32>,       // [B]
+    pos: CudaSlice<i32>,       // [3, B] (M-RoPE) or [B]
+    embeds: CudaSlice<f32>,    // [B, D] host embeddings before the bf16 conversion
+    hidden: CudaSlice<bf16>,   // [B, D] the residual stream
+    normed: CudaSlice<bf16>,   // [B, D]
+    qkv: CudaSlice<bf16>,      // q [n, Q], then k [n, KV], then v [n, KV] for a block of n
+    attn: CudaSlice<bf16>,     // [B, Q]
+    proj: CudaSlice<bf16>,     // [B, D] o_proj / down_proj output, added to the residual
+    gate_up: CudaSlice<bf16>,  // [B, 2·I]
+    act: CudaSlice<bf16>,      // [B, I]
+    logits: CudaSlice<f32>,    // [GEMV_MAX_ROWS, V]
+    argmax: CudaSlice<i32>,    // [B]
+    top_ids: CudaSlice<i32>,   // [B, MAX_TOP_K]
+    top_probs: CudaSlice<f32>, // [B, MAX_TOP_K]
     /// Tree mask; starts at [B, B] (a target's tree) and grows only for a wider one (a
     /// drafter whose earlier depths are cached).
     mask: CudaSlice<u8>,
@@ -101,6 +103,8 @@ impl Scratch {
             act: dev.alloc_zeros(b * i)?,
             logits: dev.alloc_zeros(GEMV_MAX_ROWS * c.vocab_size)?,
             argmax: dev.alloc_zeros(b)?,
+            top_ids: dev.alloc_zeros(b * MAX_TOP_K)?,
+            top_probs: dev.alloc_zeros(b * MAX_TOP_K)?,
             mask: dev.alloc_zeros(b * b)?,
             gemv: dev.alloc_zeros(GEMV_SPLITS * GEMV_MAX_ROWS * widest)?,
             attn_split: dev.attn_scratch(b * c.num_attention_heads, ATTN_SPLITS, c.head_dim)?,
@@ -112,6 +116,11 @@ impl Scratch {
 enum Head<'a> {
     Logits(&'a mut Vec<f32>),
     Argmax(&'a mut Vec<u32>),
+    /// Each row's `k` most likely tokens with their probabilities (`top_k` kernel).
+    TopK {
+        k: usize,
+        out: &'a mut Vec<Vec<(u32, f32)>>,
+    },
     /// The processed distributions (`probabilities` kernel) into device rows, from row
     /// `next` of the buffer on: they never leave the device.
     Probs {
@@ -272,6 +281,26 @@ impl CudaQwen2 {
     ) -> Result<Vec<u32>> {
         let mut out = Vec::new();
         self.run(input, positions, cache, logits, mask, Head::Argmax(&mut out))?;
+        Ok(out)
+    }
+
+    /// As [`Self::forward`], but only each row's `k` ≤ [`MAX_TOP_K`] most likely tokens
+    /// under the plain softmax come back, with their probabilities (best first, ties by
+    /// lower id; fewer where the rest have probability 0): a T = 0 token tree's drafting.
+    pub fn forward_top_k(
+        &self,
+        input: Input,
+        positions: Positions,
+        cache: &mut CudaKvCache,
+        logits: Logits,
+        mask: Option<TreeMask>,
+        k: usize,
+    ) -> Result<Vec<Vec<(u32, f32)>>> {
+        if k == 0 || k > MAX_TOP_K {
+            return Err(err("forward_top_k", format!("k = {k} (1 to {MAX_TOP_K})")));
+        }
+        let mut out = Vec::new();
+        self.run(input, positions, cache, logits, mask, Head::TopK { k, out: &mut out })?;
         Ok(out)
     }
 
@@ -576,6 +605,14 @@ impl CudaQwen2 {
             match out {
                 Head::Logits(o) => o.extend(dev.download(&s.logits.slice(..g * v))?),
                 Head::Argmax(_) => dev.argmax(&s.logits.slice(..g * v), &mut s.argmax.slice_mut(g0..g1), g, v)?,
+                Head::TopK { k, .. } => dev.top_k(
+                    &s.logits.slice(..g * v),
+                    &mut s.top_ids.slice_mut(g0 * *k..g1 * *k),
+                    &mut s.top_probs.slice_mut(g0 * *k..g1 * *k),
+                    g,
+                    v,
+                    *k,
+                )?,
                 Head::Probs { out, params, next } => {
                     let (a, b) = (*next * v, (*next + g) * v);
                     if b > out.len() {
@@ -590,8 +627,21 @@ impl CudaQwen2 {
                 Head::Skip => {}
             }
         }
-        if let Head::Argmax(o) = out {
-            o.extend(dev.download(&s.argmax.slice(r0..r1))?.iter().map(|&i| i as u32));
+        match out {
+            Head::Argmax(o) => o.extend(dev.download(&s.argmax.slice(r0..r1))?.iter().map(|&i| i as u32)),
+            Head::TopK { k, out } => {
+                let ids = dev.download(&s.top_ids.slice(r0 * *k..r1 * *k))?;
+                let probs = dev.download(&s.top_probs.slice(r0 * *k..r1 * *k))?;
+                for (ri, rp) in ids.chunks_exact(*k).zip(probs.chunks_exact(*k)) {
+                    // Ids past the row's last non-zero probability are -1.
+                    let row = ri
+                        .iter()
+                        .zip(rp)
+                        .map_while(|(&i, &p)| u32::try_from(i).ok().map(|i| (i, p)));
+                    out.push(row.collect());
+                }
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -11,12 +11,14 @@ pub mod qwen2_5_vl;
 
 use std::path::Path;
 
+use crate::backend::cuda::MAX_TOP_K;
 use crate::backend::{Device, DeviceRequest};
 use crate::config::{self, read_json_object, TextConfig};
 use crate::error::{Error, Result};
 use crate::generate::argmax;
 use crate::image::Preprocessed;
 use crate::kv_cache::KvCache;
+use crate::reference;
 use crate::sampling::SamplingParams;
 use cuda_qwen2::{CudaKvCache, CudaQwen2, Input};
 use cudarc::driver::CudaSlice;
@@ -255,6 +257,31 @@ impl Lm {
                 let rows = lm.forward(input, positions, c, logits, mask)?;
                 let v = lm.cfg().vocab_size;
                 Ok(rows.chunks_exact(v).map(|r| argmax(r) as u32).collect())
+            }
+        }
+    }
+
+    /// [`Lm::forward`] handing back each row's `k` most likely tokens under the plain
+    /// softmax with their probabilities, best first (`reference::top_k`: what a T = 0
+    /// token tree ranks children by): on a device the `top_k` kernel picks them there and
+    /// only k pairs a row cross (for k ≤ [`MAX_TOP_K`]); otherwise from host logits.
+    pub fn forward_top_k<'c>(
+        &self,
+        input: Input,
+        positions: Positions,
+        cache: impl Into<CacheMut<'c>>,
+        logits: Logits,
+        mask: Option<TreeMask>,
+        k: usize,
+    ) -> Result<Vec<Vec<(u32, f32)>>> {
+        match (self, cache.into()) {
+            (Lm::Cuda(m), CacheMut::Cuda(c)) if (1..=MAX_TOP_K).contains(&k) => {
+                m.forward_top_k(input, positions, c, logits, mask, k)
+            }
+            (lm, c) => {
+                let rows = lm.forward(input, positions, c, logits, mask)?;
+                let v = lm.cfg().vocab_size;
+                Ok(rows.chunks_exact(v).map(|r| reference::top_k(r, k)).collect())
             }
         }
     }

@@ -1,11 +1,11 @@
 //! Twins of cuda/sampling.cu.
 //!
-//! `argmax`, `probabilities` and `verify_greedy` are the runtime's own functions. The
-//! draws (`sample`, the residual and bonus draws of `verify_sampled`) sum in a fixed
-//! "blocked" order a GPU can reproduce in parallel: chunks of [`SAMPLE_CHUNK`] entries
-//! summed left to right in f64, tiles of [`SAMPLE_TILE`] entries summing their chunk sums
-//! in order, the total summing the tiles in order; a draw walks tiles, then chunks, then
-//! entries. For at most 32 entries this is exactly `Rng::sample`'s sequential order;
+//! `argmax`, `probabilities` and `verify_greedy` are the runtime's own functions, `top_k`
+//! the T = 0 tree drafter's ranking on them. The draws (`sample`, the residual and bonus
+//! draws of `verify_sampled`) sum in a fixed "blocked" order a GPU can reproduce in
+//! parallel: chunks of [`SAMPLE_CHUNK`] entries summed left to right in f64, tiles of
+//! [`SAMPLE_TILE`] entries summing their chunk sums in order, the total summing the tiles
+//! in order; a draw walks tiles, then chunks, then entries. For at most 32 entries this is exactly `Rng::sample`'s sequential order;
 //! beyond, the two agree unless the uniform lands within f64 rounding of a boundary.
 //!
 //! `verify_tree_greedy` / `verify_tree_sampled` take a token tree as the flat arrays the
@@ -28,6 +28,22 @@ pub fn argmax(x: &[f32]) -> usize {
 /// softmax(logits / T) → top-k → top-p, renormalised (the runtime's `sampling::probabilities`).
 pub fn probabilities(logits: &[f32], params: &SamplingParams) -> Vec<f32> {
     crate::sampling::probabilities(logits, params)
+}
+
+/// The `k` most likely tokens of the plain softmax of `logits` (T = 1) that have a
+/// non-zero probability, best first (ties: lower id), with their probabilities:
+/// `spec::tree::top_tokens` on `probabilities`, what a T = 0 tree ranks children by.
+pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let softmax = SamplingParams {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    let q = probabilities(logits, &softmax);
+    crate::spec::tree::top_tokens(&q, k)
+        .into_iter()
+        .map(|t| (t, q[t as usize]))
+        .collect()
 }
 
 /// Greedy verification (the runtime's `spec::verify::verify_greedy`).

@@ -196,6 +196,18 @@ impl Drafter {
             .ok_or_else(|| Error::InvalidArgument("a drafter pass with no tokens".into()))
     }
 
+    /// [`Drafter::run_tokens`] for a T = 0 tree: the last row's `k` most likely tokens
+    /// with their probabilities ([`DraftLm::forward_tokens_top_k`]).
+    pub(super) fn run_tokens_top_k(&self, tokens: &[u32], cache: &mut Cache, k: usize) -> Result<Vec<(u32, f32)>> {
+        let positions = next_positions(cache, tokens.len());
+        let rows = self
+            .lm
+            .forward_tokens_top_k(tokens, Positions::Seq(&positions), cache, Logits::Last, None, k)?;
+        rows.into_iter()
+            .next()
+            .ok_or_else(|| Error::InvalidArgument("a drafter pass with no tokens".into()))
+    }
+
     /// Scores one depth of a tree: `tokens` at `position` each, seeing what `mask` allows;
     /// logits of every row.
     pub(super) fn run_tree(
@@ -208,6 +220,21 @@ impl Drafter {
         let positions = vec![position; tokens.len()];
         self.lm
             .forward_tokens(tokens, Positions::Seq(&positions), cache, Logits::All, Some(mask))
+    }
+
+    /// [`Drafter::run_tree`] for a T = 0 tree: each row's `k` most likely tokens with
+    /// their probabilities.
+    pub(super) fn run_tree_top_k(
+        &self,
+        tokens: &[u32],
+        position: i32,
+        cache: &mut Cache,
+        mask: TreeMask,
+        k: usize,
+    ) -> Result<Vec<Vec<(u32, f32)>>> {
+        let positions = vec![position; tokens.len()];
+        self.lm
+            .forward_tokens_top_k(tokens, Positions::Seq(&positions), cache, Logits::All, Some(mask), k)
     }
 }
 

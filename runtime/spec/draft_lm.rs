@@ -142,6 +142,23 @@ impl DraftLm {
         })
     }
 
+    /// [`DraftLm::forward_tokens`] handing back each row's `k` most likely tokens with
+    /// their probabilities ([`Lm::forward_top_k`]: T = 0 tree drafting on a device copies
+    /// k pairs a row, not vocabulary rows).
+    pub fn forward_tokens_top_k(
+        &self,
+        tokens: &[u32],
+        positions: Positions,
+        cache: &mut Cache,
+        logits: Logits,
+        mask: Option<TreeMask>,
+        k: usize,
+    ) -> Result<Vec<Vec<(u32, f32)>>> {
+        self.with_input(tokens, |input| {
+            self.lm.forward_top_k(input, positions, cache, logits, mask, k)
+        })
+    }
+
     /// [`DraftLm::forward_tokens`] (causal) leaving the last row's distribution under
     /// `params` in device row `row` of `out` ([`Lm::forward_probs`]; CUDA only).
     pub fn forward_tokens_probs(

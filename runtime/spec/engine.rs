@@ -6,8 +6,9 @@
 //! The target's LM runs on the CPU or on a CUDA device ([`Engine::load_for`]); the
 //! drafter's LM runs beside it, on the same device when the kernels serve its shapes and
 //! on the CPU otherwise ([`Drafter::load_beside`]). At T = 0 both models hand back only
-//! each row's argmax (taken on the device where the LM runs), so a step copies ids, not
-//! vocabulary rows. At T > 0 a chain whose two LMs both run on the device is drawn and
+//! each row's argmax (taken on the device where the LM runs), and a drafter growing a
+//! token tree only each node's few best tokens with their probabilities (the `top_k`
+//! kernel), so a step copies ids, not vocabulary rows. At T > 0 a chain whose two LMs both run on the device is drawn and
 //! verified there ([`DeviceSampling`]: ids and the verdict cross, q and p stay), and a
 //! token tree whose target runs on the device is verified there ([`DeviceTreeSampling`]:
 //! the target's p rows stay; the drafter's q rows, drawn on the host, go up); with the

@@ -73,6 +73,15 @@ impl TreeSpec {
         }
     }
 
+    /// Children a node gets at most.
+    pub fn max_children(&self) -> usize {
+        match self {
+            // Sibling ranks are contiguous from 0: a node's children are its last rank + 1.
+            TreeSpec::Static(p) => p.iter().filter_map(|r| r.last()).map(|&r| r + 1).max().unwrap_or(0),
+            TreeSpec::Dynamic { width, .. } => *width,
+        }
+    }
+
     /// Tokens the drafter scores in one tree at most (nodes that get children).
     pub fn max_fed(&self) -> usize {
         match self {

@@ -10,6 +10,28 @@ use crate::sampling::{probabilities, Rng, SamplingParams};
 use crate::spec::draft::{DraftState, Drafter};
 use crate::spec::tree::{draw_without_replacement, top_tokens, Proposal, TokenTree, TreeSpec, TreeVerdict};
 
+/// The drafter's distribution a node's children come from.
+enum Dist {
+    /// T > 0: the whole processed q (children are drawn from it, and verification tests
+    /// them against it).
+    Full(Vec<f32>),
+    /// T = 0: the tree's widest fan-out of most likely tokens under the plain softmax,
+    /// with their probabilities, best first: all that ranking children needs (taken where
+    /// the drafter runs: on a device only these pairs cross).
+    Top(Vec<(u32, f32)>),
+}
+
+impl Dist {
+    /// The `k` most likely tokens with non-zero probability, best first (ties: lower
+    /// id), with their probabilities.
+    fn top(&self, k: usize) -> Vec<(u32, f32)> {
+        match self {
+            Dist::Full(q) => top_tokens(q, k).into_iter().map(|t| (t, q[t as usize])).collect(),
+            Dist::Top(best) => best.iter().take(k).copied().collect(),
+        }
+    }
+}
+
 /// A tree while it grows: per node its rank path, log path probability under the
 /// drafter, drafter cache slot, and the distribution its children come from.
 struct Growing {
@@ -19,7 +41,7 @@ struct Growing {
     /// Sampled trees: the measured rate at which a node's first tried child is accepted.
     continue_rate: f64,
     slots: Vec<Option<usize>>,
-    dist: Vec<Option<Vec<f32>>>,
+    dist: Vec<Option<Dist>>,
 }
 
 impl Growing {
@@ -51,8 +73,8 @@ impl Growing {
         let ranked: Vec<Vec<f32>> = frontier
             .iter()
             .map(|&f| {
-                let q = self.dist[f].as_deref().unwrap_or(&[]);
-                top_tokens(q, width).iter().map(|&t| q[t as usize]).collect()
+                let best = self.dist[f].as_ref().map(|d| d.top(width)).unwrap_or_default();
+                best.into_iter().map(|(_, q)| q).collect()
             })
             .collect();
         let mut counts = vec![0usize; frontier.len()];
@@ -108,21 +130,6 @@ impl Growing {
     }
 }
 
-/// The distribution children are ranked or drawn by: the processed q at T > 0 (what
-/// verification tests against), the plain softmax at T = 0 (the processed one is one-hot).
-fn child_dist(logits: &[f32], params: &SamplingParams) -> Vec<f32> {
-    if params.is_greedy() {
-        let softmax = SamplingParams {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-        };
-        probabilities(logits, &softmax)
-    } else {
-        probabilities(logits, params)
-    }
-}
-
 /// Prior of a first child's acceptance rate: one success in two tries.
 const RANK_PRIOR: (f64, f64) = (2.0, 1.0);
 
@@ -174,11 +181,21 @@ impl DraftState {
             .ok_or_else(|| Error::InvalidArgument("draft_tree with nothing pending".into()))?;
         self.base = self.cache.len();
         self.fed_drafts = 0;
-        let logits = drafter.run_tokens(&self.pending, &mut self.cache)?;
+        // Children are ranked by the plain softmax at T = 0 (the processed q is one-hot
+        // there), drawn from the processed q at T > 0 (what verification tests against).
+        let fixed = params.is_greedy();
+        let fan_out = spec.max_children().max(1);
+        let root_dist = if fixed {
+            Dist::Top(drafter.run_tokens_top_k(&self.pending, &mut self.cache, fan_out)?)
+        } else {
+            Dist::Full(probabilities(
+                &drafter.run_tokens(&self.pending, &mut self.cache)?,
+                params,
+            ))
+        };
         self.fed_pending = self.pending.len();
         let tree_start = self.cache.len();
         let root_slot = tree_start - 1;
-        let fixed = params.is_greedy();
         let proposal = if fixed { Proposal::Fixed } else { Proposal::Sampled };
         let mut g = Growing {
             tree: TokenTree::root(root, proposal),
@@ -186,7 +203,7 @@ impl DraftState {
             logp: vec![0.0],
             continue_rate: self.continue_rate(),
             slots: vec![Some(root_slot)],
-            dist: vec![Some(child_dist(&logits, params))],
+            dist: vec![Some(root_dist)],
         };
         let depth = spec.depth().min(max_depth);
         let vocab = drafter.lm.cfg.vocab_size;
@@ -209,16 +226,18 @@ impl DraftState {
                 }
             };
             for (&f, &k) in frontier.iter().zip(&counts) {
-                let Some(q) = g.dist[f].take() else { continue };
-                let tokens = if fixed {
-                    top_tokens(&q, k)
-                } else {
-                    draw_without_replacement(&q, k, rng)
+                let Some(dist) = g.dist[f].take() else { continue };
+                let children = match &dist {
+                    Dist::Full(q) if !fixed => draw_without_replacement(q, k, rng)
+                        .into_iter()
+                        .map(|t| (t, q[t as usize]))
+                        .collect(),
+                    _ => dist.top(k),
                 };
-                for (rank, &t) in tokens.iter().enumerate() {
-                    born.push(g.push(f, rank, t, q[t as usize]));
+                for (rank, &(t, q)) in children.iter().enumerate() {
+                    born.push(g.push(f, rank, t, q));
                 }
-                if proposal == Proposal::Sampled {
+                if let (Proposal::Sampled, Dist::Full(q)) = (proposal, dist) {
                     g.tree.q[f] = Some(q);
                 }
             }
@@ -262,10 +281,20 @@ impl DraftState {
                 start: tree_start,
                 allow: &allow,
             };
-            let logits = drafter.run_tree(&tokens, (root_slot + d) as i32, &mut self.cache, mask)?;
-            for (i, (&c, row)) in grow.iter().zip(logits.chunks_exact(vocab)).enumerate() {
+            let position = (root_slot + d) as i32;
+            let dists: Vec<Dist> = if fixed {
+                let rows = drafter.run_tree_top_k(&tokens, position, &mut self.cache, mask, fan_out)?;
+                rows.into_iter().map(Dist::Top).collect()
+            } else {
+                let logits = drafter.run_tree(&tokens, position, &mut self.cache, mask)?;
+                logits
+                    .chunks_exact(vocab)
+                    .map(|r| Dist::Full(probabilities(r, params)))
+                    .collect()
+            };
+            for (i, (&c, dist)) in grow.iter().zip(dists).enumerate() {
                 g.slots[c] = Some(cached + i);
-                g.dist[c] = Some(child_dist(row, params));
+                g.dist[c] = Some(dist);
             }
             frontier = grow;
         }
