@@ -1892,8 +1892,10 @@ fn device_tree_rejection_sampling_makes_the_host_paths_choices() {
 /// (`reference::top_k`) of the same device logits: each row's ids in order, except where
 /// two probabilities are within the softmax's rounding (expf on the device), and their
 /// probabilities within that rounding; ids past the vocabulary's non-zero entries absent.
+/// `forward_host_probs` (T > 0 tree drafting) hands back `sampling::probabilities` of the
+/// same logits, within the same rounding.
 #[test]
-fn device_top_k_is_the_host_ranking_of_the_device_logits() {
+fn device_top_k_and_probabilities_are_the_host_ones_of_the_device_logits() {
     use massv::reference::top_k;
     let dev = dev_or_skip!();
     let (_tmp, dir) = make(&engine_text_spec());
@@ -1951,6 +1953,42 @@ fn device_top_k_is_the_host_ranking_of_the_device_logits() {
                 let close = (gp - wp).abs() <= 4e-5 * wp + 1e-7;
                 assert!(close, "{what}: [{j}] probability {gp} vs {wp}");
                 assert!(gi == wi || close, "{what}: [{j}] id {gi} vs {wi}");
+            }
+        }
+    }
+    for sp in [
+        massv::sampling::SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        massv::sampling::SamplingParams {
+            temperature: 0.8,
+            top_k: 20,
+            top_p: 0.9,
+        },
+    ] {
+        let got = m
+            .forward_host_probs(
+                Input::Tokens(&nodes),
+                Positions::Seq(&tree_pos),
+                &mut cache,
+                Logits::All,
+                mask(),
+                &sp,
+            )
+            .unwrap();
+        cache.rollback_to(20).unwrap();
+        assert_eq!(got.len(), logits.len());
+        for (row, (g, l)) in got.chunks_exact(v).zip(logits.chunks_exact(v)).enumerate() {
+            let want = massv::sampling::probabilities(l, &sp);
+            for (i, (a, b)) in g.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    *a == 0.0,
+                    *b == 0.0,
+                    "{sp:?} node {row}: support differs at {i} ({a} vs {b})"
+                );
+                assert!((a - b).abs() <= 2e-5 * b + 1e-7, "{sp:?} node {row}: [{i}] {a} vs {b}");
             }
         }
     }

@@ -75,6 +75,7 @@ struct Scratch {
     gate_up: CudaSlice<bf16>,  // [B, 2·I]
     act: CudaSlice<bf16>,      // [B, I]
     logits: CudaSlice<f32>,    // [GEMV_MAX_ROWS, V]
+    probs: CudaSlice<f32>,     // [GEMV_MAX_ROWS, V] distributions of Head::HostProbs
     argmax: CudaSlice<i32>,    // [B]
     top_ids: CudaSlice<i32>,   // [B, MAX_TOP_K]
     top_probs: CudaSlice<f32>, // [B, MAX_TOP_K]
@@ -102,6 +103,7 @@ impl Scratch {
             gate_up: dev.alloc_zeros(b * 2 * i)?,
             act: dev.alloc_zeros(b * i)?,
             logits: dev.alloc_zeros(GEMV_MAX_ROWS * c.vocab_size)?,
+            probs: dev.alloc_zeros(GEMV_MAX_ROWS * c.vocab_size)?,
             argmax: dev.alloc_zeros(b)?,
             top_ids: dev.alloc_zeros(b * MAX_TOP_K)?,
             top_probs: dev.alloc_zeros(b * MAX_TOP_K)?,
@@ -116,6 +118,11 @@ impl Scratch {
 enum Head<'a> {
     Logits(&'a mut Vec<f32>),
     Argmax(&'a mut Vec<u32>),
+    /// Each row's distribution under `params` (`probabilities` kernel), copied back.
+    HostProbs {
+        params: &'a SamplingParams,
+        out: &'a mut Vec<f32>,
+    },
     /// Each row's `k` most likely tokens with their probabilities (`top_k` kernel).
     TopK {
         k: usize,
@@ -281,6 +288,31 @@ impl CudaQwen2 {
     ) -> Result<Vec<u32>> {
         let mut out = Vec::new();
         self.run(input, positions, cache, logits, mask, Head::Argmax(&mut out))?;
+        Ok(out)
+    }
+
+    /// As [`Self::forward`], but each row's distribution under `params` comes back instead
+    /// of its logits (the softmax, top-k and top-p on the device: a T > 0 token tree's
+    /// drafting, whose draws are the host's).
+    pub fn forward_host_probs(
+        &self,
+        input: Input,
+        positions: Positions,
+        cache: &mut CudaKvCache,
+        logits: Logits,
+        mask: Option<TreeMask>,
+        params: &SamplingParams,
+    ) -> Result<Vec<f32>> {
+        params.validate()?;
+        let mut out = Vec::new();
+        self.run(
+            input,
+            positions,
+            cache,
+            logits,
+            mask,
+            Head::HostProbs { params, out: &mut out },
+        )?;
         Ok(out)
     }
 
@@ -605,6 +637,10 @@ impl CudaQwen2 {
             match out {
                 Head::Logits(o) => o.extend(dev.download(&s.logits.slice(..g * v))?),
                 Head::Argmax(_) => dev.argmax(&s.logits.slice(..g * v), &mut s.argmax.slice_mut(g0..g1), g, v)?,
+                Head::HostProbs { params, out } => {
+                    dev.probabilities(&s.logits.slice(..g * v), &mut s.probs.slice_mut(..g * v), g, v, params)?;
+                    out.extend(dev.download(&s.probs.slice(..g * v))?);
+                }
                 Head::TopK { k, .. } => dev.top_k(
                     &s.logits.slice(..g * v),
                     &mut s.top_ids.slice_mut(g0 * *k..g1 * *k),

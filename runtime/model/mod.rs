@@ -19,7 +19,7 @@ use crate::generate::argmax;
 use crate::image::Preprocessed;
 use crate::kv_cache::KvCache;
 use crate::reference;
-use crate::sampling::SamplingParams;
+use crate::sampling::{probabilities, SamplingParams};
 use cuda_qwen2::{CudaKvCache, CudaQwen2, Input};
 use cudarc::driver::CudaSlice;
 use qwen2::{Logits, Positions, Qwen2, TreeMask};
@@ -257,6 +257,27 @@ impl Lm {
                 let rows = lm.forward(input, positions, c, logits, mask)?;
                 let v = lm.cfg().vocab_size;
                 Ok(rows.chunks_exact(v).map(|r| argmax(r) as u32).collect())
+            }
+        }
+    }
+
+    /// [`Lm::forward`] handing back each row's distribution under `params`
+    /// (`sampling::probabilities`) instead of its logits: on a device computed there.
+    pub fn forward_host_probs<'c>(
+        &self,
+        input: Input,
+        positions: Positions,
+        cache: impl Into<CacheMut<'c>>,
+        logits: Logits,
+        mask: Option<TreeMask>,
+        params: &SamplingParams,
+    ) -> Result<Vec<f32>> {
+        match (self, cache.into()) {
+            (Lm::Cuda(m), CacheMut::Cuda(c)) => m.forward_host_probs(input, positions, c, logits, mask, params),
+            (lm, c) => {
+                let rows = lm.forward(input, positions, c, logits, mask)?;
+                let v = lm.cfg().vocab_size;
+                Ok(rows.chunks_exact(v).flat_map(|r| probabilities(r, params)).collect())
             }
         }
     }

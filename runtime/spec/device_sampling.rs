@@ -7,9 +7,10 @@
 //! Token trees ([`DeviceTreeSampling`], whenever the target's LM runs on CUDA): the
 //! target's p rows of every node stay on the device and `verify_tree_sampled` walks the
 //! tree there. The drafter's q rows are host rows (tree drafting draws its children
-//! without replacement on the host), so the rows of the nodes that have children go up,
-//! one copy per pass: at most one row per drafted depth and width, where the host path
-//! would bring down a target row for every node.
+//! without replacement on the host, from rows the device computed and copied back), so
+//! the rows of the nodes that have children go back up, one copy per pass: at most one
+//! row per drafted depth and width, where the host path would bring down a target row for
+//! every node.
 //!
 //! The uniforms are the request's host RNG draws in the order the host path takes them
 //! (one per draft; then the accept tests and the final draw, of which the RNG keeps only

@@ -11,7 +11,7 @@ use crate::model::projector::Projector;
 use crate::model::qwen2::{Logits, Positions, TreeMask};
 use crate::model::qwen2_5_vl::VisionOutput;
 use crate::model::{Cache, Lm, Target};
-use crate::sampling::{probabilities, Rng, SamplingParams};
+use crate::sampling::{Rng, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
 pub use super::draft_lm::DraftLm;
@@ -178,11 +178,17 @@ impl Drafter {
             .forward(input, Positions::Seq(&positions), cache, Logits::Last, None)
     }
 
-    /// Runs `tokens` after the cache at 1-D positions = cache indices; last-row logits.
-    pub(super) fn run_tokens(&self, tokens: &[u32], cache: &mut Cache) -> Result<Vec<f32>> {
+    /// Runs `tokens` after the cache at 1-D positions = cache indices; the last row's
+    /// distribution under `params` (computed where the LM runs).
+    pub(super) fn run_tokens_probs(
+        &self,
+        tokens: &[u32],
+        cache: &mut Cache,
+        params: &SamplingParams,
+    ) -> Result<Vec<f32>> {
         let positions = next_positions(cache, tokens.len());
         self.lm
-            .forward_tokens(tokens, Positions::Seq(&positions), cache, Logits::Last, None)
+            .forward_tokens_host_probs(tokens, Positions::Seq(&positions), cache, Logits::Last, None, params)
     }
 
     /// [`Drafter::run_tokens`] at T = 0: the last row's argmax only.
@@ -209,21 +215,28 @@ impl Drafter {
     }
 
     /// Scores one depth of a tree: `tokens` at `position` each, seeing what `mask` allows;
-    /// logits of every row.
-    pub(super) fn run_tree(
+    /// every row's distribution under `params` (computed where the LM runs).
+    pub(super) fn run_tree_probs(
         &self,
         tokens: &[u32],
         position: i32,
         cache: &mut Cache,
         mask: TreeMask,
+        params: &SamplingParams,
     ) -> Result<Vec<f32>> {
         let positions = vec![position; tokens.len()];
-        self.lm
-            .forward_tokens(tokens, Positions::Seq(&positions), cache, Logits::All, Some(mask))
+        self.lm.forward_tokens_host_probs(
+            tokens,
+            Positions::Seq(&positions),
+            cache,
+            Logits::All,
+            Some(mask),
+            params,
+        )
     }
 
-    /// [`Drafter::run_tree`] for a T = 0 tree: each row's `k` most likely tokens with
-    /// their probabilities.
+    /// [`Drafter::run_tree_probs`] for a T = 0 tree: each row's `k` most likely tokens
+    /// with their probabilities.
     pub(super) fn run_tree_top_k(
         &self,
         tokens: &[u32],
@@ -364,7 +377,7 @@ impl DraftState {
                     .ok_or_else(|| Error::InvalidArgument(format!("drafter argmax {d} past its vocabulary")))? = 1.0;
                 (d, q)
             } else {
-                let q = probabilities(&drafter.run_tokens(feed, cache)?, params);
+                let q = drafter.run_tokens_probs(feed, cache, params)?;
                 (rng.sample(&q) as u32, q)
             };
             qs.push(q);

@@ -142,6 +142,23 @@ impl DraftLm {
         })
     }
 
+    /// [`DraftLm::forward_tokens`] handing back each row's distribution under `params`
+    /// instead of its logits ([`Lm::forward_host_probs`]: on a device computed there).
+    pub fn forward_tokens_host_probs(
+        &self,
+        tokens: &[u32],
+        positions: Positions,
+        cache: &mut Cache,
+        logits: Logits,
+        mask: Option<TreeMask>,
+        params: &SamplingParams,
+    ) -> Result<Vec<f32>> {
+        self.with_input(tokens, |input| {
+            self.lm
+                .forward_host_probs(input, positions, cache, logits, mask, params)
+        })
+    }
+
     /// [`DraftLm::forward_tokens`] handing back each row's `k` most likely tokens with
     /// their probabilities ([`Lm::forward_top_k`]: T = 0 tree drafting on a device copies
     /// k pairs a row, not vocabulary rows).

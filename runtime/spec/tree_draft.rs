@@ -6,7 +6,7 @@ use std::cmp::Ordering;
 
 use crate::error::{Error, Result};
 use crate::model::qwen2::TreeMask;
-use crate::sampling::{probabilities, Rng, SamplingParams};
+use crate::sampling::{Rng, SamplingParams};
 use crate::spec::draft::{DraftState, Drafter};
 use crate::spec::tree::{draw_without_replacement, top_tokens, Proposal, TokenTree, TreeSpec, TreeVerdict};
 
@@ -188,10 +188,7 @@ impl DraftState {
         let root_dist = if fixed {
             Dist::Top(drafter.run_tokens_top_k(&self.pending, &mut self.cache, fan_out)?)
         } else {
-            Dist::Full(probabilities(
-                &drafter.run_tokens(&self.pending, &mut self.cache)?,
-                params,
-            ))
+            Dist::Full(drafter.run_tokens_probs(&self.pending, &mut self.cache, params)?)
         };
         self.fed_pending = self.pending.len();
         let tree_start = self.cache.len();
@@ -286,11 +283,8 @@ impl DraftState {
                 let rows = drafter.run_tree_top_k(&tokens, position, &mut self.cache, mask, fan_out)?;
                 rows.into_iter().map(Dist::Top).collect()
             } else {
-                let logits = drafter.run_tree(&tokens, position, &mut self.cache, mask)?;
-                logits
-                    .chunks_exact(vocab)
-                    .map(|r| Dist::Full(probabilities(r, params)))
-                    .collect()
+                let q = drafter.run_tree_probs(&tokens, position, &mut self.cache, mask, params)?;
+                q.chunks_exact(vocab).map(|r| Dist::Full(r.to_vec())).collect()
             };
             for (i, (&c, dist)) in grow.iter().zip(dists).enumerate() {
                 g.slots[c] = Some(cached + i);
