@@ -2085,6 +2085,23 @@ fn bench_kernels() {
         bench.dev.argmax(&logits.as_view(), &mut ids.as_view_mut(), 1, vocab)
     });
     bench.row("argmax 1x152064", ms, row_bytes);
+    // A T = 0 tree depth: 4 frontier rows, each its 4 best children (floor: the rows read
+    // once; the kernel reads them k + 2 times, mostly from L2).
+    let (mut top_ids, mut top_probs) = (
+        bench.dev.alloc_zeros::<i32>(16).unwrap(),
+        bench.dev.alloc_zeros::<f32>(16).unwrap(),
+    );
+    let ms = bench.time(50, || {
+        bench.dev.top_k(
+            &logits.slice(..4 * vocab),
+            &mut top_ids.as_view_mut(),
+            &mut top_probs.as_view_mut(),
+            4,
+            vocab,
+            4,
+        )
+    });
+    bench.row("top_k 4x152064 k=4", ms, 4.0 * row_bytes);
     let t1 = SamplingParams {
         temperature: 1.0,
         ..Default::default()
