@@ -158,11 +158,22 @@ PY
     echo "== machine"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1 | tee "$logs/nvidia-smi.log"
     ldd --version 2>&1 | head -n 1
-    # Libraries: libcuda from the driver, cuBLAS wherever it is (prefer .so.13). One
-    # bounded walk of the file system finds both.
-    local found cuda_lib cublas libdirs=""
-    found=$(timeout 90 find / \( -path /proc -o -path /sys -o -path /dev \) -prune -o \
-        \( -name 'libcuda.so.1' -o -name 'libcublas.so*' \) -print 2>/dev/null)
+    # Libraries: libcuda from the driver, cuBLAS wherever it is (prefer .so.13). A bounded
+    # walk finds both: first the usual places (the CUDA toolkit, Python's site-packages,
+    # where PyTorch's nvidia-cublas wheel lives), the whole file system only if cuBLAS is
+    # not there; what it found is kept in /tmp for the next call on the same machine.
+    local found cuda_lib cublas libdirs="" cache=/tmp/massv-gpu-libs.txt
+    local pattern=(\( -name 'libcuda.so.1' -o -name 'libcublas.so*' \) -print)
+    if [ -s "$cache" ] && xargs -a "$cache" ls >/dev/null 2>&1; then
+        found=$(cat "$cache")
+    else
+        local roots=(/usr/local /usr/lib /usr/lib64 /opt)
+        roots+=($(python3 -c 'import site, sys; print(" ".join(site.getsitepackages() + [site.getusersitepackages()]))' 2>/dev/null))
+        found=$(timeout 60 find "${roots[@]}" "${pattern[@]}" 2>/dev/null)
+        grep -q 'libcublas\.so' <<< "$found" \
+            || found=$(timeout 90 find / \( -path /proc -o -path /sys -o -path /dev \) -prune -o "${pattern[@]}" 2>/dev/null)
+        [ -z "$found" ] || printf '%s\n' "$found" > "$cache"
+    fi
     cuda_lib=$( (ldconfig -p 2>/dev/null | grep -o '/[^ ]*libcuda\.so\.1$'; grep 'libcuda\.so\.1$' <<< "$found") | head -n 1)
     cublas=$(grep -m1 'libcublas\.so\.13' <<< "$found" || grep -m1 'libcublas\.so' <<< "$found" || true)
     [ -n "$cuda_lib" ] && libdirs="$(dirname "$cuda_lib")"
