@@ -14,9 +14,12 @@
 #    about a third of that) with the commit id, and downloads the compute-sanitizer
 #    wheel (nvidia-cuda-sanitizer-api, ~14 MB) there. It prints the total size: what
 #    travels must stay under 64 MiB.
-# 2) Device calls (tracked files travel by themselves; .gpu is ignored, so carry it),
-#    three for every step (see the step limits below), e.g. the first:
-#        run(command="bench/gpu.sh run tests bench", carry=[".gpu"], timeout_s=600)
+# 2) Device calls (tracked files travel by themselves; .gpu is ignored, so carry it). A
+#    session's device time is 15 minutes, the machine's start included, so the plan is
+#    one full call, then at once (the machine stays warm for 30 s) one call for the steps
+#    the first had no time for, which its last lines name:
+#        run(command="bench/gpu.sh run", carry=[".gpu"], timeout_s=600)
+#        run(command="MASSV_GPU_BUDGET_S=<left> bench/gpu.sh run <steps>", carry=[".gpu"])
 #    The JSON comes back as files_at/bench/results/<date>-<gpu>.json, the logs as
 #    files_at/logs.tar.gz (at most 8 files come back). Copy the JSON into bench/results/
 #    and commit it.
@@ -30,21 +33,21 @@
 #     ignored test bench_model: synth checkpoints of the 7B target's LM, MASSV_BENCH_LAYERS
 #     of its layers, default 4, and of the 0.5B drafter; decode, verify, tree, TTFT), the
 #     image side (the ignored test bench_vision in tests/cuda_projector.rs: the 7B vision
-#     tower on a 448×448 image and the MASSV projector; under "vision" in the JSON) and
-#     `massv generate --device cuda` (which must name the GPU: the driver probe);
+#     tower on a 448×448 image and the MASSV projector; under "vision" in the JSON),
+#     `massv generate --device cuda` on the fixture VL target with its MASSV drafter
+#     (every model on the device; the CPU's answer beside it) and `massv demo --device
+#     cuda` (the shapes world end to end on the device: its table and demo.json);
 #   - runs compute-sanitizer --tool memcheck on all CUDA tests and --tool racecheck on
 #     the kernels with shared memory, each under a time limit.
 # Every step's log is in $OUT/logs.tar.gz; the exit status is non-zero if any step failed.
 # The step limits (tests 200 s, model tests 200 s, projector tests 120 s, bench 150 s,
-# model bench 240 s, vision bench 120 s, massv 120 s, memcheck 120 + 150 + 60 s,
-# racecheck 90 s) add up to more than the 600 s a command may run, so each step's limit
-# is also cut to what is left of the call's budget of 570 s (MASSV_GPU_BUDGET_S), and a
-# step with under 30 s left is not started (and counts as failed). Steps run in the
-# order above; the whole run takes three calls, each naming its steps:
-#        run(command="bench/gpu.sh run tests bench", carry=[".gpu"], timeout_s=600)
-#        run(command="bench/gpu.sh run model massv", carry=[".gpu"], timeout_s=600)
-#        run(command="bench/gpu.sh run sanitize", carry=[".gpu"], timeout_s=600)
-# (each call's JSON holds its own steps' keys: merge them into one results file).
+# model bench 240 s, vision bench 120 s, massv 60 + 60 s, demo 90 s, memcheck 120 + 150 +
+# 60 s, racecheck 90 s) are caps for a hang, not estimates (nothing has been timed on a
+# GPU yet); each is also cut to what is left of the call's budget of 570 s
+# (MASSV_GPU_BUDGET_S), and a step with under 30 s left is not started (and counts as
+# failed). Steps run in the order above, correctness first; the summary's last line
+# names the step groups to pass to the next call (each call's JSON holds its own steps'
+# keys: merge them into one results file).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -108,7 +111,7 @@ run() {
     export MASSV_REPO_ROOT="$PWD"
     local logs="$out/logs"
     mkdir -p "$logs" "$out/bench/results"
-    local failed=()
+    local failed=() not_started=() group=
     local budget="${MASSV_GPU_BUDGET_S:-570}" # seconds of the whole call ($SECONDS counts them)
     step() { # step NAME TIMEOUT CMD...: runs CMD with a time limit, logs it, records a failure
         local name="$1" limit="$2"
@@ -117,6 +120,7 @@ run() {
         if [ "$left" -lt 30 ]; then
             echo "== $name: not started, $left s left of the call's $budget s (name it in a call of its own)"
             failed+=("$name (not started: no time left)")
+            [[ " ${not_started[*]} " == *" $group "* ]] || not_started+=("$group")
             return 1
         fi
         [ "$limit" -le "$left" ] || limit=$left
@@ -190,6 +194,7 @@ PY
     step binaries-start 60 "$gpu_dir/cuda_ops" --list || { echo "the binaries do not start here (see above)"; }
 
     export MASSV_REQUIRE_CUDA=1 RUST_BACKTRACE=1
+    group=tests
     want tests && step tests 200 "$gpu_dir/cuda_ops" --test-threads=1
     # The LM on the device vs the CPU model (synth checkpoints), and the engine on CUDA.
     want tests && step tests-model 200 "$gpu_dir/cuda_model" --test-threads=1
@@ -201,10 +206,12 @@ PY
     gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 \
         | tr '[:upper:]' '[:lower:]' | sed 's/nvidia //; s/[^a-z0-9]\+/-/g; s/^-//; s/-$//')
     json="$out/bench/results/$date_-${gpu_name:-gpu}.json"
+    group=bench
     want bench && MASSV_BENCH_JSON="$json" MASSV_BENCH_DATE="$date_" MASSV_COMMIT="$commit" \
         step bench 150 "$gpu_dir/cuda_ops" --ignored bench_kernels --nocapture --test-threads=1
     # The model level: its JSON (written outside $OUT, whose files are counted) goes into
     # the results JSON under "model" (a results JSON of its own if bench wrote none).
+    group=model
     if want model; then
         local model_json="${TMPDIR:-/tmp}/massv-bench-model.json"
         rm -f "$model_json"
@@ -219,16 +226,17 @@ PY
         merge_json "$json" vision "$vision_json" || failed+=("bench-vision (merging its JSON)")
     fi
 
-    # The CLI on the device: the fixture's head_dim 16 is not served by the attention
-    # kernels, so --device cuda must refuse it with that reason (and auto fall back).
+    # The CLI on the device: the fixture VL target, its vision tower, MASSV projector and
+    # drafter all on the device (head dims 16), beside the CPU's answer; then the shapes
+    # world end to end (`massv demo`: its table, and demo.json in the logs).
+    group=massv
     if want massv; then
-        echo "== massv generate --device cuda (probe)"
-        "$gpu_dir/massv" generate --target tests/fixtures/qwen2-tiny-gqa4-tied --prompt hi --max-new-tokens 2 \
-            --device cuda > "$logs/massv-probe.log" 2>&1
-        cat "$logs/massv-probe.log"
-        grep -qi "head_dim 16" "$logs/massv-probe.log" || failed+=("massv probe (head_dim refusal)")
-        step massv-cpu 120 "$gpu_dir/massv" generate --target tests/fixtures/qwen2-tiny-gqa4-tied --prompt hi \
-            --max-new-tokens 4 --device cpu
+        local args=(generate --target tests/fixtures/qwen2_5_vl-tiny-hub --draft tests/fixtures/drafter-tiny-massv
+            --image tests/fixtures/images/nonsquare_150x100.png --prompt "Describe the image."
+            --max-new-tokens 24 --json)
+        step massv-cuda 60 "$gpu_dir/massv" "${args[@]}" --device cuda
+        step massv-cpu 60 "$gpu_dir/massv" "${args[@]}" --device cpu
+        step demo 90 "$gpu_dir/massv" demo --assets assets --device cuda --out "$logs/demo"
     fi
 
     # compute-sanitizer from the carried wheel (or one installed here).
@@ -243,6 +251,7 @@ PY
         chmod +x "$san" 2>/dev/null
         export LD_LIBRARY_PATH="$sdir/nvidia/cu13/lib:$LD_LIBRARY_PATH"
     fi
+    group=sanitize
     if ! want sanitize; then
         :
     elif [ -n "$san" ] && [ -x "$san" ]; then
@@ -276,6 +285,7 @@ PY
     [ -f "$json" ] && grep -q '"vision"' "$json" && echo "vision benchmark: under \"vision\" in it"
     if [ ${#failed[@]} -gt 0 ]; then
         printf 'FAILED: %s\n' "${failed[@]}"
+        [ ${#not_started[@]} -eq 0 ] || echo "not started (run next): bench/gpu.sh run ${not_started[*]}"
         exit 1
     fi
     echo "all steps passed"

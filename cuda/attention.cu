@@ -10,8 +10,8 @@
 // gamma + 1 = 6 tokens 42 rows; a prefill 64 rows (9 tokens x 7 heads) per block. The
 // vision tower (group 1) has one row per token of a cu_seqlens segment.
 //
-// Entry points (one per mode and head dim 32 / 64 / 80 / 128, the launcher in
-// runtime/backend/cuda.rs picks): attention_{prefill,decode,verify,varlen}_d{32,64,80,128},
+// Entry points (one per mode and head dim 16 / 32 / 64 / 80 / 128, the launcher in
+// runtime/backend/cuda.rs picks): attention_{prefill,decode,verify,varlen}_d{16,32,64,80,128},
 // plus attention_combine, which merges the split-K partial results of decode / verify
 // (and of a prefill whose keys were split).
 //   prefill / decode (causal): query t (cache position start + t) sees keys
@@ -22,8 +22,9 @@
 //       tree whose earlier depths are already cached);
 //   varlen: tokens of segment s (cu_seqlens[s]..cu_seqlens[s + 1]) see each other.
 // Grid: (row tiles, KV heads [varlen: heads], key splits [varlen: segments]);
-// block: 32 * warps threads, 16 rows per warp. Head dims must be 32, 64, 80 or 128
-// (any multiple of 16 works; these are instantiated: 32 for small models such as the demo's).
+// block: 32 * warps threads, 16 rows per warp. Head dims must be 16, 32, 64, 80 or 128
+// (any multiple of 16 works; these are instantiated: 16 and 32 for small models such as
+// the HF test fixtures and the demo's, so that they run on the device end to end).
 #include "common.cuh"
 
 #define ATTN_BC 64  // keys per shared-memory tile
@@ -280,8 +281,9 @@ __device__ __forceinline__ void attention_body(const AttnParams& p) {
     extern "C" __global__ void __launch_bounds__(128) attention_##NAME##_d##D(const AttnParams p) {                   \
         attention_body<D, MODE>(p);                                                                                    \
     }
-#define ATTN_ENTRIES(NAME, MODE) \
-    ATTN_ENTRY(NAME, MODE, 32) ATTN_ENTRY(NAME, MODE, 64) ATTN_ENTRY(NAME, MODE, 80) ATTN_ENTRY(NAME, MODE, 128)
+#define ATTN_ENTRIES(NAME, MODE)                                                              \
+    ATTN_ENTRY(NAME, MODE, 16) ATTN_ENTRY(NAME, MODE, 32) ATTN_ENTRY(NAME, MODE, 64) ATTN_ENTRY(NAME, MODE, 80) \
+    ATTN_ENTRY(NAME, MODE, 128)
 
 ATTN_ENTRIES(prefill, MODE_CAUSAL)
 ATTN_ENTRIES(decode, MODE_CAUSAL)

@@ -6,7 +6,13 @@
 //                   (massv::sampling::probabilities: ties ranked by lower id first);
 //   top_k           the k most likely tokens of the plain softmax and their probabilities
 //                   (T = 0 token trees; spec::tree::top_tokens' order);
+//   top_k_probs     the same of rows that already are distributions (T > 0 token trees:
+//                   how the dynamic shape spreads its budget);
 //   sample          one draw per row from non-negative weights, given a uniform;
+//   sample_without_replacement
+//                   a token tree's children at T > 0: per node, draws from its row with
+//                   each drawn token removed and the rest renormalised
+//                   (spec::tree::draw_without_replacement), given the uniforms;
 //   verify_greedy   longest prefix of drafts equal to the target's argmax + next token;
 //   verify_sampled  rejection sampling (accept with min(1, p/q), residual
 //                   max(0, p - q) renormalised, bonus from p), given the host's uniforms;
@@ -266,23 +272,29 @@ extern "C" __global__ void __launch_bounds__(1024)
 // One block per row (1024 threads); k rounds, each a block-wide pick of the best entry
 // ranked after the previous pick (probabilities recomputed per round: k passes of n
 // exponentials, far below the row's own read time for the small k of a tree).
-extern "C" __global__ void __launch_bounds__(1024)
-    top_k(const float* __restrict__ logits, int32_t* __restrict__ ids, float* __restrict__ probs, int n, int k) {
-    const float* x = logits + (size_t)blockIdx.x * n;
+// PROBS: the rows are distributions already (top_k_probs): ranked as they are.
+template <bool PROBS>
+__device__ void top_k_body(const float* __restrict__ rows, int32_t* __restrict__ ids, float* __restrict__ probs, int n,
+                           int k) {
+    const float* x = rows + (size_t)blockIdx.x * n;
     int32_t* row_ids = ids + (size_t)blockIdx.x * k;
     float* row_probs = probs + (size_t)blockIdx.x * k;
-    float mx = -INFINITY;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) mx = fmaxf(mx, x[i]);
-    mx = block_max(mx);
-    double sum = 0.0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) sum += (double)expf(ieee_div(x[i] - mx, 1.0f));
-    sum = block_sum_f64(sum);
+    float mx = 0.0f;
+    double sum = 1.0;
+    if (!PROBS) {
+        mx = -INFINITY;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) mx = fmaxf(mx, x[i]);
+        mx = block_max(mx);
+        sum = 0.0;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) sum += (double)expf(ieee_div(x[i] - mx, 1.0f));
+        sum = block_sum_f64(sum);
+    }
     ArgMax prev = {INFINITY, -1};  // ranks before every entry
     int j = 0;
     for (; j < k; ++j) {
         ArgMax best = {-INFINITY, INT_MAX};
         for (int i = threadIdx.x; i < n; i += blockDim.x) {
-            const float p = (float)((double)expf(ieee_div(x[i] - mx, 1.0f)) / sum);
+            const float p = PROBS ? x[i] : (float)((double)expf(ieee_div(x[i] - mx, 1.0f)) / sum);
             if (!(p > 0.0f)) continue;  // zero, or NaN
             const ArgMax e = {p, i};
             // Only entries ranked after the previous pick: lower, or equal with a higher id.
@@ -301,6 +313,18 @@ extern "C" __global__ void __launch_bounds__(1024)
         row_ids[r] = -1;
         row_probs[r] = 0.0f;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+    top_k(const float* __restrict__ logits, int32_t* __restrict__ ids, float* __restrict__ probs, int n, int k) {
+    top_k_body<false>(logits, ids, probs, n, k);
+}
+
+// q: [rows, n] distributions (the probabilities kernel's rows); ids, probs: [rows, k] as
+// top_k, ranked by the values themselves.
+extern "C" __global__ void __launch_bounds__(1024)
+    top_k_probs(const float* __restrict__ q, int32_t* __restrict__ ids, float* __restrict__ probs, int n, int k) {
+    top_k_body<true>(q, ids, probs, n, k);
 }
 
 // ---------------------------------------------------------------------------------
@@ -382,8 +406,8 @@ __device__ void blocked_tile_sums(const W& w, double* tile_sum, int* s_last, dou
 
 // One draw from w with the uniform u01, in the blocked order: find the tile, the chunk,
 // then the entry where the running remainder falls. Whole block; returns the index to
-// every thread.
-__device__ int blocked_sample(const Weights& w, double u01) {
+// every thread (0 when no weight is positive; *any, when given, says whether one is).
+__device__ int blocked_sample(const Weights& w, double u01, bool* any = nullptr) {
     __shared__ double tile_sum[MAX_TILES];
     __shared__ int s_last, s_tile, s_result;
     __shared__ double s_total, s_u;
@@ -441,6 +465,7 @@ __device__ int blocked_sample(const Weights& w, double u01) {
     }
     __syncthreads();
     const int r = s_result;
+    if (any != nullptr) *any = s_last >= 0;
     __syncthreads();
     return r;
 }
@@ -452,6 +477,62 @@ extern "C" __global__ void __launch_bounds__(1024)
     Weights wt = {w + (size_t)blockIdx.x * n, nullptr, n, 0, 1.0};
     const int r = blocked_sample(wt, uniforms[blockIdx.x]);
     if (threadIdx.x == 0) out[blockIdx.x] = r;
+}
+
+// The children of m token-tree nodes at T > 0 (massv::spec::tree::draw_without_replacement
+// in the blocked order). Node j draws counts[j] tokens from q row row0 + j ([rows, n],
+// processed distributions): each draw takes the next uniform, and the drawn token is
+// removed and the rest renormalised (blocked sum, f64 division rounded to f32, as
+// verify_tree_sampled's "q without x") before the next; a node stops early when nothing
+// positive is left, and uses no uniform for a draw it does not make. Nodes in order, one
+// uniform stream: uniforms: [sum counts]. out: [sum counts + 1]: node j's draws at
+// offset counts[0] + ... + counts[j - 1] (-1 past its last), then the uniforms used.
+// out_q: [sum counts]: each drawn token's probability in its original row (0 past the
+// last). work: [n] scratch (the running row). One block of 1024 threads.
+extern "C" __global__ void __launch_bounds__(1024)
+    sample_without_replacement(const float* q, const int32_t* __restrict__ counts, const double* __restrict__ uniforms,
+                               float* work, int32_t* __restrict__ out, float* __restrict__ out_q, int m, int row0,
+                               int n) {
+    __shared__ double tile_sum[MAX_TILES];
+    __shared__ int s_last;
+    __shared__ double s_sum;
+    // q and work are read through plain pointers: work is written here, and a row read
+    // from work must not come through the read-only cache.
+    int used = 0, slot = 0;
+    for (int j = 0; j < m; ++j) {
+        const float* row = q + (size_t)(row0 + j) * n;
+        const float* left = row;
+        const int k = counts[j];
+        int made = 0;
+        while (made < k) {
+            const Weights w = {left, nullptr, n, 0, 1.0};
+            bool any;
+            const int x = blocked_sample(w, uniforms[used], &any);
+            if (!any) break;
+            ++used;
+            if (threadIdx.x == 0) {
+                out[slot + made] = x;
+                out_q[slot + made] = row[x];
+            }
+            if (++made == k) break;  // the last draw: nothing to renormalise for
+            // left <- left without x, renormalised: the sum, then one pass.
+            const TreeWeights r = {nullptr, left, n, n, x};
+            blocked_tile_sums(r, tile_sum, &s_last, &s_sum);
+            const double sum = s_sum;
+            for (int i = threadIdx.x; i < n; i += blockDim.x) {
+                const float li = left[i];  // read before writing: work may be the source
+                work[i] = i == x || !(sum > 0.0) ? 0.0f : f64_to_f32(__ddiv_rn(f32_to_f64(li), sum));
+            }
+            __syncthreads();
+            left = work;
+        }
+        for (int r = made + threadIdx.x; r < k; r += blockDim.x) {
+            out[slot + r] = -1;
+            out_q[slot + r] = 0.0f;
+        }
+        slot += k;
+    }
+    if (threadIdx.x == 0) out[slot] = used;
 }
 
 // ---------------------------------------------------------------------------------

@@ -4,8 +4,8 @@
 //! MAL and speedup at T = 0 and T = 1 (γ = 5), mean TVD per drafter, the target's accuracy,
 //! and one example answer; writes the table as JSON and a bar chart PNG. A last row runs
 //! the MASSV drafter with token trees instead of chains. The target's LM runs where
-//! `--device` puts it ([`run_on`]); drafters run beside it where the kernels serve their
-//! shapes (the shipped ones, head_dim 16, on the CPU); the vision tower on the CPU.
+//! `--device` puts it ([`run_on`]); its vision tower and the drafters run beside it where
+//! the kernels serve their shapes (they serve the shipped ones: head dims 32 and 16).
 
 use std::path::{Path, PathBuf};
 

@@ -5,7 +5,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::{fixture, max_abs_diff, Golden};
+use common::{fixture, max_abs_diff, unserved_model_dir, Golden, UNSERVED_HEAD_DIM};
 
 fn massv(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_massv"))
@@ -15,7 +15,8 @@ fn massv(args: &[&str]) -> Output {
 }
 
 /// The note `--device auto` prints when a GPU is present but does not serve the target
-/// (the fixtures' head dim 16, say) and the CPU runs it instead: not an error line.
+/// (a head dim the attention kernels are not built for, say) and the CPU runs it instead:
+/// not an error line.
 const CPU_NOTE: &str = "massv: using the CPU: ";
 
 /// Asserts a failed run: non-zero exit, exactly one `error: …` line (besides a CPU_NOTE),
@@ -356,12 +357,14 @@ fn bench_prints_a_table_and_writes_json() {
     assert!(v["floor"]["ratio_to_floor"].as_f64().unwrap() > 0.0);
 }
 
-/// `--device auto` is the CPU here (no GPU, or one that does not serve the fixtures' head
-/// dim 16): the same answer as `--device cpu`, with at most the CPU note on stderr, and
-/// none at all without a GPU.
+/// `--device auto` on the CPU (no GPU here; with one, a model whose head dim the kernels
+/// are not built for): the same answer as `--device cpu`, with at most the CPU note on
+/// stderr, and none at all without a GPU.
 #[test]
 fn device_auto_answers_as_the_cpu_does() {
-    let dir = fixture("qwen2-tiny-gqa4-tied");
+    let (_tmp, unserved) = unserved_model_dir();
+    let gpu = massv::backend::cuda::probe().is_ok();
+    let dir = if gpu { unserved } else { fixture("qwen2-tiny-gqa4-tied") };
     let run = |device: &str| {
         let out = massv(&[
             "generate",
@@ -390,7 +393,9 @@ fn device_auto_answers_as_the_cpu_does() {
     assert_eq!(auto["text"], cpu["text"]);
     assert!(quiet.is_empty(), "{quiet}");
     assert!(note.lines().all(|l| l.starts_with(CPU_NOTE)), "{note}");
-    if massv::backend::cuda::probe().is_err() {
+    if gpu {
+        assert!(note.contains(&format!("head_dim {UNSERVED_HEAD_DIM}")), "{note}");
+    } else {
         assert!(note.is_empty(), "no GPU, no note: {note}");
     }
 }
@@ -399,8 +404,17 @@ fn device_auto_answers_as_the_cpu_does() {
 /// CUDA, a non-zero exit, nothing written, for every subcommand that takes it.
 #[test]
 fn device_cuda_that_cannot_run_is_one_error_line() {
-    let text = fixture("qwen2-tiny-gqa4-tied");
-    let vl = fixture("qwen2_5_vl-tiny-hub");
+    // With a GPU the fixtures run on it: the text model is then one it does not serve, and
+    // the Qwen2.5-VL case is the fixture's vision tower with the same model (it fails on
+    // the LM first).
+    let (_tmp_model, unserved) = unserved_model_dir();
+    let gpu = massv::backend::cuda::probe().is_ok();
+    let text = if gpu { unserved } else { fixture("qwen2-tiny-gqa4-tied") };
+    let vl = if gpu {
+        text.clone()
+    } else {
+        fixture("qwen2_5_vl-tiny-hub")
+    };
     let image = fixture("images/nonsquare_150x100.png");
     let tmp = tempfile::tempdir().unwrap();
     let out_file = tmp.path().join("logits.safetensors");
@@ -442,12 +456,19 @@ fn device_cuda_that_cannot_run_is_one_error_line() {
         args.extend(["--device", "cuda"]);
         let out = massv(&args);
         assert_one_line_error(&out, "CUDA");
-        // Which reason depends on the machine: no kernels, no driver or GPU, or head_dim 16.
+        // Which reason depends on the machine: no kernels, no driver or GPU, or the head dim.
         let stderr = String::from_utf8_lossy(&out.stderr);
+        let head_dim = format!("head_dim {UNSERVED_HEAD_DIM}");
         assert!(
-            ["CUDA kernels", "driver", "CUDA device", "CUDA context", "head_dim 16"]
-                .iter()
-                .any(|r| stderr.contains(r)),
+            [
+                "CUDA kernels",
+                "driver",
+                "CUDA device",
+                "CUDA context",
+                head_dim.as_str()
+            ]
+            .iter()
+            .any(|r| stderr.contains(r)),
             "{args:?}: {stderr}"
         );
     }

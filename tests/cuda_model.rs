@@ -9,13 +9,17 @@
 //! device, how `auto` / `cpu` / `cuda` resolve and that the spans the device prefills a
 //! Qwen2.5-VL prompt in give, on the CPU, the one-pass prefill.
 //!
-//! The fixtures' head dim is 16, which the attention kernels do not serve (32, 64, 80, 128):
-//! loading them must fail with that reason, and the comparisons run on `massv synth`
-//! checkpoints of small configs written here, one per head dim, tied and untied heads,
-//! bf16 and f32 sources, single-file and sharded, M-RoPE and sliding window. Their
-//! hidden size is 512 (640 for head dim 80) because synth's weights (std 0.02) give
-//! attention scores of about 0.0004·hidden: at 256 attention is so flat that a RoPE bug
-//! (positions × 2) moved the logits by only 2.6–5 % rms, too close to the bound below.
+//! The HF fixtures (head dim 16) run on the device end to end: their logits against
+//! transformers' goldens, and the engine (target, vision tower, MASSV projector and
+//! drafters all on the device) against the CPU engine. A model of a head dim the kernels
+//! are not built for (24, `common::unserved_model_dir`) must be refused with that reason
+//! under `cuda` and run on the CPU under `auto`. The layer-level comparisons run on
+//! `massv synth` checkpoints of small configs written here, one per head dim, tied and
+//! untied heads, bf16 and f32 sources, single-file and sharded, M-RoPE and sliding
+//! window. Their hidden size is 512 (640 for head dim 80) because synth's weights (std
+//! 0.02) give attention scores of about 0.0004·hidden: at 256 attention is so flat that a
+//! RoPE bug (positions × 2) moved the logits by only 2.6–5 % rms, too close to the bound
+//! below.
 //!
 //! Tolerance. The device keeps the residual stream and every activation in bf16 (unit
 //! roundoff 2⁻⁹), the CPU in f32. A CPU emulation of the same computation rounding to
@@ -69,7 +73,10 @@ macro_rules! dev_or_skip {
     };
 }
 
-use common::{assert_close, check_close, fixture, median_ms, rms, BENCH_RUNS, ROW_TOL};
+use common::{
+    assert_close, check_close, fixture, median_ms, rms, unserved_model_dir, Golden, BENCH_RUNS, ROW_TOL,
+    UNSERVED_HEAD_DIM,
+};
 
 struct Spec {
     name: &'static str,
@@ -327,8 +334,17 @@ fn open_without_a_device_names_the_reason() {
             assert_eq!(got, reason.to_string());
             println!("no device, as expected: {got}");
         }
-        // With a device the fixture is refused for its head dim (see below).
-        Ok(_) => assert!(message(CudaQwen2::open(&dir)).contains("head_dim 16")),
+        // With a device the fixture loads (head dim 16 is served); a head dim the
+        // kernels are not built for is refused with its reason.
+        Ok(_) => {
+            CudaQwen2::open(&dir).unwrap();
+            let (_tmp, unserved) = unserved_model_dir();
+            let msg = message(CudaQwen2::open(&unserved));
+            assert!(
+                msg.contains(&format!("head_dim {UNSERVED_HEAD_DIM} is not served")),
+                "{msg}"
+            );
+        }
     }
 }
 
@@ -442,25 +458,42 @@ fn device_requests_resolve_without_errors_or_panics() {
     }
 }
 
-/// The fixtures' head dim (16) is not served: with or without a device, `auto` loads them
-/// on the CPU and `cuda` fails, naming the missing device or the head dim.
+/// Where models go: without a device `auto` is the CPU and `cuda` fails naming what is
+/// missing; with one, the fixtures (head dim 16) go on it under both. A head dim the
+/// kernels are not built for goes on the CPU under `auto` and fails under `cuda`, naming
+/// the head dim, with or without a device.
 #[test]
-fn fixtures_load_on_the_cpu_under_auto_and_fail_under_cuda() {
+fn auto_and_cuda_place_served_and_unserved_models() {
     let reason = probe().err().map(|e| e.to_string());
-    let cuda_error = |msg: String| match &reason {
+    let (_tmp, unserved) = unserved_model_dir();
+    let cuda_error = |msg: String, unserved: bool| match &reason {
         Some(r) => assert_eq!(&msg, r),
-        None => assert!(msg.contains("head_dim 16 is not served"), "{msg}"),
+        None if unserved => assert!(
+            msg.contains(&format!("head_dim {UNSERVED_HEAD_DIM} is not served")),
+            "{msg}"
+        ),
+        None => panic!("a served model was refused: {msg}"),
     };
-    for name in ["qwen2-tiny-gqa4-tied", "qwen2_5_vl-tiny-hub"] {
-        let dir = fixture(name);
-        assert_eq!(Target::choose_device(&dir, DeviceRequest::Auto).unwrap(), Device::Cpu);
-        assert_eq!(Target::choose_device(&dir, DeviceRequest::Cpu).unwrap(), Device::Cpu);
-        cuda_error(message(Target::choose_device(&dir, DeviceRequest::Cuda)));
-        cuda_error(message(Target::load_on(&dir, Device::Cuda)));
-        cuda_error(message(Engine::load_for(&dir, None, DeviceRequest::Cuda)));
-        cuda_error(message(Engine::load_on(&dir, None, Device::Cuda)));
-        let e = Engine::load_for(&dir, None, DeviceRequest::Auto).unwrap();
-        assert_eq!(e.target.device(), Device::Cpu, "{name}");
+    let served = [fixture("qwen2-tiny-gqa4-tied"), fixture("qwen2_5_vl-tiny-hub")];
+    for (dir, is_unserved) in served.iter().map(|d| (d, false)).chain([(&unserved, true)]) {
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let on_device = reason.is_none() && !is_unserved;
+        let want = if on_device { Device::Cuda } else { Device::Cpu };
+        assert_eq!(Target::choose_device(dir, DeviceRequest::Auto).unwrap(), want, "{name}");
+        assert_eq!(Target::choose_device(dir, DeviceRequest::Cpu).unwrap(), Device::Cpu);
+        let e = Engine::load_for(dir, None, DeviceRequest::Auto).unwrap();
+        assert_eq!(e.target.device(), want, "{name}");
+        if on_device {
+            assert_eq!(Target::choose_device(dir, DeviceRequest::Cuda).unwrap(), Device::Cuda);
+            assert_eq!(Target::load_on(dir, Device::Cuda).unwrap().device(), Device::Cuda);
+            let e = Engine::load_for(dir, None, DeviceRequest::Cuda).unwrap();
+            assert_eq!(e.target.device(), Device::Cuda, "{name}");
+        } else {
+            cuda_error(message(Target::choose_device(dir, DeviceRequest::Cuda)), is_unserved);
+            cuda_error(message(Target::load_on(dir, Device::Cuda)), is_unserved);
+            cuda_error(message(Engine::load_for(dir, None, DeviceRequest::Cuda)), is_unserved);
+            cuda_error(message(Engine::load_on(dir, None, Device::Cuda)), is_unserved);
+        }
     }
     // A directory that cannot be read is the load's error, whatever the device.
     let missing = fixture("no-such-model");
@@ -515,23 +548,40 @@ fn vl_prefill_in_spans_equals_one_pass_on_the_cpu() {
     assert_eq!(cache.len(), 0);
 }
 
-/// `auto` (the CPU without a device, or for these unserved fixtures) generates exactly
-/// what the CPU engine generates: chains and trees, text and image.
+/// Where `auto` falls back to the CPU (no device; or a model the kernels do not serve) it
+/// generates exactly what the CPU engine generates: chains and trees, text and image.
+/// With a device the fixtures run on it (compared by
+/// `fixtures_on_the_device_reproduce_the_cpu_engine`), so the fallback is checked on the
+/// unserved model, with a fixture drafter.
 #[test]
 fn auto_generates_what_the_cpu_engine_generates() {
     let img = ImageInput::from_path(&fixture("images/nonsquare_150x100.png")).unwrap();
-    let cases: [(&str, Option<&str>, Option<&ImageInput>); 3] = [
-        ("qwen2-tiny-gqa4-tied", None, None),
-        ("qwen2-tiny-gqa4-tied", Some("qwen2-tiny-mha-untied"), None),
-        ("qwen2_5_vl-tiny-hub", Some("drafter-tiny-massv"), Some(&img)),
-    ];
-    for (target, drafter, image) in cases {
-        let (t, d) = (fixture(target), drafter.map(fixture));
+    let (_tmp, unserved) = unserved_model_dir();
+    let text = fixture("qwen2-tiny-gqa4-tied");
+    let cases: Vec<(PathBuf, Option<PathBuf>, Option<&ImageInput>)> = if probe().is_err() {
+        vec![
+            (text.clone(), None, None),
+            (text, Some(fixture("qwen2-tiny-mha-untied")), None),
+            (
+                fixture("qwen2_5_vl-tiny-hub"),
+                Some(fixture("drafter-tiny-massv")),
+                Some(&img),
+            ),
+        ]
+    } else {
+        println!("a device serves the fixtures: the fallback is checked on head dim {UNSERVED_HEAD_DIM}");
+        vec![
+            (unserved.clone(), None, None),
+            (unserved, Some(fixture("qwen2-tiny-mha-untied")), None),
+        ]
+    };
+    for (t, d, image) in cases {
+        let (target, drafter) = (t.display(), d.as_ref().map(|d| d.display().to_string()));
         let cpu = Engine::load(&t, d.as_deref()).unwrap();
         let auto = Engine::load_for(&t, d.as_deref(), DeviceRequest::Auto).unwrap();
         assert_eq!(auto.target.device(), Device::Cpu);
         assert!(auto.drafter.iter().all(|d| d.device() == Device::Cpu));
-        let trees = if drafter.is_some() {
+        let trees = if d.is_some() {
             vec![None, Some("dynamic:8,4")]
         } else {
             vec![None]
@@ -558,15 +608,20 @@ fn auto_generates_what_the_cpu_engine_generates() {
 // On the device
 
 #[test]
-fn fixtures_are_refused_with_a_clear_error() {
+fn unserved_head_dims_are_refused_with_a_clear_error() {
     let dev = dev_or_skip!();
+    let (_tmp, dir) = unserved_model_dir();
+    let msg = message(CudaQwen2::load(dev.clone(), &dir));
+    assert!(
+        msg.contains(&format!("head_dim {UNSERVED_HEAD_DIM} is not served")),
+        "{msg}"
+    );
     for name in [
         "qwen2-tiny-gqa4-tied",
         "qwen2-tiny-mha-untied",
         "qwen2-tiny-gqa2-sharded",
     ] {
-        let msg = message(CudaQwen2::load(dev.clone(), &fixture(name)));
-        assert!(msg.contains("head_dim 16 is not served"), "{name}: {msg}");
+        CudaQwen2::load(dev.clone(), &fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
     }
 }
 
@@ -942,6 +997,83 @@ fn errors_are_values_not_panics() {
     assert_eq!(cache.len(), 3);
 }
 
+/// The HF fixtures on the device against transformers' goldens, the truth the CPU model
+/// matches to 1e-4 (tests/qwen2_golden.rs, tests/qwen2_5_vl_golden.rs): every prefill row
+/// and each decoding step of `generate` (fed transformers' tokens), and for the
+/// Qwen2.5-VL the vision tower's rows before and after the merger and the M-RoPE
+/// positions, held to the bf16 bound of the module doc.
+#[test]
+fn fixtures_on_the_device_match_transformers() {
+    use massv::model::qwen2_5_vl::Qwen25Vl;
+    let dev = dev_or_skip!();
+    for name in [
+        "qwen2-tiny-gqa4-tied",
+        "qwen2-tiny-mha-untied",
+        "qwen2-tiny-gqa2-sharded",
+    ] {
+        let dir = fixture(name);
+        let gpu = CudaQwen2::load(dev.clone(), &dir).unwrap();
+        let g = Golden::open(&dir.join("expected.safetensors"));
+        let (ids, tokens) = (g.ids("prefill.input_ids"), g.ids("decode.tokens"));
+        let v = gpu.cfg.vocab_size;
+        let mut cache = gpu.new_cache(ids.len() + tokens.len()).unwrap();
+        let got = gpu.forward_tokens(&ids, &mut cache, Logits::All).unwrap();
+        assert_close(&format!("{name} prefill"), &got, &g.f32("prefill.logits").1, v);
+        let want = g.f32("decode.logits").1;
+        let mut row = got[got.len() - v..].to_vec();
+        for (step, &t) in tokens.iter().enumerate() {
+            assert_close(&format!("{name} decode step {step}"), &row, &want[step * v..][..v], v);
+            row = gpu.forward_tokens(&[t], &mut cache, Logits::Last).unwrap();
+        }
+    }
+    let dir = fixture("qwen2_5_vl-tiny-hub");
+    let gpu = Qwen25Vl::load_on(&dir, Device::Cuda).unwrap();
+    assert_eq!(gpu.vision.device(), Device::Cuda);
+    let (dv, d, v) = (
+        gpu.cfg.vision.hidden_size,
+        gpu.cfg.text.hidden_size,
+        gpu.cfg.text.vocab_size,
+    );
+    for case in ["nonsquare_150x100", "big_300x200", "small_20x30", "textonly"] {
+        let g = Golden::open(&dir.join(format!("expected_{case}.safetensors")));
+        let ids = g.ids("input_ids");
+        let p = if case == "textonly" {
+            gpu.prepare(ids.clone(), &[], vec![]).unwrap()
+        } else {
+            let grid = g.i64("image_grid_thw").1;
+            let grid = [grid[0] as usize, grid[1] as usize, grid[2] as usize];
+            let out = gpu.encode_image(&g.f32("pixel_values").1, grid).unwrap();
+            let wi: Vec<usize> = g.i64("window_index").1.iter().map(|&i| i as usize).collect();
+            assert_eq!(out.window_index, wi, "{case}");
+            assert_close(
+                &format!("{case}: pre-merger"),
+                &out.pre_merger,
+                &g.f32("vision_pre_merger").1,
+                dv,
+            );
+            assert_close(
+                &format!("{case}: merged rows"),
+                &out.embeds,
+                &g.f32("vision_embeds").1,
+                d,
+            );
+            gpu.prepare(ids.clone(), &[grid], out.embeds).unwrap()
+        };
+        let want_pos: Vec<i32> = g.i64("position_ids").1.iter().map(|&x| x as i32).collect();
+        assert_eq!(p.positions, want_pos, "{case}: position ids");
+        let tokens = g.ids("decode.tokens");
+        let mut cache = gpu.lm.new_cache(ids.len() + tokens.len()).unwrap();
+        let got = gpu.prefill(&p, &mut cache, Logits::All).unwrap();
+        assert_close(&format!("{case}: prefill"), &got, &g.f32("logits").1, v);
+        let want = g.f32("decode.logits").1;
+        let mut row = got[got.len() - v..].to_vec();
+        for (step, &t) in tokens.iter().enumerate() {
+            assert_close(&format!("{case}: decode step {step}"), &row, &want[step * v..][..v], v);
+            row = gpu.decode(&[t], p.rope_delta, &mut cache, Logits::Last).unwrap();
+        }
+    }
+}
+
 // -------------------------------------------------------------------------------------
 // The target on the device: Target and Engine
 
@@ -1008,13 +1140,12 @@ fn vl_target_on_the_device_matches_the_cpu() {
     let ids = tok
         .encode(&tok.user_prompt("Describe the image.", true).unwrap())
         .unwrap();
-    // The vision tower runs on the CPU in both.
+    // The fixture's vision tower (head dim 16) runs on the device too; both LMs read the
+    // CPU tower's rows here, so that the comparison is of the LMs alone.
     let vision = cpu.encode_images(&images).unwrap();
     let gpu_vision = gpu.encode_images(&images).unwrap();
-    assert_eq!(
-        vision[0].embeds, gpu_vision[0].embeds,
-        "the vision tower stays on the CPU"
-    );
+    let width = cpu.text_config().hidden_size;
+    assert_close("VL vision rows", &gpu_vision[0].embeds, &vision[0].embeds, width);
     let v = cpu.text_config().vocab_size;
     let row = cpu.text_config().kv_dim();
 
@@ -1084,30 +1215,46 @@ fn vl_target_on_the_device_matches_the_cpu() {
     assert!(msg.contains("other device"), "{msg}");
 }
 
-/// Speculative decoding with the target's LM on the device and drafters beside it (the
-/// target itself, on the device; fixture models, which the kernels do not serve, on the
-/// CPU), chains and trees, text and image: the CPU engine's greedy tokens, up to the
-/// near-tie rule.
+/// Speculative decoding with every model of the engine on the device (`--device cuda`):
+/// synth targets of head dim 64 and the HF fixtures themselves (head dim 16: target LM,
+/// vision tower and merger, MASSV projector and drafter LMs), drafted for by themselves
+/// and by the fixture drafters (MASSV and text-only), chains and trees, text and image:
+/// the CPU engine's greedy tokens, up to the near-tie rule.
 #[test]
 fn engine_on_the_device_reproduces_the_cpu_engine() {
     let _dev = dev_or_skip!();
     let (_t1, text_dir) = make_model_dir(&engine_text_spec(), "qwen2-tiny-gqa4-tied");
     let (_t2, vl_dir) = make_model_dir(&engine_vl_spec(), "qwen2_5_vl-tiny-hub");
+    let (text_fixture, vl_fixture) = (fixture("qwen2-tiny-gqa4-tied"), fixture("qwen2_5_vl-tiny-hub"));
     let img = ImageInput::from_path(&fixture("images/nonsquare_150x100.png")).unwrap();
     let text_drafters = [None, Some(text_dir.clone()), Some(fixture("qwen2-tiny-mha-untied"))];
     let vl_drafters = [None, Some(fixture("drafter-tiny-massv"))];
+    let fixture_text_drafters = [None, Some(fixture("qwen2-tiny-mha-untied"))];
+    let fixture_vl_drafters = [
+        None,
+        Some(fixture("drafter-tiny-massv")),
+        Some(fixture("drafter-tiny-text")),
+    ];
     let cases = text_drafters
         .iter()
         .map(|d| (&text_dir, d, None))
-        .chain(vl_drafters.iter().map(|d| (&vl_dir, d, Some(&img))));
+        .chain(vl_drafters.iter().map(|d| (&vl_dir, d, Some(&img))))
+        .chain(fixture_text_drafters.iter().map(|d| (&text_fixture, d, None)))
+        .chain(fixture_vl_drafters.iter().map(|d| (&vl_fixture, d, Some(&img))));
     let prompts = ["Describe the image.", "Tell me a story about a cat."];
     let (mut steps, mut runs) = (0, 0);
     for (target, drafter, image) in cases {
         let cpu = Engine::load(target, drafter.as_deref()).unwrap();
         let gpu = Engine::load_on(target, drafter.as_deref(), Device::Cuda).unwrap();
         assert_eq!(gpu.target.device(), Device::Cuda);
-        // A MASSV drafter's projector follows the target onto the device (its LM, head
-        // dim 16, stays on the CPU): its image rows come from the projector kernels.
+        if let Target::Vl(m) = &gpu.target {
+            assert_eq!(m.vision.device(), Device::Cuda, "head dims 16 and 64 are served");
+        }
+        // The drafter (and a MASSV drafter's projector) follows the target onto the
+        // device: its image rows come from the projector kernels.
+        if let Some(d) = gpu.drafter.as_ref() {
+            assert_eq!(d.device(), Device::Cuda);
+        }
         if let Some(p) = gpu.drafter.as_ref().and_then(|d| d.projector.as_ref()) {
             assert_eq!(p.device(), Device::Cuda);
         }
@@ -1630,9 +1777,8 @@ fn bench_model() {
 // -------------------------------------------------------------------------------------
 // The vision tower on the device (`massv::model::cuda_vision`)
 //
-// The fixture's vision tower has head dim 16, which the attention kernels do not serve, so
-// a Qwen2.5-VL on the device keeps it on the CPU (`vl_target_on_the_device_matches_the_cpu`).
-// These tests widen it to hidden 256 in 4 heads of 64 (intermediate 512, the fixture's
+// The fixture's vision tower (hidden 32, head dim 16) runs on the device in the fixture
+// tests below; these tests widen it to hidden 256 in 4 heads of 64 (intermediate 512, the fixture's
 // depth 4 with full attention in blocks 1 and 3, windows of 2×2 merged units): the device
 // tower runs, and its outputs are held to the bound of the module doc against the CPU's
 // f32 tower, `pre_merger` on rows of the vision width and the merged rows on rows of the
@@ -1662,8 +1808,12 @@ fn vision_shapes_the_kernels_serve() {
     use massv::config::load_qwen2_5_vl;
     use massv::model::cuda_vision::check_served;
     let fixture_cfg = load_qwen2_5_vl(&fixture("qwen2_5_vl-tiny-hub").join("config.json")).unwrap();
-    let msg = message(check_served(&fixture_cfg.vision));
-    assert!(msg.contains("head dim 16"), "{msg}");
+    assert_eq!(fixture_cfg.vision.head_dim(), 16);
+    check_served(&fixture_cfg.vision).unwrap();
+    let mut unserved = fixture_cfg.vision.clone();
+    unserved.hidden_size = 2 * UNSERVED_HEAD_DIM;
+    let msg = message(check_served(&unserved));
+    assert!(msg.contains(&format!("head dim {UNSERVED_HEAD_DIM}")), "{msg}");
     let (_tmp, dir) = make(&engine_vl_vision_spec());
     let cfg = load_qwen2_5_vl(&dir.join("config.json")).unwrap();
     assert_eq!(cfg.vision.head_dim(), 64);
@@ -1860,8 +2010,8 @@ fn device_tree_rejection_sampling_makes_the_host_paths_choices() {
             let (mut gs, mut gd, mut gr) = (session.try_clone().unwrap(), state.try_clone().unwrap(), Rng::new(seed));
             for step in 0..5 {
                 let what = format!("{shape} seed {seed} pass {step}");
-                let tree = hd.draft_tree(d, &spec, spec.depth(), &sp, &mut hr).unwrap();
-                let same = gd.draft_tree(d, &spec, spec.depth(), &sp, &mut gr).unwrap();
+                let tree = hd.draft_tree(d, &spec, spec.depth(), &sp, &mut hr, None).unwrap();
+                let same = gd.draft_tree(d, &spec, spec.depth(), &sp, &mut gr, None).unwrap();
                 assert_eq!(same, tree, "{what}: trees");
                 let base = hs.cache.len();
                 let logits = e
@@ -1870,7 +2020,7 @@ fn device_tree_rejection_sampling_makes_the_host_paths_choices() {
                     .unwrap();
                 let v = logits.len() / tree.len();
                 let ps: Vec<Vec<f32>> = logits.chunks_exact(v).map(|r| probabilities(r, &sp)).collect();
-                let want = verify_tree_sampled(&tree, &ps, &mut hr, residual);
+                let want = verify_tree_sampled(&tree, &ps, &mut hr, residual).unwrap();
                 let got = on_device.verify(&e.target, &mut gs, &tree, &sp, &mut gr).unwrap();
                 assert_eq!(got, want, "{what}: verdict");
                 assert_eq!(gr.clone().next_u64(), hr.clone().next_u64(), "{what}: RNG");
@@ -1885,6 +2035,103 @@ fn device_tree_rejection_sampling_makes_the_host_paths_choices() {
         }
     }
     println!("device tree rejection sampling: {accepted} drafts accepted over {passes} passes");
+}
+
+/// T > 0 trees drafted on the device (both LMs there: each depth's drafter rows stay in
+/// `DeviceTreeSampling`'s buffers, the dynamic shape's budget is spread on their
+/// `top_k_probs`, the children are drawn by `sample_without_replacement`, and the tree
+/// names its rows as `QRow::Device`) make the host path's choices from the same models
+/// and RNG stream: the same trees, verdicts and RNG states, pass after pass, also with a
+/// top-k that leaves a node fewer tokens than children asked of it.
+#[test]
+fn device_tree_drafting_makes_the_host_paths_choices() {
+    use massv::sampling::{probabilities, SamplingParams};
+    use massv::spec::device_sampling::DeviceTreeSampling;
+    use massv::spec::draft::{DraftMode, DraftState, VisionTokens};
+    use massv::spec::tree::{verify_tree_sampled, QRow, TreeSpec};
+    use massv::spec::verify::residual;
+
+    let _dev = dev_or_skip!();
+    let (_t1, target_dir) = make_model_dir(&engine_text_spec(), "qwen2-tiny-gqa4-tied");
+    let (_t2, drafter_dir) = make_model_dir(&engine_drafter_spec(), "qwen2-tiny-gqa4-tied");
+    let e = Engine::load_on(&target_dir, Some(&drafter_dir), Device::Cuda).unwrap();
+    let d = e.drafter.as_ref().unwrap();
+    let ids = e
+        .tokenizer
+        .encode(&e.tokenizer.user_prompt("Tell me a story about a cat.", false).unwrap())
+        .unwrap();
+    let vt = VisionTokens::of(&e.target, &e.tokenizer);
+    let (_, session) = e.target.prefill(&ids, &[], &[], 128, Logits::Last).unwrap();
+    let prompt = d.prompt_embeddings(DraftMode::Text, &ids, &ids, &[], &vt).unwrap();
+    let state = DraftState::prefill(d, prompt, 7, 128).unwrap();
+    let params = [
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        SamplingParams {
+            temperature: 0.8,
+            top_k: 2,
+            top_p: 1.0,
+        },
+    ];
+    let (mut accepted, mut passes) = (0, 0);
+    for sp in &params {
+        for shape in ["static:3x2x1x1", "dynamic:12,4,3"] {
+            let spec: TreeSpec = shape.parse().unwrap();
+            let mut on_device = DeviceTreeSampling::new(&e.target, d, spec.max_nodes())
+                .unwrap()
+                .expect("the target on the device");
+            assert!(on_device.drafts_here(), "the drafter on the device too");
+            for seed in 0..3 {
+                let (mut hs, mut hd, mut hr) =
+                    (session.try_clone().unwrap(), state.try_clone().unwrap(), Rng::new(seed));
+                let (mut gs, mut gd, mut gr) =
+                    (session.try_clone().unwrap(), state.try_clone().unwrap(), Rng::new(seed));
+                for step in 0..5 {
+                    let what = format!("{sp:?} {shape} seed {seed} pass {step}");
+                    let tree = hd.draft_tree(d, &spec, spec.depth(), sp, &mut hr, None).unwrap();
+                    let same = gd
+                        .draft_tree(d, &spec, spec.depth(), sp, &mut gr, Some(&mut on_device))
+                        .unwrap();
+                    assert_eq!(
+                        (&same.tokens, &same.parents),
+                        (&tree.tokens, &tree.parents),
+                        "{what}: trees"
+                    );
+                    for (node, (h, g)) in tree.q.iter().zip(&same.q).enumerate() {
+                        let ok = matches!((h, g), (None, None) | (Some(QRow::Host(_)), Some(QRow::Device(_))));
+                        assert!(ok, "{what}: node {node}'s row: host {:?}, device {g:?}", h.is_some());
+                    }
+                    assert_eq!(
+                        gr.clone().next_u64(),
+                        hr.clone().next_u64(),
+                        "{what}: RNG after drafting"
+                    );
+                    let base = hs.cache.len();
+                    let logits = e
+                        .target
+                        .decode_tree(&tree.tokens, &tree.depths, &tree.mask(), &mut hs)
+                        .unwrap();
+                    let v = logits.len() / tree.len();
+                    let ps: Vec<Vec<f32>> = logits.chunks_exact(v).map(|r| probabilities(r, sp)).collect();
+                    let want = verify_tree_sampled(&tree, &ps, &mut hr, residual).unwrap();
+                    let got = on_device.verify(&e.target, &mut gs, &same, sp, &mut gr).unwrap();
+                    assert_eq!(got, want, "{what}: verdict");
+                    assert_eq!(gr.clone().next_u64(), hr.clone().next_u64(), "{what}: RNG");
+                    for (s, st, t) in [(&mut hs, &mut hd, &tree), (&mut gs, &mut gd, &same)] {
+                        let keep: Vec<usize> = want.path.iter().map(|&n| base + n).collect();
+                        s.cache.compact(base + 1, &keep).unwrap();
+                        st.commit_tree(t, &want).unwrap();
+                    }
+                    accepted += want.path.len();
+                    passes += 1;
+                }
+            }
+        }
+    }
+    println!("device tree drafting: {accepted} drafts accepted over {passes} passes");
 }
 
 /// `forward_top_k` (T = 0 tree drafting on the device: the `top_k` kernel behind the LM

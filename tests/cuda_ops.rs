@@ -23,7 +23,7 @@ mod common;
 use massv::backend::cuda::{bf16, AttnShape, CudaDevice, ATTN_HEAD_DIMS, MAX_TOP_K};
 use massv::reference as r;
 use massv::sampling::{Rng, SamplingParams};
-use massv::spec::tree::{verify_tree_greedy, verify_tree_sampled, Proposal, TokenTree, TreeVerdict};
+use massv::spec::tree::{verify_tree_greedy, verify_tree_sampled, Proposal, QRow, TokenTree, TreeVerdict};
 use massv::spec::verify::Verdict;
 
 // -------------------------------------------------------------------------------------
@@ -1217,6 +1217,218 @@ fn twin_sample_is_the_cpu_sampler() {
     assert_eq!(r::sample(&[0.0, 0.0], 0.3), 0, "no positive weight: 0 (as Rng::sample)");
 }
 
+/// Rows of processed distributions for the tree-drawing tests: `rows` rows of `n`
+/// entries, a third of them zero, normalised; row 1 (if any) with only 3 or 4 positive
+/// entries (fewer than some nodes ask of it), row 2 (if any) with a three-way tie at the
+/// top.
+fn distribution_rows(rng: &mut Rng, rows: usize, n: usize) -> Vec<f32> {
+    let mut q = Vec::with_capacity(rows * n);
+    for row in 0..rows {
+        let mut w: Vec<f32> = (0..n)
+            .map(|i| match row {
+                1 if n > 3 => (i % (n / 3) == 1) as u8 as f32 * (1.0 + i as f32),
+                _ if i % 3 == 0 => 0.0,
+                _ => rng.uniform() as f32,
+            })
+            .collect();
+        if row == 2 && n > 7 {
+            for i in [1, 4, 7] {
+                w[i] = 2.0;
+            }
+        }
+        let s: f64 = w.iter().map(|&v| v as f64).sum();
+        q.extend(w.iter().map(|&v| (v as f64 / s) as f32));
+    }
+    q
+}
+
+#[test]
+fn twin_sample_without_replacement_is_the_cpu_tree_drafters() {
+    // No device needed. The CPU drafter draws each node's children with
+    // spec::tree::draw_without_replacement from one RNG stream; the twin, given that
+    // stream's uniforms, draws the same children (exactly up to one chunk, where the
+    // blocked order is the sequential one; beyond, unless a uniform lands within rounding
+    // of a boundary) and reports the uniforms the CPU consumed.
+    use massv::spec::tree::draw_without_replacement;
+    let mut rng = Rng::new(31);
+    let (mut same, mut total) = (0, 0);
+    for &n in &[3usize, 7, 32, 33, 1000, 5000] {
+        for trial in 0..40 {
+            let rows = 4;
+            let q = distribution_rows(&mut rng, rows, n);
+            let counts: Vec<usize> = (0..rows).map(|j| (trial + j) % 5).collect();
+            let sum: usize = counts.iter().sum();
+            let mut cpu_rng = Rng::new(1000 + trial as u64);
+            let mut record = cpu_rng.clone();
+            let uniforms: Vec<f64> = (0..sum).map(|_| record.uniform()).collect();
+            let want: Vec<Vec<u32>> = counts
+                .iter()
+                .enumerate()
+                .map(|(j, &k)| draw_without_replacement(&q[j * n..][..n], k, &mut cpu_rng))
+                .collect();
+            let (got, used) = r::sample_without_replacement(&q, n, 0, &counts, &uniforms);
+            let got_ids: Vec<Vec<u32>> = got.iter().map(|c| c.iter().map(|&(t, _)| t).collect()).collect();
+            for (j, c) in got.iter().enumerate() {
+                assert!(
+                    c.len() <= counts[j],
+                    "n={n}: node {j} drew {} of {}",
+                    c.len(),
+                    counts[j]
+                );
+                for &(t, p) in c {
+                    assert_eq!(p, q[j * n + t as usize], "n={n}: a draw's probability is its row's");
+                }
+                let distinct: std::collections::BTreeSet<u32> = c.iter().map(|&(t, _)| t).collect();
+                assert_eq!(distinct.len(), c.len(), "n={n}: without replacement");
+            }
+            total += 1;
+            if got_ids == want {
+                same += 1;
+                let mut probe = Rng::new(1000 + trial as u64);
+                for _ in 0..used {
+                    probe.uniform();
+                }
+                assert_eq!(probe.state(), cpu_rng.state(), "n={n}: uniforms used");
+            } else {
+                assert!(
+                    n > 32,
+                    "n={n}: up to one chunk the twin is the CPU exactly: {got_ids:?} vs {want:?}"
+                );
+            }
+        }
+    }
+    println!("{same} of {total} trials equal the CPU drafter");
+    assert!(
+        same * 100 >= total * 95,
+        "{same} of {total} trials equal the CPU drafter"
+    );
+    // A row with 3 positive entries gives 3 children of the 4 asked, and uses 3 uniforms.
+    let q = distribution_rows(&mut Rng::new(2), 2, 30);
+    let (got, used) = r::sample_without_replacement(&q, 30, 1, &[4], &[0.1, 0.5, 0.9, 0.3]);
+    assert_eq!((got[0].len(), used), (3, 3));
+}
+
+#[test]
+fn sample_without_replacement_is_exact() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(32);
+    for &n in &[7usize, 33, 1025, 151_936] {
+        let rows = 5;
+        let q = distribution_rows(&mut rng, rows, n);
+        let dq = dev.upload(&q).unwrap();
+        let mut work = dev.alloc_zeros::<f32>(n).unwrap();
+        for (row0, counts) in [(0, vec![1, 4, 3, 2]), (1, vec![6, 0, 2, 3]), (4, vec![5])] {
+            let m = counts.len();
+            let total: usize = counts.iter().sum();
+            let uniforms: Vec<f64> = (0..total).map(|_| rng.uniform()).collect();
+            let (want, want_used) = r::sample_without_replacement(&q, n, row0, &counts, &uniforms);
+            let dc = dev
+                .upload(&counts.iter().map(|&c| c as i32).collect::<Vec<_>>())
+                .unwrap();
+            let du = dev.upload(&uniforms).unwrap();
+            let mut out = dev.alloc_zeros::<i32>(total + 1).unwrap();
+            let mut out_q = dev.alloc_zeros::<f32>(total).unwrap();
+            dev.sample_without_replacement(
+                &dq.as_view(),
+                &dc.as_view(),
+                &du.as_view(),
+                &mut work.as_view_mut(),
+                &mut out.as_view_mut(),
+                &mut out_q.as_view_mut(),
+                row0,
+                m,
+                total,
+                n,
+            )
+            .unwrap();
+            let (ids, probs) = (
+                dev.download(&out.as_view()).unwrap(),
+                dev.download(&out_q.as_view()).unwrap(),
+            );
+            let what = format!("sample_without_replacement n={n} rows {row0}.. counts {counts:?}");
+            assert_eq!(ids[total], want_used as i32, "{what}: uniforms used");
+            let mut at = 0;
+            for (j, &k) in counts.iter().enumerate() {
+                let w = &want[j];
+                let got: Vec<(u32, f32)> = ids[at..at + k]
+                    .iter()
+                    .zip(&probs[at..at + k])
+                    .map_while(|(&t, &p)| u32::try_from(t).ok().map(|t| (t, p)))
+                    .collect();
+                assert_eq!(&got, w, "{what}: node {j}");
+                assert!(
+                    ids[at + w.len()..at + k].iter().all(|&t| t == -1),
+                    "{what}: node {j} padding"
+                );
+                at += k;
+            }
+        }
+    }
+    // Bad sizes are errors before any launch.
+    let dq = dev.upload(&[0.5f32, 0.5]).unwrap();
+    let dc = dev.upload(&[3i32]).unwrap();
+    let du = dev.upload(&[0.1f64; 3]).unwrap();
+    let mut work = dev.alloc_zeros::<f32>(2).unwrap();
+    let mut out = dev.alloc_zeros::<i32>(3).unwrap();
+    let mut out_q = dev.alloc_zeros::<f32>(3).unwrap();
+    let e = dev
+        .sample_without_replacement(
+            &dq.as_view(),
+            &dc.as_view(),
+            &du.as_view(),
+            &mut work.as_view_mut(),
+            &mut out.as_view_mut(),
+            &mut out_q.as_view_mut(),
+            0,
+            1,
+            3,
+            2,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sample_without_replacement") && e.contains("out"), "{e}");
+}
+
+#[test]
+fn top_k_probs_is_the_cpu_tree_ranking() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(33);
+    for &(rows, n) in &[(3, 10), (4, 1000), (3, 151_936)] {
+        let q = distribution_rows(&mut rng, rows, n);
+        let dq = dev.upload(&q).unwrap();
+        for k in [1, 4, MAX_TOP_K] {
+            let mut ids = dev.alloc_zeros::<i32>(rows * k).unwrap();
+            let mut probs = dev.alloc_zeros::<f32>(rows * k).unwrap();
+            dev.top_k_probs(
+                &dq.as_view(),
+                &mut ids.as_view_mut(),
+                &mut probs.as_view_mut(),
+                rows,
+                n,
+                k,
+            )
+            .unwrap();
+            let (ids, probs) = (
+                dev.download(&ids.as_view()).unwrap(),
+                dev.download(&probs.as_view()).unwrap(),
+            );
+            for row in 0..rows {
+                let want = r::top_k_probs(&q[row * n..(row + 1) * n], k);
+                let got: Vec<(u32, f32)> = ids[row * k..(row + 1) * k]
+                    .iter()
+                    .zip(&probs[row * k..(row + 1) * k])
+                    .map_while(|(&t, &p)| u32::try_from(t).ok().map(|t| (t, p)))
+                    .collect();
+                assert_eq!(
+                    got, want,
+                    "top_k_probs {rows}x{n} k={k} row={row}: exactly the host ranking"
+                );
+                assert!(ids[row * k + want.len()..(row + 1) * k].iter().all(|&i| i == -1));
+            }
+        }
+    }
+}
+
 #[test]
 fn verify_greedy_exact() {
     let dev = dev_or_skip!();
@@ -1463,11 +1675,12 @@ fn flat_q(tree: &TokenTree, nq: usize) -> (Vec<i32>, Vec<f32>) {
     let (mut q_row, mut q) = (Vec::new(), Vec::new());
     for row in &tree.q {
         match row {
-            Some(r) => {
+            Some(QRow::Host(r)) => {
                 assert_eq!(r.len(), nq);
                 q_row.push((q.len() / nq) as i32);
                 q.extend_from_slice(r);
             }
+            Some(QRow::Device(_)) => panic!("flat_q takes host rows"),
             None => q_row.push(-1),
         }
     }
@@ -1555,7 +1768,7 @@ fn tree_cases(seed: u64, sizes: &[(usize, usize, usize)], max_nodes: usize) -> V
             }
             for node in 0..n {
                 if has_q[node] {
-                    tree.q[node] = Some(q_rows[node].clone());
+                    tree.q[node] = Some(QRow::Host(q_rows[node].clone()));
                 }
             }
             tree.validate().unwrap();
@@ -1565,7 +1778,7 @@ fn tree_cases(seed: u64, sizes: &[(usize, usize, usize)], max_nodes: usize) -> V
             let mut record = rng.clone();
             let uniforms: Vec<f64> = (0..n).map(|_| record.uniform()).collect();
             let mut cpu_rng = rng.clone();
-            let cpu = verify_tree_sampled(&tree, &p_rows, &mut cpu_rng, massv::spec::verify::residual);
+            let cpu = verify_tree_sampled(&tree, &p_rows, &mut cpu_rng, massv::spec::verify::residual).unwrap();
             let mut probe = rng.clone();
             let cpu_used = (1..=n)
                 .find(|_| {

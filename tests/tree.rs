@@ -13,7 +13,7 @@ use massv::sampling::{Rng, SamplingParams};
 use massv::spec::draft::{DraftMode, DraftState, Drafter, VisionTokens};
 use massv::spec::engine::{Engine, GenerateParams, Hooks};
 use massv::spec::tree::{
-    draw_without_replacement, verify_tree_greedy, verify_tree_sampled, Proposal, TokenTree, TreeSpec,
+    draw_without_replacement, verify_tree_greedy, verify_tree_sampled, Proposal, QRow, TokenTree, TreeSpec,
 };
 use massv::spec::verify::{residual, verify_greedy};
 
@@ -159,7 +159,9 @@ fn a_tree_containing_the_chain_never_accepts_fewer() {
                 let chain = verify_greedy(&drafts, &am);
 
                 // The tree, for real.
-                let tree = state.draft_tree(&drafter, &spec, 5, &sp, &mut Rng::new(0)).unwrap();
+                let tree = state
+                    .draft_tree(&drafter, &spec, 5, &sp, &mut Rng::new(0), None)
+                    .unwrap();
                 let rank0: Vec<u32> = std::iter::successors(Some(0usize), |&n| tree.children(n).next())
                     .skip(1)
                     .map(|n| tree.tokens[n])
@@ -215,10 +217,10 @@ fn one_node_chi2(proposal: Proposal, rule: fn(&[f32], &[f32]) -> Vec<f32>, seed:
             t.push(0, c);
         }
         if proposal == Proposal::Sampled {
-            t.q[0] = Some(q.clone());
+            t.q[0] = Some(QRow::Host(q.clone()));
         }
         let ps = vec![p.clone(); t.len()];
-        let v = verify_tree_sampled(&t, &ps, &mut rng, rule);
+        let v = verify_tree_sampled(&t, &ps, &mut rng, rule).unwrap();
         let first = v.emitted(&t)[0];
         counts[first as usize] += 1;
     }
@@ -308,7 +310,7 @@ fn compacted_caches_equal_a_fresh_prefill() {
     // Forced verdicts: nothing, the second child's branch, the deepest path.
     for pick in [0usize, 1, 2, 1, 2] {
         let tree = state
-            .draft_tree(&drafter, &spec, 4, &SamplingParams::default(), &mut rng)
+            .draft_tree(&drafter, &spec, 4, &SamplingParams::default(), &mut rng, None)
             .unwrap();
         let base = session.cache.len();
         e.target

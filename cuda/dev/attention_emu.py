@@ -223,14 +223,15 @@ def check(name, got, want):
 random.seed(0)
 # causal prefill, GQA 7 (rows span tiles), D=80, start>0, window, splits
 for (D, n, start, hq, hkv, window, splits) in [(64, 5, 0, 2, 2, 0, 1), (80, 3, 70, 7, 1, 0, 1), (64, 3, 70, 7, 1, 0, 3),
-                                               (80, 20, 10, 4, 2, 7, 1), (128, 2, 130, 4, 1, 0, 2)]:
+                                               (80, 20, 10, 4, 2, 7, 1), (128, 2, 130, 4, 1, 0, 2),
+                                               (16, 9, 3, 4, 2, 0, 1), (16, 2, 100, 4, 1, 0, 2)]:
     kv = start + n
     q, k, v = rnd(n*hq*D), rnd(kv*hkv*D), rnd(kv*hkv*D)
     got = launch('causal', D, q, k, v, n, start, kv, hq, hkv, window=window, splits_req=splits)
     want = ref(q, k, v, n, hq, hkv, D, lambda t, j: j <= start+t and (window == 0 or j > start+t-window))
     check(f"causal D={D} n={n} start={start} hq={hq} hkv={hkv} window={window} splits={splits}", got, want)
 # masked verify with a tree, splits
-for (D, n, start, hq, hkv, splits) in [(64, 4, 66, 14, 2, 2), (80, 3, 5, 2, 2, 1)]:
+for (D, n, start, hq, hkv, splits) in [(64, 4, 66, 14, 2, 2), (80, 3, 5, 2, 2, 1), (16, 6, 40, 4, 2, 2)]:
     kv = start + n
     q, k, v = rnd(n*hq*D), rnd(kv*hkv*D), rnd(kv*hkv*D)
     parent = [0] + [random.randrange(i) for i in range(1, n)]
@@ -253,3 +254,9 @@ got = launch('varlen', D, q, k, v, total, 0, total, heads, heads, cu=cu, max_seq
 seg = lambda i: max(s for s in range(len(cu)-1) if cu[s] <= i)
 want = ref(q, k, v, total, heads, heads, D, lambda a, b: seg(a) == seg(b))
 check("varlen D=80", got, want)
+# varlen at head dim 16 (the fixtures' vision tower)
+D = 16
+q, k, v = rnd(total*heads*D), rnd(total*heads*D), rnd(total*heads*D)
+got = launch('varlen', D, q, k, v, total, 0, total, heads, heads, cu=cu, max_seqlen=17)
+want = ref(q, k, v, total, heads, heads, D, lambda a, b: seg(a) == seg(b))
+check("varlen D=16", got, want)

@@ -40,7 +40,7 @@ const ATTN_TILE: usize = 64;
 /// Query rows per warp in the attention kernels.
 const ATTN_ROWS_PER_WARP: usize = 16;
 /// Head dims the attention kernels are instantiated for.
-pub const ATTN_HEAD_DIMS: [usize; 4] = [32, 64, 80, 128];
+pub const ATTN_HEAD_DIMS: [usize; 5] = [16, 32, 64, 80, 128];
 /// Output rows per GEMV block (GEMV_WARPS * GEMV_ROWS in cuda/gemv.cu).
 const GEMV_ROWS_PER_BLOCK: usize = 16;
 /// Largest row count of gemv_bf16 (one kernel instantiation per count).
@@ -1443,6 +1443,90 @@ impl CudaDevice {
         )
     }
 
+    /// [`Self::top_k`] of rows that already are distributions (q: [rows, n]), ranked by
+    /// their own values (`reference::top_k_probs`).
+    pub fn top_k_probs(
+        &self,
+        q: &CudaView<'_, f32>,
+        ids: &mut CudaViewMut<'_, i32>,
+        probs: &mut CudaViewMut<'_, f32>,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        const OP: &str = "top_k_probs";
+        if k == 0 || k > MAX_TOP_K {
+            return Err(shape_err(OP, format!("k = {k} (1 to {MAX_TOP_K})")));
+        }
+        need(OP, "q", q.len(), rows * n)?;
+        need(OP, "ids", ids.len(), rows * k)?;
+        need(OP, "probs", probs.len(), rows * k)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (qp, ip, pp) = (self.rptr(q), self.wptr(ids), self.wptr(probs));
+        self.launch(
+            "sampling",
+            OP,
+            block_per_row(rows, 1024),
+            &[&qp, &ip, &pp, &i32_arg(OP, "n", n)?, &(k as i32)],
+        )
+    }
+
+    /// A token tree's children drawn without replacement
+    /// (`reference::sample_without_replacement`): node j draws counts[j] tokens from q row
+    /// row0 + j (q: [rows, n]) with the next of `uniforms` ([sum counts]); `out` ([sum
+    /// counts + 1]) gets the draws node by node (-1 past a node's last) and then the
+    /// uniforms used, `out_q` ([sum counts]) each draw's probability in its row; `work`:
+    /// [n] scratch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample_without_replacement(
+        &self,
+        q: &CudaView<'_, f32>,
+        counts: &CudaView<'_, i32>,
+        uniforms: &CudaView<'_, f64>,
+        work: &mut CudaViewMut<'_, f32>,
+        out: &mut CudaViewMut<'_, i32>,
+        out_q: &mut CudaViewMut<'_, f32>,
+        row0: usize,
+        m: usize,
+        total: usize,
+        n: usize,
+    ) -> Result<()> {
+        const OP: &str = "sample_without_replacement";
+        check_sample_n(OP, n)?;
+        need(OP, "q", q.len(), (row0 + m) * n)?;
+        need(OP, "counts", counts.len(), m)?;
+        need(OP, "uniforms", uniforms.len(), total)?;
+        need(OP, "work", work.len(), n)?;
+        need(OP, "out", out.len(), total + 1)?;
+        need(OP, "out_q", out_q.len(), total)?;
+        let (qp, cp, up, wp, op, oq) = (
+            self.rptr(q),
+            self.rptr(counts),
+            self.rptr(uniforms),
+            self.wptr(work),
+            self.wptr(out),
+            self.wptr(out_q),
+        );
+        self.launch(
+            "sampling",
+            OP,
+            block_per_row(1, 1024),
+            &[
+                &qp,
+                &cp,
+                &up,
+                &wp,
+                &op,
+                &oq,
+                &i32_arg(OP, "m", m)?,
+                &i32_arg(OP, "row0", row0)?,
+                &(n as i32),
+            ],
+        )
+    }
+
     /// One draw per row from non-negative weights w ([rows, n]) with uniforms[row].
     pub fn sample(
         &self,
@@ -1695,26 +1779,30 @@ fn gemv_name(f32_out: bool, rows: usize) -> &'static str {
 }
 
 fn attn_name(mode: AttnMode, head_dim: usize) -> &'static str {
-    const NAMES: [[&str; 4]; 4] = [
+    const NAMES: [[&str; 5]; 4] = [
         [
+            "attention_prefill_d16",
             "attention_prefill_d32",
             "attention_prefill_d64",
             "attention_prefill_d80",
             "attention_prefill_d128",
         ],
         [
+            "attention_decode_d16",
             "attention_decode_d32",
             "attention_decode_d64",
             "attention_decode_d80",
             "attention_decode_d128",
         ],
         [
+            "attention_verify_d16",
             "attention_verify_d32",
             "attention_verify_d64",
             "attention_verify_d80",
             "attention_verify_d128",
         ],
         [
+            "attention_varlen_d16",
             "attention_varlen_d32",
             "attention_varlen_d64",
             "attention_varlen_d80",

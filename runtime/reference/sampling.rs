@@ -1,7 +1,8 @@
 //! Twins of cuda/sampling.cu.
 //!
 //! `argmax`, `probabilities` and `verify_greedy` are the runtime's own functions, `top_k`
-//! the T = 0 tree drafter's ranking on them. The draws (`sample`, the residual and bonus
+//! the T = 0 tree drafter's ranking on them, `top_k_probs` the same ranking of rows that
+//! already are distributions (`spec::tree::top_tokens`). The draws (`sample`, the residual and bonus
 //! draws of `verify_sampled`) sum in a fixed "blocked" order a GPU can reproduce in
 //! parallel: chunks of [`SAMPLE_CHUNK`] entries summed left to right in f64, tiles of
 //! [`SAMPLE_TILE`] entries summing their chunk sums in order, the total summing the tiles
@@ -41,6 +42,15 @@ pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     };
     let q = probabilities(logits, &softmax);
     crate::spec::tree::top_tokens(&q, k)
+        .into_iter()
+        .map(|t| (t, q[t as usize]))
+        .collect()
+}
+
+/// The `k` most likely tokens of the distribution `q` with non-zero probability, best
+/// first (ties: lower id), with their probabilities: `spec::tree::top_tokens` on `q`.
+pub fn top_k_probs(q: &[f32], k: usize) -> Vec<(u32, f32)> {
+    crate::spec::tree::top_tokens(q, k)
         .into_iter()
         .map(|t| (t, q[t as usize]))
         .collect()
@@ -193,6 +203,39 @@ fn without(q: &mut [f32], x: usize) {
     for v in q.iter_mut() {
         *v = if sum > 0.0 { (*v as f64 / sum) as f32 } else { 0.0 };
     }
+}
+
+/// The drawn children of m token-tree nodes at T > 0: node j draws `counts[j]` tokens
+/// without replacement from `q` row `row0 + j` (`q`: [rows, n]) as
+/// `spec::tree::draw_without_replacement` does (each draw takes the next uniform; the
+/// drawn token is removed and the rest renormalised, here by the blocked sum; a node
+/// stops when nothing positive is left, without using a uniform). Returns, per node,
+/// the drawn tokens with their probabilities in the original row, and the uniforms used.
+pub fn sample_without_replacement(
+    q: &[f32],
+    n: usize,
+    row0: usize,
+    counts: &[usize],
+    uniforms: &[f64],
+) -> (Vec<Vec<(u32, f32)>>, usize) {
+    let mut used = 0;
+    let drawn = counts
+        .iter()
+        .enumerate()
+        .map(|(j, &k)| {
+            let row = &q[(row0 + j) * n..][..n];
+            let mut left = row.to_vec();
+            let mut out = Vec::with_capacity(k);
+            while out.len() < k && left.iter().any(|&v| v > 0.0) {
+                let x = sample(&left, uniforms[used]);
+                used += 1;
+                out.push((x as u32, row[x]));
+                without(&mut left, x);
+            }
+            out
+        })
+        .collect();
+    (drawn, used)
 }
 
 /// Multi-candidate rejection sampling down a token tree (`spec::tree::verify_tree_sampled`

@@ -6,11 +6,13 @@
 //!
 //! Token trees ([`DeviceTreeSampling`], whenever the target's LM runs on CUDA): the
 //! target's p rows of every node stay on the device and `verify_tree_sampled` walks the
-//! tree there. The drafter's q rows are host rows (tree drafting draws its children
-//! without replacement on the host, from rows the device computed and copied back), so
-//! the rows of the nodes that have children go back up, one copy per pass: at most one
-//! row per drafted depth and width, where the host path would bring down a target row for
-//! every node.
+//! tree there. When the drafter's LM runs there too, its q rows never leave either: each
+//! depth's rows are written by the `probabilities` kernel behind its head, the dynamic
+//! shape's budget is spread on their `top_k_probs` (a few pairs a row), and the children
+//! are drawn by `sample_without_replacement` (only the drawn ids and their probabilities
+//! come back); the tree then names its rows by index ([`QRow::Device`]). A drafter on the
+//! CPU drafts on the host, and the rows of the nodes that have children go up in one copy
+//! per pass.
 //!
 //! The uniforms are the request's host RNG draws in the order the host path takes them
 //! (one per draft; then the accept tests and the final draw, of which the RNG keeps only
@@ -22,13 +24,13 @@ use std::sync::Arc;
 use cudarc::driver::CudaSlice;
 
 use super::draft::{next_positions, DraftState, Drafter};
-use super::tree::{TokenTree, TreeVerdict};
+use super::tree::{QRow, TokenTree, TreeVerdict};
 use super::verify::Verdict;
-use crate::backend::cuda::CudaDevice;
+use crate::backend::cuda::{CudaDevice, MAX_TOP_K};
 use crate::error::{Error, Result};
-use crate::model::qwen2::Positions;
-use crate::model::{Lm, Session, Target};
-use crate::reference::{tree_uniforms_consumed, uniforms_consumed};
+use crate::model::qwen2::{Logits, Positions, TreeMask};
+use crate::model::{Cache, Lm, Session, Target};
+use crate::reference::{top_k_probs, tree_uniforms_consumed, uniforms_consumed};
 use crate::sampling::{Rng, SamplingParams};
 
 /// Device buffers of one request's chain steps, sized for up to `gamma` drafts.
@@ -83,9 +85,16 @@ impl DeviceSampling {
         let (q, uniforms, out) = (&mut self.q, &mut self.uniforms, &mut self.out);
         state.draft_with(gamma, |feed, cache, i| {
             let positions = next_positions(cache, feed.len());
-            drafter
-                .lm
-                .forward_tokens_probs(feed, Positions::Seq(&positions), cache, params, q, i)?;
+            drafter.lm.forward_tokens_probs(
+                feed,
+                Positions::Seq(&positions),
+                cache,
+                Logits::Last,
+                None,
+                params,
+                q,
+                i,
+            )?;
             dev.upload_into(&[rng.uniform()], &mut uniforms.slice_mut(i..i + 1))?;
             let row = q.slice(i * nq..(i + 1) * nq);
             dev.sample(&row, &uniforms.slice(i..i + 1), &mut out.slice_mut(0..1), 1, nq)?;
@@ -169,14 +178,23 @@ pub struct DeviceTreeSampling {
     /// Drafter and target vocabularies (rows of q and p).
     nq: usize,
     np: usize,
+    /// Whether the drafter's LM runs on the device too: then T > 0 trees are drafted
+    /// there ([`DeviceTreeSampling::score_tokens`], [`DeviceTreeSampling::draw`]).
+    drafts_here: bool,
+    /// Rows of `q` the tree being drafted holds.
+    q_rows: usize,
     p: CudaSlice<f32>,        // [nodes, np]
     q: CudaSlice<f32>,        // [nodes, nq]: rows of the nodes with children
     tokens: CudaSlice<i32>,   // [nodes]
     parents: CudaSlice<i32>,  // [nodes]
     q_row: CudaSlice<i32>,    // [nodes]: each node's row of q, -1 for none
     uniforms: CudaSlice<f64>, // [nodes]
-    work: CudaSlice<f32>,     // [np + nq]: the kernel's running p and q
-    out: CudaSlice<i32>,      // [nodes + 1]: (m, next, path[0..m])
+    work: CudaSlice<f32>,     // [np + nq]: the kernels' running p and q
+    out: CudaSlice<i32>,      // [nodes + 1]: (m, next, path[0..m]); a depth's draws + uniforms used
+    out_q: CudaSlice<f32>,    // [nodes]: the drawn tokens' probabilities
+    counts: CudaSlice<i32>,   // [nodes]: children to draw per frontier node
+    top_ids: CudaSlice<i32>,  // [nodes, MAX_TOP_K]
+    top_q: CudaSlice<f32>,    // [nodes, MAX_TOP_K]
 }
 
 impl DeviceTreeSampling {
@@ -198,6 +216,12 @@ impl DeviceTreeSampling {
             uniforms: dev.alloc_zeros(n)?,
             work: dev.alloc_zeros(np + nq)?,
             out: dev.alloc_zeros(n + 1)?,
+            out_q: dev.alloc_zeros(n)?,
+            counts: dev.alloc_zeros(n)?,
+            top_ids: dev.alloc_zeros(n * MAX_TOP_K)?,
+            top_q: dev.alloc_zeros(n * MAX_TOP_K)?,
+            drafts_here: matches!(drafter.lm.lm(), Lm::Cuda(_)),
+            q_rows: 0,
             dev,
             nodes: n,
             nq,
@@ -205,10 +229,196 @@ impl DeviceTreeSampling {
         }))
     }
 
+    /// Whether T > 0 trees are drafted on the device (the drafter's LM runs there).
+    pub fn drafts_here(&self) -> bool {
+        self.drafts_here
+    }
+
+    /// Forgets the rows of the previous tree.
+    pub(crate) fn start_tree(&mut self) {
+        self.q_rows = 0;
+    }
+
+    /// The drafter scores `tokens` after `cache` (causal); the last row's distribution
+    /// under `params` stays in a new device row, whose index is returned.
+    pub(crate) fn score_tokens(
+        &mut self,
+        drafter: &Drafter,
+        tokens: &[u32],
+        cache: &mut Cache,
+        params: &SamplingParams,
+    ) -> Result<usize> {
+        let row = self.take_rows(1)?;
+        let positions = next_positions(cache, tokens.len());
+        drafter.lm.forward_tokens_probs(
+            tokens,
+            Positions::Seq(&positions),
+            cache,
+            Logits::Last,
+            None,
+            params,
+            &mut self.q,
+            row,
+        )?;
+        Ok(row)
+    }
+
+    /// The drafter scores one depth of a tree (`tokens` at `position` each, seeing what
+    /// `mask` allows); each row's distribution stays in a new device row, the first of
+    /// which is returned.
+    pub(crate) fn score_tree(
+        &mut self,
+        drafter: &Drafter,
+        tokens: &[u32],
+        position: i32,
+        cache: &mut Cache,
+        mask: TreeMask,
+        params: &SamplingParams,
+    ) -> Result<usize> {
+        let row0 = self.take_rows(tokens.len())?;
+        let positions = vec![position; tokens.len()];
+        drafter.lm.forward_tokens_probs(
+            tokens,
+            Positions::Seq(&positions),
+            cache,
+            Logits::All,
+            Some(mask),
+            params,
+            &mut self.q,
+            row0,
+        )?;
+        Ok(row0)
+    }
+
+    fn take_rows(&mut self, n: usize) -> Result<usize> {
+        let row0 = self.q_rows;
+        if row0 + n > self.nodes {
+            return Err(Error::InvalidArgument(format!(
+                "a tree needing {} drafter rows for device buffers of {}",
+                row0 + n,
+                self.nodes
+            )));
+        }
+        self.q_rows += n;
+        Ok(row0)
+    }
+
+    fn check_rows(&self, row0: usize, m: usize) -> Result<()> {
+        if row0 + m > self.q_rows {
+            return Err(Error::InvalidArgument(format!(
+                "drafter rows {row0}..{} of the {} this tree holds",
+                row0 + m,
+                self.q_rows
+            )));
+        }
+        Ok(())
+    }
+
+    /// The `k` most likely tokens of device rows row0..row0 + m with their
+    /// probabilities, best first (`reference::top_k_probs`): k pairs a row cross.
+    pub(crate) fn top(&mut self, row0: usize, m: usize, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        self.check_rows(row0, m)?;
+        let (dev, nq) = (&self.dev, self.nq);
+        let rows = self.q.slice(row0 * nq..(row0 + m) * nq);
+        if k > MAX_TOP_K {
+            // Wider than the kernel ranks: the rows come to the host (never for the
+            // tree shapes the CLI builds, whose widths are a few).
+            let host = dev.download(&rows)?;
+            return Ok(host.chunks_exact(nq).map(|r| top_k_probs(r, k)).collect());
+        }
+        if k == 0 || m == 0 {
+            return Ok(vec![Vec::new(); m]);
+        }
+        dev.top_k_probs(
+            &rows,
+            &mut self.top_ids.slice_mut(..m * k),
+            &mut self.top_q.slice_mut(..m * k),
+            m,
+            nq,
+            k,
+        )?;
+        let ids = dev.download(&self.top_ids.slice(..m * k))?;
+        let probs = dev.download(&self.top_q.slice(..m * k))?;
+        Ok(ids
+            .chunks_exact(k)
+            .zip(probs.chunks_exact(k))
+            .map(|(ids, probs)| {
+                ids.iter()
+                    .zip(probs)
+                    .map_while(|(&t, &q)| u32::try_from(t).ok().map(|t| (t, q)))
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// The children of the frontier whose distributions are device rows
+    /// row0..row0 + counts.len(): `counts[j]` tokens drawn without replacement from row
+    /// row0 + j with the RNG's next uniforms, nodes in order
+    /// (`spec::tree::draw_without_replacement`'s rule; `reference::sample_without_replacement`),
+    /// each with its probability. Only the draws cross; the RNG advances by the uniforms used.
+    pub(crate) fn draw(&mut self, row0: usize, counts: &[usize], rng: &mut Rng) -> Result<Vec<Vec<(u32, f32)>>> {
+        let m = counts.len();
+        self.check_rows(row0, m)?;
+        let total: usize = counts.iter().sum();
+        if total > self.nodes {
+            return Err(Error::InvalidArgument(format!(
+                "{total} children to draw for device buffers of {}",
+                self.nodes
+            )));
+        }
+        if total == 0 {
+            return Ok(vec![Vec::new(); m]);
+        }
+        let (dev, nq) = (&self.dev, self.nq);
+        let mut peek = rng.clone();
+        let u: Vec<f64> = (0..total).map(|_| peek.uniform()).collect();
+        dev.upload_into(&u, &mut self.uniforms.slice_mut(..total))?;
+        let c: Vec<i32> = counts.iter().map(|&k| k as i32).collect();
+        dev.upload_into(&c, &mut self.counts.slice_mut(..m))?;
+        dev.sample_without_replacement(
+            &self.q.slice(..self.q_rows * nq),
+            &self.counts.slice(..m),
+            &self.uniforms.slice(..total),
+            &mut self.work.slice_mut(..nq),
+            &mut self.out.slice_mut(..total + 1),
+            &mut self.out_q.slice_mut(..total),
+            row0,
+            m,
+            total,
+            nq,
+        )?;
+        let ids = dev.download(&self.out.slice(..total + 1))?;
+        let probs = dev.download(&self.out_q.slice(..total))?;
+        let used = usize::try_from(ids[total])
+            .ok()
+            .filter(|&u| u <= total)
+            .ok_or_else(|| Error::Cuda {
+                op: "sample_without_replacement".into(),
+                reason: format!("{} uniforms used of {total}", ids[total]),
+            })?;
+        for _ in 0..used {
+            rng.uniform();
+        }
+        let mut at = 0;
+        Ok(counts
+            .iter()
+            .map(|&k| {
+                let node = ids[at..at + k]
+                    .iter()
+                    .zip(&probs[at..at + k])
+                    .map_while(|(&t, &q)| u32::try_from(t).ok().map(|t| (t, q)))
+                    .collect();
+                at += k;
+                node
+            })
+            .collect())
+    }
+
     /// The target scores `tree` after the session's cache (its p rows left on the device)
     /// and multi-candidate rejection sampling picks the accepted path there
-    /// ([`crate::spec::tree::verify_tree_sampled`]'s rule). The RNG advances by the
-    /// uniforms the host path would have drawn.
+    /// ([`crate::spec::tree::verify_tree_sampled`]'s rule). The drafter's rows are the
+    /// device rows the tree was drafted with, or its host rows, uploaded in one copy. The
+    /// RNG advances by the uniforms the host path would have drawn.
     pub fn verify(
         &mut self,
         target: &Target,
@@ -228,22 +438,43 @@ impl DeviceTreeSampling {
         let (dev, nq, np) = (&self.dev, self.nq, self.np);
         target.decode_tree_probs(&tree.tokens, &tree.depths, &tree.mask(), session, params, &mut self.p)?;
 
-        // The drafter's rows of the nodes with children, packed, in one upload.
         let mut q_row = vec![-1i32; n];
         let mut rows: Vec<f32> = Vec::new();
+        let on_device = tree.q.iter().any(|q| matches!(q, Some(QRow::Device(_))));
         for (node, q) in tree.q.iter().enumerate() {
-            let Some(q) = q else { continue };
-            if q.len() != nq {
-                return Err(Error::InvalidArgument(format!(
-                    "node {node}'s drafter distribution has {} entries, the drafter's vocabulary {nq}",
-                    q.len()
-                )));
+            match q {
+                None => {}
+                Some(QRow::Device(r)) if *r < self.q_rows => q_row[node] = *r as i32,
+                Some(QRow::Device(r)) => {
+                    return Err(Error::InvalidArgument(format!(
+                        "node {node}'s drafter row {r} is not one of the {} this tree was drafted with",
+                        self.q_rows
+                    )))
+                }
+                Some(QRow::Host(_)) if on_device => {
+                    return Err(Error::InvalidArgument(
+                        "a tree with drafter rows both on the host and on the device".into(),
+                    ))
+                }
+                Some(QRow::Host(q)) if q.len() != nq => {
+                    return Err(Error::InvalidArgument(format!(
+                        "node {node}'s drafter distribution has {} entries, the drafter's vocabulary {nq}",
+                        q.len()
+                    )))
+                }
+                Some(QRow::Host(q)) => {
+                    q_row[node] = (rows.len() / nq) as i32;
+                    rows.extend_from_slice(q);
+                }
             }
-            q_row[node] = (rows.len() / nq) as i32;
-            rows.extend_from_slice(q);
         }
-        let q_rows = rows.len() / nq;
-        dev.upload_into(&rows, &mut self.q.slice_mut(..rows.len()))?;
+        let q_rows = if on_device {
+            self.q_rows
+        } else {
+            // The host path's rows go up in one copy.
+            dev.upload_into(&rows, &mut self.q.slice_mut(..rows.len()))?;
+            rows.len() / nq
+        };
         dev.upload_into(&q_row, &mut self.q_row.slice_mut(..n))?;
         let tokens: Vec<i32> = tree.tokens.iter().map(|&t| t as i32).collect();
         let parents: Vec<i32> = tree.parents.iter().map(|&p| p as i32).collect();

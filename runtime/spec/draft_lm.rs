@@ -176,20 +176,23 @@ impl DraftLm {
         })
     }
 
-    /// [`DraftLm::forward_tokens`] (causal) leaving the last row's distribution under
-    /// `params` in device row `row` of `out` ([`Lm::forward_probs`]; CUDA only).
+    /// [`DraftLm::forward_tokens`] leaving each row's distribution under `params` in
+    /// device rows `out[row0..]` ([`Lm::forward_probs`]; CUDA only).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_tokens_probs(
         &self,
         tokens: &[u32],
         positions: Positions,
         cache: &mut Cache,
+        logits: Logits,
+        mask: Option<TreeMask>,
         params: &SamplingParams,
         out: &mut CudaSlice<f32>,
-        row: usize,
+        row0: usize,
     ) -> Result<()> {
         self.with_input(tokens, |input| {
             self.lm
-                .forward_probs(input, positions, cache, Logits::Last, None, params, out, row)
+                .forward_probs(input, positions, cache, logits, mask, params, out, row0)
         })
     }
 

@@ -8,11 +8,13 @@
 //! on the CPU otherwise ([`Drafter::load_beside`]). At T = 0 both models hand back only
 //! each row's argmax (taken on the device where the LM runs), and a drafter growing a
 //! token tree only each node's few best tokens with their probabilities (the `top_k`
-//! kernel), so a step copies ids, not vocabulary rows. At T > 0 a chain whose two LMs both run on the device is drawn and
-//! verified there ([`DeviceSampling`]: ids and the verdict cross, q and p stay), and a
-//! token tree whose target runs on the device is verified there ([`DeviceTreeSampling`]:
-//! the target's p rows stay; the drafter's q rows, drawn on the host, go up); with the
-//! target on the CPU the rejection sampling runs on the host on f32 logit rows.
+//! kernel), so a step copies ids, not vocabulary rows. At T > 0 a chain whose two LMs
+//! both run on the device is drawn and verified there ([`DeviceSampling`]: ids and the
+//! verdict cross, q and p stay), and so is a token tree ([`DeviceTreeSampling`]: the
+//! drafter's rows are ranked and drawn from there, the target's verified there); a tree
+//! whose target alone runs on the device is verified there, the drafter's q rows going up
+//! from the host; with the target on the CPU the rejection sampling runs on the host on
+//! f32 logit rows.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -288,7 +290,7 @@ impl Engine {
             let (new, drafted, t_accept) = match (&mut draft_state, tree) {
                 (Some((d, state)), Some(spec)) if g > 0 => {
                     let t0 = Instant::now();
-                    let tr = state.draft_tree(d, spec, g, sp, &mut rng)?;
+                    let tr = state.draft_tree(d, spec, g, sp, &mut rng, tree_on_device.as_mut())?;
                     t.draft += trace.span("draft", step, t0);
                     let t0 = Instant::now();
                     let base = session.cache.len();
@@ -425,7 +427,7 @@ fn verify_tree(tree: &TokenTree, scores: Scores, sp: &SamplingParams, rng: &mut 
         Scores::Logits(logits) => {
             let v = logits.len() / tree.len();
             let ps: Vec<Vec<f32>> = logits.chunks_exact(v).map(|r| probabilities(r, sp)).collect();
-            verify_tree_sampled(tree, &ps, rng, residual)
+            verify_tree_sampled(tree, &ps, rng, residual)?
         }
         Scores::TreeVerdict(v) => v,
         Scores::Verdict(_) => {

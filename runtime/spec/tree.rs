@@ -202,6 +202,17 @@ pub enum Proposal {
     Sampled,
 }
 
+/// Where the drafter's distribution at a node lives ([`TokenTree::q`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum QRow {
+    /// On the host.
+    Host(Vec<f32>),
+    /// Row r of the request's device rows, where the drafter ran on a CUDA device and its
+    /// children were drawn there ([`crate::spec::device_sampling::DeviceTreeSampling`]):
+    /// only the device verifies such a tree.
+    Device(usize),
+}
+
 /// A drafted tree. Node 0 is the root: the last committed token, which the target has
 /// not scored yet; every other node is a drafted token whose parent comes before it and
 /// whose siblings follow it in proposal order.
@@ -214,7 +225,7 @@ pub struct TokenTree {
     pub proposal: Proposal,
     /// [`Proposal::Sampled`]: the drafter's distribution each node's children were drawn
     /// from (None for nodes without children, and for fixed trees).
-    pub q: Vec<Option<Vec<f32>>>,
+    pub q: Vec<Option<QRow>>,
 }
 
 impl TokenTree {
@@ -340,15 +351,26 @@ pub fn verify_tree_sampled(
     p: &[Vec<f32>],
     rng: &mut Rng,
     residual_rule: fn(&[f32], &[f32]) -> Vec<f32>,
-) -> TreeVerdict {
-    debug_assert_eq!(p.len(), tree.len());
+) -> Result<TreeVerdict> {
+    if p.len() != tree.len() {
+        return Err(Error::InvalidArgument(format!(
+            "{} target rows for a tree of {} nodes",
+            p.len(),
+            tree.len()
+        )));
+    }
     let (mut node, mut path) = (0, Vec::new());
     'down: loop {
         let mut pn = p[node].clone();
         // Sampled: the law of the next child (q without the siblings already tried).
-        let mut q_left = match tree.proposal {
-            Proposal::Sampled => tree.q[node].clone(),
-            Proposal::Fixed => None,
+        let mut q_left = match (tree.proposal, &tree.q[node]) {
+            (Proposal::Sampled, Some(QRow::Host(q))) => Some(q.clone()),
+            (Proposal::Sampled, Some(QRow::Device(_))) => {
+                return Err(Error::InvalidArgument(format!(
+                    "node {node}'s drafter distribution is on the device: the device verifies this tree"
+                )))
+            }
+            _ => None,
         };
         for c in tree.children(node) {
             let x = tree.tokens[c] as usize;
@@ -367,10 +389,10 @@ pub fn verify_tree_sampled(
                 without(q, x);
             }
         }
-        return TreeVerdict {
+        return Ok(TreeVerdict {
             path,
             next: rng.sample(&pn) as u32,
-        };
+        });
     }
 }
 
@@ -517,10 +539,10 @@ mod tests {
         let mut t = TokenTree::root(7, Proposal::Sampled);
         t.push(0, 1);
         t.push(1, 2);
-        t.q[0] = Some(q0.clone());
-        t.q[1] = Some(q1.clone());
+        t.q[0] = Some(QRow::Host(q0.clone()));
+        t.q[1] = Some(QRow::Host(q1.clone()));
         for seed in 0..200 {
-            let a = verify_tree_sampled(&t, &p, &mut Rng::new(seed), residual);
+            let a = verify_tree_sampled(&t, &p, &mut Rng::new(seed), residual).unwrap();
             let b = crate::spec::verify::verify_sampled(
                 &[1, 2],
                 &[q0.clone(), q1.clone()],
@@ -531,6 +553,12 @@ mod tests {
             assert_eq!(a.path.len(), b.accepted);
             assert_eq!(a.next, b.next);
         }
+        // A row left on the device is not verified on the host.
+        t.q[1] = Some(QRow::Device(1));
+        let p2 = vec![vec![0.0, 1.0, 0.0], p[1].clone(), p[2].clone()];
+        let e = verify_tree_sampled(&t, &p2, &mut Rng::new(0), residual).unwrap_err();
+        assert!(e.to_string().contains("on the device"), "{e}");
+        assert!(verify_tree_sampled(&t, &p2[..2], &mut Rng::new(0), residual).is_err());
     }
 
     #[test]

@@ -7,8 +7,9 @@ use std::cmp::Ordering;
 use crate::error::{Error, Result};
 use crate::model::qwen2::TreeMask;
 use crate::sampling::{Rng, SamplingParams};
+use crate::spec::device_sampling::DeviceTreeSampling;
 use crate::spec::draft::{DraftState, Drafter};
-use crate::spec::tree::{draw_without_replacement, top_tokens, Proposal, TokenTree, TreeSpec, TreeVerdict};
+use crate::spec::tree::{draw_without_replacement, top_tokens, Proposal, QRow, TokenTree, TreeSpec, TreeVerdict};
 
 /// The drafter's distribution a node's children come from.
 enum Dist {
@@ -19,15 +20,19 @@ enum Dist {
     /// with their probabilities, best first: all that ranking children needs (taken where
     /// the drafter runs: on a device only these pairs cross).
     Top(Vec<(u32, f32)>),
+    /// T > 0 with the drafter on the device: the processed q in this row of the request's
+    /// device rows ([`DeviceTreeSampling`]), where it is ranked and drawn from.
+    Device(usize),
 }
 
 impl Dist {
     /// The `k` most likely tokens with non-zero probability, best first (ties: lower
-    /// id), with their probabilities.
-    fn top(&self, k: usize) -> Vec<(u32, f32)> {
+    /// id), with their probabilities; None for a device row ([`DeviceTreeSampling::top`]).
+    fn host_top(&self, k: usize) -> Option<Vec<(u32, f32)>> {
         match self {
-            Dist::Full(q) => top_tokens(q, k).into_iter().map(|t| (t, q[t as usize])).collect(),
-            Dist::Top(best) => best.iter().take(k).copied().collect(),
+            Dist::Full(q) => Some(top_tokens(q, k).into_iter().map(|t| (t, q[t as usize])).collect()),
+            Dist::Top(best) => Some(best.iter().take(k).copied().collect()),
+            Dist::Device(_) => None,
         }
     }
 }
@@ -62,21 +67,50 @@ impl Growing {
             .then(a.cmp(&b))
     }
 
-    /// Splits `share` children over `frontier` (at most `width` each) by water-filling on
-    /// expected worth: the node's path probability times the chance its next child is
-    /// accepted, estimated as the probability of its next-ranked token, except for a
-    /// first child (the branch going on), whose chance is at least the rate measured on
-    /// this request's earlier passes: a flat drafter is still often right, and a branch
-    /// that stops wastes the path that reached it. Depends only on the frontier and past
-    /// passes, never on the children's draws.
-    fn allot(&self, frontier: &[usize], share: usize, width: usize) -> Vec<usize> {
-        let ranked: Vec<Vec<f32>> = frontier
+    /// The device rows `row0..row0 + frontier.len()` holding the frontier's distributions,
+    /// in order (how [`DeviceTreeSampling::score_tree`] lays a depth out); None when they
+    /// are on the host.
+    fn device_rows(&self, frontier: &[usize]) -> Result<Option<usize>> {
+        let rows: Vec<Option<usize>> = frontier
             .iter()
-            .map(|&f| {
-                let best = self.dist[f].as_ref().map(|d| d.top(width)).unwrap_or_default();
-                best.into_iter().map(|(_, q)| q).collect()
+            .map(|&f| match self.dist[f] {
+                Some(Dist::Device(r)) => Some(r),
+                _ => None,
             })
             .collect();
+        match rows.first().copied().flatten() {
+            None if rows.iter().all(Option::is_none) => Ok(None),
+            Some(r0) if rows.iter().enumerate().all(|(i, &r)| r == Some(r0 + i)) => Ok(Some(r0)),
+            _ => Err(Error::InvalidArgument(
+                "a tree frontier whose drafter rows are not one device block".into(),
+            )),
+        }
+    }
+
+    /// Each frontier node's `k` most likely tokens with their probabilities, best first
+    /// (on the device for device rows: k pairs a row cross).
+    fn tops(&self, frontier: &[usize], k: usize, dev: Option<&mut DeviceTreeSampling>) -> Result<Vec<Vec<(u32, f32)>>> {
+        match (self.device_rows(frontier)?, dev) {
+            (Some(row0), Some(dev)) => dev.top(row0, frontier.len(), k),
+            (Some(_), None) => Err(Error::InvalidArgument(
+                "device drafter rows without their buffers".into(),
+            )),
+            (None, _) => Ok(frontier
+                .iter()
+                .map(|&f| self.dist[f].as_ref().and_then(|d| d.host_top(k)).unwrap_or_default())
+                .collect()),
+        }
+    }
+
+    /// Splits `share` children over the frontier whose nodes' best tokens are `tops` (at
+    /// most `width` each) by water-filling on expected worth: the node's path probability
+    /// times the chance its next child is accepted, estimated as the probability of its
+    /// next-ranked token, except for a first child (the branch going on), whose chance is
+    /// at least the rate measured on this request's earlier passes: a flat drafter is
+    /// still often right, and a branch that stops wastes the path that reached it. Depends
+    /// only on the frontier and past passes, never on the children's draws.
+    fn allot(&self, frontier: &[usize], tops: &[Vec<(u32, f32)>], share: usize) -> Vec<usize> {
+        let ranked: Vec<Vec<f32>> = tops.iter().map(|t| t.iter().map(|&(_, q)| q).collect()).collect();
         let mut counts = vec![0usize; frontier.len()];
         for _ in 0..share {
             let worth = |i: usize| -> Option<f64> {
@@ -165,8 +199,11 @@ impl DraftState {
     }
 
     /// Drafts a tree shaped by `spec`, at most `max_depth` deep, rooted at the last
-    /// pending token. Children are the top tokens (T = 0, and dynamic shapes) or draws
-    /// without replacement (static shapes at T > 0); see `spec::tree` for why both are exact.
+    /// pending token. Children are the top tokens (T = 0) or draws without replacement
+    /// (T > 0); see `spec::tree` for why both are exact. At T > 0 with `dev` and the
+    /// drafter on its device ([`DeviceTreeSampling::drafts_here`]), the drafter's rows
+    /// stay there: ranked and drawn from on the device, named by [`QRow::Device`] in the
+    /// tree, which `dev` then verifies.
     pub fn draft_tree(
         &mut self,
         drafter: &Drafter,
@@ -174,6 +211,7 @@ impl DraftState {
         max_depth: usize,
         params: &SamplingParams,
         rng: &mut Rng,
+        dev: Option<&mut DeviceTreeSampling>,
     ) -> Result<TokenTree> {
         let root = *self
             .pending
@@ -184,9 +222,13 @@ impl DraftState {
         // Children are ranked by the plain softmax at T = 0 (the processed q is one-hot
         // there), drawn from the processed q at T > 0 (what verification tests against).
         let fixed = params.is_greedy();
+        let mut dev = dev.filter(|d| !fixed && d.drafts_here());
         let fan_out = spec.max_children().max(1);
         let root_dist = if fixed {
             Dist::Top(drafter.run_tokens_top_k(&self.pending, &mut self.cache, fan_out)?)
+        } else if let Some(d) = dev.as_deref_mut() {
+            d.start_tree();
+            Dist::Device(d.score_tokens(drafter, &self.pending, &mut self.cache, params)?)
         } else {
             Dist::Full(drafter.run_tokens_probs(&self.pending, &mut self.cache, params)?)
         };
@@ -217,25 +259,41 @@ impl DraftState {
                 TreeSpec::Dynamic { width, .. } if fixed => vec![*width; frontier.len()],
                 TreeSpec::Dynamic { width, .. } => {
                     let share = budget.div_ceil(depth + 1 - d);
-                    let c = g.allot(&frontier, share, *width);
+                    let tops = g.tops(&frontier, *width, dev.as_deref_mut())?;
+                    let c = g.allot(&frontier, &tops, share);
                     budget -= c.iter().sum::<usize>();
                     c
                 }
             };
+            // Device rows: every frontier node's children in one kernel, in the order the
+            // host would draw them.
+            let mut drawn = match (g.device_rows(&frontier)?, dev.as_deref_mut()) {
+                (Some(row0), Some(d)) => Some(d.draw(row0, &counts, rng)?.into_iter()),
+                _ => None,
+            };
             for (&f, &k) in frontier.iter().zip(&counts) {
+                let on_device = drawn.as_mut().and_then(Iterator::next);
                 let Some(dist) = g.dist[f].take() else { continue };
-                let children = match &dist {
-                    Dist::Full(q) if !fixed => draw_without_replacement(q, k, rng)
+                let children = match (&dist, on_device) {
+                    (Dist::Device(_), Some(children)) => children,
+                    (Dist::Device(_), None) => {
+                        return Err(Error::InvalidArgument(
+                            "device drafter rows without their buffers".into(),
+                        ))
+                    }
+                    (Dist::Full(q), _) if !fixed => draw_without_replacement(q, k, rng)
                         .into_iter()
                         .map(|t| (t, q[t as usize]))
                         .collect(),
-                    _ => dist.top(k),
+                    (d, _) => d.host_top(k).unwrap_or_default(),
                 };
                 for (rank, &(t, q)) in children.iter().enumerate() {
                     born.push(g.push(f, rank, t, q));
                 }
-                if let (Proposal::Sampled, Dist::Full(q)) = (proposal, dist) {
-                    g.tree.q[f] = Some(q);
+                match (proposal, dist) {
+                    (Proposal::Sampled, Dist::Full(q)) => g.tree.q[f] = Some(QRow::Host(q)),
+                    (Proposal::Sampled, Dist::Device(r)) => g.tree.q[f] = Some(QRow::Device(r)),
+                    _ => {}
                 }
             }
             if d == depth {
@@ -282,6 +340,9 @@ impl DraftState {
             let dists: Vec<Dist> = if fixed {
                 let rows = drafter.run_tree_top_k(&tokens, position, &mut self.cache, mask, fan_out)?;
                 rows.into_iter().map(Dist::Top).collect()
+            } else if let Some(d) = dev.as_deref_mut() {
+                let row0 = d.score_tree(drafter, &tokens, position, &mut self.cache, mask, params)?;
+                (row0..row0 + tokens.len()).map(Dist::Device).collect()
             } else {
                 let q = drafter.run_tree_probs(&tokens, position, &mut self.cache, mask, params)?;
                 q.chunks_exact(vocab).map(|r| Dist::Full(r.to_vec())).collect()

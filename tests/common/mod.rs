@@ -270,3 +270,43 @@ pub fn median_ms(dev: &massv::backend::cuda::CudaDevice, mut f: impl FnMut() -> 
     }
     (median(events), median(wall))
 }
+
+/// Head dim of [`unserved_model_dir`]'s model: one the attention kernels are not built for.
+pub const UNSERVED_HEAD_DIM: usize = 24;
+
+/// A text target the CUDA kernels do not serve (head dim [`UNSERVED_HEAD_DIM`]: hidden
+/// 96 in 4 heads), written by `massv synth` with the tokenizer and generation files of the
+/// fixture `qwen2-tiny-gqa4-tied` (same vocabulary, 448): what `--device auto` must run
+/// on the CPU and `--device cuda` must refuse, with or without a GPU.
+pub fn unserved_model_dir() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("config.json");
+    let config = serde_json::json!({
+        "model_type": "qwen2",
+        "hidden_act": "silu",
+        "hidden_size": 4 * UNSERVED_HEAD_DIM,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "vocab_size": 448,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": true,
+        "rope_theta": 10000.0,
+    });
+    std::fs::write(&cfg, config.to_string()).unwrap();
+    let dir = tmp.path().join("unserved-d24");
+    let opts = massv::synth::SynthOptions {
+        dtype: massv::synth::SynthDtype::Bf16,
+        seed: 5,
+        layers: None,
+        max_shard_bytes: 1 << 30,
+    };
+    massv::synth::synth(&cfg, &dir, &opts).unwrap();
+    let like = fixture("qwen2-tiny-gqa4-tied");
+    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        std::fs::copy(like.join(f), dir.join(f)).unwrap();
+    }
+    (tmp, dir)
+}
