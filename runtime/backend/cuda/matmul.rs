@@ -1,0 +1,251 @@
+//! Launchers of cuda/gemv.cu (decode) and the cuBLAS / cuBLASLt GEMMs (prefill).
+
+use cudarc::cublas::{Gemm, GemmConfig};
+use cudarc::cublaslt::{Matmul, MatmulConfig};
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
+
+use super::{aligned16, bf16, cuda_err, elementwise_cfg, i32_arg, need, shape_err, CudaDevice};
+use crate::error::Result;
+
+/// Output rows per GEMV block (GEMV_WARPS * GEMV_ROWS in cuda/gemv.cu).
+const GEMV_ROWS_PER_BLOCK: usize = 16;
+/// Largest row count of gemv_bf16 (one kernel instantiation per count).
+pub const GEMV_MAX_ROWS: usize = 8;
+
+impl CudaDevice {
+    /// y[b, n] = x[b, :] · w[n, :] (+ bias[n]) for `rows` = 1..=8 rows of x ([rows, k]),
+    /// w: [n, k] bf16, y: [rows, n] bf16. k % 8 == 0. `scratch` (f32, at least
+    /// splits · rows · n) lets a short matrix split K over more blocks; None = no split.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_bf16(
+        &self,
+        x: &CudaView<'_, bf16>,
+        w: &CudaView<'_, bf16>,
+        bias: Option<&CudaView<'_, bf16>>,
+        y: &mut CudaViewMut<'_, bf16>,
+        scratch: Option<&mut CudaViewMut<'_, f32>>,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        need("gemv_bf16", "y", y.len(), rows * n)?;
+        let yp = self.wptr(y);
+        self.gemv(false, x, w, bias, yp, scratch, rows, n, k)
+    }
+
+    /// As [`Self::gemv_bf16`] with f32 output (logits for sampling).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_bf16_f32(
+        &self,
+        x: &CudaView<'_, bf16>,
+        w: &CudaView<'_, bf16>,
+        bias: Option<&CudaView<'_, bf16>>,
+        y: &mut CudaViewMut<'_, f32>,
+        scratch: Option<&mut CudaViewMut<'_, f32>>,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        need("gemv_bf16", "y", y.len(), rows * n)?;
+        let yp = self.wptr(y);
+        self.gemv(true, x, w, bias, yp, scratch, rows, n, k)
+    }
+
+    /// Splits of K the GEMV would use for this shape with `scratch_len` f32 of scratch.
+    pub fn gemv_splits(&self, rows: usize, n: usize, k: usize, scratch_len: usize) -> usize {
+        let blocks = n.div_ceil(GEMV_ROWS_PER_BLOCK);
+        let target = 2 * self.info.multiprocessors as usize;
+        if blocks >= target || rows * n == 0 {
+            return 1;
+        }
+        // At least 512 elements (two unrolled steps of a warp) of K per split.
+        let by_k = (k / 512).max(1);
+        target
+            .div_ceil(blocks)
+            .min(by_k)
+            .min(scratch_len / (rows * n))
+            .clamp(1, 64)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemv(
+        &self,
+        f32_out: bool,
+        x: &CudaView<'_, bf16>,
+        w: &CudaView<'_, bf16>,
+        bias: Option<&CudaView<'_, bf16>>,
+        yp: u64,
+        scratch: Option<&mut CudaViewMut<'_, f32>>,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        const OP: &str = "gemv_bf16";
+        if !(1..=GEMV_MAX_ROWS).contains(&rows) {
+            return Err(shape_err(OP, format!("{rows} rows (supported: 1..={GEMV_MAX_ROWS})")));
+        }
+        if k % 8 != 0 || k == 0 {
+            return Err(shape_err(OP, format!("k = {k} is not a positive multiple of 8")));
+        }
+        need(OP, "x", x.len(), rows * k)?;
+        need(OP, "w", w.len(), n * k)?;
+        if let Some(b) = bias {
+            need(OP, "bias", b.len(), n)?;
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let (xp, wp) = (self.rptr(x), self.rptr(w));
+        aligned16(OP, "x", xp)?;
+        aligned16(OP, "w", wp)?;
+        let bp = bias.map_or(0u64, |b| self.rptr(b));
+        let (ni, ki) = (i32_arg(OP, "n", n)?, i32_arg(OP, "k", k)?);
+        let (splits, sp) = match scratch {
+            Some(s) => {
+                let splits = self.gemv_splits(rows, n, k, s.len());
+                (splits, if splits > 1 { self.wptr(s) } else { 0 })
+            }
+            None => (1, 0),
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, splits as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let name = gemv_name(f32_out, rows);
+        self.launch("gemv", name, cfg, &[&xp, &wp, &bp, &yp, &sp, &ni, &ki])?;
+        if splits > 1 {
+            let reduce = if f32_out { "gemv_reduce_f32" } else { "gemv_reduce_bf16" };
+            self.launch(
+                "gemv",
+                reduce,
+                elementwise_cfg(rows * n),
+                &[&sp, &bp, &yp, &(rows as i32), &ni, &(splits as i32)],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// y = x · wᵀ with cuBLAS (bf16 in and out, f32 accumulation): x [m, k], w [n, k]
+    /// (nn.Linear layout), y [m, n]. The prefill / vision GEMMs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_bf16(
+        &self,
+        x: &CudaView<'_, bf16>,
+        w: &CudaView<'_, bf16>,
+        y: &mut CudaViewMut<'_, bf16>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        const OP: &str = "gemm_bf16";
+        need(OP, "x", x.len(), m * k)?;
+        need(OP, "w", w.len(), n * k)?;
+        need(OP, "y", y.len(), m * n)?;
+        let blas = self.blas.as_ref().map_err(|e| cuda_err(OP, e))?;
+        if m * n == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // Row-major y = x wᵀ is column-major yᵀ = w xᵀ: A = w (k × n col-major, transposed),
+        // B = x (k × m col-major), C = yᵀ (n × m).
+        let cfg = GemmConfig {
+            transa: cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T,
+            transb: cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
+            m: i32_arg(OP, "n", n)?,
+            n: i32_arg(OP, "m", m)?,
+            k: i32_arg(OP, "k", k)?,
+            alpha: bf16::ONE,
+            lda: k.max(1) as i32,
+            ldb: k.max(1) as i32,
+            beta: bf16::ZERO,
+            ldc: n as i32,
+        };
+        // SAFETY: sizes checked above against the config's m, n, k and leading dimensions.
+        unsafe { blas.gemm(cfg, w, x, y) }.map_err(|e| cuda_err(OP, e))
+    }
+
+    /// y = x · wᵀ + bias with cuBLASLt, the bias fused as the GEMM's epilogue. Shapes as
+    /// [`Self::gemm_bf16`], bias [n]. Where n or k is off the 8-element grid (a leading
+    /// dimension not 16-byte aligned, which cuBLASLt's heuristics need not serve, e.g. the
+    /// real vision towers' MLP width 3420) it is cuBLAS and a separate bias add.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear(
+        &self,
+        x: &CudaView<'_, bf16>,
+        w: &CudaView<'_, bf16>,
+        bias: Option<&CudaView<'_, bf16>>,
+        y: &mut CudaViewMut<'_, bf16>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        const OP: &str = "linear";
+        need(OP, "x", x.len(), m * k)?;
+        need(OP, "w", w.len(), n * k)?;
+        need(OP, "y", y.len(), m * n)?;
+        if let Some(b) = bias {
+            need(OP, "bias", b.len(), n)?;
+        }
+        if n % 8 != 0 || k % 8 != 0 {
+            self.gemm_bf16(x, w, y, m, n, k)?;
+            return match bias {
+                Some(b) => self.bias_add(y, b, m, n),
+                None => Ok(()),
+            };
+        }
+        let lt = self.blas_lt.as_ref().map_err(|e| cuda_err(OP, e))?;
+        if m * n == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        let cfg = MatmulConfig {
+            transa: true,
+            transb: false,
+            transc: false,
+            m: n as u64,
+            n: m as u64,
+            k: k as u64,
+            alpha: 1.0,
+            lda: k.max(1) as i64,
+            ldb: k.max(1) as i64,
+            beta: 0.0,
+            ldc: n as i64,
+            stride_a: None,
+            stride_b: None,
+            stride_c: None,
+            stride_bias: None,
+            batch_size: None,
+        };
+        // SAFETY: sizes checked above; the bias has the n entries of the output rows.
+        unsafe { lt.matmul(cfg, w, x, y, bias, None) }.map_err(|e| cuda_err(OP, e))
+    }
+}
+
+fn gemv_name(f32_out: bool, rows: usize) -> &'static str {
+    const BF16: [&str; GEMV_MAX_ROWS] = [
+        "gemv_bf16_b1",
+        "gemv_bf16_b2",
+        "gemv_bf16_b3",
+        "gemv_bf16_b4",
+        "gemv_bf16_b5",
+        "gemv_bf16_b6",
+        "gemv_bf16_b7",
+        "gemv_bf16_b8",
+    ];
+    const F32: [&str; GEMV_MAX_ROWS] = [
+        "gemv_bf16_f32_b1",
+        "gemv_bf16_f32_b2",
+        "gemv_bf16_f32_b3",
+        "gemv_bf16_f32_b4",
+        "gemv_bf16_f32_b5",
+        "gemv_bf16_f32_b6",
+        "gemv_bf16_f32_b7",
+        "gemv_bf16_f32_b8",
+    ];
+    if f32_out {
+        F32[rows - 1]
+    } else {
+        BF16[rows - 1]
+    }
+}

@@ -1,0 +1,397 @@
+//! The CUDA backend: one context and stream, the fatbins build.rs embedded (one module per
+//! `cuda/*.cu`) loaded once, kernel functions cached by name, and one launcher per kernel
+//! with the kernel's name. Launchers check shapes (an `Err`, never a panic), write into
+//! caller-provided device buffers and allocate nothing, so a model can preallocate every
+//! activation and capture a step in a CUDA graph. cuBLAS / cuBLASLt serve the prefill
+//! GEMMs. Storage is bf16 ([`bf16`]), accumulation f32; the CPU twins of every kernel are
+//! in [`crate::reference`].
+//!
+//! cudarc loads libcuda / libcublas at run time (`dynamic-loading`), so this compiles and
+//! runs on machines without CUDA: [`CudaDevice::new`] probes for the driver library first
+//! (cudarc would panic without it) and reports a missing driver, GPU or cuBLAS as an error.
+//!
+//! Buffers are cudarc's [`CudaSlice`]; launchers take views (`slice.as_view()`,
+//! `slice.slice(a..b)`, `slice.as_view_mut()`), so one allocation can hold many tensors
+//! (every layer's KV cache, say). Everything runs on [`CudaDevice::stream`]; cudarc's
+//! per-buffer event tracking is turned off (one stream needs none, and it would cost a
+//! few microseconds per launch).
+//!
+//! The launchers are grouped by the `cuda/*.cu` files they drive: `layers.rs` (rmsnorm,
+//! swiglu, rope, projector, embedding, kv_cache, convert), `matmul.rs` (gemv, cuBLAS /
+//! cuBLASLt), `attention.rs` and `sampling.rs`; this file holds the device itself.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::cublaslt::CudaBlasLT;
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+pub use half::bf16;
+
+use super::kernels;
+use crate::error::{Error, Result};
+
+mod attention;
+mod layers;
+mod matmul;
+mod sampling;
+
+pub use attention::{AttnScratch, AttnShape, ATTN_HEAD_DIMS};
+pub use matmul::GEMV_MAX_ROWS;
+pub use sampling::{MAX_TOP_K, SAMPLE_MAX_N};
+
+/// A CUDA failure as a runtime error (`CUDA <what>: <reason>`).
+fn cuda_err(what: &str, e: impl Display) -> Error {
+    Error::Cuda {
+        op: what.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+fn shape_err(op: &str, msg: impl Display) -> Error {
+    cuda_err(op, msg)
+}
+
+fn i32_arg(op: &str, name: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| shape_err(op, format!("{name} = {v} exceeds i32")))
+}
+
+fn need(op: &str, name: &str, len: usize, want: usize) -> Result<()> {
+    if len < want {
+        return Err(shape_err(op, format!("{name} holds {len} elements, needs {want}")));
+    }
+    Ok(())
+}
+
+fn aligned16(op: &str, name: &str, ptr: u64) -> Result<()> {
+    if ptr % 16 != 0 {
+        return Err(shape_err(
+            op,
+            format!("{name} is not 16-byte aligned (vectorised loads)"),
+        ));
+    }
+    Ok(())
+}
+
+/// What [`probe`] found: the device's name and compute capability.
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    pub multiprocessors: u32,
+    pub total_memory: usize,
+}
+
+/// Why no CUDA device can be used, or the first device's description. Never panics.
+pub fn probe() -> Result<DeviceInfo> {
+    if !kernels::COMPILED {
+        return Err(Error::NoCudaKernels);
+    }
+    // SAFETY: only tries to dlopen the driver library by its usual names.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Error::InvalidArgument(
+            "CUDA device requested but the CUDA driver library (libcuda.so) was not found: no NVIDIA driver on this machine"
+                .into(),
+        ));
+    }
+    guard("probe", || {
+        let count = cudarc::driver::result::init()
+            .and_then(|_| cudarc::driver::result::device::get_count())
+            .map_err(|e| cuda_err("driver initialisation", e))?;
+        if count < 1 {
+            return Err(Error::InvalidArgument(
+                "CUDA device requested but the driver reports no CUDA device".into(),
+            ));
+        }
+        let ctx = CudaContext::new(0).map_err(|e| cuda_err("context", e))?;
+        info(&ctx)
+    })
+}
+
+fn info(ctx: &Arc<CudaContext>) -> Result<DeviceInfo> {
+    Ok(DeviceInfo {
+        name: ctx.name().map_err(|e| cuda_err("device name", e))?,
+        compute_capability: ctx
+            .compute_capability()
+            .map_err(|e| cuda_err("compute capability", e))?,
+        multiprocessors: ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| cuda_err("multiprocessor count", e))? as u32,
+        total_memory: ctx.total_mem().map_err(|e| cuda_err("memory size", e))?,
+    })
+}
+
+/// Runs `f`, turning a panic inside cudarc (a symbol missing from an old driver, say)
+/// into an error.
+fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panic".into());
+        Err(cuda_err(what, msg))
+    })
+}
+
+/// One CUDA device with the massv kernels loaded.
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+    funcs: Mutex<HashMap<&'static str, CudaFunction>>,
+    blas: std::result::Result<CudaBlas, String>,
+    blas_lt: std::result::Result<CudaBlasLT, String>,
+    info: DeviceInfo,
+}
+
+impl CudaDevice {
+    /// The first GPU. A clear error (never a panic) without kernels, driver or device.
+    pub fn new() -> Result<Self> {
+        Self::with_ordinal(0)
+    }
+
+    pub fn with_ordinal(ordinal: usize) -> Result<Self> {
+        probe()?;
+        guard("initialisation", || Self::init(ordinal))
+    }
+
+    fn init(ordinal: usize) -> Result<Self> {
+        let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err("context", e))?;
+        // SAFETY: every buffer of this device lives on its one stream (see the module doc).
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| cuda_err("stream", e))?;
+        let info = info(&ctx)?;
+        let mut modules = HashMap::new();
+        for &(name, image) in kernels::MODULES {
+            // cuModuleLoadData takes a fatbin; the copy is heap memory (16-byte aligned by
+            // the allocator), unlike the 1-byte-aligned include_bytes! data.
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))
+                .map_err(|e| {
+                    cuda_err(
+                        &format!("loading cuda/{name}.cu"),
+                        format!(
+                            "{e} (kernels built for {}; this GPU is sm_{}{})",
+                            kernels::ARCHS,
+                            info.compute_capability.0,
+                            info.compute_capability.1
+                        ),
+                    )
+                })?;
+            modules.insert(name, module);
+        }
+        let blas =
+            cublas_present().and_then(|_| CudaBlas::new(stream.clone()).map_err(|e| format!("cuBLAS handle: {e}")));
+        let blas_lt = cublas_lt_present()
+            .and_then(|_| CudaBlasLT::new(stream.clone()).map_err(|e| format!("cuBLASLt handle: {e}")));
+        Ok(CudaDevice {
+            ctx,
+            stream,
+            modules,
+            funcs: Mutex::new(HashMap::new()),
+            blas,
+            blas_lt,
+            info,
+        })
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Whether the GEMM path can run (cuBLAS found at run time), and why not.
+    pub fn cublas_status(&self) -> std::result::Result<(), String> {
+        self.blas.as_ref().map(|_| ()).map_err(Clone::clone)
+    }
+
+    /// Makes this device's context current on the calling thread (launches and copies do
+    /// it themselves; cuBLAS calls and function loading need it).
+    fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_err("binding the context", e))
+    }
+
+    /// Waits for all work queued on the stream.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| cuda_err("synchronize", e))
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Memory
+
+    pub fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros(len.max(1))
+            .map_err(|e| cuda_err(&format!("allocating {len} elements"), e))
+    }
+
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        if host.is_empty() {
+            // SAFETY: a one-element allocation never read before it is written.
+            return unsafe { self.stream.alloc(1) }.map_err(|e| cuda_err("allocation", e));
+        }
+        self.stream
+            .clone_htod(host)
+            .map_err(|e| cuda_err("host-to-device copy", e))
+    }
+
+    /// Copies `host` into the start of `dst` (nothing for an empty `host`).
+    pub fn upload_into<T: DeviceRepr>(&self, host: &[T], dst: &mut CudaViewMut<'_, T>) -> Result<()> {
+        need("upload_into", "dst", dst.len(), host.len())?;
+        if host.is_empty() {
+            return Ok(());
+        }
+        let mut dst = dst.slice_mut(..host.len());
+        self.stream
+            .memcpy_htod(host, &mut dst)
+            .map_err(|e| cuda_err("host-to-device copy", e))
+    }
+
+    /// Copies a device buffer back (waits for the stream).
+    pub fn download<T: DeviceRepr>(&self, src: &CudaView<'_, T>) -> Result<Vec<T>> {
+        self.stream
+            .clone_dtoh(src)
+            .map_err(|e| cuda_err("device-to-host copy", e))
+    }
+
+    /// Device-to-device copy of `src` into the start of `dst`.
+    pub fn copy<T: DeviceRepr>(&self, src: &CudaView<'_, T>, dst: &mut CudaViewMut<'_, T>) -> Result<()> {
+        need("copy", "dst", dst.len(), src.len())?;
+        let mut dst = dst.slice_mut(..src.len());
+        self.stream
+            .memcpy_dtod(src, &mut dst)
+            .map_err(|e| cuda_err("device-to-device copy", e))
+    }
+
+    /// Milliseconds `f` takes on the stream (events around it; `f` only queues work).
+    pub fn time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f32> {
+        let start = self
+            .ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| cuda_err("event", e))?;
+        let end = self
+            .ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| cuda_err("event", e))?;
+        start.record(&self.stream).map_err(|e| cuda_err("event", e))?;
+        f()?;
+        end.record(&self.stream).map_err(|e| cuda_err("event", e))?;
+        end.synchronize().map_err(|e| cuda_err("event", e))?;
+        start.elapsed_ms(&end).map_err(|e| cuda_err("event", e))
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Launch plumbing
+
+    /// The kernel `name` of module `module` (= cuda/<module>.cu), loaded once.
+    fn func(&self, module: &'static str, name: &'static str) -> Result<CudaFunction> {
+        let mut funcs = self.funcs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = funcs.get(name) {
+            return Ok(f.clone());
+        }
+        self.bind()?;
+        let m = self
+            .modules
+            .get(module)
+            .ok_or_else(|| cuda_err("kernels", format!("module {module} (cuda/{module}.cu) is not embedded")))?;
+        let f = m
+            .load_function(name)
+            .map_err(|e| cuda_err(&format!("kernel {name} in cuda/{module}.cu"), e))?;
+        funcs.insert(name, f.clone());
+        Ok(f)
+    }
+
+    fn launch(&self, module: &'static str, name: &'static str, cfg: LaunchConfig, args: &[&dyn Arg]) -> Result<()> {
+        let f = self.func(module, name)?;
+        let mut b = self.stream.launch_builder(&f);
+        for a in args {
+            a.push(&mut b);
+        }
+        // SAFETY: each launcher checked the buffer sizes against the kernel's contract
+        // and passes the arguments in the kernel's order and C types.
+        unsafe { b.launch(cfg) }.map_err(|e| cuda_err(&format!("launching {name}"), e))?;
+        Ok(())
+    }
+
+    fn rptr<T>(&self, x: &CudaView<'_, T>) -> u64 {
+        x.device_ptr(&self.stream).0
+    }
+
+    fn wptr<T>(&self, x: &mut CudaViewMut<'_, T>) -> u64 {
+        x.device_ptr_mut(&self.stream).0
+    }
+}
+
+/// A kernel argument: anything the launch builder accepts by reference.
+trait Arg {
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);
+}
+
+impl<T: DeviceRepr> Arg for T {
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
+        b.arg(self);
+    }
+}
+
+fn cublas_present() -> std::result::Result<(), String> {
+    // SAFETY: only tries to dlopen libcublas by its usual names.
+    if unsafe { cudarc::cublas::sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err("libcublas.so.13 (or .12) not found: put cuBLAS's folder on LD_LIBRARY_PATH".into())
+    }
+}
+
+fn cublas_lt_present() -> std::result::Result<(), String> {
+    // SAFETY: only tries to dlopen libcublasLt by its usual names.
+    if unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err("libcublasLt.so.13 (or .12) not found: put cuBLAS's folder on LD_LIBRARY_PATH".into())
+    }
+}
+
+/// Threads for a block that strides over `work` items: a multiple of 32, at most 1024.
+fn threads_for(work: usize) -> u32 {
+    (work.div_ceil(32) * 32).clamp(32, 1024) as u32
+}
+
+fn row_cfg(rows: usize, dim: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads_for(dim).min(512), 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn block_per_row(rows: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn elementwise_cfg(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 65535) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}

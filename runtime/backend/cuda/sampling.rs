@@ -1,0 +1,396 @@
+//! Launchers of cuda/sampling.cu: argmax, probabilities, top-k, draws and verification.
+
+use cudarc::driver::{CudaView, CudaViewMut};
+
+use super::{block_per_row, i32_arg, need, shape_err, CudaDevice};
+use crate::error::Result;
+use crate::sampling::SamplingParams;
+use crate::spec::tree::Proposal;
+
+/// Longest row of the single-block sampling kernels (MAX_TILES * SAMPLE_TILE).
+pub const SAMPLE_MAX_N: usize = 256 * 1024;
+
+/// Most tokens [`CudaDevice::top_k`] takes per row (a token tree's widest node).
+pub const MAX_TOP_K: usize = 64;
+
+impl CudaDevice {
+    /// First index of each row's maximum; x: [rows, n] f32, out: [rows].
+    pub fn argmax(&self, x: &CudaView<'_, f32>, out: &mut CudaViewMut<'_, i32>, rows: usize, n: usize) -> Result<()> {
+        const OP: &str = "argmax";
+        need(OP, "x", x.len(), rows * n)?;
+        need(OP, "out", out.len(), rows)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (xp, op) = (self.rptr(x), self.wptr(out));
+        self.launch(
+            "sampling",
+            OP,
+            block_per_row(rows, 1024),
+            &[&xp, &op, &i32_arg(OP, "n", n)?],
+        )
+    }
+
+    /// The sampling distribution of each row (massv::sampling::probabilities); logits,
+    /// out: [rows, n] f32.
+    pub fn probabilities(
+        &self,
+        logits: &CudaView<'_, f32>,
+        out: &mut CudaViewMut<'_, f32>,
+        rows: usize,
+        n: usize,
+        params: &SamplingParams,
+    ) -> Result<()> {
+        const OP: &str = "probabilities";
+        params.validate()?;
+        need(OP, "logits", logits.len(), rows * n)?;
+        need(OP, "out", out.len(), rows * n)?;
+        if rows == 0 || n == 0 {
+            return Ok(());
+        }
+        let (lp, op) = (self.rptr(logits), self.wptr(out));
+        let top_k = params.top_k.min(i32::MAX as usize) as i32;
+        self.launch(
+            "sampling",
+            OP,
+            block_per_row(rows, 1024),
+            &[
+                &lp,
+                &op,
+                &i32_arg(OP, "n", n)?,
+                &params.temperature,
+                &top_k,
+                &params.top_p,
+            ],
+        )
+    }
+
+    /// Per row of logits ([rows, n]) the k most likely tokens of the plain softmax with a
+    /// non-zero probability, best first (ties: lower id), into ids and probs ([rows, k]);
+    /// id -1, probability 0 past the last. k ≤ [`MAX_TOP_K`]. Twin: `reference::top_k`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn top_k(
+        &self,
+        logits: &CudaView<'_, f32>,
+        ids: &mut CudaViewMut<'_, i32>,
+        probs: &mut CudaViewMut<'_, f32>,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        const OP: &str = "top_k";
+        if k == 0 || k > MAX_TOP_K {
+            return Err(shape_err(OP, format!("k = {k} (1 to {MAX_TOP_K})")));
+        }
+        need(OP, "logits", logits.len(), rows * n)?;
+        need(OP, "ids", ids.len(), rows * k)?;
+        need(OP, "probs", probs.len(), rows * k)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (lp, ip, pp) = (self.rptr(logits), self.wptr(ids), self.wptr(probs));
+        self.launch(
+            "sampling",
+            OP,
+            block_per_row(rows, 1024),
+            &[&lp, &ip, &pp, &i32_arg(OP, "n", n)?, &(k as i32)],
+        )
+    }
+
+    /// [`Self::top_k`] of rows that already are distributions (q: [rows, n]), ranked by
+    /// their own values (`reference::top_k_probs`).
+    pub fn top_k_probs(
+        &self,
+        q: &CudaView<'_, f32>,
+        ids: &mut CudaViewMut<'_, i32>,
+        probs: &mut CudaViewMut<'_, f32>,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        const OP: &str = "top_k_probs";
+        if k == 0 || k > MAX_TOP_K {
+            return Err(shape_err(OP, format!("k = {k} (1 to {MAX_TOP_K})")));
+        }
+        need(OP, "q", q.len(), rows * n)?;
+        need(OP, "ids", ids.len(), rows * k)?;
+        need(OP, "probs", probs.len(), rows * k)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (qp, ip, pp) = (self.rptr(q), self.wptr(ids), self.wptr(probs));
+        self.launch(
+            "sampling",
+            OP,
+            block_per_row(rows, 1024),
+            &[&qp, &ip, &pp, &i32_arg(OP, "n", n)?, &(k as i32)],
+        )
+    }
+
+    /// A token tree's children drawn without replacement
+    /// (`reference::sample_without_replacement`): node j draws counts[j] tokens from q row
+    /// row0 + j (q: [rows, n]) with the next of `uniforms` ([sum counts]); `out` ([sum
+    /// counts + 1]) gets the draws node by node (-1 past a node's last) and then the
+    /// uniforms used, `out_q` ([sum counts]) each draw's probability in its row; `work`:
+    /// [n] scratch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample_without_replacement(
+        &self,
+        q: &CudaView<'_, f32>,
+        counts: &CudaView<'_, i32>,
+        uniforms: &CudaView<'_, f64>,
+        work: &mut CudaViewMut<'_, f32>,
+        out: &mut CudaViewMut<'_, i32>,
+        out_q: &mut CudaViewMut<'_, f32>,
+        row0: usize,
+        m: usize,
+        total: usize,
+        n: usize,
+    ) -> Result<()> {
+        const OP: &str = "sample_without_replacement";
+        check_sample_n(OP, n)?;
+        need(OP, "q", q.len(), (row0 + m) * n)?;
+        need(OP, "counts", counts.len(), m)?;
+        need(OP, "uniforms", uniforms.len(), total)?;
+        need(OP, "work", work.len(), n)?;
+        need(OP, "out", out.len(), total + 1)?;
+        need(OP, "out_q", out_q.len(), total)?;
+        let (qp, cp, up, wp, op, oq) = (
+            self.rptr(q),
+            self.rptr(counts),
+            self.rptr(uniforms),
+            self.wptr(work),
+            self.wptr(out),
+            self.wptr(out_q),
+        );
+        self.launch(
+            "sampling",
+            OP,
+            block_per_row(1, 1024),
+            &[
+                &qp,
+                &cp,
+                &up,
+                &wp,
+                &op,
+                &oq,
+                &i32_arg(OP, "m", m)?,
+                &i32_arg(OP, "row0", row0)?,
+                &(n as i32),
+            ],
+        )
+    }
+
+    /// One draw per row from non-negative weights w ([rows, n]) with uniforms[row].
+    pub fn sample(
+        &self,
+        w: &CudaView<'_, f32>,
+        uniforms: &CudaView<'_, f64>,
+        out: &mut CudaViewMut<'_, i32>,
+        rows: usize,
+        n: usize,
+    ) -> Result<()> {
+        const OP: &str = "sample";
+        need(OP, "w", w.len(), rows * n)?;
+        need(OP, "uniforms", uniforms.len(), rows)?;
+        need(OP, "out", out.len(), rows)?;
+        check_sample_n(OP, n)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (wp, up, op) = (self.rptr(w), self.rptr(uniforms), self.wptr(out));
+        self.launch("sampling", OP, block_per_row(rows, 1024), &[&wp, &up, &op, &(n as i32)])
+    }
+
+    /// (accepted, next) of greedy verification into out[0..2]; drafts: [γ],
+    /// target_argmax: [γ + 1].
+    pub fn verify_greedy(
+        &self,
+        drafts: &CudaView<'_, i32>,
+        target_argmax: &CudaView<'_, i32>,
+        out: &mut CudaViewMut<'_, i32>,
+        gamma: usize,
+    ) -> Result<()> {
+        const OP: &str = "verify_greedy";
+        need(OP, "drafts", drafts.len(), gamma)?;
+        need(OP, "target_argmax", target_argmax.len(), gamma + 1)?;
+        need(OP, "out", out.len(), 2)?;
+        let (dp, tp, op) = (self.rptr(drafts), self.rptr(target_argmax), self.wptr(out));
+        self.launch(
+            "sampling",
+            OP,
+            block_per_row(1, 32),
+            &[&dp, &tp, &op, &i32_arg(OP, "gamma", gamma)?],
+        )
+    }
+
+    /// (accepted, next) of rejection-sampling verification into out[0..2]: drafts [γ],
+    /// q [γ, nq], p [γ + 1, np], uniforms [γ + 1] (the host RNG's next draws; see
+    /// `reference::verify_sampled` and `reference::uniforms_consumed`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn verify_sampled(
+        &self,
+        drafts: &CudaView<'_, i32>,
+        q: &CudaView<'_, f32>,
+        p: &CudaView<'_, f32>,
+        uniforms: &CudaView<'_, f64>,
+        out: &mut CudaViewMut<'_, i32>,
+        gamma: usize,
+        nq: usize,
+        np: usize,
+    ) -> Result<()> {
+        const OP: &str = "verify_sampled";
+        need(OP, "drafts", drafts.len(), gamma)?;
+        need(OP, "q", q.len(), gamma * nq)?;
+        need(OP, "p", p.len(), (gamma + 1) * np)?;
+        need(OP, "uniforms", uniforms.len(), gamma + 1)?;
+        need(OP, "out", out.len(), 2)?;
+        check_sample_n(OP, np)?;
+        let (dp, qp, pp, up, op) = (
+            self.rptr(drafts),
+            self.rptr(q),
+            self.rptr(p),
+            self.rptr(uniforms),
+            self.wptr(out),
+        );
+        self.launch(
+            "sampling",
+            OP,
+            block_per_row(1, 1024),
+            &[
+                &dp,
+                &qp,
+                &pp,
+                &up,
+                &op,
+                &i32_arg(OP, "gamma", gamma)?,
+                &i32_arg(OP, "nq", nq)?,
+                &(np as i32),
+            ],
+        )
+    }
+
+    /// Greedy verification of a token tree of n nodes (node 0 the root; children after
+    /// their parent, siblings in proposal order): tokens, parents, argmax: [n] (argmax[i]
+    /// the target's argmax after the path to node i). out: [n + 1] ← (m, next,
+    /// path[0..m]), the accepted path's node indices root-side first.
+    /// Twin: `reference::verify_tree_greedy`.
+    pub fn verify_tree_greedy(
+        &self,
+        tokens: &CudaView<'_, i32>,
+        parents: &CudaView<'_, i32>,
+        argmax: &CudaView<'_, i32>,
+        out: &mut CudaViewMut<'_, i32>,
+        n: usize,
+    ) -> Result<()> {
+        const OP: &str = "verify_tree_greedy";
+        check_tree_n(OP, n)?;
+        need(OP, "tokens", tokens.len(), n)?;
+        need(OP, "parents", parents.len(), n)?;
+        need(OP, "argmax", argmax.len(), n)?;
+        need(OP, "out", out.len(), n + 1)?;
+        let (tp, pp, ap, op) = (self.rptr(tokens), self.rptr(parents), self.rptr(argmax), self.wptr(out));
+        self.launch(
+            "sampling",
+            OP,
+            block_per_row(1, 32),
+            &[&tp, &pp, &ap, &op, &i32_arg(OP, "n", n)?],
+        )
+    }
+
+    /// Multi-candidate rejection sampling down a token tree of n nodes into out: [n + 1]
+    /// ← (m, next, path[0..m]). tokens, parents: [n]; p: [n, np] the target's distribution
+    /// after the path to each node; q: [q_rows, nq] drafter rows and q_row: [n] the row
+    /// each node's children were drawn from (-1: none; used with [`Proposal::Sampled`]
+    /// only, otherwise children are point-mass proposals); uniforms: [n] (the host RNG's
+    /// next draws: one per tested child, then the final draw; see
+    /// `reference::tree_uniforms_consumed`); work: [np + nq] scratch ([np] for
+    /// [`Proposal::Fixed`]). Twin: `reference::verify_tree_sampled`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn verify_tree_sampled(
+        &self,
+        tokens: &CudaView<'_, i32>,
+        parents: &CudaView<'_, i32>,
+        proposal: Proposal,
+        q_row: &CudaView<'_, i32>,
+        q: &CudaView<'_, f32>,
+        p: &CudaView<'_, f32>,
+        uniforms: &CudaView<'_, f64>,
+        work: &mut CudaViewMut<'_, f32>,
+        out: &mut CudaViewMut<'_, i32>,
+        n: usize,
+        q_rows: usize,
+        nq: usize,
+        np: usize,
+    ) -> Result<()> {
+        const OP: &str = "verify_tree_sampled";
+        check_tree_n(OP, n)?;
+        check_sample_n(OP, np)?;
+        let sampled = proposal == Proposal::Sampled;
+        need(OP, "tokens", tokens.len(), n)?;
+        need(OP, "parents", parents.len(), n)?;
+        need(OP, "p", p.len(), n * np)?;
+        need(OP, "uniforms", uniforms.len(), n)?;
+        need(OP, "out", out.len(), n + 1)?;
+        if sampled {
+            need(OP, "q_row", q_row.len(), n)?;
+            if q_rows > 0 {
+                check_sample_n(OP, nq)?;
+            }
+            need(OP, "q", q.len(), q_rows * nq)?;
+            need(OP, "work", work.len(), np + nq)?;
+        } else {
+            need(OP, "work", work.len(), np)?;
+        }
+        let (tp, pa, qr, qp, pp, up, wp, op) = (
+            self.rptr(tokens),
+            self.rptr(parents),
+            self.rptr(q_row),
+            self.rptr(q),
+            self.rptr(p),
+            self.rptr(uniforms),
+            self.wptr(work),
+            self.wptr(out),
+        );
+        self.launch(
+            "sampling",
+            OP,
+            block_per_row(1, 1024),
+            &[
+                &tp,
+                &pa,
+                &qr,
+                &qp,
+                &pp,
+                &up,
+                &wp,
+                &op,
+                &(n as i32),
+                &(sampled as i32),
+                &i32_arg(OP, "q_rows", if sampled { q_rows } else { 0 })?,
+                &i32_arg(OP, "nq", if sampled { nq } else { 0 })?,
+                &(np as i32),
+            ],
+        )
+    }
+}
+
+fn check_sample_n(op: &str, n: usize) -> Result<()> {
+    if n == 0 || n > SAMPLE_MAX_N {
+        return Err(shape_err(
+            op,
+            format!("rows of {n} entries (supported: 1..={SAMPLE_MAX_N})"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_tree_n(op: &str, n: usize) -> Result<()> {
+    if n == 0 || n > i32::MAX as usize - 2 {
+        return Err(shape_err(
+            op,
+            format!("a tree of {n} nodes (the root counts: at least 1)"),
+        ));
+    }
+    Ok(())
+}
