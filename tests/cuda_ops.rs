@@ -709,6 +709,7 @@ fn attention_decode_split_k() {
         (8, 2, 128),
         (4, 2, 64),
         (4, 2, 32),
+        (4, 2, 16),
     ] {
         for &len in &[1, 2, 63, 64, 65, 1000, 4096] {
             let t = qkv(&mut rng, 1, len, hq, hkv, d);
@@ -865,7 +866,14 @@ fn attention_verify_chain_and_tree() {
     let dev = dev_or_skip!();
     let mut rng = Rng::new(12);
     let mut scratch = dev.attn_scratch(32 * 28, 256, 128).unwrap();
-    for &(hq, hkv, d) in &[(28, 4, 128), (14, 2, 64), (8, 4, 80), (4, 4, 128), (4, 2, 32)] {
+    for &(hq, hkv, d) in &[
+        (28, 4, 128),
+        (14, 2, 64),
+        (8, 4, 80),
+        (4, 4, 128),
+        (4, 2, 32),
+        (4, 2, 16),
+    ] {
         for n in 2..=9 {
             for &start in &[0usize, 100, 2000] {
                 for chain in [true, false] {
@@ -981,6 +989,8 @@ fn attention_varlen_vision_head_dim_80() {
         (4, 80, vec![256]),
         (2, 64, vec![5, 70]),
         (2, 128, vec![33]),
+        (2, 16, vec![4, 16, 9]),
+        (2, 32, vec![64, 20]),
     ] {
         let total: usize = segs.iter().sum();
         let mut cu = vec![0usize];
