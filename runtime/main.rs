@@ -43,7 +43,8 @@ enum Command {
         prompt: String,
         #[arg(long)]
         out: PathBuf,
-        /// Where the LM runs (a vision tower runs on the CPU).
+        /// Where the LM runs (a vision tower beside it where the kernels serve it, else on
+        /// the CPU).
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceRequest,
     },
@@ -79,8 +80,8 @@ enum Command {
         #[arg(long, default_value_t = 128)]
         max_new_tokens: usize,
         /// Where the target's LM runs: auto is CUDA when a GPU serves the target, else the
-        /// CPU (a vision tower runs on the CPU; the drafter's LM on the target's device
-        /// when the kernels serve it, else on the CPU).
+        /// CPU (its vision tower, the MASSV projector and the drafter's LM beside it where
+        /// the kernels serve them, else on the CPU).
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceRequest,
         /// Print one JSON object (text, tokens, metrics) instead of the answer.

@@ -338,6 +338,8 @@ fn bench_prints_a_table_and_writes_json() {
         t.to_str().unwrap(),
         "--floor-steps",
         "2",
+        "--device",
+        "cpu",
         "--json",
         json.to_str().unwrap(),
     ]);

@@ -153,9 +153,9 @@ typedef struct massv_engine massv_engine;
  *                "auto" runs the target's language model on the GPU when a driver, a
  *                GPU and kernels for the model's shapes are there, else on the CPU
  *                (a note on stderr); "cuda" fails with MASSV_ERR_DEVICE when they are
- *                not. The vision tower runs on the CPU; the drafter's language model
- *                runs beside the target's, on the GPU when the kernels serve its
- *                shapes, else on the CPU.
+ *                not. The vision tower, the MASSV projector and the drafter's language
+ *                model run beside the target's, on the GPU when the kernels serve
+ *                their shapes, else on the CPU.
  *   out_engine   Receives the new engine; set to NULL on failure. Required.
  *
  * Returns MASSV_OK, MASSV_ERR_INVALID_ARGUMENT (NULL/empty arguments, unknown device),

@@ -419,7 +419,13 @@ fn c_contract() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let exe = tmp.path().join("api_test");
     compile(&[ffi_dir().join("tests/c/api_test.c")], &exe, false, Link::Shared);
+    let cuda = if massv::backend::cuda::probe().is_ok() {
+        "1"
+    } else {
+        "0"
+    };
     let out = run(Command::new(&exe)
+        .env("MASSV_TEST_CUDA", cuda)
         .arg(fixture(VL_TARGET))
         .arg(fixture(IMAGE))
         .arg(fixture(TEXT_TARGET)));
