@@ -1968,6 +1968,39 @@ fn device_rejection_sampling_makes_the_host_paths_choices() {
     println!("device rejection sampling: {accepted} drafts accepted over 24 passes");
 }
 
+/// A synth target and drafter both on the device, after one text prompt: the target's
+/// session and the drafter's state, from which the token-tree tests draft and verify.
+struct TreeSampling {
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+    engine: Engine,
+    session: massv::model::Session,
+    state: massv::spec::draft::DraftState,
+}
+
+impl TreeSampling {
+    fn new() -> Self {
+        use massv::spec::draft::{DraftMode, DraftState, VisionTokens};
+        let (t1, target_dir) = make_model_dir(&engine_text_spec(), "qwen2-tiny-gqa4-tied");
+        let (t2, drafter_dir) = make_model_dir(&engine_drafter_spec(), "qwen2-tiny-gqa4-tied");
+        let engine = Engine::load_on(&target_dir, Some(&drafter_dir), Device::Cuda).unwrap();
+        let d = engine.drafter.as_ref().unwrap();
+        let tok = &engine.tokenizer;
+        let ids = tok
+            .encode(&tok.user_prompt("Tell me a story about a cat.", false).unwrap())
+            .unwrap();
+        let vt = VisionTokens::of(&engine.target, tok);
+        let (_, session) = engine.target.prefill(&ids, &[], &[], 128, Logits::Last).unwrap();
+        let prompt = d.prompt_embeddings(DraftMode::Text, &ids, &ids, &[], &vt).unwrap();
+        let state = DraftState::prefill(d, prompt, 7, 128).unwrap();
+        TreeSampling {
+            _dirs: (t1, t2),
+            engine,
+            session,
+            state,
+        }
+    }
+}
+
 /// T > 0 token trees with the target on the device (`DeviceTreeSampling`: the target's p
 /// rows stay there and `verify_tree_sampled` walks the tree) make the host path's choices
 /// from the same device models and the same RNG stream: trees, verdicts and the RNG's
@@ -1977,28 +2010,18 @@ fn device_rejection_sampling_makes_the_host_paths_choices() {
 fn device_tree_rejection_sampling_makes_the_host_paths_choices() {
     use massv::sampling::{probabilities, SamplingParams};
     use massv::spec::device_sampling::DeviceTreeSampling;
-    use massv::spec::draft::{DraftMode, DraftState, VisionTokens};
     use massv::spec::tree::{verify_tree_sampled, TreeSpec};
     use massv::spec::verify::residual;
 
     let _dev = dev_or_skip!();
-    let (_t1, target_dir) = make_model_dir(&engine_text_spec(), "qwen2-tiny-gqa4-tied");
-    let (_t2, drafter_dir) = make_model_dir(&engine_drafter_spec(), "qwen2-tiny-gqa4-tied");
-    let e = Engine::load_on(&target_dir, Some(&drafter_dir), Device::Cuda).unwrap();
+    let t = TreeSampling::new();
+    let (e, session, state) = (&t.engine, &t.session, &t.state);
     let d = e.drafter.as_ref().unwrap();
     let sp = SamplingParams {
         temperature: 1.0,
         top_k: 0,
         top_p: 1.0,
     };
-    let ids = e
-        .tokenizer
-        .encode(&e.tokenizer.user_prompt("Tell me a story about a cat.", false).unwrap())
-        .unwrap();
-    let vt = VisionTokens::of(&e.target, &e.tokenizer);
-    let (_, session) = e.target.prefill(&ids, &[], &[], 128, Logits::Last).unwrap();
-    let prompt = d.prompt_embeddings(DraftMode::Text, &ids, &ids, &[], &vt).unwrap();
-    let state = DraftState::prefill(d, prompt, 7, 128).unwrap();
     let (mut accepted, mut passes) = (0, 0);
     for shape in ["static:2x2x1x1", "dynamic:12,4,3"] {
         let spec: TreeSpec = shape.parse().unwrap();
@@ -2047,23 +2070,13 @@ fn device_tree_rejection_sampling_makes_the_host_paths_choices() {
 fn device_tree_drafting_makes_the_host_paths_choices() {
     use massv::sampling::{probabilities, SamplingParams};
     use massv::spec::device_sampling::DeviceTreeSampling;
-    use massv::spec::draft::{DraftMode, DraftState, VisionTokens};
     use massv::spec::tree::{verify_tree_sampled, QRow, TreeSpec};
     use massv::spec::verify::residual;
 
     let _dev = dev_or_skip!();
-    let (_t1, target_dir) = make_model_dir(&engine_text_spec(), "qwen2-tiny-gqa4-tied");
-    let (_t2, drafter_dir) = make_model_dir(&engine_drafter_spec(), "qwen2-tiny-gqa4-tied");
-    let e = Engine::load_on(&target_dir, Some(&drafter_dir), Device::Cuda).unwrap();
+    let t = TreeSampling::new();
+    let (e, session, state) = (&t.engine, &t.session, &t.state);
     let d = e.drafter.as_ref().unwrap();
-    let ids = e
-        .tokenizer
-        .encode(&e.tokenizer.user_prompt("Tell me a story about a cat.", false).unwrap())
-        .unwrap();
-    let vt = VisionTokens::of(&e.target, &e.tokenizer);
-    let (_, session) = e.target.prefill(&ids, &[], &[], 128, Logits::Last).unwrap();
-    let prompt = d.prompt_embeddings(DraftMode::Text, &ids, &ids, &[], &vt).unwrap();
-    let state = DraftState::prefill(d, prompt, 7, 128).unwrap();
     let params = [
         SamplingParams {
             temperature: 1.0,

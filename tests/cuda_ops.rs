@@ -1069,6 +1069,32 @@ fn argmax_first_index_on_ties() {
 /// `top_k` against its twin (`spec::tree::top_tokens` on the plain softmax): the same
 /// ids in the same order, probabilities within `probabilities`' tolerance; ties ranked by
 /// lower id; rows whose non-zero probabilities are fewer than k padded with -1 / 0.
+/// `top_k` over logits (`of_probs` false) or `top_k_probs` over distributions: the ids
+/// and probabilities of `x`'s [rows, n] rows, [rows, k] each.
+fn device_top_k(dev: &CudaDevice, x: &[f32], rows: usize, n: usize, k: usize, of_probs: bool) -> (Vec<i32>, Vec<f32>) {
+    let dx = dev.upload(x).unwrap();
+    let mut ids = dev.alloc_zeros::<i32>(rows * k).unwrap();
+    let mut probs = dev.alloc_zeros::<f32>(rows * k).unwrap();
+    let (mut iv, mut pv) = (ids.as_view_mut(), probs.as_view_mut());
+    if of_probs {
+        dev.top_k_probs(&dx.as_view(), &mut iv, &mut pv, rows, n, k).unwrap();
+    } else {
+        dev.top_k(&dx.as_view(), &mut iv, &mut pv, rows, n, k).unwrap();
+    }
+    (
+        dev.download(&ids.as_view()).unwrap(),
+        dev.download(&probs.as_view()).unwrap(),
+    )
+}
+
+/// (id, probability) pairs of a kernel's padded output, up to its first id of -1.
+fn pairs(ids: &[i32], probs: &[f32]) -> Vec<(u32, f32)> {
+    ids.iter()
+        .zip(probs)
+        .map_while(|(&t, &p)| u32::try_from(t).ok().map(|t| (t, p)))
+        .collect()
+}
+
 #[test]
 fn top_k_is_the_cpu_tree_ranking() {
     let dev = dev_or_skip!();
@@ -1086,23 +1112,8 @@ fn top_k_is_the_cpu_tree_ranking() {
                 *v = if i % (n / 3) == 1 { 5.0 } else { -1000.0 };
             }
         }
-        let dx = dev.upload(&x).unwrap();
         for k in [1, 4, 8, MAX_TOP_K] {
-            let mut ids = dev.alloc_zeros::<i32>(rows * k).unwrap();
-            let mut probs = dev.alloc_zeros::<f32>(rows * k).unwrap();
-            dev.top_k(
-                &dx.as_view(),
-                &mut ids.as_view_mut(),
-                &mut probs.as_view_mut(),
-                rows,
-                n,
-                k,
-            )
-            .unwrap();
-            let (ids, probs) = (
-                dev.download(&ids.as_view()).unwrap(),
-                dev.download(&probs.as_view()).unwrap(),
-            );
+            let (ids, probs) = device_top_k(&dev, &x, rows, n, k, false);
             for row in 0..rows {
                 let what = format!("top_k {rows}x{n} k={k} row={row}");
                 let want = r::top_k(&x[row * n..(row + 1) * n], k);
@@ -1360,11 +1371,7 @@ fn sample_without_replacement_is_exact() {
             let mut at = 0;
             for (j, &k) in counts.iter().enumerate() {
                 let w = &want[j];
-                let got: Vec<(u32, f32)> = ids[at..at + k]
-                    .iter()
-                    .zip(&probs[at..at + k])
-                    .map_while(|(&t, &p)| u32::try_from(t).ok().map(|t| (t, p)))
-                    .collect();
+                let got = pairs(&ids[at..at + k], &probs[at..at + k]);
                 assert_eq!(&got, w, "{what}: node {j}");
                 assert!(
                     ids[at + w.len()..at + k].iter().all(|&t| t == -1),
@@ -1405,30 +1412,11 @@ fn top_k_probs_is_the_cpu_tree_ranking() {
     let mut rng = Rng::new(33);
     for &(rows, n) in &[(3, 10), (4, 1000), (3, 151_936)] {
         let q = distribution_rows(&mut rng, rows, n);
-        let dq = dev.upload(&q).unwrap();
         for k in [1, 4, MAX_TOP_K] {
-            let mut ids = dev.alloc_zeros::<i32>(rows * k).unwrap();
-            let mut probs = dev.alloc_zeros::<f32>(rows * k).unwrap();
-            dev.top_k_probs(
-                &dq.as_view(),
-                &mut ids.as_view_mut(),
-                &mut probs.as_view_mut(),
-                rows,
-                n,
-                k,
-            )
-            .unwrap();
-            let (ids, probs) = (
-                dev.download(&ids.as_view()).unwrap(),
-                dev.download(&probs.as_view()).unwrap(),
-            );
+            let (ids, probs) = device_top_k(&dev, &q, rows, n, k, true);
             for row in 0..rows {
                 let want = r::top_k_probs(&q[row * n..(row + 1) * n], k);
-                let got: Vec<(u32, f32)> = ids[row * k..(row + 1) * k]
-                    .iter()
-                    .zip(&probs[row * k..(row + 1) * k])
-                    .map_while(|(&t, &p)| u32::try_from(t).ok().map(|t| (t, p)))
-                    .collect();
+                let got = pairs(&ids[row * k..(row + 1) * k], &probs[row * k..(row + 1) * k]);
                 assert_eq!(
                     got, want,
                     "top_k_probs {rows}x{n} k={k} row={row}: exactly the host ranking"
