@@ -98,7 +98,7 @@ for line in sys.stdin:
         echo "error: .gpu and the tracked tree hold $bytes bytes, over the 64 MiB the device takes"
         exit 1
     fi
-    echo "ready: run(command=\"bench/gpu.sh run tests bench\", carry=[\".gpu\"], timeout_s=600), then \"run model massv\", then \"run sanitize\""
+    echo "ready: run(command=\"bench/gpu.sh run\", carry=[\".gpu\"], timeout_s=600), then at once the groups its last line names"
 }
 
 run() {
@@ -120,7 +120,7 @@ run() {
         if [ "$left" -lt 30 ]; then
             echo "== $name: not started, $left s left of the call's $budget s (name it in a call of its own)"
             failed+=("$name (not started: no time left)")
-            [[ " ${not_started[*]} " == *" $group "* ]] || not_started+=("$group")
+            [ -z "$group" ] || [[ " ${not_started[*]} " == *" $group "* ]] || not_started+=("$group")
             return 1
         fi
         [ "$limit" -le "$left" ] || limit=$left
