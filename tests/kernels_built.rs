@@ -63,3 +63,78 @@ fn attention_entry_points_exist_for_every_served_head_dim() {
     }
     assert!(!has("attention_decode_d48"), "the check can fail");
 }
+
+/// Whether the fatbin of `module` holds the entry point `name` (its NUL-terminated symbol).
+fn module_has(module: &str, name: &str) -> bool {
+    let (_, image) = kernels::MODULES
+        .iter()
+        .find(|(n, _)| *n == module)
+        .unwrap_or_else(|| panic!("no module {module}"));
+    image
+        .windows(name.len() + 1)
+        .any(|w| &w[..name.len()] == name.as_bytes() && w[name.len()] == 0)
+}
+
+/// The kernel names the launchers in runtime/backend/cuda/ pass to `self.launch(module,
+/// name, …)`: a string literal, or `OP` (the function's `const OP: &str = "…"`). Names
+/// built at run time (attention, gemv, bias ops) are listed by hand below.
+fn launched_kernels() -> Vec<(String, String)> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/runtime/backend/cuda");
+    let literal = |s: &str| -> Option<String> {
+        let s = s.trim().strip_prefix('"')?;
+        Some(s[..s.find('"')?].to_string())
+    };
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        for (at, _) in text.match_indices("self.launch(") {
+            let args: Vec<&str> = text[at + "self.launch(".len()..].splitn(3, ',').collect();
+            let Some(module) = literal(args[0]) else { continue };
+            let name = match args[1].trim() {
+                "OP" => {
+                    let decl = text[..at].rfind("const OP: &str = ").expect("an OP before its launch");
+                    literal(&text[decl + "const OP: &str = ".len()..])
+                }
+                other => literal(other),
+            };
+            if let Some(name) = name {
+                out.push((module, name));
+            }
+        }
+    }
+    out
+}
+
+/// Every kernel a launcher asks for is in its module's fatbin: a launcher naming a kernel
+/// nvcc never compiled (a typo, a renamed entry point) would otherwise fail only at run
+/// time on a GPU.
+#[test]
+fn every_launcher_names_a_kernel_its_module_has() {
+    if !kernels::COMPILED {
+        println!("skipped: built without nvcc, no kernels embedded");
+        return;
+    }
+    let mut named = launched_kernels();
+    assert!(named.len() >= 25, "the scan found only {named:?}");
+    for b in 1..=massv::backend::cuda::GEMV_MAX_ROWS {
+        named.push(("gemv".into(), format!("gemv_bf16_b{b}")));
+        named.push(("gemv".into(), format!("gemv_bf16_f32_b{b}")));
+    }
+    for (module, name) in [
+        ("gemv", "gemv_reduce_bf16"),
+        ("gemv", "gemv_reduce_f32"),
+        ("projector", "bias_gelu"),
+        ("projector", "bias_add"),
+        ("attention", "attention_combine"),
+    ] {
+        named.push((module.into(), name.into()));
+    }
+    for (module, name) in &named {
+        assert!(module_has(module, name), "{name} missing from the {module} fatbin");
+    }
+    assert!(
+        !module_has("sampling", "sample_without_replacemen"),
+        "the check can fail"
+    );
+    println!("{} launcher kernels found in their fatbins", named.len());
+}
