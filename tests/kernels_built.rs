@@ -1,5 +1,7 @@
 //! build.rs embeds one fatbin per cuda/*.cu. CI sets MASSV_REQUIRE_KERNELS=1 (with NVCC)
-//! so a build that silently fell back to CPU-only fails here.
+//! so a build that silently fell back to CPU-only fails here. And what a machine without
+//! a GPU can check of the launchers: every kernel they name is in its module's fatbin,
+//! and they pass each kernel as many arguments as it takes, of the sizes they state.
 
 use massv::backend::kernels;
 
@@ -137,4 +139,115 @@ fn every_launcher_names_a_kernel_its_module_has() {
         "the check can fail"
     );
     println!("{} launcher kernels found in their fatbins", named.len());
+}
+
+/// Splits `s` at the commas outside any bracket; stops at the bracket that closes the
+/// list (returns the parts and the rest after it).
+fn top_level_split(s: &str) -> (Vec<String>, &str) {
+    let (mut depth, mut parts, mut cur) = (0i32, Vec::new(), String::new());
+    for (i, c) in s.char_indices() {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' if depth == 0 => {
+                if !cur.trim().is_empty() {
+                    parts.push(cur.trim().to_string());
+                }
+                return (parts, &s[i + 1..]);
+            }
+            ')' | ']' | '}' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(cur.trim().to_string());
+                cur.clear();
+                continue;
+            }
+            _ => {}
+        }
+        cur.push(c);
+    }
+    (parts, "")
+}
+
+/// The parameter list of every `extern "C" __global__` kernel written out by name in
+/// cuda/*.cu (macro-made entry points are skipped).
+fn kernel_params() -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/cuda")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "cu") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (at, _) in text.match_indices("extern \"C\" __global__ void") {
+            let mut rest = &text[at + "extern \"C\" __global__ void".len()..];
+            if let Some(r) = rest.trim_start().strip_prefix("__launch_bounds__(") {
+                rest = &r[r.find(')').unwrap() + 1..];
+            }
+            let Some(open) = rest.find('(') else { continue };
+            let name = rest[..open].trim();
+            if name.contains('#') || name.is_empty() {
+                continue;
+            }
+            let (params, _) = top_level_split(&rest[open + 1..]);
+            out.insert(name.to_string(), params);
+        }
+    }
+    out
+}
+
+/// Every launcher passes its kernel as many arguments as the kernel takes, and where the
+/// Rust side names an argument's type (`as i32`, `i32_arg(…)`, `as i64`) the kernel's
+/// parameter has that size: a mismatch would read garbage on a GPU, not fail to build.
+#[test]
+fn launchers_pass_what_their_kernels_take() {
+    let params = kernel_params();
+    assert!(params.len() >= 25, "parsed only {:?}", params.keys());
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/runtime/backend/cuda");
+    let literal = |s: &str| {
+        s.trim()
+            .strip_prefix('"')
+            .map(|s| s[..s.find('"').unwrap()].to_string())
+    };
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        for (at, _) in text.match_indices("self.launch(") {
+            let (args, _) = top_level_split(&text[at + "self.launch(".len()..]);
+            assert_eq!(args.len(), 4, "self.launch with {args:?}");
+            let name = match args[1].as_str() {
+                "OP" => {
+                    let decl = text[..at].rfind("const OP: &str = ").unwrap();
+                    literal(&text[decl + "const OP: &str = ".len()..])
+                }
+                other => literal(other),
+            };
+            let Some(kernel) = name.and_then(|n| params.get(&n).map(|p| (n, p))) else {
+                continue;
+            };
+            let (name, want) = kernel;
+            let list = args[3].strip_prefix("&[").expect("arguments as &[...]");
+            let (got, _) = top_level_split(list);
+            assert_eq!(got.len(), want.len(), "{name}: {got:?} for ({})", want.join(", "));
+            for (g, w) in got.iter().zip(want) {
+                let pointer = w.contains('*');
+                let kind = if pointer {
+                    "pointer"
+                } else if w.starts_with("long long") {
+                    "i64"
+                } else if w.starts_with("int ") {
+                    "i32"
+                } else {
+                    "other"
+                };
+                if g.contains("as i32") || g.starts_with("&i32_arg(") {
+                    assert_eq!(kind, "i32", "{name}: {g} passed for `{w}`");
+                }
+                if g.contains("as i64") {
+                    assert_eq!(kind, "i64", "{name}: {g} passed for `{w}`");
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "only {checked} launchers checked");
+    println!("{checked} launchers pass their kernels' parameter lists");
 }
