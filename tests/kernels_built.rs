@@ -251,3 +251,55 @@ fn launchers_pass_what_their_kernels_take() {
     assert!(checked >= 20, "only {checked} launchers checked");
     println!("{checked} launchers pass their kernels' parameter lists");
 }
+
+/// The kernel's `struct AttnParams` (cuda/attention.cu) and its Rust mirror
+/// (runtime/backend/cuda/attention.rs) list the same fields in the same order with the
+/// same sizes: pointers as u64, int as i32, float as f32.
+#[test]
+fn attn_params_mirror_the_kernels_struct() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let body = |text: &str, open: &str| -> Vec<String> {
+        let at = text.find(open).unwrap_or_else(|| panic!("{open} not found"));
+        let rest = &text[at + open.len()..];
+        rest[..rest.find('}').unwrap()]
+            .lines()
+            .map(|l| {
+                l.split("//")
+                    .next()
+                    .unwrap()
+                    .trim()
+                    .trim_end_matches([';', ','])
+                    .to_string()
+            })
+            .filter(|l| !l.is_empty())
+            .collect()
+    };
+    let cu = std::fs::read_to_string(format!("{root}/cuda/attention.cu")).unwrap();
+    let rs = std::fs::read_to_string(format!("{root}/runtime/backend/cuda/attention.rs")).unwrap();
+    let c_fields: Vec<(String, &str)> = body(&cu, "struct AttnParams {")
+        .iter()
+        .map(|f| {
+            let name = f.rsplit([' ', '*']).next().unwrap().to_string();
+            let kind = if f.contains('*') {
+                "u64"
+            } else if f.starts_with("int ") {
+                "i32"
+            } else if f.starts_with("float ") {
+                "f32"
+            } else {
+                panic!("unexpected field `{f}`")
+            };
+            (name, kind)
+        })
+        .collect();
+    let rust_fields: Vec<(String, String)> = body(&rs, "struct AttnParams {")
+        .iter()
+        .map(|f| {
+            let (name, ty) = f.split_once(':').unwrap();
+            (name.trim().to_string(), ty.trim().to_string())
+        })
+        .collect();
+    assert_eq!(c_fields.len(), 20, "{c_fields:?}");
+    let c: Vec<(String, String)> = c_fields.into_iter().map(|(n, k)| (n, k.to_string())).collect();
+    assert_eq!(rust_fields, c);
+}
