@@ -2072,6 +2072,7 @@ fn device_tree_drafting_makes_the_host_paths_choices() {
     use massv::spec::device_sampling::DeviceTreeSampling;
     use massv::spec::tree::{verify_tree_sampled, QRow, TreeSpec};
     use massv::spec::verify::residual;
+    use massv::spec::TreeRows;
 
     let _dev = dev_or_skip!();
     let t = TreeSampling::new();

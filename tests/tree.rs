@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 
 use common::{chi2, chi2_critical, exact_sequences, fixture, max_abs_diff};
 use massv::image::{preprocess, ImageInput, PreprocessorConfig};
-use massv::model::qwen2::Logits;
+use massv::model::qwen2::{Logits, Positions, TreeMask};
+use massv::model::Cache;
+use massv::reference;
 use massv::sampling::{Rng, SamplingParams};
 use massv::spec::draft::{DraftMode, DraftState, Drafter, VisionTokens};
 use massv::spec::engine::{Engine, GenerateParams, Hooks};
@@ -16,6 +18,7 @@ use massv::spec::tree::{
     draw_without_replacement, verify_tree_greedy, verify_tree_sampled, Proposal, QRow, TokenTree, TreeSpec,
 };
 use massv::spec::verify::{residual, verify_greedy};
+use massv::spec::TreeRows;
 
 const TARGET: &str = "qwen2-tiny-gqa4-tied";
 const VL_TARGET: &str = "qwen2_5_vl-tiny-hub";
@@ -478,4 +481,191 @@ fn tree_errors_are_clear() {
     bad.push(0, 2);
     bad.parents[1] = 1;
     assert!(bad.validate().is_err());
+}
+
+/// [`TreeRows`] kept in host memory, ranked and drawn with the kernels' twins
+/// (`reference::top_k_probs`, `reference::sample_without_replacement`): the device path of
+/// tree drafting (row numbering, a depth's block of rows, one draw call per depth, the
+/// RNG advanced by the uniforms used) run without a device.
+struct HostRows {
+    rows: Vec<f32>,
+    n: usize,
+}
+
+impl TreeRows for HostRows {
+    fn drafts_here(&self) -> bool {
+        true
+    }
+
+    fn start_tree(&mut self) {
+        self.rows.clear();
+    }
+
+    fn score_tokens(
+        &mut self,
+        drafter: &Drafter,
+        tokens: &[u32],
+        cache: &mut Cache,
+        params: &SamplingParams,
+    ) -> massv::Result<usize> {
+        let start = cache.len() as i32;
+        let positions: Vec<i32> = (start..start + tokens.len() as i32).collect();
+        let q = drafter.lm.forward_tokens_host_probs(
+            tokens,
+            Positions::Seq(&positions),
+            cache,
+            Logits::Last,
+            None,
+            params,
+        )?;
+        let row = self.rows.len() / self.n;
+        self.rows.extend(q);
+        Ok(row)
+    }
+
+    fn score_tree(
+        &mut self,
+        drafter: &Drafter,
+        tokens: &[u32],
+        position: i32,
+        cache: &mut Cache,
+        mask: TreeMask,
+        params: &SamplingParams,
+    ) -> massv::Result<usize> {
+        let positions = vec![position; tokens.len()];
+        let q = drafter.lm.forward_tokens_host_probs(
+            tokens,
+            Positions::Seq(&positions),
+            cache,
+            Logits::All,
+            Some(mask),
+            params,
+        )?;
+        let row0 = self.rows.len() / self.n;
+        self.rows.extend(q);
+        Ok(row0)
+    }
+
+    fn top(&mut self, row0: usize, m: usize, k: usize) -> massv::Result<Vec<Vec<(u32, f32)>>> {
+        let rows = &self.rows[row0 * self.n..(row0 + m) * self.n];
+        Ok(rows
+            .chunks_exact(self.n)
+            .map(|r| reference::top_k_probs(r, k))
+            .collect())
+    }
+
+    fn draw(&mut self, row0: usize, counts: &[usize], rng: &mut Rng) -> massv::Result<Vec<Vec<(u32, f32)>>> {
+        let total: usize = counts.iter().sum();
+        let mut peek = rng.clone();
+        let uniforms: Vec<f64> = (0..total).map(|_| peek.uniform()).collect();
+        let (drawn, used) = reference::sample_without_replacement(&self.rows, self.n, row0, counts, &uniforms);
+        for _ in 0..used {
+            rng.uniform();
+        }
+        Ok(drawn)
+    }
+}
+
+/// T > 0 trees drafted through [`TreeRows`] (the device's way, here with host rows) are
+/// the trees the host path drafts from the same state and RNG: the same tokens and shape,
+/// every row a node names ([`QRow::Device`]) holding the distribution the host tree keeps
+/// for that node, the same RNG state after; static and dynamic shapes, text and MASSV
+/// drafters, and a top-k that leaves nodes fewer tokens than children asked of them. The
+/// drafters' vocabularies have at most 448 entries, so the twin's blocked sums may differ
+/// from the host's sequential ones in the last bit: a draw can only differ when a uniform
+/// lands within that rounding of a boundary (not on these seeds).
+#[test]
+fn trees_drafted_through_tree_rows_are_the_host_paths() {
+    let params = [
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        SamplingParams {
+            temperature: 0.7,
+            top_k: 2,
+            top_p: 1.0,
+        },
+    ];
+    let img = ImageInput::from_path(&fixture("images/nonsquare_150x100.png")).unwrap();
+    let (mut trees, mut device_rows) = (0, 0);
+    for (target, drafter_dir, image) in [
+        (VL_TARGET, "drafter-tiny-massv", true),
+        (TARGET, "qwen2-tiny-mha-untied", false),
+    ] {
+        let e = engine(target, Some(drafter_dir));
+        let drafter = e.drafter.as_ref().unwrap();
+        let images = match image {
+            true => vec![preprocess(&img, &PreprocessorConfig::from_dir(&fixture(target)).unwrap()).unwrap()],
+            false => Vec::new(),
+        };
+        let vision = e.target.encode_images(&images).unwrap();
+        let vt = VisionTokens::of(&e.target, &e.tokenizer);
+        let ids = e
+            .tokenizer
+            .encode(&e.tokenizer.user_prompt("Describe the image.", image).unwrap())
+            .unwrap();
+        let (logits, session) = e.target.prefill(&ids, &images, &vision, 96, Logits::Last).unwrap();
+        let first = massv::generate::argmax(&logits) as u32;
+        let embeds = drafter
+            .prompt_embeddings(drafter.default_mode(), &session.prompt, &ids, &vision, &vt)
+            .unwrap();
+        let state = DraftState::prefill(drafter, embeds, first, 96).unwrap();
+        for sp in &params {
+            for shape in ["static:3x2x1x1", "dynamic:12,4,3", "dynamic:8,3"] {
+                let spec: TreeSpec = shape.parse().unwrap();
+                let (mut hs, mut hstate, mut hrng) =
+                    (session.try_clone().unwrap(), state.try_clone().unwrap(), Rng::new(5));
+                let (mut dstate, mut drng) = (state.try_clone().unwrap(), Rng::new(5));
+                let mut rows = HostRows {
+                    rows: Vec::new(),
+                    n: drafter.lm.cfg.vocab_size,
+                };
+                for pass in 0..4 {
+                    let what = format!("{target} {drafter_dir} {sp:?} {shape} pass {pass}");
+                    let host = hstate.draft_tree(drafter, &spec, 4, sp, &mut hrng, None).unwrap();
+                    let via = dstate
+                        .draft_tree(drafter, &spec, 4, sp, &mut drng, Some(&mut rows))
+                        .unwrap();
+                    assert_eq!((&via.tokens, &via.parents), (&host.tokens, &host.parents), "{what}");
+                    assert_eq!(drng.state(), hrng.state(), "{what}: RNG after drafting");
+                    for (node, (h, d)) in host.q.iter().zip(&via.q).enumerate() {
+                        match (h, d) {
+                            (None, None) => {}
+                            (Some(QRow::Host(q)), Some(QRow::Device(r))) => {
+                                let row = &rows.rows[r * rows.n..(r + 1) * rows.n];
+                                assert_eq!(row, &q[..], "{what}: node {node}'s row {r}");
+                                device_rows += 1;
+                            }
+                            _ => panic!("{what}: node {node}: host {h:?}, via rows {d:?}"),
+                        }
+                    }
+                    // Verify the host tree against the target and keep its path in the
+                    // target's cache and both drafter states.
+                    let base = hs.cache.len();
+                    let tl = e
+                        .target
+                        .decode_tree(&host.tokens, &host.depths, &host.mask(), &mut hs)
+                        .unwrap();
+                    let v = tl.len() / host.len();
+                    let ps: Vec<Vec<f32>> = tl
+                        .chunks_exact(v)
+                        .map(|r| massv::sampling::probabilities(r, sp))
+                        .collect();
+                    let verdict = verify_tree_sampled(&host, &ps, &mut hrng, residual).unwrap();
+                    for _ in 0..massv::reference::tree_uniforms_consumed(&host.parents, &verdict) {
+                        drng.uniform();
+                    }
+                    let keep: Vec<usize> = verdict.path.iter().map(|&n| base + n).collect();
+                    hs.cache.compact(base + 1, &keep).unwrap();
+                    hstate.commit_tree(&host, &verdict).unwrap();
+                    dstate.commit_tree(&via, &verdict).unwrap();
+                    trees += 1;
+                }
+            }
+        }
+    }
+    println!("{trees} trees, {device_rows} rows named by index, equal to the host path's");
+    assert!(device_rows >= trees, "every tree names rows");
 }

@@ -25,6 +25,7 @@ use cudarc::driver::CudaSlice;
 
 use super::draft::{next_positions, DraftState, Drafter};
 use super::tree::{QRow, TokenTree, TreeVerdict};
+use super::tree_draft::TreeRows;
 use super::verify::Verdict;
 use crate::backend::cuda::{CudaDevice, MAX_TOP_K};
 use crate::error::{Error, Result};
@@ -229,67 +230,6 @@ impl DeviceTreeSampling {
         }))
     }
 
-    /// Whether T > 0 trees are drafted on the device (the drafter's LM runs there).
-    pub fn drafts_here(&self) -> bool {
-        self.drafts_here
-    }
-
-    /// Forgets the rows of the previous tree.
-    pub(crate) fn start_tree(&mut self) {
-        self.q_rows = 0;
-    }
-
-    /// The drafter scores `tokens` after `cache` (causal); the last row's distribution
-    /// under `params` stays in a new device row, whose index is returned.
-    pub(crate) fn score_tokens(
-        &mut self,
-        drafter: &Drafter,
-        tokens: &[u32],
-        cache: &mut Cache,
-        params: &SamplingParams,
-    ) -> Result<usize> {
-        let row = self.take_rows(1)?;
-        let positions = next_positions(cache, tokens.len());
-        drafter.lm.forward_tokens_probs(
-            tokens,
-            Positions::Seq(&positions),
-            cache,
-            Logits::Last,
-            None,
-            params,
-            &mut self.q,
-            row,
-        )?;
-        Ok(row)
-    }
-
-    /// The drafter scores one depth of a tree (`tokens` at `position` each, seeing what
-    /// `mask` allows); each row's distribution stays in a new device row, the first of
-    /// which is returned.
-    pub(crate) fn score_tree(
-        &mut self,
-        drafter: &Drafter,
-        tokens: &[u32],
-        position: i32,
-        cache: &mut Cache,
-        mask: TreeMask,
-        params: &SamplingParams,
-    ) -> Result<usize> {
-        let row0 = self.take_rows(tokens.len())?;
-        let positions = vec![position; tokens.len()];
-        drafter.lm.forward_tokens_probs(
-            tokens,
-            Positions::Seq(&positions),
-            cache,
-            Logits::All,
-            Some(mask),
-            params,
-            &mut self.q,
-            row0,
-        )?;
-        Ok(row0)
-    }
-
     fn take_rows(&mut self, n: usize) -> Result<usize> {
         let row0 = self.q_rows;
         if row0 + n > self.nodes {
@@ -312,106 +252,6 @@ impl DeviceTreeSampling {
             )));
         }
         Ok(())
-    }
-
-    /// The `k` most likely tokens of device rows row0..row0 + m with their
-    /// probabilities, best first (`reference::top_k_probs`): k pairs a row cross.
-    pub(crate) fn top(&mut self, row0: usize, m: usize, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
-        self.check_rows(row0, m)?;
-        let (dev, nq) = (&self.dev, self.nq);
-        let rows = self.q.slice(row0 * nq..(row0 + m) * nq);
-        if k > MAX_TOP_K {
-            // Wider than the kernel ranks: the rows come to the host (never for the
-            // tree shapes the CLI builds, whose widths are a few).
-            let host = dev.download(&rows)?;
-            return Ok(host.chunks_exact(nq).map(|r| top_k_probs(r, k)).collect());
-        }
-        if k == 0 || m == 0 {
-            return Ok(vec![Vec::new(); m]);
-        }
-        dev.top_k_probs(
-            &rows,
-            &mut self.top_ids.slice_mut(..m * k),
-            &mut self.top_q.slice_mut(..m * k),
-            m,
-            nq,
-            k,
-        )?;
-        let ids = dev.download(&self.top_ids.slice(..m * k))?;
-        let probs = dev.download(&self.top_q.slice(..m * k))?;
-        Ok(ids
-            .chunks_exact(k)
-            .zip(probs.chunks_exact(k))
-            .map(|(ids, probs)| {
-                ids.iter()
-                    .zip(probs)
-                    .map_while(|(&t, &q)| u32::try_from(t).ok().map(|t| (t, q)))
-                    .collect()
-            })
-            .collect())
-    }
-
-    /// The children of the frontier whose distributions are device rows
-    /// row0..row0 + counts.len(): `counts[j]` tokens drawn without replacement from row
-    /// row0 + j with the RNG's next uniforms, nodes in order
-    /// (`spec::tree::draw_without_replacement`'s rule; `reference::sample_without_replacement`),
-    /// each with its probability. Only the draws cross; the RNG advances by the uniforms used.
-    pub(crate) fn draw(&mut self, row0: usize, counts: &[usize], rng: &mut Rng) -> Result<Vec<Vec<(u32, f32)>>> {
-        let m = counts.len();
-        self.check_rows(row0, m)?;
-        let total: usize = counts.iter().sum();
-        if total > self.nodes {
-            return Err(Error::InvalidArgument(format!(
-                "{total} children to draw for device buffers of {}",
-                self.nodes
-            )));
-        }
-        if total == 0 {
-            return Ok(vec![Vec::new(); m]);
-        }
-        let (dev, nq) = (&self.dev, self.nq);
-        let mut peek = rng.clone();
-        let u: Vec<f64> = (0..total).map(|_| peek.uniform()).collect();
-        dev.upload_into(&u, &mut self.uniforms.slice_mut(..total))?;
-        let c: Vec<i32> = counts.iter().map(|&k| k as i32).collect();
-        dev.upload_into(&c, &mut self.counts.slice_mut(..m))?;
-        dev.sample_without_replacement(
-            &self.q.slice(..self.q_rows * nq),
-            &self.counts.slice(..m),
-            &self.uniforms.slice(..total),
-            &mut self.work.slice_mut(..nq),
-            &mut self.out.slice_mut(..total + 1),
-            &mut self.out_q.slice_mut(..total),
-            row0,
-            m,
-            total,
-            nq,
-        )?;
-        let ids = dev.download(&self.out.slice(..total + 1))?;
-        let probs = dev.download(&self.out_q.slice(..total))?;
-        let used = usize::try_from(ids[total])
-            .ok()
-            .filter(|&u| u <= total)
-            .ok_or_else(|| Error::Cuda {
-                op: "sample_without_replacement".into(),
-                reason: format!("{} uniforms used of {total}", ids[total]),
-            })?;
-        for _ in 0..used {
-            rng.uniform();
-        }
-        let mut at = 0;
-        Ok(counts
-            .iter()
-            .map(|&k| {
-                let node = ids[at..at + k]
-                    .iter()
-                    .zip(&probs[at..at + k])
-                    .map_while(|(&t, &q)| u32::try_from(t).ok().map(|t| (t, q)))
-                    .collect();
-                at += k;
-                node
-            })
-            .collect())
     }
 
     /// The target scores `tree` after the session's cache (its p rows left on the device)
@@ -513,5 +353,171 @@ impl DeviceTreeSampling {
             rng.uniform();
         }
         Ok(verdict)
+    }
+}
+
+/// The device rows of [`DeviceTreeSampling`]: the drafter's LM writes them through the
+/// `probabilities` kernel, `top_k_probs` ranks them and `sample_without_replacement` draws
+/// from them; only ids and a few probabilities cross.
+impl TreeRows for DeviceTreeSampling {
+    /// Whether T > 0 trees are drafted on the device (the drafter's LM runs there).
+    fn drafts_here(&self) -> bool {
+        self.drafts_here
+    }
+
+    /// Forgets the rows of the previous tree.
+    fn start_tree(&mut self) {
+        self.q_rows = 0;
+    }
+
+    /// The drafter scores `tokens` after `cache` (causal); the last row's distribution
+    /// under `params` stays in a new device row, whose index is returned.
+    fn score_tokens(
+        &mut self,
+        drafter: &Drafter,
+        tokens: &[u32],
+        cache: &mut Cache,
+        params: &SamplingParams,
+    ) -> Result<usize> {
+        let row = self.take_rows(1)?;
+        let positions = next_positions(cache, tokens.len());
+        drafter.lm.forward_tokens_probs(
+            tokens,
+            Positions::Seq(&positions),
+            cache,
+            Logits::Last,
+            None,
+            params,
+            &mut self.q,
+            row,
+        )?;
+        Ok(row)
+    }
+
+    /// The drafter scores one depth of a tree (`tokens` at `position` each, seeing what
+    /// `mask` allows); each row's distribution stays in a new device row, the first of
+    /// which is returned.
+    fn score_tree(
+        &mut self,
+        drafter: &Drafter,
+        tokens: &[u32],
+        position: i32,
+        cache: &mut Cache,
+        mask: TreeMask,
+        params: &SamplingParams,
+    ) -> Result<usize> {
+        let row0 = self.take_rows(tokens.len())?;
+        let positions = vec![position; tokens.len()];
+        drafter.lm.forward_tokens_probs(
+            tokens,
+            Positions::Seq(&positions),
+            cache,
+            Logits::All,
+            Some(mask),
+            params,
+            &mut self.q,
+            row0,
+        )?;
+        Ok(row0)
+    }
+
+    /// The `k` most likely tokens of device rows row0..row0 + m with their
+    /// probabilities, best first (`reference::top_k_probs`): k pairs a row cross.
+    fn top(&mut self, row0: usize, m: usize, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        self.check_rows(row0, m)?;
+        let (dev, nq) = (&self.dev, self.nq);
+        let rows = self.q.slice(row0 * nq..(row0 + m) * nq);
+        if k > MAX_TOP_K {
+            // Wider than the kernel ranks: the rows come to the host (never for the
+            // tree shapes the CLI builds, whose widths are a few).
+            let host = dev.download(&rows)?;
+            return Ok(host.chunks_exact(nq).map(|r| top_k_probs(r, k)).collect());
+        }
+        if k == 0 || m == 0 {
+            return Ok(vec![Vec::new(); m]);
+        }
+        dev.top_k_probs(
+            &rows,
+            &mut self.top_ids.slice_mut(..m * k),
+            &mut self.top_q.slice_mut(..m * k),
+            m,
+            nq,
+            k,
+        )?;
+        let ids = dev.download(&self.top_ids.slice(..m * k))?;
+        let probs = dev.download(&self.top_q.slice(..m * k))?;
+        Ok(ids
+            .chunks_exact(k)
+            .zip(probs.chunks_exact(k))
+            .map(|(ids, probs)| {
+                ids.iter()
+                    .zip(probs)
+                    .map_while(|(&t, &q)| u32::try_from(t).ok().map(|t| (t, q)))
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// The children of the frontier whose distributions are device rows
+    /// row0..row0 + counts.len(): `counts[j]` tokens drawn without replacement from row
+    /// row0 + j with the RNG's next uniforms, nodes in order
+    /// (`spec::tree::draw_without_replacement`'s rule; `reference::sample_without_replacement`),
+    /// each with its probability. Only the draws cross; the RNG advances by the uniforms used.
+    fn draw(&mut self, row0: usize, counts: &[usize], rng: &mut Rng) -> Result<Vec<Vec<(u32, f32)>>> {
+        let m = counts.len();
+        self.check_rows(row0, m)?;
+        let total: usize = counts.iter().sum();
+        if total > self.nodes {
+            return Err(Error::InvalidArgument(format!(
+                "{total} children to draw for device buffers of {}",
+                self.nodes
+            )));
+        }
+        if total == 0 {
+            return Ok(vec![Vec::new(); m]);
+        }
+        let (dev, nq) = (&self.dev, self.nq);
+        let mut peek = rng.clone();
+        let u: Vec<f64> = (0..total).map(|_| peek.uniform()).collect();
+        dev.upload_into(&u, &mut self.uniforms.slice_mut(..total))?;
+        let c: Vec<i32> = counts.iter().map(|&k| k as i32).collect();
+        dev.upload_into(&c, &mut self.counts.slice_mut(..m))?;
+        dev.sample_without_replacement(
+            &self.q.slice(..self.q_rows * nq),
+            &self.counts.slice(..m),
+            &self.uniforms.slice(..total),
+            &mut self.work.slice_mut(..nq),
+            &mut self.out.slice_mut(..total + 1),
+            &mut self.out_q.slice_mut(..total),
+            row0,
+            m,
+            total,
+            nq,
+        )?;
+        let ids = dev.download(&self.out.slice(..total + 1))?;
+        let probs = dev.download(&self.out_q.slice(..total))?;
+        let used = usize::try_from(ids[total])
+            .ok()
+            .filter(|&u| u <= total)
+            .ok_or_else(|| Error::Cuda {
+                op: "sample_without_replacement".into(),
+                reason: format!("{} uniforms used of {total}", ids[total]),
+            })?;
+        for _ in 0..used {
+            rng.uniform();
+        }
+        let mut at = 0;
+        Ok(counts
+            .iter()
+            .map(|&k| {
+                let node = ids[at..at + k]
+                    .iter()
+                    .zip(&probs[at..at + k])
+                    .map_while(|(&t, &q)| u32::try_from(t).ok().map(|t| (t, q)))
+                    .collect();
+                at += k;
+                node
+            })
+            .collect())
     }
 }

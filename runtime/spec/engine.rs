@@ -31,6 +31,7 @@ use crate::spec::device_sampling::{DeviceSampling, DeviceTreeSampling};
 use crate::spec::draft::{DraftMode, DraftState, Drafter, VisionTokens};
 use crate::spec::tree::{verify_tree_greedy, verify_tree_sampled, TokenTree, TreeSpec, TreeVerdict};
 use crate::spec::verify::{residual, verify_greedy, verify_sampled, Verdict};
+use crate::spec::TreeRows;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -290,7 +291,8 @@ impl Engine {
             let (new, drafted, t_accept) = match (&mut draft_state, tree) {
                 (Some((d, state)), Some(spec)) if g > 0 => {
                     let t0 = Instant::now();
-                    let tr = state.draft_tree(d, spec, g, sp, &mut rng, tree_on_device.as_mut())?;
+                    let rows = tree_on_device.as_mut().map(|r| r as &mut dyn TreeRows);
+                    let tr = state.draft_tree(d, spec, g, sp, &mut rng, rows)?;
                     t.draft += trace.span("draft", step, t0);
                     let t0 = Instant::now();
                     let base = session.cache.len();

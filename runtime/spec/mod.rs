@@ -8,3 +8,5 @@ pub mod engine;
 pub mod tree;
 mod tree_draft;
 pub mod verify;
+
+pub use tree_draft::TreeRows;

@@ -6,10 +6,56 @@ use std::cmp::Ordering;
 
 use crate::error::{Error, Result};
 use crate::model::qwen2::TreeMask;
+use crate::model::Cache;
 use crate::sampling::{Rng, SamplingParams};
-use crate::spec::device_sampling::DeviceTreeSampling;
 use crate::spec::draft::{DraftState, Drafter};
 use crate::spec::tree::{draw_without_replacement, top_tokens, Proposal, QRow, TokenTree, TreeSpec, TreeVerdict};
+
+/// Where a T > 0 tree's drafter distributions stay when they do not come to the host
+/// (the request's device rows: [`crate::spec::device_sampling::DeviceTreeSampling`]).
+/// Rows are numbered in the order they are scored, from 0 for each tree; a depth's rows
+/// are consecutive, in the order of its nodes.
+pub trait TreeRows {
+    /// Whether trees are drafted here (the drafter runs where the rows live).
+    fn drafts_here(&self) -> bool;
+    /// Forgets the rows of the previous tree.
+    fn start_tree(&mut self);
+    /// The drafter scores `tokens` after `cache` (causal, positions continuing the cache);
+    /// the last row's distribution under `params` becomes a new row, whose index is returned.
+    fn score_tokens(
+        &mut self,
+        drafter: &Drafter,
+        tokens: &[u32],
+        cache: &mut Cache,
+        params: &SamplingParams,
+    ) -> Result<usize>;
+    /// The drafter scores one depth of a tree (`tokens` at `position` each, seeing what
+    /// `mask` allows); each row's distribution becomes a new row, the first returned.
+    fn score_tree(
+        &mut self,
+        drafter: &Drafter,
+        tokens: &[u32],
+        position: i32,
+        cache: &mut Cache,
+        mask: TreeMask,
+        params: &SamplingParams,
+    ) -> Result<usize>;
+    /// The `k` most likely tokens of rows row0..row0 + m with their probabilities, best
+    /// first (`reference::top_k_probs`).
+    fn top(&mut self, row0: usize, m: usize, k: usize) -> Result<Vec<Vec<(u32, f32)>>>;
+    /// Node j's `counts[j]` children drawn without replacement from row row0 + j with the
+    /// RNG's next uniforms, nodes in order (`reference::sample_without_replacement`), each
+    /// with its probability; the RNG advances by the uniforms used.
+    fn draw(&mut self, row0: usize, counts: &[usize], rng: &mut Rng) -> Result<Vec<Vec<(u32, f32)>>>;
+}
+
+/// A shorter borrow of the optional rows (to pass them on and keep using them).
+fn reborrow<'a>(dev: &'a mut Option<&mut dyn TreeRows>) -> Option<&'a mut dyn TreeRows> {
+    match dev {
+        Some(d) => Some(&mut **d),
+        None => None,
+    }
+}
 
 /// The drafter's distribution a node's children come from.
 enum Dist {
@@ -21,13 +67,13 @@ enum Dist {
     /// the drafter runs: on a device only these pairs cross).
     Top(Vec<(u32, f32)>),
     /// T > 0 with the drafter on the device: the processed q in this row of the request's
-    /// device rows ([`DeviceTreeSampling`]), where it is ranked and drawn from.
+    /// device rows ([`TreeRows`]), where it is ranked and drawn from.
     Device(usize),
 }
 
 impl Dist {
     /// The `k` most likely tokens with non-zero probability, best first (ties: lower
-    /// id), with their probabilities; None for a device row ([`DeviceTreeSampling::top`]).
+    /// id), with their probabilities; None for a device row ([`TreeRows::top`]).
     fn host_top(&self, k: usize) -> Option<Vec<(u32, f32)>> {
         match self {
             Dist::Full(q) => Some(top_tokens(q, k).into_iter().map(|t| (t, q[t as usize])).collect()),
@@ -68,8 +114,8 @@ impl Growing {
     }
 
     /// The device rows `row0..row0 + frontier.len()` holding the frontier's distributions,
-    /// in order (how [`DeviceTreeSampling::score_tree`] lays a depth out); None when they
-    /// are on the host.
+    /// in order (how [`TreeRows::score_tree`] lays a depth out); None when they are on
+    /// the host.
     fn device_rows(&self, frontier: &[usize]) -> Result<Option<usize>> {
         let rows: Vec<Option<usize>> = frontier
             .iter()
@@ -89,7 +135,7 @@ impl Growing {
 
     /// Each frontier node's `k` most likely tokens with their probabilities, best first
     /// (on the device for device rows: k pairs a row cross).
-    fn tops(&self, frontier: &[usize], k: usize, dev: Option<&mut DeviceTreeSampling>) -> Result<Vec<Vec<(u32, f32)>>> {
+    fn tops(&self, frontier: &[usize], k: usize, dev: Option<&mut dyn TreeRows>) -> Result<Vec<Vec<(u32, f32)>>> {
         match (self.device_rows(frontier)?, dev) {
             (Some(row0), Some(dev)) => dev.top(row0, frontier.len(), k),
             (Some(_), None) => Err(Error::InvalidArgument(
@@ -201,9 +247,9 @@ impl DraftState {
     /// Drafts a tree shaped by `spec`, at most `max_depth` deep, rooted at the last
     /// pending token. Children are the top tokens (T = 0) or draws without replacement
     /// (T > 0); see `spec::tree` for why both are exact. At T > 0 with `dev` and the
-    /// drafter on its device ([`DeviceTreeSampling::drafts_here`]), the drafter's rows
-    /// stay there: ranked and drawn from on the device, named by [`QRow::Device`] in the
-    /// tree, which `dev` then verifies.
+    /// drafter where its rows live ([`TreeRows::drafts_here`]), the drafter's rows stay
+    /// there: ranked and drawn from there, named by [`QRow::Device`] in the tree, which
+    /// `dev` then verifies.
     pub fn draft_tree(
         &mut self,
         drafter: &Drafter,
@@ -211,7 +257,7 @@ impl DraftState {
         max_depth: usize,
         params: &SamplingParams,
         rng: &mut Rng,
-        dev: Option<&mut DeviceTreeSampling>,
+        dev: Option<&mut dyn TreeRows>,
     ) -> Result<TokenTree> {
         let root = *self
             .pending
@@ -226,7 +272,7 @@ impl DraftState {
         let fan_out = spec.max_children().max(1);
         let root_dist = if fixed {
             Dist::Top(drafter.run_tokens_top_k(&self.pending, &mut self.cache, fan_out)?)
-        } else if let Some(d) = dev.as_deref_mut() {
+        } else if let Some(d) = reborrow(&mut dev) {
             d.start_tree();
             Dist::Device(d.score_tokens(drafter, &self.pending, &mut self.cache, params)?)
         } else {
@@ -259,7 +305,7 @@ impl DraftState {
                 TreeSpec::Dynamic { width, .. } if fixed => vec![*width; frontier.len()],
                 TreeSpec::Dynamic { width, .. } => {
                     let share = budget.div_ceil(depth + 1 - d);
-                    let tops = g.tops(&frontier, *width, dev.as_deref_mut())?;
+                    let tops = g.tops(&frontier, *width, reborrow(&mut dev))?;
                     let c = g.allot(&frontier, &tops, share);
                     budget -= c.iter().sum::<usize>();
                     c
@@ -267,7 +313,7 @@ impl DraftState {
             };
             // Device rows: every frontier node's children in one kernel, in the order the
             // host would draw them.
-            let mut drawn = match (g.device_rows(&frontier)?, dev.as_deref_mut()) {
+            let mut drawn = match (g.device_rows(&frontier)?, reborrow(&mut dev)) {
                 (Some(row0), Some(d)) => Some(d.draw(row0, &counts, rng)?.into_iter()),
                 _ => None,
             };
@@ -340,7 +386,7 @@ impl DraftState {
             let dists: Vec<Dist> = if fixed {
                 let rows = drafter.run_tree_top_k(&tokens, position, &mut self.cache, mask, fan_out)?;
                 rows.into_iter().map(Dist::Top).collect()
-            } else if let Some(d) = dev.as_deref_mut() {
+            } else if let Some(d) = reborrow(&mut dev) {
                 let row0 = d.score_tree(drafter, &tokens, position, &mut self.cache, mask, params)?;
                 (row0..row0 + tokens.len()).map(Dist::Device).collect()
             } else {
