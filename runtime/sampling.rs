@@ -127,6 +127,20 @@ impl Rng {
     pub fn sample(&mut self, w: &[f32]) -> usize {
         draw(w, self.uniform())
     }
+
+    /// The next `n` uniforms, without consuming them: what a device consumer is handed
+    /// before it says how many it used ([`Rng::skip_uniforms`]).
+    pub fn peek_uniforms(&self, n: usize) -> Vec<f64> {
+        let mut peek = self.clone();
+        (0..n).map(|_| peek.uniform()).collect()
+    }
+
+    /// Consumes `n` uniforms.
+    pub fn skip_uniforms(&mut self, n: usize) {
+        for _ in 0..n {
+            self.uniform();
+        }
+    }
 }
 
 /// The id that uniform `u` in [0, 1) selects from weights `w`: a cumulative scan of

@@ -1280,8 +1280,7 @@ fn twin_sample_without_replacement_is_the_cpu_tree_drafters() {
             let counts: Vec<usize> = (0..rows).map(|j| (trial + j) % 5).collect();
             let sum: usize = counts.iter().sum();
             let mut cpu_rng = Rng::new(1000 + trial as u64);
-            let mut record = cpu_rng.clone();
-            let uniforms: Vec<f64> = (0..sum).map(|_| record.uniform()).collect();
+            let uniforms = cpu_rng.peek_uniforms(sum);
             let want: Vec<Vec<u32>> = counts
                 .iter()
                 .enumerate()
@@ -1306,9 +1305,7 @@ fn twin_sample_without_replacement_is_the_cpu_tree_drafters() {
             if got_ids == want {
                 same += 1;
                 let mut probe = Rng::new(1000 + trial as u64);
-                for _ in 0..used {
-                    probe.uniform();
-                }
+                probe.skip_uniforms(used);
                 assert_eq!(probe.state(), cpu_rng.state(), "n={n}: uniforms used");
             } else {
                 assert!(

@@ -556,12 +556,9 @@ impl TreeRows for HostRows {
 
     fn draw(&mut self, row0: usize, counts: &[usize], rng: &mut Rng) -> massv::Result<Vec<Vec<(u32, f32)>>> {
         let total: usize = counts.iter().sum();
-        let mut peek = rng.clone();
-        let uniforms: Vec<f64> = (0..total).map(|_| peek.uniform()).collect();
+        let uniforms = rng.peek_uniforms(total);
         let (drawn, used) = reference::sample_without_replacement(&self.rows, self.n, row0, counts, &uniforms);
-        for _ in 0..used {
-            rng.uniform();
-        }
+        rng.skip_uniforms(used);
         Ok(drawn)
     }
 }
@@ -654,9 +651,7 @@ fn trees_drafted_through_tree_rows_are_the_host_paths() {
                         .map(|r| massv::sampling::probabilities(r, sp))
                         .collect();
                     let verdict = verify_tree_sampled(&host, &ps, &mut hrng, residual).unwrap();
-                    for _ in 0..massv::reference::tree_uniforms_consumed(&host.parents, &verdict) {
-                        drng.uniform();
-                    }
+                    drng.skip_uniforms(massv::reference::tree_uniforms_consumed(&host.parents, &verdict));
                     let keep: Vec<usize> = verdict.path.iter().map(|&n| base + n).collect();
                     hs.cache.compact(base + 1, &keep).unwrap();
                     hstate.commit_tree(&host, &verdict).unwrap();

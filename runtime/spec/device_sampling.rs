@@ -125,8 +125,7 @@ impl DeviceSampling {
         }
         let (dev, nq, np) = (&self.dev, self.nq, self.np);
         target.decode_probs(block, session, params, &mut self.p)?;
-        let mut peek = rng.clone();
-        let u: Vec<f64> = (0..=g).map(|_| peek.uniform()).collect();
+        let u = rng.peek_uniforms(g + 1);
         dev.upload_into(&u, &mut self.uniforms.slice_mut(0..=g))?;
         let verdict = if g == 0 {
             let p0 = self.p.slice(0..np);
@@ -154,9 +153,7 @@ impl DeviceSampling {
                 next: v[1] as u32,
             }
         };
-        for _ in 0..uniforms_consumed(verdict, g) {
-            rng.uniform();
-        }
+        rng.skip_uniforms(uniforms_consumed(verdict, g));
         Ok(verdict)
     }
 
@@ -320,8 +317,7 @@ impl DeviceTreeSampling {
         let parents: Vec<i32> = tree.parents.iter().map(|&p| p as i32).collect();
         dev.upload_into(&tokens, &mut self.tokens.slice_mut(..n))?;
         dev.upload_into(&parents, &mut self.parents.slice_mut(..n))?;
-        let mut peek = rng.clone();
-        let u: Vec<f64> = (0..n).map(|_| peek.uniform()).collect();
+        let u = rng.peek_uniforms(n);
         dev.upload_into(&u, &mut self.uniforms.slice_mut(..n))?;
 
         dev.verify_tree_sampled(
@@ -349,9 +345,7 @@ impl DeviceTreeSampling {
             });
         };
         let verdict = TreeVerdict { path, next };
-        for _ in 0..tree_uniforms_consumed(&tree.parents, &verdict) {
-            rng.uniform();
-        }
+        rng.skip_uniforms(tree_uniforms_consumed(&tree.parents, &verdict));
         Ok(verdict)
     }
 }
@@ -449,12 +443,7 @@ impl TreeRows for DeviceTreeSampling {
         Ok(ids
             .chunks_exact(k)
             .zip(probs.chunks_exact(k))
-            .map(|(ids, probs)| {
-                ids.iter()
-                    .zip(probs)
-                    .map_while(|(&t, &q)| u32::try_from(t).ok().map(|t| (t, q)))
-                    .collect()
-            })
+            .map(|(i, p)| pairs(i, p))
             .collect())
     }
 
@@ -477,8 +466,7 @@ impl TreeRows for DeviceTreeSampling {
             return Ok(vec![Vec::new(); m]);
         }
         let (dev, nq) = (&self.dev, self.nq);
-        let mut peek = rng.clone();
-        let u: Vec<f64> = (0..total).map(|_| peek.uniform()).collect();
+        let u = rng.peek_uniforms(total);
         dev.upload_into(&u, &mut self.uniforms.slice_mut(..total))?;
         let c: Vec<i32> = counts.iter().map(|&k| k as i32).collect();
         dev.upload_into(&c, &mut self.counts.slice_mut(..m))?;
@@ -503,21 +491,23 @@ impl TreeRows for DeviceTreeSampling {
                 op: "sample_without_replacement".into(),
                 reason: format!("{} uniforms used of {total}", ids[total]),
             })?;
-        for _ in 0..used {
-            rng.uniform();
-        }
+        rng.skip_uniforms(used);
         let mut at = 0;
         Ok(counts
             .iter()
             .map(|&k| {
-                let node = ids[at..at + k]
-                    .iter()
-                    .zip(&probs[at..at + k])
-                    .map_while(|(&t, &q)| u32::try_from(t).ok().map(|t| (t, q)))
-                    .collect();
+                let node = pairs(&ids[at..at + k], &probs[at..at + k]);
                 at += k;
                 node
             })
             .collect())
     }
+}
+
+/// (token, probability) pairs of a kernel's padded output, up to its first id of -1.
+fn pairs(ids: &[i32], probs: &[f32]) -> Vec<(u32, f32)> {
+    ids.iter()
+        .zip(probs)
+        .map_while(|(&t, &q)| u32::try_from(t).ok().map(|t| (t, q)))
+        .collect()
 }
