@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use common::{chi2, chi2_critical, exact_sequences, fixture, max_abs_diff};
 use massv::image::{preprocess, ImageInput, PreprocessorConfig};
-use massv::model::qwen2::{Logits, Positions, TreeMask};
+use massv::model::qwen2::{Logits, TreeMask};
 use massv::model::Cache;
 use massv::reference;
 use massv::sampling::{Rng, SamplingParams};
@@ -508,18 +508,8 @@ impl TreeRows for HostRows {
         cache: &mut Cache,
         params: &SamplingParams,
     ) -> massv::Result<usize> {
-        let start = cache.len() as i32;
-        let positions: Vec<i32> = (start..start + tokens.len() as i32).collect();
-        let q = drafter.lm.forward_tokens_host_probs(
-            tokens,
-            Positions::Seq(&positions),
-            cache,
-            Logits::Last,
-            None,
-            params,
-        )?;
         let row = self.rows.len() / self.n;
-        self.rows.extend(q);
+        self.rows.extend(drafter.run_tokens_probs(tokens, cache, params)?);
         Ok(row)
     }
 
@@ -532,17 +522,9 @@ impl TreeRows for HostRows {
         mask: TreeMask,
         params: &SamplingParams,
     ) -> massv::Result<usize> {
-        let positions = vec![position; tokens.len()];
-        let q = drafter.lm.forward_tokens_host_probs(
-            tokens,
-            Positions::Seq(&positions),
-            cache,
-            Logits::All,
-            Some(mask),
-            params,
-        )?;
         let row0 = self.rows.len() / self.n;
-        self.rows.extend(q);
+        self.rows
+            .extend(drafter.run_tree_probs(tokens, position, cache, mask, params)?);
         Ok(row0)
     }
 

@@ -180,12 +180,7 @@ impl Drafter {
 
     /// Runs `tokens` after the cache at 1-D positions = cache indices; the last row's
     /// distribution under `params` (computed where the LM runs).
-    pub(super) fn run_tokens_probs(
-        &self,
-        tokens: &[u32],
-        cache: &mut Cache,
-        params: &SamplingParams,
-    ) -> Result<Vec<f32>> {
+    pub fn run_tokens_probs(&self, tokens: &[u32], cache: &mut Cache, params: &SamplingParams) -> Result<Vec<f32>> {
         let positions = next_positions(cache, tokens.len());
         self.lm
             .forward_tokens_host_probs(tokens, Positions::Seq(&positions), cache, Logits::Last, None, params)
@@ -216,7 +211,7 @@ impl Drafter {
 
     /// Scores one depth of a tree: `tokens` at `position` each, seeing what `mask` allows;
     /// every row's distribution under `params` (computed where the LM runs).
-    pub(super) fn run_tree_probs(
+    pub fn run_tree_probs(
         &self,
         tokens: &[u32],
         position: i32,
