@@ -99,17 +99,29 @@ __device__ __forceinline__ void bf16x8_to_f32(const uint4 u, float f[8]) {
 
 // Streaming 16-byte load that does not pollute L1 (weights are read once per step).
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+#ifdef MASSV_EMU
+    return *p;
+#else
     uint4 r;
     asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
                  : "l"(p));
     return r;
+#endif
 }
 
 __host__ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 // IEEE single-precision operations that --use_fast_math (ftz, approximate division)
-// must not touch: the kernels that promise bit-equality with the CPU use these.
+// must not touch: the kernels that promise bit-equality with the CPU use these. (The CPU
+// emulator, cuda/emu, has no fast math: plain operations are IEEE there.)
+#ifdef MASSV_EMU
+static inline float ieee_sub(float a, float b) { return a - b; }
+static inline float ieee_div(float a, float b) { return a / b; }
+static inline float ieee_max(float a, float b) { return a > b ? a : (b == b ? b : a); }
+static inline double f32_to_f64(float a) { return (double)a; }
+static inline float f64_to_f32(double a) { return (float)a; }
+#else
 __device__ __forceinline__ float ieee_sub(float a, float b) {
     float r;
     asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
@@ -135,6 +147,7 @@ __device__ __forceinline__ float f64_to_f32(double a) {
     asm("cvt.rn.f32.f64 %0, %1;" : "=f"(r) : "d"(a));
     return r;
 }
+#endif
 
 // Rotary helpers shared by rope / mrope / rope_vision: the inverse frequency and the
 // angle's sine and cosine computed as the CPU twin does (f32 pow and product, then a

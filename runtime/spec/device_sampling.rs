@@ -49,17 +49,23 @@ pub struct DeviceSampling {
 }
 
 impl DeviceSampling {
-    /// Buffers for chains of up to `gamma` drafts when both LMs run on the CUDA device;
-    /// None when either runs on the CPU (the host path then verifies).
-    pub fn new(target: &Target, drafter: &Drafter, gamma: usize) -> Result<Option<Self>> {
-        let (Lm::Cuda(t), Lm::Cuda(_)) = (target.lm(), drafter.lm.lm()) else {
+    /// Buffers for chains of up to `gamma` drafts when both LMs run on the CUDA device,
+    /// or, without a drafter, for plain decoding's draws from the target's p row (γ = 0);
+    /// None when either LM runs on the CPU (the host path then verifies).
+    pub fn new(target: &Target, drafter: Option<&Drafter>, gamma: usize) -> Result<Option<Self>> {
+        let Lm::Cuda(t) = target.lm() else {
             return Ok(None);
         };
+        let nq = match drafter.map(|d| (d.lm.lm(), d.lm.cfg.vocab_size)) {
+            Some((Lm::Cuda(_), nq)) => nq,
+            Some(_) => return Ok(None),
+            None => 0,
+        };
         let dev = Arc::clone(t.device());
-        let (nq, np) = (drafter.lm.cfg.vocab_size, target.text_config().vocab_size);
+        let np = target.text_config().vocab_size;
         let g = gamma.max(1);
         Ok(Some(DeviceSampling {
-            q: dev.alloc_zeros(g * nq)?,
+            q: dev.alloc_zeros((g * nq).max(1))?,
             p: dev.alloc_zeros((g + 1) * np)?,
             drafts: dev.alloc_zeros(g)?,
             uniforms: dev.alloc_zeros(g + 1)?,

@@ -13,8 +13,9 @@
 //! verdict cross, q and p stay), and so is a token tree ([`DeviceTreeSampling`]: the
 //! drafter's rows are ranked and drawn from there, the target's verified there); a tree
 //! whose target alone runs on the device is verified there, the drafter's q rows going up
-//! from the host; with the target on the CPU the rejection sampling runs on the host on
-//! f32 logit rows.
+//! from the host; plain decoding on the device draws from the target's p row there (only
+//! the drawn id crosses); with the target on the CPU the rejection sampling runs on the
+//! host on f32 logit rows.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -267,14 +268,18 @@ impl Engine {
             }
             _ => None,
         };
-        // T > 0 chains with both LMs on the device verify there (q and p never cross), and
-        // trees with the target there (its p rows never cross).
+        // T > 0 chains with both LMs on the device verify there (q and p never cross),
+        // trees with the target there (its p rows never cross), and plain decoding with
+        // the target there draws from its p row there.
         let (mut on_device, mut tree_on_device) = match (&draft_state, tree) {
-            (Some((d, _)), None) if !sp.is_greedy() => (DeviceSampling::new(&self.target, d, gamma)?, None),
-            (Some((d, _)), Some(spec)) if !sp.is_greedy() => {
-                (None, DeviceTreeSampling::new(&self.target, d, spec.max_nodes())?)
-            }
-            _ => (None, None),
+            _ if sp.is_greedy() => (None, None),
+            (None, _) => (DeviceSampling::new(&self.target, None, 0)?, None),
+            (Some((d, _)), None) => (DeviceSampling::new(&self.target, Some(d), gamma)?, None),
+            // The chain buffers serve the last pass, when no token is left to draft.
+            (Some((d, _)), Some(spec)) => (
+                DeviceSampling::new(&self.target, None, 0)?,
+                DeviceTreeSampling::new(&self.target, d, spec.max_nodes())?,
+            ),
         };
 
         let mut counters = Counters::default();

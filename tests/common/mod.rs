@@ -152,9 +152,21 @@ pub fn chi2_critical(df: usize) -> f64 {
     ][df - 1]
 }
 
+/// With MASSV_CUDA_EMU=1, loads the CUDA emulator (cuda/emu: the kernels on the CPU) so
+/// that the CUDA this process finds is the emulator's. Every test that looks for a device
+/// calls this first, so all tests of a process see the same CUDA.
+pub fn load_cuda_emulator_if_asked() {
+    if std::env::var("MASSV_CUDA_EMU").as_deref() == Ok("1") {
+        if let Err(e) = massv_cuda_emu::load() {
+            panic!("MASSV_CUDA_EMU=1 but the CUDA emulator does not load: {e}");
+        }
+    }
+}
+
 /// The first CUDA device, or None after printing why the caller skips
 /// (MASSV_REQUIRE_CUDA=1 turns a missing device into a failure: the GPU runs set it).
 pub fn cuda_device() -> Option<massv::backend::cuda::CudaDevice> {
+    load_cuda_emulator_if_asked();
     match massv::backend::cuda::CudaDevice::new() {
         Ok(d) => Some(d),
         Err(e) => {
@@ -199,6 +211,90 @@ pub fn check_close(what: &str, got: &[f32], want: &[f32], width: usize) -> Resul
         }
     }
     Ok(())
+}
+
+/// [`check_close`] for a reference the device cannot reach with its bf16 weights: the HF
+/// fixtures are f32 checkpoints, and rounding their weights to bf16 alone moves their
+/// logits by 1.5–2 % rms. `lo` is the CPU model on the same weights rounded to bf16. The
+/// errors add: each bound (overall rms, each row's max) is check_close's, for the bf16
+/// activations, plus twice `lo`'s error, for the rounded weights.
+pub fn check_close_lo(what: &str, got: &[f32], want: &[f32], lo: &[f32], width: usize) -> Result<(), String> {
+    if got.len() != want.len() || lo.len() != want.len() {
+        return Err(format!(
+            "{what}: {} values and {} rounded-weight values, expected {}",
+            got.len(),
+            lo.len(),
+            want.len()
+        ));
+    }
+    let diff: Vec<f32> = got.iter().zip(want).map(|(a, b)| a - b).collect();
+    let diff_lo: Vec<f32> = lo.iter().zip(want).map(|(a, b)| a - b).collect();
+    if diff.iter().any(|d| !d.is_finite()) {
+        return Err(format!("{what}: non-finite values"));
+    }
+    let (e, r) = (rms(&diff), rms(want));
+    let bound = RMS_TOL * r + 2.0 * rms(&diff_lo);
+    if e > bound {
+        return Err(format!(
+            "{what}: rms error {e:e} exceeds {bound:e} ({RMS_TOL} × rms {r:e} + 2 × the rounded weights' error)"
+        ));
+    }
+    for (i, ((d, dl), w)) in diff
+        .chunks(width)
+        .zip(diff_lo.chunks(width))
+        .zip(want.chunks(width))
+        .enumerate()
+    {
+        let max_abs = |x: &[f32]| x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let (m, bound) = (max_abs(d), ROW_TOL * rms(w) + 2.0 * max_abs(dl) + 1e-6);
+        if m > bound {
+            return Err(format!("{what}: row {i} max error {m:e} exceeds {bound:e}"));
+        }
+    }
+    Ok(())
+}
+
+pub fn assert_close_lo(what: &str, got: &[f32], want: &[f32], lo: &[f32], width: usize) {
+    if let Err(e) = check_close_lo(what, got, want, lo, width) {
+        panic!("{e}");
+    }
+}
+
+/// A copy of model directory `src` whose f32 weights are rounded to bf16 (kept as f32
+/// values): what the device computes with. Golden files (expected*) are left out.
+pub fn bf16_rounded_copy(src: &Path) -> tempfile::TempDir {
+    use massv::weights::{write_safetensors, OwnedTensor};
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let path = e.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !path.is_file() || name.starts_with("expected") {
+            continue;
+        }
+        if !name.ends_with(".safetensors") {
+            std::fs::copy(&path, dir.path().join(&name)).unwrap();
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let (names, rounded): (Vec<String>, Vec<OwnedTensor>) = st
+            .tensors()
+            .into_iter()
+            .map(|(n, t)| {
+                assert_eq!(t.dtype(), Dtype::F32, "{name}: {n}");
+                let v = t
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| half::bf16::from_f32(f32::from_le_bytes(b.try_into().unwrap())).to_f32())
+                    .collect();
+                let shape = t.shape().to_vec();
+                (n, OwnedTensor::f32(shape, v))
+            })
+            .unzip();
+        let refs: Vec<(&str, OwnedTensor)> = names.iter().map(String::as_str).zip(rounded).collect();
+        write_safetensors(&dir.path().join(&name), &refs).unwrap();
+    }
+    dir
 }
 
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], width: usize) {

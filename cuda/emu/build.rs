@@ -1,0 +1,151 @@
+//! Builds the emulator's three shared libraries with the host C++ compiler (cc's choice,
+//! honouring CXX): libcuda.so (the driver API, the fiber scheduler and every kernel of
+//! ../*.cu compiled for the CPU), libcublas.so and libcublasLt.so. Each carries its real
+//! counterpart's soname, so once loaded by path, cudarc's dlopen of "libcuda.so" etc.
+//! resolves to it.
+//!
+//! The kernels a .cu file defines are found by preprocessing it with `__global__` marked
+//! (MASSV_EMU_SCAN) and reading the `extern "C"` names, macro-generated ones included; a
+//! generated unit per file then registers each by name with a typed trampoline.
+
+use std::env;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+
+fn main() {
+    let here = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let kernels_dir = here.parent().expect("cuda/emu lives in cuda/").to_path_buf();
+    let include = here.join("include");
+    let cpp = here.join("cpp");
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let lib_dir = out.join("lib");
+    fs::create_dir_all(&lib_dir).expect("creating OUT_DIR/lib");
+    for d in [&kernels_dir, &include, &cpp] {
+        println!("cargo:rerun-if-changed={}", d.display());
+    }
+
+    let compiler = cc::Build::new().cpp(true).get_compiler();
+    let cxx = compiler.path().to_path_buf();
+    let common = |c: &mut Command| {
+        c.args(["-std=c++17", "-O3", "-fPIC", "-g0"])
+            .arg("-I")
+            .arg(&include)
+            .arg("-I")
+            .arg(&cpp);
+    };
+
+    let mut sources: Vec<PathBuf> = fs::read_dir(&kernels_dir)
+        .expect("reading cuda/")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    sources.sort();
+    for s in &sources {
+        println!("cargo:rerun-if-changed={}", s.display());
+    }
+
+    let mut units = Vec::new();
+    for src in &sources {
+        let stem = src.file_stem().and_then(|s| s.to_str()).expect("utf-8 file name");
+        let mut c = Command::new(&cxx);
+        common(&mut c);
+        c.args(["-E", "-P", "-DMASSV_EMU_SCAN", "-include", "emu.h", "-x", "c++"])
+            .arg(src);
+        let pre = c.output().unwrap_or_else(|e| panic!("running {}: {e}", cxx.display()));
+        if !pre.status.success() {
+            panic!(
+                "preprocessing {} for the CUDA emulator failed:\n{}",
+                src.display(),
+                String::from_utf8_lossy(&pre.stderr)
+            );
+        }
+        let names = kernel_names(&String::from_utf8_lossy(&pre.stdout));
+        let mut unit = format!(
+            "#include \"emu_internal.h\"\n#include \"{}\"\nnamespace {{\nstruct Register {{\n    Register() {{\n",
+            src.display()
+        );
+        for n in &names {
+            unit += &format!("        massv_emu::register_kernel(\"{n}\", &massv_emu::invoke<&{n}>);\n");
+        }
+        unit += "    }\n} registered;\n}  // namespace\n";
+        let path = out.join(format!("{stem}.emu.cpp"));
+        fs::write(&path, unit).expect("writing a registration unit");
+        units.push(path);
+    }
+
+    let compile = |src: &Path| -> (PathBuf, Child) {
+        let obj = out.join(format!(
+            "{}.o",
+            src.file_name().and_then(|s| s.to_str()).expect("utf-8 file name")
+        ));
+        let mut c = Command::new(&cxx);
+        common(&mut c);
+        c.arg("-c").arg(src).arg("-o").arg(&obj);
+        let child = c.spawn().unwrap_or_else(|e| panic!("running {}: {e}", cxx.display()));
+        (obj, child)
+    };
+    let wait = |jobs: Vec<(PathBuf, Child)>| -> Vec<PathBuf> {
+        jobs.into_iter()
+            .map(|(obj, mut child)| {
+                let st = child.wait().expect("waiting for the compiler");
+                assert!(st.success(), "compiling {} for the CUDA emulator failed", obj.display());
+                obj
+            })
+            .collect()
+    };
+
+    let driver_srcs = [cpp.join("fiber.cpp"), cpp.join("driver.cpp")];
+    let mut jobs: Vec<_> = driver_srcs.iter().map(|s| compile(s)).collect();
+    jobs.extend(units.iter().map(|s| compile(s)));
+    let driver_objs = wait(jobs);
+    let blas_obj = wait(vec![compile(&cpp.join("blas.cpp"))]);
+    let lt_obj = wait(vec![compile(&cpp.join("blaslt.cpp"))]);
+
+    for (name, objs) in [
+        ("libcuda.so", &driver_objs),
+        ("libcublas.so", &blas_obj),
+        ("libcublasLt.so", &lt_obj),
+    ] {
+        let st = Command::new(&cxx)
+            .args(["-shared", "-fPIC"])
+            .arg(format!("-Wl,-soname,{name}"))
+            .arg("-o")
+            .arg(lib_dir.join(name))
+            .args(objs.iter())
+            .arg("-pthread")
+            .status()
+            .unwrap_or_else(|e| panic!("running {}: {e}", cxx.display()));
+        assert!(st.success(), "linking the emulator's {name} failed");
+    }
+}
+
+/// `extern "C"` kernels in preprocessed source where `__global__` reads `__massv_kernel__`.
+fn kernel_names(pre: &str) -> Vec<String> {
+    const MARK: &str = "__massv_kernel__";
+    let mut names = Vec::new();
+    let mut rest = pre;
+    while let Some(at) = rest.find(MARK) {
+        let before = rest[..at].trim_end();
+        let after = &rest[at + MARK.len()..];
+        rest = after;
+        if !before.ends_with("extern \"C\"") {
+            continue;
+        }
+        let Some(paren) = after.find('(') else { continue };
+        let head = after[..paren].trim_end();
+        let name: String = head
+            .chars()
+            .rev()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        if !name.is_empty() {
+            names.push(name);
+        }
+    }
+    names
+}

@@ -1,0 +1,349 @@
+// The part of the CUDA driver API cudarc calls for massv, over host memory: one device
+// ("massv CPU emulator", compute capability 9.0 so the kernels' sm_80+ paths are the ones
+// that run), synchronous streams, device pointers that are host pointers. Modules ignore
+// the fatbin they are handed and find kernels in the registry by name, so a launcher
+// naming a kernel that cuda/*.cu does not define fails here as on a GPU.
+//
+// Copies and memsets are checked against the allocations (a copy past the end of a buffer
+// is CUDA_ERROR_INVALID_VALUE, not silent corruption), and counted, with kernel launches
+// and allocations, in massv_emu_stats so tests can hold a decode step to "no allocation,
+// no copy larger than a few tokens". Every call runs to completion on the calling host
+// thread, so the counters are per thread: tests running side by side do not see each
+// other's work.
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+
+#include "emu_internal.h"
+
+typedef int CUresult;
+typedef unsigned long long CUdeviceptr;
+
+enum {
+    CUDA_SUCCESS = 0,
+    CUDA_ERROR_INVALID_VALUE = 1,
+    CUDA_ERROR_OUT_OF_MEMORY = 2,
+    CUDA_ERROR_INVALID_DEVICE = 101,
+    CUDA_ERROR_INVALID_HANDLE = 400,
+    CUDA_ERROR_NOT_FOUND = 500,
+    CUDA_ERROR_LAUNCH_FAILED = 719,
+};
+
+namespace massv_emu {
+
+namespace {
+std::mutex& lock() {
+    static std::mutex m;
+    return m;
+}
+std::map<std::string, KernelEntry>& registry() {
+    static std::map<std::string, KernelEntry> r;
+    return r;
+}
+std::map<std::string, Kernel>& kernels() {
+    static std::map<std::string, Kernel> k;
+    return k;
+}
+std::map<uintptr_t, size_t> allocations;
+thread_local std::string last_error;
+constexpr size_t TOTAL_MEMORY = 64ull << 30;
+size_t in_use = 0;
+
+// Whether [p, p + n) lies inside one allocation.
+bool inside(uintptr_t p, size_t n) {
+    auto it = allocations.upper_bound(p);
+    if (it == allocations.begin()) return false;
+    --it;
+    return p >= it->first && p + n <= it->first + it->second;
+}
+}  // namespace
+
+void register_kernel(const char* name, KernelEntry entry) { registry()[name] = entry; }
+
+const Kernel* find_kernel(const char* name) {
+    auto& ks = kernels();
+    auto it = ks.find(name);
+    if (it != ks.end()) return &it->second;
+    auto r = registry().find(name);
+    if (r == registry().end()) return nullptr;
+    auto ins = ks.emplace(name, Kernel{nullptr, r->second});
+    ins.first->second.name = ins.first->first.c_str();
+    return &ins.first->second;
+}
+
+}  // namespace massv_emu
+
+using namespace massv_emu;
+
+struct MassvEmuStats {
+    unsigned long long launches;
+    unsigned long long allocations;
+    unsigned long long htod_copies;
+    unsigned long long htod_bytes;
+    unsigned long long htod_largest;
+    unsigned long long dtoh_copies;
+    unsigned long long dtoh_bytes;
+    unsigned long long dtoh_largest;
+    unsigned long long dtod_bytes;
+};
+static thread_local MassvEmuStats stats;
+
+static CUresult copy_checked(void* dst, const void* src, size_t n, bool dst_dev, bool src_dev, const char* what) {
+    std::lock_guard<std::mutex> g(lock());
+    if (n == 0) return CUDA_SUCCESS;
+    if ((dst_dev && !inside((uintptr_t)dst, n)) || (src_dev && !inside((uintptr_t)src, n))) {
+        last_error = std::string(what) + " of " + std::to_string(n) + " bytes outside any allocation";
+        fprintf(stderr, "massv CUDA emulator: %s\n", last_error.c_str());
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    memmove(dst, src, n);
+    if (dst_dev && !src_dev) {
+        stats.htod_copies++;
+        stats.htod_bytes += n;
+        if (n > stats.htod_largest) stats.htod_largest = n;
+    } else if (!dst_dev && src_dev) {
+        stats.dtoh_copies++;
+        stats.dtoh_bytes += n;
+        if (n > stats.dtoh_largest) stats.dtoh_largest = n;
+    } else {
+        stats.dtod_bytes += n;
+    }
+    return CUDA_SUCCESS;
+}
+
+extern "C" {
+
+// ------------------------------------------------------------------------------------
+// The emulator's own entry points (not CUDA's).
+
+void massv_emu_stats(MassvEmuStats* out) {
+    std::lock_guard<std::mutex> g(lock());
+    *out = stats;
+}
+void massv_emu_reset_stats() {
+    std::lock_guard<std::mutex> g(lock());
+    stats = MassvEmuStats{};
+}
+void massv_emu_set_reverse_order(int reverse) {
+    std::lock_guard<std::mutex> g(lock());
+    set_reverse_order(reverse != 0);
+}
+int massv_emu_is_emulator() { return 1; }
+
+// ------------------------------------------------------------------------------------
+// Driver API
+
+CUresult cuInit(unsigned) { return CUDA_SUCCESS; }
+CUresult cuDriverGetVersion(int* v) {
+    *v = 13000;
+    return CUDA_SUCCESS;
+}
+CUresult cuDeviceGetCount(int* n) {
+    *n = 1;
+    return CUDA_SUCCESS;
+}
+CUresult cuDeviceGet(int* dev, int ordinal) {
+    if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
+    *dev = 0;
+    return CUDA_SUCCESS;
+}
+CUresult cuDeviceGetName(char* name, int len, int) {
+    snprintf(name, (size_t)len, "%s", "massv CPU emulator (not a GPU)");
+    return CUDA_SUCCESS;
+}
+CUresult cuDeviceGetAttribute(int* v, int attr, int) {
+    switch (attr) {
+        case 1: *v = 1024; break;     // max threads per block
+        case 10: *v = 32; break;      // warp size
+        case 16: *v = 4; break;       // multiprocessors
+        case 41: *v = 1; break;       // unified addressing
+        case 75: *v = 9; break;       // compute capability major
+        case 76: *v = 0; break;       // minor
+        case 8: *v = 48 * 1024; break;   // shared memory per block
+        case 97: *v = 227 * 1024; break; // opt-in shared memory per block
+        case 115: *v = 0; break;      // memory pools: no (cuMemAlloc / cuMemFree)
+        default: *v = 0;
+    }
+    return CUDA_SUCCESS;
+}
+CUresult cuDeviceTotalMem_v2(size_t* bytes, int) {
+    *bytes = TOTAL_MEMORY;
+    return CUDA_SUCCESS;
+}
+CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
+    std::lock_guard<std::mutex> g(lock());
+    *total = TOTAL_MEMORY;
+    *free_bytes = TOTAL_MEMORY - in_use;
+    return CUDA_SUCCESS;
+}
+
+static int the_context;
+CUresult cuDevicePrimaryCtxRetain(void** ctx, int) {
+    *ctx = &the_context;
+    return CUDA_SUCCESS;
+}
+CUresult cuDevicePrimaryCtxRelease_v2(int) { return CUDA_SUCCESS; }
+static thread_local void* current_ctx = nullptr;
+CUresult cuCtxSetCurrent(void* ctx) {
+    current_ctx = ctx;
+    return CUDA_SUCCESS;
+}
+CUresult cuCtxGetCurrent(void** ctx) {
+    *ctx = current_ctx;
+    return CUDA_SUCCESS;
+}
+CUresult cuCtxSynchronize() { return CUDA_SUCCESS; }
+
+static int stream_tag;
+CUresult cuStreamCreate(void** s, unsigned) {
+    *s = &stream_tag;
+    return CUDA_SUCCESS;
+}
+CUresult cuStreamCreateWithPriority(void** s, unsigned, int) { return cuStreamCreate(s, 0); }
+CUresult cuStreamDestroy_v2(void*) { return CUDA_SUCCESS; }
+CUresult cuStreamSynchronize(void*) { return CUDA_SUCCESS; }
+CUresult cuStreamWaitEvent(void*, void*, unsigned) { return CUDA_SUCCESS; }
+CUresult cuStreamQuery(void*) { return CUDA_SUCCESS; }
+
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
+    std::lock_guard<std::mutex> g(lock());
+    if (n == 0) return CUDA_ERROR_INVALID_VALUE;
+    if (n > TOTAL_MEMORY - in_use) return CUDA_ERROR_OUT_OF_MEMORY;
+    // Unlike a GPU, fresh memory is poisoned (NaN bf16 / f32 patterns) so a read before
+    // any write shows.
+    void* m = aligned_alloc(256, (n + 255) / 256 * 256);
+    if (!m) return CUDA_ERROR_OUT_OF_MEMORY;
+    memset(m, 0xff, n);
+    allocations[(uintptr_t)m] = n;
+    in_use += n;
+    stats.allocations++;
+    *p = (CUdeviceptr)(uintptr_t)m;
+    return CUDA_SUCCESS;
+}
+CUresult cuMemFree_v2(CUdeviceptr p) {
+    std::lock_guard<std::mutex> g(lock());
+    auto it = allocations.find((uintptr_t)p);
+    if (it == allocations.end()) return CUDA_ERROR_INVALID_VALUE;
+    in_use -= it->second;
+    allocations.erase(it);
+    free((void*)(uintptr_t)p);
+    return CUDA_SUCCESS;
+}
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, void*) { return cuMemAlloc_v2(p, n); }
+CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return cuMemFree_v2(p); }
+
+CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) {
+    std::lock_guard<std::mutex> g(lock());
+    if (n == 0) return CUDA_SUCCESS;
+    if (!inside((uintptr_t)p, n)) return CUDA_ERROR_INVALID_VALUE;
+    memset((void*)(uintptr_t)p, v, n);
+    return CUDA_SUCCESS;
+}
+CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, void*) { return cuMemsetD8_v2(p, v, n); }
+
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    return copy_checked((void*)(uintptr_t)dst, src, n, true, false, "host-to-device copy");
+}
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void*) { return cuMemcpyHtoD_v2(dst, src, n); }
+CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    return copy_checked(dst, (const void*)(uintptr_t)src, n, false, true, "device-to-host copy");
+}
+CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void*) { return cuMemcpyDtoH_v2(dst, src, n); }
+CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    return copy_checked((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, n, true, true, "device-to-device copy");
+}
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void*) { return cuMemcpyDtoD_v2(dst, src, n); }
+
+static int module_tag;
+CUresult cuModuleLoadData(void** m, const void*) {
+    *m = &module_tag;
+    return CUDA_SUCCESS;
+}
+CUresult cuModuleUnload(void*) { return CUDA_SUCCESS; }
+CUresult cuModuleGetFunction(void** f, void*, const char* name) {
+    std::lock_guard<std::mutex> g(lock());
+    const Kernel* k = find_kernel(name);
+    if (!k) return CUDA_ERROR_NOT_FOUND;
+    *f = const_cast<Kernel*>(k);
+    return CUDA_SUCCESS;
+}
+CUresult cuFuncSetAttribute(void*, int, int) { return CUDA_SUCCESS; }
+CUresult cuFuncGetAttribute(int* v, int, void*) {
+    *v = 0;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                        unsigned shared_bytes, void*, void** params, void** extra) {
+    std::lock_guard<std::mutex> g(lock());  // one launch at a time (fiber.cpp)
+    const Kernel* k = static_cast<const Kernel*>(f);
+    if (!k) return CUDA_ERROR_INVALID_HANDLE;
+    if (shared_bytes != 0 || extra != nullptr) {
+        last_error = std::string(k->name) + ": dynamic shared memory / extra launch arguments are not emulated";
+        fprintf(stderr, "massv CUDA emulator: %s\n", last_error.c_str());
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    std::string err;
+    stats.launches++;
+    if (!run_grid(k->entry, params, uint3{gx, gy, gz}, uint3{bx, by, bz}, err)) {
+        last_error = std::string(k->name) + ": " + err;
+        fprintf(stderr, "massv CUDA emulator: %s\n", last_error.c_str());
+        return CUDA_ERROR_LAUNCH_FAILED;
+    }
+    return CUDA_SUCCESS;
+}
+
+struct EmuEvent {
+    std::chrono::steady_clock::time_point t;
+};
+CUresult cuEventCreate(void** e, unsigned) {
+    *e = new EmuEvent{std::chrono::steady_clock::now()};
+    return CUDA_SUCCESS;
+}
+CUresult cuEventDestroy_v2(void* e) {
+    delete static_cast<EmuEvent*>(e);
+    return CUDA_SUCCESS;
+}
+CUresult cuEventRecord(void* e, void*) {
+    static_cast<EmuEvent*>(e)->t = std::chrono::steady_clock::now();
+    return CUDA_SUCCESS;
+}
+CUresult cuEventSynchronize(void*) { return CUDA_SUCCESS; }
+CUresult cuEventQuery(void*) { return CUDA_SUCCESS; }
+CUresult cuEventElapsedTime(float* ms, void* a, void* b) {
+    *ms = std::chrono::duration<float, std::milli>(static_cast<EmuEvent*>(b)->t - static_cast<EmuEvent*>(a)->t).count();
+    return CUDA_SUCCESS;
+}
+CUresult cuEventElapsedTime_v2(float* ms, void* a, void* b) { return cuEventElapsedTime(ms, a, b); }
+
+CUresult cuGetErrorName(CUresult code, const char** s) {
+    switch (code) {
+        case CUDA_SUCCESS: *s = "CUDA_SUCCESS"; break;
+        case CUDA_ERROR_INVALID_VALUE: *s = "CUDA_ERROR_INVALID_VALUE"; break;
+        case CUDA_ERROR_OUT_OF_MEMORY: *s = "CUDA_ERROR_OUT_OF_MEMORY"; break;
+        case CUDA_ERROR_INVALID_DEVICE: *s = "CUDA_ERROR_INVALID_DEVICE"; break;
+        case CUDA_ERROR_INVALID_HANDLE: *s = "CUDA_ERROR_INVALID_HANDLE"; break;
+        case CUDA_ERROR_NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
+        case CUDA_ERROR_LAUNCH_FAILED: *s = "CUDA_ERROR_LAUNCH_FAILED"; break;
+        default: *s = "CUDA_ERROR_UNKNOWN";
+    }
+    return CUDA_SUCCESS;
+}
+CUresult cuGetErrorString(CUresult code, const char** s) {
+    if (code == CUDA_ERROR_LAUNCH_FAILED || code == CUDA_ERROR_INVALID_VALUE) {
+        static thread_local std::string msg;
+        {
+            std::lock_guard<std::mutex> g(lock());
+            msg = "emulated: " + (last_error.empty() ? std::string("invalid value") : last_error);
+        }
+        *s = msg.c_str();
+        return CUDA_SUCCESS;
+    }
+    return cuGetErrorName(code, s);
+}
+
+}  // extern "C"

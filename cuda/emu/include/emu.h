@@ -1,0 +1,197 @@
+// The CUDA device dialect for g++: what cuda/*.cu needs so that the very same source runs
+// on the CPU under the emulator (cuda/emu/src/fiber.cpp runs each block's threads as
+// fibers; __syncthreads and the warp intrinsics are barriers between them). Included
+// before each kernel file (`g++ -include emu.h -x c++ cuda/<op>.cu`); nvcc never sees it.
+//
+// What it models: one block at a time (one launch at a time in the process), every thread of a block interleaved only at
+// barriers (so a missing __syncthreads shows up as a wrong result under one of the two
+// thread orders), warp shuffles / ballots / mma.sync as warp-wide exchanges, IEEE f32
+// arithmetic without FMA contraction. What it does not: timing, memory-model subtleties
+// between blocks, tensor-core rounding, anything nvcc's optimiser does.
+#pragma once
+#define MASSV_EMU 1
+
+#include <limits.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "cuda_bf16.h"
+
+#ifdef MASSV_EMU_SCAN
+#define __global__ __massv_kernel__  // build.rs reads the kernel names
+#else
+#define __global__
+#endif
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+struct uint3 {
+    unsigned int x, y, z;
+};
+typedef uint3 dim3;
+struct alignas(16) uint4 {
+    unsigned int x, y, z, w;
+};
+struct alignas(8) uint2 {
+    unsigned int x, y;
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+
+extern uint3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace massv_emu {
+void block_barrier();
+void warp_barrier(unsigned mask);
+unsigned lane_id();
+uint64_t* warp_slots();     // 32 exchange slots of the calling thread's warp
+uint32_t* warp_scratch();   // 32 × 8 words of the calling thread's warp (mma fragments)
+}  // namespace massv_emu
+
+static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return uint4{a, b, c, d}; }
+static inline float2 make_float2(float a, float b) { return float2{a, b}; }
+
+static inline void __syncthreads() { massv_emu::block_barrier(); }
+static inline void __syncwarp(unsigned mask = 0xffffffffu) { massv_emu::warp_barrier(mask); }
+
+template <class T>
+static inline T massv_emu_exchange(unsigned mask, T v, unsigned src) {
+    static_assert(sizeof(T) <= 8, "shuffle of more than 8 bytes");
+    uint64_t* s = massv_emu::warp_slots();
+    const unsigned lane = massv_emu::lane_id();
+    memcpy(&s[lane], &v, sizeof(T));
+    massv_emu::warp_barrier(mask);
+    T r;
+    memcpy(&r, &s[src & 31], sizeof(T));
+    massv_emu::warp_barrier(mask);
+    return r;
+}
+
+template <class T>
+static inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+    const unsigned lane = massv_emu::lane_id();
+    unsigned src = lane ^ (unsigned)lane_mask;
+    if ((src & ~(unsigned)(width - 1)) != (lane & ~(unsigned)(width - 1))) src = lane;
+    return massv_emu_exchange(mask, v, src);
+}
+
+template <class T>
+static inline T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+    const unsigned lane = massv_emu::lane_id();
+    const unsigned src = (lane & ~(unsigned)(width - 1)) + ((unsigned)src_lane & (unsigned)(width - 1));
+    return massv_emu_exchange(mask, v, src);
+}
+
+template <class T>
+static inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+    const unsigned lane = massv_emu::lane_id();
+    const unsigned seg = lane & ~(unsigned)(width - 1);
+    unsigned src = lane + delta;
+    if (src >= seg + (unsigned)width) src = lane;
+    return massv_emu_exchange(mask, v, src);
+}
+
+static inline unsigned __ballot_sync(unsigned mask, int pred) {
+    uint64_t* s = massv_emu::warp_slots();
+    const unsigned lane = massv_emu::lane_id();
+    s[lane] = pred ? 1 : 0;
+    massv_emu::warp_barrier(mask);
+    unsigned r = 0;
+    for (unsigned i = 0; i < 32; ++i)
+        if (((mask >> i) & 1u) && s[i]) r |= 1u << i;
+    massv_emu::warp_barrier(mask);
+    return r;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 with the PTX ISA's fragment
+// layouts (the same ones cuda/dev/attention_emu.py models): every lane hands in its A
+// and B registers, then computes its own four C elements.
+static inline void massv_emu_mma_bf16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    uint32_t* s = massv_emu::warp_scratch();
+    const unsigned lane = massv_emu::lane_id();
+    for (int i = 0; i < 4; ++i) s[lane * 8 + i] = a[i];
+    s[lane * 8 + 4] = b0;
+    s[lane * 8 + 5] = b1;
+    massv_emu::warp_barrier(0xffffffffu);
+    auto half_at = [](uint32_t w, int e) {
+        __nv_bfloat16 h;
+        h.x = (uint16_t)(e ? w >> 16 : w & 0xffffu);
+        return __bfloat162float(h);
+    };
+    auto A = [&](int r, int k) {
+        const int kk = k & 7, reg = (r >> 3) + 2 * (k >> 3);
+        return half_at(s[((r & 7) * 4 + (kk >> 1)) * 8 + reg], kk & 1);
+    };
+    auto B = [&](int k, int col) {
+        const int kk = k & 7;
+        return half_at(s[(col * 4 + (kk >> 1)) * 8 + 4 + (k >> 3)], kk & 1);
+    };
+    const int g = (int)lane >> 2, t = (int)lane & 3;
+    float d[4];
+    for (int i = 0; i < 4; ++i) {
+        const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+        float acc = 0.0f;
+        for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+        d[i] = acc;
+    }
+    massv_emu::warp_barrier(0xffffffffu);
+    for (int i = 0; i < 4; ++i) c[i] += d[i];
+}
+
+// One fiber runs at a time, so read-modify-write is atomic by construction.
+template <class T, class U>
+static inline T atomicAdd(T* p, U v) {
+    const T old = *p;
+    *p = old + (T)v;
+    return old;
+}
+template <class T, class U>
+static inline T atomicMax(T* p, U v) {
+    const T old = *p;
+    if ((T)v > old) *p = (T)v;
+    return old;
+}
+
+template <class T>
+static inline T __ldg(const T* p) {
+    return *p;
+}
+
+static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+#define __expf expf
+static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline double __dadd_rn(double a, double b) { return a + b; }
+static inline double __dsub_rn(double a, double b) { return a - b; }
+static inline double __dmul_rn(double a, double b) { return a * b; }
+static inline double __ddiv_rn(double a, double b) { return a / b; }
+static inline unsigned long long __double2ull_rn(double x) { return (unsigned long long)nearbyint(x); }
+static inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+static inline float __uint_as_float(unsigned u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline int __popc(unsigned x) { return __builtin_popcount(x); }
+static inline int __ffs(int x) { return __builtin_ffs(x); }
+
+// CUDA's integer / float min and max overloads.
+static inline int min(int a, int b) { return a < b ? a : b; }
+static inline int max(int a, int b) { return a > b ? a : b; }
+static inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+static inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+static inline long long min(long long a, long long b) { return a < b ? a : b; }
+static inline long long max(long long a, long long b) { return a > b ? a : b; }
+static inline unsigned long long min(unsigned long long a, unsigned long long b) { return a < b ? a : b; }
+static inline unsigned long long max(unsigned long long a, unsigned long long b) { return a > b ? a : b; }
+static inline float min(float a, float b) { return fminf(a, b); }
+static inline float max(float a, float b) { return fmaxf(a, b); }
