@@ -23,6 +23,9 @@ static LOADED: OnceLock<Result<Library, String>> = OnceLock::new();
 fn driver() -> Result<&'static Library, String> {
     LOADED
         .get_or_init(|| {
+            if let Some(why) = option_env!("MASSV_CUDA_EMU_UNBUILT") {
+                return Err(format!("the CUDA emulator was not built: {why}"));
+            }
             let dir = lib_dir();
             let mut driver = None;
             for name in ["libcuda.so", "libcublas.so", "libcublasLt.so"] {
