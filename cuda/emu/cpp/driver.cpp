@@ -5,11 +5,16 @@
 // naming a kernel that cuda/*.cu does not define fails here as on a GPU.
 //
 // Copies and memsets are checked against the allocations (a copy past the end of a buffer
-// is CUDA_ERROR_INVALID_VALUE, not silent corruption), and counted, with kernel launches
+// is CUDA_ERROR_INVALID_VALUE, not silent corruption), a kernel running past the end of
+// one faults on a guard page and is named, and copies are counted, with kernel launches
 // and allocations, in massv_emu_stats so tests can hold a decode step to "no allocation,
 // no copy larger than a few tokens". Every call runs to completion on the calling host
 // thread, so the counters are per thread: tests running side by side do not see each
 // other's work.
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -48,7 +53,8 @@ std::map<std::string, Kernel>& kernels() {
     static std::map<std::string, Kernel> k;
     return k;
 }
-std::map<uintptr_t, size_t> allocations;
+std::map<uintptr_t, size_t> allocations;  // start → bytes asked for
+std::map<uintptr_t, size_t> mappings;     // start → bytes mapped below it, from the mapping's base
 thread_local std::string last_error;
 constexpr size_t TOTAL_MEMORY = 64ull << 30;
 size_t in_use = 0;
@@ -75,6 +81,41 @@ const Kernel* find_kernel(const char* name) {
     return &ins.first->second;
 }
 
+
+// The kernel running now (for the fault report); null between launches.
+const char* volatile running_kernel = nullptr;
+struct sigaction previous_segv;
+
+void on_fault(int sig, siginfo_t* info, void* ctx) {
+    if (running_kernel) {
+        char msg[512];
+        const int len = snprintf(msg, sizeof msg,
+                                 "massv CUDA emulator: kernel %s faulted at %p: past the end of a device "
+                                 "allocation, outside any, or past its fiber's stack\n",
+                                 running_kernel, info->si_addr);
+        if (len > 0) (void)!write(2, msg, (size_t)len < sizeof msg ? (size_t)len : sizeof msg - 1);
+    }
+    // Then whatever handled SIGSEGV before (Rust's stack-overflow report), else the default.
+    if (previous_segv.sa_flags & SA_SIGINFO) {
+        previous_segv.sa_sigaction(sig, info, ctx);
+    } else if (previous_segv.sa_handler != SIG_DFL && previous_segv.sa_handler != SIG_IGN) {
+        previous_segv.sa_handler(sig);
+    } else {
+        signal(sig, SIG_DFL);  // the faulting access repeats and ends the process
+    }
+}
+
+void install_fault_handler() {
+    static bool installed = false;
+    if (installed) return;
+    installed = true;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &previous_segv);
+}
 }  // namespace massv_emu
 
 using namespace massv_emu;
@@ -209,16 +250,27 @@ CUresult cuStreamSynchronize(void*) { return CUDA_SUCCESS; }
 CUresult cuStreamWaitEvent(void*, void*, unsigned) { return CUDA_SUCCESS; }
 CUresult cuStreamQuery(void*) { return CUDA_SUCCESS; }
 
+// Each allocation ends (rounded up to 256 bytes, CUDA's granularity) at an inaccessible
+// page, so a kernel reading or writing past it faults at once (see on_fault), as
+// compute-sanitizer's memcheck would report it.
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
     std::lock_guard<std::mutex> g(lock());
     if (n == 0) return CUDA_ERROR_INVALID_VALUE;
     if (n > TOTAL_MEMORY - in_use) return CUDA_ERROR_OUT_OF_MEMORY;
+    install_fault_handler();
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    const size_t padded = (n + 255) / 256 * 256;
+    const size_t span = (padded + page - 1) / page * page + page;
+    void* base = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (base == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+    char* guard = static_cast<char*>(base) + span - page;
+    mprotect(guard, page, PROT_NONE);
+    char* m = guard - padded;
     // Unlike a GPU, fresh memory is poisoned (NaN bf16 / f32 patterns) so a read before
     // any write shows.
-    void* m = aligned_alloc(256, (n + 255) / 256 * 256);
-    if (!m) return CUDA_ERROR_OUT_OF_MEMORY;
-    memset(m, 0xff, n);
+    memset(m, 0xff, padded);
     allocations[(uintptr_t)m] = n;
+    mappings[(uintptr_t)m] = (size_t)(m - static_cast<char*>(base));
     in_use += n;
     stats.allocations++;
     *p = (CUdeviceptr)(uintptr_t)m;
@@ -228,9 +280,13 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
     std::lock_guard<std::mutex> g(lock());
     auto it = allocations.find((uintptr_t)p);
     if (it == allocations.end()) return CUDA_ERROR_INVALID_VALUE;
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    const size_t below = mappings[(uintptr_t)p];
+    const size_t padded = (it->second + 255) / 256 * 256;
     in_use -= it->second;
     allocations.erase(it);
-    free((void*)(uintptr_t)p);
+    mappings.erase((uintptr_t)p);
+    munmap((char*)(uintptr_t)p - below, below + padded + page);
     return CUDA_SUCCESS;
 }
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, void*) { return cuMemAlloc_v2(p, n); }
@@ -289,7 +345,10 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
     }
     std::string err;
     stats.launches++;
-    if (!run_grid(k->entry, params, uint3{gx, gy, gz}, uint3{bx, by, bz}, err)) {
+    running_kernel = k->name;
+    const bool ok = run_grid(k->entry, params, uint3{gx, gy, gz}, uint3{bx, by, bz}, err);
+    running_kernel = nullptr;
+    if (!ok) {
         last_error = std::string(k->name) + ": " + err;
         fprintf(stderr, "massv CUDA emulator: %s\n", last_error.c_str());
         return CUDA_ERROR_LAUNCH_FAILED;
