@@ -53,8 +53,12 @@ std::map<std::string, Kernel>& kernels() {
     static std::map<std::string, Kernel> k;
     return k;
 }
-std::map<uintptr_t, size_t> allocations;  // start → bytes asked for
-std::map<uintptr_t, size_t> mappings;     // start → bytes mapped below it, from the mapping's base
+struct Allocation {
+    size_t bytes;  // asked for
+    void* base;    // of its mapping (which ends with the guard page)
+    size_t span;   // bytes mapped
+};
+std::map<uintptr_t, Allocation> allocations;  // by start
 thread_local std::string last_error;
 constexpr size_t TOTAL_MEMORY = 64ull << 30;
 size_t in_use = 0;
@@ -64,7 +68,7 @@ bool inside(uintptr_t p, size_t n) {
     auto it = allocations.upper_bound(p);
     if (it == allocations.begin()) return false;
     --it;
-    return p >= it->first && p + n <= it->first + it->second;
+    return p >= it->first && p + n <= it->first + it->second.bytes;
 }
 }  // namespace
 
@@ -80,7 +84,6 @@ const Kernel* find_kernel(const char* name) {
     ins.first->second.name = ins.first->first.c_str();
     return &ins.first->second;
 }
-
 
 // The kernel running now (for the fault report); null between launches.
 const char* volatile running_kernel = nullptr;
@@ -269,8 +272,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
     // Unlike a GPU, fresh memory is poisoned (NaN bf16 / f32 patterns) so a read before
     // any write shows.
     memset(m, 0xff, padded);
-    allocations[(uintptr_t)m] = n;
-    mappings[(uintptr_t)m] = (size_t)(m - static_cast<char*>(base));
+    allocations[(uintptr_t)m] = Allocation{n, base, span};
     in_use += n;
     stats.allocations++;
     *p = (CUdeviceptr)(uintptr_t)m;
@@ -280,13 +282,10 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
     std::lock_guard<std::mutex> g(lock());
     auto it = allocations.find((uintptr_t)p);
     if (it == allocations.end()) return CUDA_ERROR_INVALID_VALUE;
-    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
-    const size_t below = mappings[(uintptr_t)p];
-    const size_t padded = (it->second + 255) / 256 * 256;
-    in_use -= it->second;
+    const Allocation a = it->second;
+    in_use -= a.bytes;
     allocations.erase(it);
-    mappings.erase((uintptr_t)p);
-    munmap((char*)(uintptr_t)p - below, below + padded + page);
+    munmap(a.base, a.span);
     return CUDA_SUCCESS;
 }
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, void*) { return cuMemAlloc_v2(p, n); }
