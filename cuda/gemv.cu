@@ -8,20 +8,20 @@
 // 8-element (16-byte) steps, lane l taking steps l, l + 32, ...; two steps are loaded
 // ahead so each lane keeps 2 * ROWS 16-byte weight loads in flight. A block is 4 warps.
 // gridDim.y > 1 splits K (split-K): each split writes f32 partial sums to
-// partial[split, b, n] and gemv_reduce_* adds them (and the bias) up. K % 8 == 0.
+// partial[split, b, n], and the block of a column range that finishes last (a counter per
+// range, counters[blockIdx.x], zero before and after the launch) adds them up in split
+// order, so a split GEMV is still one launch. K % 8 == 0.
 #include "common.cuh"
 
 #define GEMV_WARPS 4
 #define GEMV_ROWS 4
 #define GEMV_UNROLL 2
 
+// acc[r][b] = x[b, k8_begin..k8_end] . wrow[r][k8_begin..k8_end] (in 8-element steps).
 template <int B>
-__device__ __forceinline__ void gemv_accumulate(const uint4* __restrict__ x4, const uint4* __restrict__ w4, int n0,
-                                                int N, int K8, int k8_begin, int k8_end, float acc[GEMV_ROWS][B]) {
+__device__ __forceinline__ void gemv_accumulate(const uint4* __restrict__ x4, const uint4* const wrow[GEMV_ROWS],
+                                                int K8, int k8_begin, int k8_end, float acc[GEMV_ROWS][B]) {
     const int lane = threadIdx.x & 31;
-    const uint4* wrow[GEMV_ROWS];
-#pragma unroll
-    for (int r = 0; r < GEMV_ROWS; ++r) wrow[r] = w4 + (size_t)min(n0 + r, N - 1) * K8;  // clamp: no OOB reads
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; ++r)
 #pragma unroll
@@ -70,25 +70,40 @@ __device__ __forceinline__ void gemv_accumulate(const uint4* __restrict__ x4, co
         for (int b = 0; b < B; ++b) acc[r][b] = warp_sum(acc[r][b]);
 }
 
+// Split-K: after this block's partial sums are stored, whether it is the last of its
+// column range's gridDim.y splits (then the sums of all are in memory, and it adds them
+// up). The last one resets the counter for the next launch. Called by every thread.
+__device__ __forceinline__ bool split_k_last(unsigned* __restrict__ counters) {
+    __shared__ bool last;
+    __threadfence();  // this thread's partials reach L2 before the count says so
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(&counters[blockIdx.x], 1u) == gridDim.y - 1;
+        if (last) counters[blockIdx.x] = 0;
+    }
+    __syncthreads();
+    return last;
+}
+
 __device__ __forceinline__ void store_out(float* y, size_t i, float v) { y[i] = v; }
 __device__ __forceinline__ void store_out(bf16* y, size_t i, float v) { y[i] = to_bf16(v); }
 
-// One K range per blockIdx.y; with gridDim.y == 1 the result (+ bias) goes to y, else
-// the f32 partial sums go to partial[blockIdx.y, b, n].
+// One warp's GEMV_ROWS outputs n0.. over this block's K range: to y (+ bias) or, split
+// over K, to the partial sums partial[blockIdx.y, b, n].
 template <int B, typename OutT>
-__device__ __forceinline__ void gemv_body(const bf16* __restrict__ x, const bf16* __restrict__ w,
+__device__ __forceinline__ void gemv_warp(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                           const bf16* __restrict__ bias, OutT* __restrict__ y,
-                                          float* __restrict__ partial, int N, int K) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int n0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
-    if (n0 >= N) return;
+                                          float* __restrict__ partial, int N, int K, int n0, int lane) {
     const int K8 = K / 8;
     const int per_split = ceil_div(K8, gridDim.y);
     const int k8_begin = blockIdx.y * per_split;
     const int k8_end = min(K8, k8_begin + per_split);
+    const uint4* wrow[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r)  // clamped: no out-of-bounds reads
+        wrow[r] = reinterpret_cast<const uint4*>(w) + (size_t)min(n0 + r, N - 1) * K8;
     float acc[GEMV_ROWS][B];
-    gemv_accumulate<B>(reinterpret_cast<const uint4*>(x), reinterpret_cast<const uint4*>(w), n0, N, K8, k8_begin,
-                       k8_end, acc);
+    gemv_accumulate<B>(reinterpret_cast<const uint4*>(x), wrow, K8, k8_begin, k8_end, acc);
     // Lane (r * B + b) % 32 stores output (r, b): spreads the stores over the warp.
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; ++r) {
@@ -106,16 +121,40 @@ __device__ __forceinline__ void gemv_body(const bf16* __restrict__ x, const bf16
     }
 }
 
+// One K range per blockIdx.y; with gridDim.y == 1 the result (+ bias) goes to y, else
+// the last split of the block's columns adds the partial sums up (bias first, then the
+// splits in order).
+template <int B, typename OutT>
+__device__ __forceinline__ void gemv_body(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                          const bf16* __restrict__ bias, OutT* __restrict__ y,
+                                          float* __restrict__ partial, unsigned* __restrict__ counters, int N,
+                                          int K) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int n0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
+    // No early return: a split's warps all meet at split_k_last's barriers.
+    if (n0 < N) gemv_warp<B>(x, w, bias, y, partial, N, K, n0, lane);
+    if (gridDim.y == 1 || !split_k_last(counters)) return;
+    const int c0 = blockIdx.x * GEMV_WARPS * GEMV_ROWS, cols = min(GEMV_WARPS * GEMV_ROWS, N - c0);
+    for (int i = threadIdx.x; i < B * cols; i += blockDim.x) {
+        const int b = i / cols, n = c0 + i % cols;
+        float s = bias ? to_f32(bias[n]) : 0.0f;
+        for (int k = 0; k < (int)gridDim.y; ++k) s += __ldcg(partial + ((size_t)k * B + b) * N + n);
+        store_out(y, (size_t)b * N + n, s);
+    }
+}
+
 #define GEMV_ENTRY(B)                                                                                                  \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                                     \
         gemv_bf16_b##B(const bf16* __restrict__ x, const bf16* __restrict__ w, const bf16* __restrict__ bias,         \
-                       bf16* __restrict__ y, float* __restrict__ partial, int N, int K) {                             \
-        gemv_body<B, bf16>(x, w, bias, y, partial, N, K);                                                              \
+                       bf16* __restrict__ y, float* __restrict__ partial, unsigned* __restrict__ counters, int N,     \
+                       int K) {                                                                                        \
+        gemv_body<B, bf16>(x, w, bias, y, partial, counters, N, K);                                                    \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                                     \
         gemv_bf16_f32_b##B(const bf16* __restrict__ x, const bf16* __restrict__ w, const bf16* __restrict__ bias,     \
-                           float* __restrict__ y, float* __restrict__ partial, int N, int K) {                        \
-        gemv_body<B, float>(x, w, bias, y, partial, N, K);                                                             \
+                           float* __restrict__ y, float* __restrict__ partial, unsigned* __restrict__ counters,       \
+                           int N, int K) {                                                                             \
+        gemv_body<B, float>(x, w, bias, y, partial, counters, N, K);                                                   \
     }
 
 GEMV_ENTRY(1)
@@ -127,24 +166,85 @@ GEMV_ENTRY(6)
 GEMV_ENTRY(7)
 GEMV_ENTRY(8)
 
-// y[b, n] = sum over splits of partial[s, b, n] (+ bias[n]); rows * N threads.
-template <typename OutT>
-__device__ __forceinline__ void gemv_reduce_body(const float* __restrict__ partial, const bf16* __restrict__ bias,
-                                                 OutT* __restrict__ y, int rows, int N, int splits) {
-    const size_t total = (size_t)rows * N;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-        float s = bias ? to_f32(bias[i % N]) : 0.0f;
-        for (int k = 0; k < splits; ++k) s += partial[(size_t)k * total + i];
-        store_out(y, i, s);
+// The MLP's gate/up projection with SwiGLU as its epilogue: y[b, j] = silu(g) * u with
+// g = x[b] . w[j], u = x[b] . w[inter + j] (w: [2 * inter, K], gate rows first, the
+// layout swiglu reads), so the 2 * inter projections never reach memory. A warp owns
+// GEMV_ROWS / 2 outputs j and streams their gate and up rows together. Split over K,
+// the f32 partial sums of both go to partial[split, b, 2 * inter] (the gate/up column
+// order) and the last split finishes. CPU twin: reference::gemv_swiglu.
+#define SWIGLU_COLS (GEMV_ROWS / 2)
+
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
+
+template <int B>
+__device__ __forceinline__ void gemv_swiglu_warp(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                                 bf16* __restrict__ y, float* __restrict__ partial, int inter,
+                                                 int K, int j0, int lane) {
+    const int K8 = K / 8;
+    const int per_split = ceil_div(K8, gridDim.y);
+    const int k8_begin = blockIdx.y * per_split;
+    const int k8_end = min(K8, k8_begin + per_split);
+    // Rows r < SWIGLU_COLS are gate rows j0 + r, the others the matching up rows.
+    const uint4* wrow[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r) {
+        const int j = min(j0 + r % SWIGLU_COLS, inter - 1);  // clamped: no out-of-bounds reads
+        wrow[r] = reinterpret_cast<const uint4*>(w) + ((size_t)(r / SWIGLU_COLS) * inter + j) * K8;
+    }
+    float acc[GEMV_ROWS][B];
+    gemv_accumulate<B>(reinterpret_cast<const uint4*>(x), wrow, K8, k8_begin, k8_end, acc);
+#pragma unroll
+    for (int c = 0; c < SWIGLU_COLS; ++c) {
+        const int j = j0 + c;
+#pragma unroll
+        for (int b = 0; b < B; ++b) {
+            if (lane == ((c * B + b) & 31) && j < inter) {
+                const float g = acc[c][b], u = acc[c + SWIGLU_COLS][b];
+                if (gridDim.y == 1) {
+                    y[(size_t)b * inter + j] = to_bf16(silu_mul(g, u));
+                } else {
+                    float* p = partial + ((size_t)blockIdx.y * B + b) * 2 * inter;
+                    p[j] = g;
+                    p[inter + j] = u;
+                }
+            }
+        }
     }
 }
 
-extern "C" __global__ void gemv_reduce_bf16(const float* __restrict__ partial, const bf16* __restrict__ bias,
-                                            bf16* __restrict__ y, int rows, int N, int splits) {
-    gemv_reduce_body(partial, bias, y, rows, N, splits);
+template <int B>
+__device__ __forceinline__ void gemv_swiglu_body(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                                 bf16* __restrict__ y, float* __restrict__ partial,
+                                                 unsigned* __restrict__ counters, int inter, int K) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int j0 = (blockIdx.x * GEMV_WARPS + warp) * SWIGLU_COLS;
+    if (j0 < inter) gemv_swiglu_warp<B>(x, w, y, partial, inter, K, j0, lane);
+    if (gridDim.y == 1 || !split_k_last(counters)) return;
+    const int c0 = blockIdx.x * GEMV_WARPS * SWIGLU_COLS, cols = min(GEMV_WARPS * SWIGLU_COLS, inter - c0);
+    for (int i = threadIdx.x; i < B * cols; i += blockDim.x) {
+        const int b = i / cols, j = c0 + i % cols;
+        float g = 0.0f, u = 0.0f;
+        for (int k = 0; k < (int)gridDim.y; ++k) {
+            const float* p = partial + ((size_t)k * B + b) * 2 * inter;
+            g += __ldcg(p + j);
+            u += __ldcg(p + inter + j);
+        }
+        y[(size_t)b * inter + j] = to_bf16(silu_mul(g, u));
+    }
 }
 
-extern "C" __global__ void gemv_reduce_f32(const float* __restrict__ partial, const bf16* __restrict__ bias,
-                                           float* __restrict__ y, int rows, int N, int splits) {
-    gemv_reduce_body(partial, bias, y, rows, N, splits);
-}
+#define GEMV_SWIGLU_ENTRY(B)                                                                                           \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                                     \
+        gemv_swiglu_b##B(const bf16* __restrict__ x, const bf16* __restrict__ w, bf16* __restrict__ y,                \
+                         float* __restrict__ partial, unsigned* __restrict__ counters, int inter, int K) {            \
+        gemv_swiglu_body<B>(x, w, y, partial, counters, inter, K);                                                     \
+    }
+
+GEMV_SWIGLU_ENTRY(1)
+GEMV_SWIGLU_ENTRY(2)
+GEMV_SWIGLU_ENTRY(3)
+GEMV_SWIGLU_ENTRY(4)
+GEMV_SWIGLU_ENTRY(5)
+GEMV_SWIGLU_ENTRY(6)
+GEMV_SWIGLU_ENTRY(7)
+GEMV_SWIGLU_ENTRY(8)

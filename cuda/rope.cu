@@ -67,3 +67,46 @@ extern "C" __global__ void rope_vision(bf16* __restrict__ x, const int32_t* __re
     __syncthreads();
     rotate_heads(x + (size_t)t * heads * head_dim, sn, cs, heads, head_dim);
 }
+
+// A decoder layer's RoPE and cache write in one launch, after its QKV projection:
+// q_out = rope(q), k_cache[len + t] = rope(k), v_cache[len + t] = v, with the roundings of
+// rope / mrope followed by kv_append. qkv: [tokens, (hq + 2 * hkv) * head_dim], each
+// token's row its q heads, then k heads, then v heads (one GEMM over the stacked
+// weights); q_out: [tokens, hq * head_dim]. positions: [3, tokens] with sections s0, s1
+// as in mrope; plain RoPE is s0 = head_dim / 2 (every pair on axis 0, so positions may
+// be just [tokens]). k_cache, v_cache: [capacity, hkv * head_dim]. Grid: one block per
+// token. CPU twin: reference::rope_kv_append.
+extern "C" __global__ void rope_kv_append(const bf16* __restrict__ qkv, const int32_t* __restrict__ positions,
+                                          int tokens, int hq, int hkv, int head_dim, float theta, int s0, int s1,
+                                          bf16* __restrict__ q_out, bf16* __restrict__ k_cache,
+                                          bf16* __restrict__ v_cache, int len) {
+    __shared__ float sn[MAX_PAIRS], cs[MAX_PAIRS];
+    const int half = head_dim / 2;
+    const int t = blockIdx.x;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        const int axis = (i >= s0) + (i >= s0 + s1);
+        const float pos = (float)positions[(size_t)axis * tokens + t];
+        rope_sincos(pos, rope_inv_freq_at(i, head_dim, theta), &sn[i], &cs[i]);
+    }
+    __syncthreads();
+    const size_t q_row = (size_t)hq * head_dim, kv_row = (size_t)hkv * head_dim;
+    const bf16* src = qkv + t * (q_row + 2 * kv_row);
+    // Pairs of the q heads, then of the k heads: (x[i], x[i + half]) of head h.
+    for (int p = threadIdx.x; p < (hq + hkv) * half; p += blockDim.x) {
+        const int h = p / half, i = p % half;
+        const bf16* x = src + (size_t)h * head_dim;
+        bf16* y = h < hq ? q_out + t * q_row + (size_t)h * head_dim
+                         : k_cache + (size_t)(len + t) * kv_row + (size_t)(h - hq) * head_dim;
+        const float x1 = to_f32(x[i]), x2 = to_f32(x[i + half]);
+        y[i] = to_bf16(x1 * cs[i] - x2 * sn[i]);
+        y[i + half] = to_bf16(x2 * cs[i] + x1 * sn[i]);
+    }
+    const bf16* v = src + q_row + kv_row;
+    bf16* vc = v_cache + (size_t)(len + t) * kv_row;
+    if (((kv_row & 7) | ((reinterpret_cast<uintptr_t>(v) | reinterpret_cast<uintptr_t>(vc)) & 15)) == 0) {
+        for (int i = threadIdx.x; i < (int)(kv_row / 8); i += blockDim.x)
+            reinterpret_cast<uint4*>(vc)[i] = reinterpret_cast<const uint4*>(v)[i];
+    } else {
+        for (int i = threadIdx.x; i < (int)kv_row; i += blockDim.x) vc[i] = v[i];
+    }
+}

@@ -2441,3 +2441,63 @@ fn decode_steps_allocate_nothing_and_copy_only_a_few_tokens() {
         );
     }
 }
+
+/// The kernels a decoder layer launches per step, counted by the emulator: a decode step
+/// (one token) and a verify block (γ + 1 = 6 tokens, on the GEMVs too) each launch 8 a
+/// layer where attention does not split over the keys: rmsnorm, the QKV GEMV,
+/// rope_kv_append (RoPE on q and k + the cache write), attention, o_proj, rmsnorm_residual,
+/// gemv_swiglu (gate/up + SwiGLU), down_proj, whose K (1024) is split here and summed by
+/// its last split in the same launch. Launch overhead is most of a small drafter's step,
+/// so a kernel that creeps back in fails here. Counted as the difference between models
+/// of 3 and 1 layers (the embedding and the head are the same).
+#[test]
+fn a_layer_launches_8_kernels_a_step() {
+    let dev = dev_or_skip!();
+    if !massv_cuda_emu::loaded() {
+        println!("skipped: launches are counted by the CUDA emulator only (MASSV_CUDA_EMU=1)");
+        return;
+    }
+    let spec = |name, layers| Spec {
+        name,
+        config: with(
+            text_config(64, 4, 2, 1024, layers, 256),
+            json!({"tie_word_embeddings": true, "rope_theta": 10000.0}),
+        ),
+        dtype: SynthDtype::Bf16,
+        max_shard_bytes: 1 << 30,
+    };
+    assert!(
+        dev.gemv_splits(1, 64, 1024, usize::MAX) > 1,
+        "down_proj (64 × 1024) splits K on this device"
+    );
+    let (_t1, one) = make(&spec("layers-1", 1));
+    let (_t3, three) = make(&spec("layers-3", 3));
+    let launches = |dir: &Path, block: usize| -> u64 {
+        let model = CudaQwen2::load(dev.clone(), dir).unwrap();
+        let mut cache = model.new_cache(64).unwrap();
+        model.argmax_last(&[5, 6, 7, 8], &mut cache).unwrap();
+        let tokens: Vec<u32> = (10..10 + block as u32).collect();
+        let positions: Vec<i32> = (4..4 + block as i32).collect();
+        massv_cuda_emu::reset_stats().unwrap();
+        model
+            .forward_argmax(
+                Input::Tokens(&tokens),
+                Positions::Seq(&positions),
+                &mut cache,
+                Logits::All,
+                None,
+            )
+            .unwrap();
+        massv_cuda_emu::stats().unwrap().launches
+    };
+    for block in [1, 6] {
+        let (l1, l3) = (launches(&one, block), launches(&three, block));
+        let per_layer = (l3 - l1) / 2;
+        println!("block of {block}: {per_layer} launches a layer ({l1} for a 1-layer model)");
+        assert_eq!((l3 - l1) % 2, 0, "block of {block}: layers launch alike ({l1}, {l3})");
+        assert!(
+            per_layer <= 8,
+            "block of {block}: {per_layer} launches a layer (8: norm, qkv, rope_kv_append, attention, o, norm, gemv_swiglu, down)"
+        );
+    }
+}

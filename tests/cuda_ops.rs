@@ -215,6 +215,146 @@ fn rope_mrope_rope_vision() {
 }
 
 #[test]
+fn rope_kv_append_is_rope_then_kv_append() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(31);
+    // (tokens, hq, hkv, head_dim, cache len before, M-RoPE section)
+    let cases = [
+        (1, 14, 2, 64, 37, None),
+        (6, 28, 4, 128, 100, Some([16, 24, 24])),
+        (9, 4, 4, 80, 0, None),
+        (3, 3, 1, 6, 5, Some([1, 1, 1])),
+        (64, 8, 2, 64, 3, None),
+    ];
+    for (n, hq, hkv, hd, len, section) in cases {
+        let (qr, kvr, cap) = (hq * hd, hkv * hd, len + n + 2);
+        let width = n * (qr + 2 * kvr);
+        let (qkv_b, qkv) = rand_bf16(&mut rng, width, 1.0);
+        let (kc_b, k_cache) = rand_bf16(&mut rng, cap * kvr, 1.0);
+        let (vc_b, v_cache) = rand_bf16(&mut rng, cap * kvr, 1.0);
+        let axes = if section.is_some() { 3 } else { 1 };
+        let pos: Vec<i32> = (0..axes * n).map(|_| (rng.uniform() * 9000.0) as i32).collect();
+        let theta = 1e6;
+        let shape = AttnShape {
+            n,
+            start: len,
+            q_heads: hq,
+            kv_heads: hkv,
+            head_dim: hd,
+        };
+        let what = format!("rope_kv_append n{n} hq{hq} hkv{hkv} d{hd} len{len} {section:?}");
+        let (dx, dp) = (dev.upload(&qkv_b).unwrap(), dev.upload(&pos).unwrap());
+        let mut dq = dev.alloc_zeros::<bf16>(n * qr).unwrap();
+        let (mut dk, mut dv) = (dev.upload(&kc_b).unwrap(), dev.upload(&vc_b).unwrap());
+        dev.rope_kv_append(
+            &dx.as_view(),
+            &dp.as_view(),
+            &mut dq.as_view_mut(),
+            &mut dk.as_view_mut(),
+            &mut dv.as_view_mut(),
+            shape,
+            theta,
+            section,
+        )
+        .unwrap();
+        let (got_q, got_k, got_v) = (
+            down_bf16(&dev, &dq, n * qr),
+            down_bf16(&dev, &dk, cap * kvr),
+            down_bf16(&dev, &dv, cap * kvr),
+        );
+
+        // Against the twin: the rotated rows within the bf16 rule, the rest exact.
+        let mut want_q = vec![0.0; n * qr];
+        let (mut want_k, mut want_v) = (k_cache.clone(), v_cache.clone());
+        r::rope_kv_append(
+            &qkv,
+            &pos,
+            section,
+            &mut want_q,
+            &mut want_k,
+            &mut want_v,
+            len,
+            (hq, hkv, hd),
+            theta,
+        );
+        check_bf16(&format!("{what} q"), &got_q, &want_q, &round(&want_q));
+        check_bf16(&format!("{what} k cache"), &got_k, &want_k, &round(&want_k));
+        assert_eq!(got_v, want_v, "{what}: the values are copied exactly");
+        assert_eq!(got_k[..len * kvr], k_cache[..len * kvr], "{what}: keys before len kept");
+        assert_eq!(
+            got_k[(len + n) * kvr..],
+            k_cache[(len + n) * kvr..],
+            "{what}: keys after kept"
+        );
+
+        // Against the kernels it replaces, on q, k, v split on the host: bit for bit.
+        let part = |at: usize, w: usize| -> Vec<bf16> {
+            qkv_b
+                .chunks_exact(qr + 2 * kvr)
+                .flat_map(|row| &row[at..at + w])
+                .copied()
+                .collect()
+        };
+        let (mut uq, mut uk) = (dev.upload(&part(0, qr)).unwrap(), dev.upload(&part(qr, kvr)).unwrap());
+        let uv = dev.upload(&part(qr + kvr, kvr)).unwrap();
+        for (x, heads) in [(&mut uq, hq), (&mut uk, hkv)] {
+            let mut x = x.as_view_mut();
+            match section {
+                Some(sec) => dev.mrope(&mut x, &dp.as_view(), n, heads, hd, theta, sec).unwrap(),
+                None => dev.rope(&mut x, &dp.as_view(), n, heads, hd, theta).unwrap(),
+            }
+        }
+        let (mut ukc, mut uvc) = (dev.upload(&kc_b).unwrap(), dev.upload(&vc_b).unwrap());
+        dev.kv_append(
+            &uk.as_view(),
+            &uv.as_view(),
+            &mut ukc.as_view_mut(),
+            &mut uvc.as_view_mut(),
+            len,
+            n,
+            kvr,
+        )
+        .unwrap();
+        assert_eq!(got_q, down_bf16(&dev, &uq, n * qr), "{what}: q as rope / mrope");
+        assert_eq!(got_k, down_bf16(&dev, &ukc, cap * kvr), "{what}: keys as kv_append");
+        assert_eq!(got_v, down_bf16(&dev, &uvc, cap * kvr), "{what}: values as kv_append");
+    }
+    // A cache too short for the rows, and a section that does not cover head_dim / 2.
+    let shape = AttnShape {
+        n: 2,
+        start: 3,
+        q_heads: 2,
+        kv_heads: 1,
+        head_dim: 8,
+    };
+    let x = dev.alloc_zeros::<bf16>(2 * 4 * 8).unwrap();
+    let p = dev.alloc_zeros::<i32>(6).unwrap();
+    let mut q = dev.alloc_zeros::<bf16>(2 * 2 * 8).unwrap();
+    let (mut kc, mut vc) = (
+        dev.alloc_zeros::<bf16>(4 * 8).unwrap(),
+        dev.alloc_zeros::<bf16>(5 * 8).unwrap(),
+    );
+    let mut call = |kc: &mut cudarc::driver::CudaSlice<bf16>, section| {
+        dev.rope_kv_append(
+            &x.as_view(),
+            &p.as_view(),
+            &mut q.as_view_mut(),
+            &mut kc.as_view_mut(),
+            &mut vc.as_view_mut(),
+            shape,
+            1e4,
+            section,
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    let e = call(&mut kc, None);
+    assert!(e.contains("k_cache holds 32 elements, needs 40"), "{e}");
+    let e = call(&mut dev.alloc_zeros::<bf16>(5 * 8).unwrap(), Some([1, 1, 1]));
+    assert!(e.contains("head_dim / 2"), "{e}");
+}
+
+#[test]
 fn gelu_bias_gelu_bias_add_projector_norm_gather() {
     let dev = dev_or_skip!();
     let mut rng = Rng::new(4);
@@ -506,6 +646,69 @@ fn gemv_bf16_all_row_counts() {
         )
         .unwrap_err();
     assert!(err.to_string().contains("multiple of 8"), "{err}");
+}
+
+#[test]
+fn gemv_swiglu_all_row_counts() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(32);
+    // (inter, k): tiny, odd inter (a warp's second output past the end), the drafter's
+    // MLP, and short ones that split K (gemv_splits > 1 with the scratch).
+    let shapes = [(1, 8), (37, 64), (4864, 896), (12, 2048), (5, 18944)];
+    let mut scratch = dev.alloc_zeros::<f32>(64 * 8 * 2 * 4864).unwrap();
+    let mut split_seen = false;
+    for &(inter, k) in &shapes {
+        let (wb, w) = rand_bf16(&mut rng, 2 * inter * k, 1.0);
+        let dw = dev.upload(&wb).unwrap();
+        for rows in 1..=8 {
+            if inter * k > 1 << 20 && !matches!(rows, 1 | 6 | 8) {
+                continue; // keep the CPU reference's time modest on the big shapes
+            }
+            // Scaled so that the gate spans silu's curve, not only its linear tail.
+            let (xb, x) = rand_bf16(&mut rng, rows * k, 4.0 / (k as f32).sqrt());
+            let dx = dev.upload(&xb).unwrap();
+            let mut want = vec![0.0; rows * inter];
+            r::gemv_swiglu(&x, &w, &mut want, k);
+            // The bf16 computation: the projection rounded before the gate, as the unfused
+            // gemv_bf16 + swiglu (and a bf16 framework) round it.
+            let mut gate_up = vec![0.0; rows * 2 * inter];
+            r::gemv_bf16(&x, &w, None, &mut gate_up, k);
+            let mut want_lo = vec![0.0; rows * inter];
+            r::swiglu(&round(&gate_up), &mut want_lo, inter);
+            let splits = dev.gemv_splits(rows, 2 * inter, k, scratch.len());
+            split_seen |= splits > 1;
+            for split in [false, true] {
+                let what = format!(
+                    "gemv_swiglu rows={rows} inter={inter} k={k} splits={}",
+                    [1, splits][split as usize]
+                );
+                let mut dy = dev.alloc_zeros::<bf16>(rows * inter).unwrap();
+                let mut sv = scratch.as_view_mut();
+                dev.gemv_swiglu(
+                    &dx.as_view(),
+                    &dw.as_view(),
+                    &mut dy.as_view_mut(),
+                    split.then_some(&mut sv),
+                    rows,
+                    inter,
+                    k,
+                )
+                .unwrap();
+                check_bf16(&what, &down_bf16(&dev, &dy, rows * inter), &want, &round(&want_lo));
+            }
+        }
+    }
+    assert!(split_seen, "the sweep exercises split-K");
+    let dx = dev.alloc_zeros::<bf16>(16).unwrap();
+    let mut dy = dev.alloc_zeros::<bf16>(4).unwrap();
+    let e = dev
+        .gemv_swiglu(&dx.as_view(), &dx.as_view(), &mut dy.as_view_mut(), None, 1, 2, 4)
+        .unwrap_err();
+    assert!(e.to_string().contains("multiple of 8"), "{e}");
+    let e = dev
+        .gemv_swiglu(&dx.as_view(), &dx.as_view(), &mut dy.as_view_mut(), None, 1, 2, 8)
+        .unwrap_err();
+    assert!(e.to_string().contains("w holds 16 elements, needs 32"), "{e}");
 }
 
 #[test]
@@ -2058,6 +2261,29 @@ impl Bench {
         ms as f64 / iters as f64
     }
 
+    #[allow(clippy::too_many_arguments)]
+    fn gemv_swiglu(
+        &self,
+        x: &cudarc::driver::CudaSlice<bf16>,
+        w: &cudarc::driver::CudaSlice<bf16>,
+        y: &mut cudarc::driver::CudaSlice<bf16>,
+        scratch: &mut cudarc::driver::CudaSlice<f32>,
+        rows: usize,
+        inter: usize,
+        k: usize,
+    ) -> massv::Result<()> {
+        let mut sv = scratch.as_view_mut();
+        self.dev.gemv_swiglu(
+            &x.as_view(),
+            &w.as_view(),
+            &mut y.as_view_mut(),
+            Some(&mut sv),
+            rows,
+            inter,
+            k,
+        )
+    }
+
     /// The GEMV time of one decode (rows = 1) or verify (rows = γ + 1) step of a model:
     /// every layer's matrices once (all layers allocated, so nothing is served from L2),
     /// then the head; per matrix kind and in total, against weight bytes / bandwidth.
@@ -2115,6 +2341,18 @@ impl Bench {
                 });
                 self.row(&format!("{tag} {name} ×{layers}"), ms, bytes);
             }
+            // The runtime's MLP: gate_up with SwiGLU as its epilogue.
+            let ms = self.time(3, || {
+                for w in &weights {
+                    self.gemv_swiglu(&x, &w[2], &mut y, &mut scratch, rows, inter, hidden)?;
+                }
+                Ok(())
+            });
+            self.row(
+                &format!("{tag} gate_up+swiglu (gemv_swiglu) ×{layers}"),
+                ms,
+                (layers * 2 * inter * hidden * 2) as f64,
+            );
             let ms = self.time(5, || {
                 self.dev.gemv_bf16_f32(
                     &x.as_view(),
@@ -2130,7 +2368,11 @@ impl Bench {
             self.row(&format!("{tag} head {vocab}x{hidden}"), ms, head_bytes);
             let ms = self.time(3, || {
                 for w in &weights {
-                    for (i, &(_, n, k, has_bias)) in mats.iter().enumerate() {
+                    for (i, &(name, n, k, has_bias)) in mats.iter().enumerate() {
+                        if name == "gate_up" {
+                            self.gemv_swiglu(&x, &w[i], &mut y, &mut scratch, rows, inter, hidden)?;
+                            continue;
+                        }
                         let bv = bias.as_view();
                         self.dev.gemv_bf16(
                             &x.as_view(),

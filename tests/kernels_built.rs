@@ -121,10 +121,9 @@ fn every_launcher_names_a_kernel_its_module_has() {
     for b in 1..=massv::backend::cuda::GEMV_MAX_ROWS {
         named.push(("gemv".into(), format!("gemv_bf16_b{b}")));
         named.push(("gemv".into(), format!("gemv_bf16_f32_b{b}")));
+        named.push(("gemv".into(), format!("gemv_swiglu_b{b}")));
     }
     for (module, name) in [
-        ("gemv", "gemv_reduce_bf16"),
-        ("gemv", "gemv_reduce_f32"),
         ("projector", "bias_gelu"),
         ("projector", "bias_add"),
         ("attention", "attention_combine"),

@@ -64,15 +64,17 @@ struct Layer {
 
 /// Activations of one block of B = [`MAX_BLOCK`] tokens, reused by every pass.
 struct Scratch {
-    ids: CudaSlice<i32>,       // [B]
-    pos: CudaSlice<i32>,       // [3, B] (M-RoPE) or [B]
+    /// [4·B]: a block's positions ([3, n] under M-RoPE, else [n]), then its token ids
+    /// (for token input): one upload a pass.
+    step_in: CudaSlice<i32>,
     embeds: CudaSlice<f32>,    // [B, D] host embeddings before the bf16 conversion
     hidden: CudaSlice<bf16>,   // [B, D] the residual stream
     normed: CudaSlice<bf16>,   // [B, D]
-    qkv: CudaSlice<bf16>,      // q [n, Q], then k [n, KV], then v [n, KV] for a block of n
+    qkv: CudaSlice<bf16>,      // [B, Q + 2·KV]: each token's q, k, v
+    q: CudaSlice<bf16>,        // [B, Q] the rotated queries attention reads
     attn: CudaSlice<bf16>,     // [B, Q]
     proj: CudaSlice<bf16>,     // [B, D] o_proj / down_proj output, added to the residual
-    gate_up: CudaSlice<bf16>,  // [B, 2·I]
+    gate_up: CudaSlice<bf16>,  // [B, 2·I] blocks over GEMV_MAX_ROWS (else gemv_swiglu)
     act: CudaSlice<bf16>,      // [B, I]
     logits: CudaSlice<f32>,    // [GEMV_MAX_ROWS, V]
     probs: CudaSlice<f32>,     // [GEMV_MAX_ROWS, V] distributions of Head::HostProbs
@@ -92,12 +94,12 @@ impl Scratch {
         let (d, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let widest = (q + 2 * kv).max(2 * i).max(d);
         Ok(Scratch {
-            ids: dev.alloc_zeros(b)?,
-            pos: dev.alloc_zeros(3 * b)?,
+            step_in: dev.alloc_zeros(4 * b)?,
             embeds: dev.alloc_zeros(b * d)?,
             hidden: dev.alloc_zeros(b * d)?,
             normed: dev.alloc_zeros(b * d)?,
             qkv: dev.alloc_zeros(b * (q + 2 * kv))?,
+            q: dev.alloc_zeros(b * q)?,
             attn: dev.alloc_zeros(b * q)?,
             proj: dev.alloc_zeros(b * d)?,
             gate_up: dev.alloc_zeros(b * 2 * i)?,
@@ -438,26 +440,27 @@ impl CudaQwen2 {
         for b0 in (0..n).step_by(MAX_BLOCK) {
             let b1 = (b0 + MAX_BLOCK).min(n);
             let m = b1 - b0;
+            let mut step_in = block_positions(positions, c.mrope_section.is_some(), n, b0, b1);
+            let ids_at = step_in.len();
+            if let Input::Tokens(t) = input {
+                step_in.extend(t[b0..b1].iter().map(|&id| id as i32));
+            }
+            self.dev
+                .upload_into(&step_in, &mut s.step_in.slice_mut(..step_in.len()))?;
             match input {
-                Input::Tokens(t) => {
-                    let ids: Vec<i32> = t[b0..b1].iter().map(|&id| id as i32).collect();
-                    self.dev.upload_into(&ids, &mut s.ids.as_view_mut())?;
-                    self.dev.embedding(
-                        &s.ids.as_view(),
-                        &self.embed.as_view(),
-                        &mut s.hidden.as_view_mut(),
-                        m,
-                        d,
-                    )?;
-                }
+                Input::Tokens(_) => self.dev.embedding(
+                    &s.step_in.slice(ids_at..ids_at + m),
+                    &self.embed.as_view(),
+                    &mut s.hidden.as_view_mut(),
+                    m,
+                    d,
+                )?,
                 Input::Embeddings(e) => {
                     self.dev.upload_into(&e[b0 * d..b1 * d], &mut s.embeds.as_view_mut())?;
                     self.dev
                         .f32_to_bf16(&s.embeds.as_view(), &mut s.hidden.as_view_mut(), m * d)?;
                 }
             }
-            let pos = block_positions(positions, c.mrope_section.is_some(), n, b0, b1);
-            self.dev.upload_into(&pos, &mut s.pos.as_view_mut())?;
             self.layers(s, cache, start + b0, m, mask.map(|m| m.start))?;
             if matches!(head, Head::Skip) {
                 continue;
@@ -474,7 +477,8 @@ impl CudaQwen2 {
     }
 
     /// The decoder layers on the block of n tokens in `s.hidden`, at cache positions
-    /// start.. (their keys and values written there). Leaves the last layer's down_proj
+    /// start.. (their keys and values written there), rotary positions at the head of
+    /// `s.step_in`. Leaves the last layer's down_proj
     /// output in `s.proj`, not yet added to the residual.
     fn layers(
         &self,
@@ -488,7 +492,8 @@ impl CudaQwen2 {
         let (d, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let (hq, hkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let (eps, theta) = (c.rms_norm_eps as f32, c.rope_theta as f32);
-        let (q_at, k_at, v_at) = (0..n * qd, n * qd..n * (qd + kvd), n * (qd + kvd)..n * (qd + 2 * kvd));
+        let qkv_width = qd + 2 * kvd;
+        let pos_len = if c.mrope_section.is_some() { 3 * n } else { n };
         let shape = AttnShape {
             n,
             start,
@@ -512,46 +517,18 @@ impl CudaQwen2 {
                 let x = s.proj.slice(..n * d);
                 dev.rmsnorm_residual(&x, &mut hidden, &w.input_norm.as_view(), &mut normed, n, d, eps)?;
             }
-            // One GEMV over the stacked rows when n = 1 (q, k, v are then adjacent in the
-            // output), else one projection per region.
             let x = s.normed.slice(..n * d);
-            if n == 1 {
-                let out = qd + 2 * kvd;
-                let (wv, bv) = (w.qkv_w.as_view(), w.qkv_b.as_view());
-                project(
-                    dev,
-                    &mut s.gemv,
-                    &x,
-                    &wv,
-                    Some(&bv),
-                    &mut s.qkv.slice_mut(..out),
-                    1,
-                    out,
-                    d,
-                )?;
-            } else {
-                for (rows, at) in [(0..qd, &q_at), (qd..qd + kvd, &k_at), (qd + kvd..qd + 2 * kvd, &v_at)] {
-                    let wv = w.qkv_w.slice(rows.start * d..rows.end * d);
-                    let bv = w.qkv_b.slice(rows.clone());
-                    let mut y = s.qkv.slice_mut(at.clone());
-                    project(dev, &mut s.gemv, &x, &wv, Some(&bv), &mut y, n, rows.len(), d)?;
-                }
-            }
-            let pos = s.pos.as_view();
-            for (at, heads) in [(&q_at, hq), (&k_at, hkv)] {
-                let mut x = s.qkv.slice_mut(at.clone());
-                match c.mrope_section {
-                    Some(sec) => dev.mrope(&mut x, &pos, n, heads, hd, theta, sec)?,
-                    None => dev.rope(&mut x, &pos, n, heads, hd, theta)?,
-                }
-            }
+            let (wv, bv) = (w.qkv_w.as_view(), w.qkv_b.as_view());
+            let mut qkv = s.qkv.slice_mut(..n * qkv_width);
+            project(dev, &mut s.gemv, &x, &wv, Some(&bv), &mut qkv, n, qkv_width, d)?;
             {
                 let (mut kc, mut vc) = cache.layer_mut(l);
-                let (k, v) = (s.qkv.slice(k_at.clone()), s.qkv.slice(v_at.clone()));
-                dev.kv_append(&k, &v, &mut kc, &mut vc, start, n, kvd)?;
+                let (qkv, pos) = (s.qkv.slice(..n * qkv_width), s.step_in.slice(..pos_len));
+                let mut q = s.q.slice_mut(..n * qd);
+                dev.rope_kv_append(&qkv, &pos, &mut q, &mut kc, &mut vc, shape, theta, c.mrope_section)?;
             }
             let (kc, vc) = cache.layer(l);
-            let q = s.qkv.slice(q_at.clone());
+            let q = s.q.slice(..n * qd);
             let mut out = s.attn.slice_mut(..n * qd);
             match (mask_start, c.layer_window(l)) {
                 (Some(ms), _) => {
@@ -581,24 +558,15 @@ impl CudaQwen2 {
             let x = s.proj.slice(..n * d);
             dev.rmsnorm_residual(&x, &mut hidden, &w.post_norm.as_view(), &mut normed, n, d, eps)?;
             let x = s.normed.slice(..n * d);
-            let mut gu = s.gate_up.slice_mut(..n * 2 * inter);
-            project(
-                dev,
-                &mut s.gemv,
-                &x,
-                &w.gate_up_w.as_view(),
-                None,
-                &mut gu,
-                n,
-                2 * inter,
-                d,
-            )?;
-            dev.swiglu(
-                &s.gate_up.slice(..n * 2 * inter),
-                &mut s.act.slice_mut(..n * inter),
-                n,
-                inter,
-            )?;
+            let mut act = s.act.slice_mut(..n * inter);
+            if n <= GEMV_MAX_ROWS {
+                let mut sv = s.gemv.as_view_mut();
+                dev.gemv_swiglu(&x, &w.gate_up_w.as_view(), &mut act, Some(&mut sv), n, inter, d)?;
+            } else {
+                let mut gu = s.gate_up.slice_mut(..n * 2 * inter);
+                dev.linear(&x, &w.gate_up_w.as_view(), None, &mut gu, n, 2 * inter, d)?;
+                dev.swiglu(&s.gate_up.slice(..n * 2 * inter), &mut act, n, inter)?;
+            }
             let act = s.act.slice(..n * inter);
             project(
                 dev,

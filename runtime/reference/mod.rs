@@ -20,11 +20,11 @@ pub use attention_ops::{attention_decode, attention_prefill, attention_verify};
 pub use convert::{bf16_to_f32, f32_to_bf16};
 pub use embedding::{embedding, scatter_rows};
 pub use gelu::gelu;
-pub use gemv::gemv_bf16;
+pub use gemv::{gemv_bf16, gemv_swiglu};
 pub use kv_cache::{kv_append, kv_compact};
 pub use projector::{bias_add, bias_gelu, projector_norm_gather};
 pub use rmsnorm::{rmsnorm, rmsnorm_residual};
-pub use rope::{mrope, rope, rope_inv_freq, rope_vision};
+pub use rope::{mrope, rope, rope_inv_freq, rope_kv_append, rope_vision};
 pub use sampling::{
     argmax, blocked_sum, probabilities, residual, sample, sample_without_replacement, top_k, top_k_probs,
     tree_uniforms_consumed, uniforms_consumed, verify_greedy, verify_sampled, verify_tree_greedy, verify_tree_sampled,

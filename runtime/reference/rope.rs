@@ -64,6 +64,41 @@ pub fn rope_vision(x: &mut [f32], rows: &[i32], cols: &[i32], heads: usize, head
     }
 }
 
+/// A decoder layer's RoPE and cache write, as one op after the QKV projection: the
+/// queries rotated into `q_out`, the keys rotated and the values written at positions
+/// len.. of the caches; `mrope` with `section`, else `rope`. qkv: [tokens, (hq + 2·hkv) ·
+/// head_dim], each token's row its q heads, k heads, v heads; q_out: [tokens, hq ·
+/// head_dim]; positions as `rope` / `mrope` read them.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_kv_append(
+    qkv: &[f32],
+    positions: &[i32],
+    section: Option<[usize; 3]>,
+    q_out: &mut [f32],
+    k_cache: &mut [f32],
+    v_cache: &mut [f32],
+    len: usize,
+    (hq, hkv, head_dim): (usize, usize, usize),
+    theta: f32,
+) {
+    let (qr, kvr) = (hq * head_dim, hkv * head_dim);
+    let part = |at: usize, width: usize| -> Vec<f32> {
+        qkv.chunks_exact(qr + 2 * kvr)
+            .flat_map(|row| &row[at..at + width])
+            .copied()
+            .collect()
+    };
+    let (mut q, mut k, v) = (part(0, qr), part(qr, kvr), part(qr + kvr, kvr));
+    for (x, heads) in [(&mut q, hq), (&mut k, hkv)] {
+        match section {
+            Some(s) => mrope(x, positions, s, heads, head_dim, theta),
+            None => rope(x, positions, heads, head_dim, theta),
+        }
+    }
+    q_out[..q.len()].copy_from_slice(&q);
+    super::kv_append(&k, &v, k_cache, v_cache, len, kvr);
+}
+
 fn rotate_half(xh: &mut [f32], half: usize, angles: &[(f32, f32)]) {
     for (i, &(s, c)) in angles.iter().enumerate() {
         let (x1, x2) = (xh[i], xh[i + half]);

@@ -90,6 +90,9 @@ impl DeviceSampling {
         self.check_gamma(gamma)?;
         let (dev, nq) = (&self.dev, self.nq);
         let (q, uniforms, out) = (&mut self.q, &mut self.uniforms, &mut self.out);
+        // One uniform a draft, drawn in the host path's order and uploaded in one copy.
+        let u: Vec<f64> = (0..gamma).map(|_| rng.uniform()).collect();
+        dev.upload_into(&u, &mut uniforms.slice_mut(..gamma))?;
         state.draft_with(gamma, |feed, cache, i| {
             let positions = next_positions(cache, feed.len());
             drafter.lm.forward_tokens_probs(
@@ -102,7 +105,6 @@ impl DeviceSampling {
                 q,
                 i,
             )?;
-            dev.upload_into(&[rng.uniform()], &mut uniforms.slice_mut(i..i + 1))?;
             let row = q.slice(i * nq..(i + 1) * nq);
             dev.sample(&row, &uniforms.slice(i..i + 1), &mut out.slice_mut(0..1), 1, nq)?;
             Ok(dev.download(&out.slice(0..1))?[0] as u32)

@@ -353,8 +353,10 @@ impl DraftState {
         })
     }
 
-    /// Proposes `gamma` tokens, each from the processed distribution q it returns with it
-    /// (argmax at T = 0, a draw at T > 0).
+    /// Proposes `gamma` tokens: at T = 0 each the argmax (and no q rows: greedy
+    /// verification compares argmaxes, so a vocabulary-wide one-hot row per draft would
+    /// be built for nothing), at T > 0 each a draw from the processed distribution q
+    /// returned with it.
     pub fn draft(
         &mut self,
         drafter: &Drafter,
@@ -362,19 +364,13 @@ impl DraftState {
         params: &SamplingParams,
         rng: &mut Rng,
     ) -> Result<(Vec<u32>, Vec<Vec<f32>>)> {
-        let mut qs = Vec::with_capacity(gamma);
+        let mut qs = Vec::with_capacity(if params.is_greedy() { 0 } else { gamma });
         let drafts = self.draft_with(gamma, |feed, cache, _| {
-            let (d, q) = if params.is_greedy() {
-                // q is one-hot at the argmax: build it on the host from the id alone.
-                let d = drafter.run_tokens_argmax(feed, cache)?;
-                let mut q = vec![0.0; drafter.lm.cfg.vocab_size];
-                *q.get_mut(d as usize)
-                    .ok_or_else(|| Error::InvalidArgument(format!("drafter argmax {d} past its vocabulary")))? = 1.0;
-                (d, q)
-            } else {
-                let q = drafter.run_tokens_probs(feed, cache, params)?;
-                (rng.sample(&q) as u32, q)
-            };
+            if params.is_greedy() {
+                return drafter.run_tokens_argmax(feed, cache);
+            }
+            let q = drafter.run_tokens_probs(feed, cache, params)?;
+            let d = rng.sample(&q) as u32;
             qs.push(q);
             Ok(d)
         })?;

@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
 
-use super::{aligned16, bf16, elementwise_cfg, i32_arg, need, row_cfg, shape_err, threads_for, CudaDevice};
+use super::{aligned16, bf16, elementwise_cfg, i32_arg, need, row_cfg, shape_err, threads_for, AttnShape, CudaDevice};
 use crate::error::Result;
 
 impl CudaDevice {
@@ -150,6 +150,67 @@ impl CudaDevice {
                 &theta,
                 &(section[0] as i32),
                 &(section[1] as i32),
+            ],
+        )
+    }
+
+    /// A decoder layer's RoPE and cache write in one launch, after its QKV projection:
+    /// rope (`section` None) or M-RoPE of the queries into `q_out` ([n, q_heads ·
+    /// head_dim]) and of the keys into cache positions `s.start`.., the values copied
+    /// beside them (caches: [capacity, kv_heads · head_dim]). qkv: [n, (q_heads + 2 ·
+    /// kv_heads) · head_dim], each token's q heads, k heads, v heads; positions: [n], or
+    /// [3, n] under M-RoPE.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_kv_append(
+        &self,
+        qkv: &CudaView<'_, bf16>,
+        positions: &CudaView<'_, i32>,
+        q_out: &mut CudaViewMut<'_, bf16>,
+        k_cache: &mut CudaViewMut<'_, bf16>,
+        v_cache: &mut CudaViewMut<'_, bf16>,
+        s: AttnShape,
+        theta: f32,
+        section: Option<[usize; 3]>,
+    ) -> Result<()> {
+        const OP: &str = "rope_kv_append";
+        let (n, hd) = (s.n, s.head_dim);
+        let row = s.kv_heads * hd;
+        rope_checks(OP, qkv.len(), n, s.q_heads + 2 * s.kv_heads, hd)?;
+        let axes = if section.is_some() { 3 } else { 1 };
+        need(OP, "positions", positions.len(), axes * n)?;
+        need(OP, "q_out", q_out.len(), n * s.q_heads * hd)?;
+        need(OP, "k_cache", k_cache.len(), (s.start + n) * row)?;
+        need(OP, "v_cache", v_cache.len(), (s.start + n) * row)?;
+        let (s0, s1) = match section {
+            Some(sec) if sec.iter().sum::<usize>() != hd / 2 => {
+                return Err(shape_err(OP, format!("section {sec:?} does not sum to head_dim / 2")));
+            }
+            Some(sec) => (sec[0], sec[1]),
+            None => (hd / 2, 0),
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        let (xp, pp) = (self.rptr(qkv), self.rptr(positions));
+        let (qp, kp, vp) = (self.wptr(q_out), self.wptr(k_cache), self.wptr(v_cache));
+        self.launch(
+            "rope",
+            OP,
+            rope_cfg(n, s.q_heads + s.kv_heads, hd),
+            &[
+                &xp,
+                &pp,
+                &i32_arg(OP, "tokens", n)?,
+                &(s.q_heads as i32),
+                &(s.kv_heads as i32),
+                &(hd as i32),
+                &theta,
+                &(s0 as i32),
+                &(s1 as i32),
+                &qp,
+                &kp,
+                &vp,
+                &i32_arg(OP, "len", s.start)?,
             ],
         )
     }

@@ -4,13 +4,16 @@ use cudarc::cublas::{Gemm, GemmConfig};
 use cudarc::cublaslt::{Matmul, MatmulConfig};
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
 
-use super::{aligned16, bf16, cuda_err, elementwise_cfg, i32_arg, need, shape_err, CudaDevice};
+use super::{aligned16, bf16, cuda_err, i32_arg, need, shape_err, CudaDevice};
 use crate::error::Result;
 
 /// Output rows per GEMV block (GEMV_WARPS * GEMV_ROWS in cuda/gemv.cu).
 const GEMV_ROWS_PER_BLOCK: usize = 16;
 /// Largest row count of gemv_bf16 (one kernel instantiation per count).
 pub const GEMV_MAX_ROWS: usize = 8;
+/// Column blocks a split-K GEMV may have (its arrival counters); a split pays only below
+/// two blocks per multiprocessor, far fewer.
+pub(super) const SPLIT_COUNTERS: usize = 4096;
 
 impl CudaDevice {
     /// y[b, n] = x[b, :] · w[n, :] (+ bias[n]) for `rows` = 1..=8 rows of x ([rows, k]),
@@ -51,11 +54,60 @@ impl CudaDevice {
         self.gemv(true, x, w, bias, yp, scratch, rows, n, k)
     }
 
+    /// The MLP's gate/up GEMV with SwiGLU fused as its epilogue: y[b, j] = silu(x[b] ·
+    /// w[j]) · (x[b] · w[inter + j]) for `rows` = 1..=8 rows; w: [2 · inter, k] (gate rows,
+    /// then up rows), y: [rows, inter]. The [rows, 2 · inter] projection stays in
+    /// registers (or, split over K, in the f32 scratch its last split reads).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_swiglu(
+        &self,
+        x: &CudaView<'_, bf16>,
+        w: &CudaView<'_, bf16>,
+        y: &mut CudaViewMut<'_, bf16>,
+        scratch: Option<&mut CudaViewMut<'_, f32>>,
+        rows: usize,
+        inter: usize,
+        k: usize,
+    ) -> Result<()> {
+        const OP: &str = "gemv_swiglu";
+        gemv_checks(OP, rows, k)?;
+        need(OP, "x", x.len(), rows * k)?;
+        need(OP, "w", w.len(), 2 * inter * k)?;
+        need(OP, "y", y.len(), rows * inter)?;
+        if inter == 0 {
+            return Ok(());
+        }
+        let (xp, wp, yp) = (self.rptr(x), self.rptr(w), self.wptr(y));
+        aligned16(OP, "x", xp)?;
+        aligned16(OP, "w", wp)?;
+        let (ii, ki) = (i32_arg(OP, "inter", inter)?, i32_arg(OP, "k", k)?);
+        // Blocks cover GEMV_ROWS_PER_BLOCK / 2 outputs, as many as a 2 · inter GEMV's.
+        let (splits, sp) = match scratch {
+            Some(s) => {
+                let splits = self.gemv_splits(rows, 2 * inter, k, s.len());
+                (splits, if splits > 1 { self.wptr(s) } else { 0 })
+            }
+            None => (1, 0),
+        };
+        let cfg = LaunchConfig {
+            grid_dim: ((2 * inter).div_ceil(GEMV_ROWS_PER_BLOCK) as u32, splits as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let cp = self.counters_ptr();
+        self.launch("gemv", GEMV_SWIGLU[rows - 1], cfg, &[&xp, &wp, &yp, &sp, &cp, &ii, &ki])
+    }
+
+    /// The split-K arrival counters the GEMV kernels take.
+    fn counters_ptr(&self) -> u64 {
+        self.rptr(&self.split_counters.as_view())
+    }
+
     /// Splits of K the GEMV would use for this shape with `scratch_len` f32 of scratch.
     pub fn gemv_splits(&self, rows: usize, n: usize, k: usize, scratch_len: usize) -> usize {
         let blocks = n.div_ceil(GEMV_ROWS_PER_BLOCK);
         let target = 2 * self.info.multiprocessors as usize;
-        if blocks >= target || rows * n == 0 {
+        if blocks >= target || blocks > SPLIT_COUNTERS || rows * n == 0 {
             return 1;
         }
         // At least 512 elements (two unrolled steps of a warp) of K per split.
@@ -81,12 +133,7 @@ impl CudaDevice {
         k: usize,
     ) -> Result<()> {
         const OP: &str = "gemv_bf16";
-        if !(1..=GEMV_MAX_ROWS).contains(&rows) {
-            return Err(shape_err(OP, format!("{rows} rows (supported: 1..={GEMV_MAX_ROWS})")));
-        }
-        if k % 8 != 0 || k == 0 {
-            return Err(shape_err(OP, format!("k = {k} is not a positive multiple of 8")));
-        }
+        gemv_checks(OP, rows, k)?;
         need(OP, "x", x.len(), rows * k)?;
         need(OP, "w", w.len(), n * k)?;
         if let Some(b) = bias {
@@ -113,17 +160,8 @@ impl CudaDevice {
             shared_mem_bytes: 0,
         };
         let name = gemv_name(f32_out, rows);
-        self.launch("gemv", name, cfg, &[&xp, &wp, &bp, &yp, &sp, &ni, &ki])?;
-        if splits > 1 {
-            let reduce = if f32_out { "gemv_reduce_f32" } else { "gemv_reduce_bf16" };
-            self.launch(
-                "gemv",
-                reduce,
-                elementwise_cfg(rows * n),
-                &[&sp, &bp, &yp, &(rows as i32), &ni, &(splits as i32)],
-            )?;
-        }
-        Ok(())
+        let cp = self.counters_ptr();
+        self.launch("gemv", name, cfg, &[&xp, &wp, &bp, &yp, &sp, &cp, &ni, &ki])
     }
 
     /// y = x · wᵀ with cuBLAS (bf16 in and out, f32 accumulation): x [m, k], w [n, k]
@@ -221,6 +259,29 @@ impl CudaDevice {
         unsafe { lt.matmul(cfg, w, x, y, bias, None) }.map_err(|e| cuda_err(OP, e))
     }
 }
+
+/// The row counts and K the GEMV kernels serve (one instantiation per count, 16-byte
+/// steps along K).
+fn gemv_checks(op: &str, rows: usize, k: usize) -> Result<()> {
+    if !(1..=GEMV_MAX_ROWS).contains(&rows) {
+        return Err(shape_err(op, format!("{rows} rows (supported: 1..={GEMV_MAX_ROWS})")));
+    }
+    if k % 8 != 0 || k == 0 {
+        return Err(shape_err(op, format!("k = {k} is not a positive multiple of 8")));
+    }
+    Ok(())
+}
+
+const GEMV_SWIGLU: [&str; GEMV_MAX_ROWS] = [
+    "gemv_swiglu_b1",
+    "gemv_swiglu_b2",
+    "gemv_swiglu_b3",
+    "gemv_swiglu_b4",
+    "gemv_swiglu_b5",
+    "gemv_swiglu_b6",
+    "gemv_swiglu_b7",
+    "gemv_swiglu_b8",
+];
 
 fn gemv_name(f32_out: bool, rows: usize) -> &'static str {
     const BF16: [&str; GEMV_MAX_ROWS] = [

@@ -44,6 +44,7 @@ mod sampling;
 
 pub use attention::{AttnScratch, AttnShape, ATTN_HEAD_DIMS};
 pub use matmul::GEMV_MAX_ROWS;
+use matmul::SPLIT_COUNTERS;
 pub use sampling::{MAX_TOP_K, SAMPLE_MAX_N};
 
 /// A CUDA failure as a runtime error (`CUDA <what>: <reason>`).
@@ -149,6 +150,10 @@ pub struct CudaDevice {
     blas: std::result::Result<CudaBlas, String>,
     blas_lt: std::result::Result<CudaBlasLT, String>,
     info: DeviceInfo,
+    /// Split-K GEMVs' arrival counters (one per column block, zero between launches: the
+    /// last split resets its own). Kernels on the one stream never overlap, so one set
+    /// serves every launch.
+    split_counters: CudaSlice<u32>,
 }
 
 impl CudaDevice {
@@ -191,6 +196,9 @@ impl CudaDevice {
             cublas_present().and_then(|_| CudaBlas::new(stream.clone()).map_err(|e| format!("cuBLAS handle: {e}")));
         let blas_lt = cublas_lt_present()
             .and_then(|_| CudaBlasLT::new(stream.clone()).map_err(|e| format!("cuBLASLt handle: {e}")));
+        let split_counters = stream
+            .alloc_zeros::<u32>(SPLIT_COUNTERS)
+            .map_err(|e| cuda_err("split-K counters", e))?;
         Ok(CudaDevice {
             ctx,
             stream,
@@ -199,6 +207,7 @@ impl CudaDevice {
             blas,
             blas_lt,
             info,
+            split_counters,
         })
     }
 
