@@ -17,11 +17,15 @@
 #define GEMV_ROWS 4
 #define GEMV_UNROLL 2
 
-// acc[r][b] = x[b, k8_begin..k8_end] . wrow[r][k8_begin..k8_end] (in 8-element steps).
+// acc[r][b] = x[b, ks] . wrow[r][ks] over this block's range ks of K (split blockIdx.y of
+// gridDim.y), in 8-element steps; K8 = K / 8.
 template <int B>
 __device__ __forceinline__ void gemv_accumulate(const uint4* __restrict__ x4, const uint4* const wrow[GEMV_ROWS],
-                                                int K8, int k8_begin, int k8_end, float acc[GEMV_ROWS][B]) {
+                                                int K8, float acc[GEMV_ROWS][B]) {
     const int lane = threadIdx.x & 31;
+    const int per_split = ceil_div(K8, gridDim.y);
+    const int k8_begin = blockIdx.y * per_split;
+    const int k8_end = min(K8, k8_begin + per_split);
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; ++r)
 #pragma unroll
@@ -95,15 +99,12 @@ __device__ __forceinline__ void gemv_warp(const bf16* __restrict__ x, const bf16
                                           const bf16* __restrict__ bias, OutT* __restrict__ y,
                                           float* __restrict__ partial, int N, int K, int n0, int lane) {
     const int K8 = K / 8;
-    const int per_split = ceil_div(K8, gridDim.y);
-    const int k8_begin = blockIdx.y * per_split;
-    const int k8_end = min(K8, k8_begin + per_split);
     const uint4* wrow[GEMV_ROWS];
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; ++r)  // clamped: no out-of-bounds reads
         wrow[r] = reinterpret_cast<const uint4*>(w) + (size_t)min(n0 + r, N - 1) * K8;
     float acc[GEMV_ROWS][B];
-    gemv_accumulate<B>(reinterpret_cast<const uint4*>(x), wrow, K8, k8_begin, k8_end, acc);
+    gemv_accumulate<B>(reinterpret_cast<const uint4*>(x), wrow, K8, acc);
     // Lane (r * B + b) % 32 stores output (r, b): spreads the stores over the warp.
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; ++r) {
@@ -181,9 +182,6 @@ __device__ __forceinline__ void gemv_swiglu_warp(const bf16* __restrict__ x, con
                                                  bf16* __restrict__ y, float* __restrict__ partial, int inter,
                                                  int K, int j0, int lane) {
     const int K8 = K / 8;
-    const int per_split = ceil_div(K8, gridDim.y);
-    const int k8_begin = blockIdx.y * per_split;
-    const int k8_end = min(K8, k8_begin + per_split);
     // Rows r < SWIGLU_COLS are gate rows j0 + r, the others the matching up rows.
     const uint4* wrow[GEMV_ROWS];
 #pragma unroll
@@ -192,7 +190,7 @@ __device__ __forceinline__ void gemv_swiglu_warp(const bf16* __restrict__ x, con
         wrow[r] = reinterpret_cast<const uint4*>(w) + ((size_t)(r / SWIGLU_COLS) * inter + j) * K8;
     }
     float acc[GEMV_ROWS][B];
-    gemv_accumulate<B>(reinterpret_cast<const uint4*>(x), wrow, K8, k8_begin, k8_end, acc);
+    gemv_accumulate<B>(reinterpret_cast<const uint4*>(x), wrow, K8, acc);
 #pragma unroll
     for (int c = 0; c < SWIGLU_COLS; ++c) {
         const int j = j0 + c;

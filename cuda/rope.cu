@@ -35,18 +35,24 @@ extern "C" __global__ void rope(bf16* __restrict__ x, const int32_t* __restrict_
     rotate_heads(x + (size_t)blockIdx.x * heads * head_dim, sn, cs, heads, head_dim);
 }
 
-// Multimodal RoPE: pair i takes its position from axis 0 (temporal) for i < s0, axis 1
+// The pair angles of token t under M-RoPE (the block's threads share the pairs; the
+// caller syncs): pair i takes its position from axis 0 (temporal) for i < s0, axis 1
 // (height) for s0 <= i < s0 + s1, axis 2 (width) after. positions: [3, tokens] row-major.
-extern "C" __global__ void mrope(bf16* __restrict__ x, const int32_t* __restrict__ positions, int tokens, int heads,
-                                 int head_dim, float theta, int s0, int s1) {
-    __shared__ float sn[MAX_PAIRS], cs[MAX_PAIRS];
-    const int half = head_dim / 2;
-    const int t = blockIdx.x;
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+__device__ __forceinline__ void mrope_angles(const int32_t* __restrict__ positions, int tokens, int t, int head_dim,
+                                             float theta, int s0, int s1, float* sn, float* cs) {
+    for (int i = threadIdx.x; i < head_dim / 2; i += blockDim.x) {
         const int axis = (i >= s0) + (i >= s0 + s1);
         const float pos = (float)positions[(size_t)axis * tokens + t];
         rope_sincos(pos, rope_inv_freq_at(i, head_dim, theta), &sn[i], &cs[i]);
     }
+}
+
+// Multimodal RoPE (mrope_angles) in place on x: [tokens, heads, head_dim].
+extern "C" __global__ void mrope(bf16* __restrict__ x, const int32_t* __restrict__ positions, int tokens, int heads,
+                                 int head_dim, float theta, int s0, int s1) {
+    __shared__ float sn[MAX_PAIRS], cs[MAX_PAIRS];
+    const int t = blockIdx.x;
+    mrope_angles(positions, tokens, t, head_dim, theta, s0, s1, sn, cs);
     __syncthreads();
     rotate_heads(x + (size_t)t * heads * head_dim, sn, cs, heads, head_dim);
 }
@@ -83,11 +89,7 @@ extern "C" __global__ void rope_kv_append(const bf16* __restrict__ qkv, const in
     __shared__ float sn[MAX_PAIRS], cs[MAX_PAIRS];
     const int half = head_dim / 2;
     const int t = blockIdx.x;
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        const int axis = (i >= s0) + (i >= s0 + s1);
-        const float pos = (float)positions[(size_t)axis * tokens + t];
-        rope_sincos(pos, rope_inv_freq_at(i, head_dim, theta), &sn[i], &cs[i]);
-    }
+    mrope_angles(positions, tokens, t, head_dim, theta, s0, s1, sn, cs);
     __syncthreads();
     const size_t q_row = (size_t)hq * head_dim, kv_row = (size_t)hkv * head_dim;
     const bf16* src = qkv + t * (q_row + 2 * kv_row);

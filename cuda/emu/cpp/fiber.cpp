@@ -7,9 +7,11 @@
 // when every live lane its mask names waits at one. Exited threads count as arrived, as
 // on the GPU. A block where nobody can move is a deadlock and fails the launch.
 //
-// Two thread orders (MASSV_EMU_ORDER=reverse, or massv_emu_set_order): code that reads
-// shared memory another thread writes without a barrier in between gets a different
-// answer under one of them.
+// Two orders (MASSV_EMU_ORDER=reverse, or massv_emu_set_order): a block's threads and the
+// grid's blocks run first to last or last to first. Code that reads shared memory another
+// thread writes without a barrier in between gets a different answer under one of them,
+// and so does a grid that counts on its blocks' order (a split-K sum's last block to
+// arrive is the first split under the reverse order).
 //
 // On x86-64 a fiber switch is a few instructions (switch_to below): glibc's swapcontext
 // makes a sigprocmask system call on every switch, which was 90 % of the emulator's time.
@@ -262,12 +264,12 @@ bool run_grid(KernelEntry k, void** args, uint3 grid, uint3 block, std::string& 
     nthreads = (unsigned)n;
     blockDim = block;
     gridDim = grid;
-    for (unsigned z = 0; z < grid.z; ++z)
-        for (unsigned y = 0; y < grid.y; ++y)
-            for (unsigned x = 0; x < grid.x; ++x) {
-                blockIdx = uint3{x, y, z};
-                if (!run_block(err)) return false;
-            }
+    const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
+    for (unsigned long long k = 0; k < blocks; ++k) {
+        const unsigned long long b = reverse_order ? blocks - 1 - k : k;
+        blockIdx = uint3{(unsigned)(b % grid.x), (unsigned)(b / grid.x % grid.y), (unsigned)(b / grid.x / grid.y)};
+        if (!run_block(err)) return false;
+    }
     return true;
 }
 

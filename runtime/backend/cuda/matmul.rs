@@ -82,20 +82,34 @@ impl CudaDevice {
         aligned16(OP, "w", wp)?;
         let (ii, ki) = (i32_arg(OP, "inter", inter)?, i32_arg(OP, "k", k)?);
         // Blocks cover GEMV_ROWS_PER_BLOCK / 2 outputs, as many as a 2 · inter GEMV's.
+        let (cfg, sp) = self.gemv_grid(scratch, rows, 2 * inter, k);
+        let cp = self.counters_ptr();
+        self.launch("gemv", GEMV_SWIGLU[rows - 1], cfg, &[&xp, &wp, &yp, &sp, &cp, &ii, &ki])
+    }
+
+    /// The launch of a GEMV over `cols` weight rows: GEMV_ROWS_PER_BLOCK a block and, where
+    /// `scratch` lets short matrices split K ([`Self::gemv_splits`]), the splits along y
+    /// with the scratch pointer they write (0 unsplit).
+    fn gemv_grid(
+        &self,
+        scratch: Option<&mut CudaViewMut<'_, f32>>,
+        rows: usize,
+        cols: usize,
+        k: usize,
+    ) -> (LaunchConfig, u64) {
         let (splits, sp) = match scratch {
             Some(s) => {
-                let splits = self.gemv_splits(rows, 2 * inter, k, s.len());
+                let splits = self.gemv_splits(rows, cols, k, s.len());
                 (splits, if splits > 1 { self.wptr(s) } else { 0 })
             }
             None => (1, 0),
         };
         let cfg = LaunchConfig {
-            grid_dim: ((2 * inter).div_ceil(GEMV_ROWS_PER_BLOCK) as u32, splits as u32, 1),
+            grid_dim: (cols.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, splits as u32, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        let cp = self.counters_ptr();
-        self.launch("gemv", GEMV_SWIGLU[rows - 1], cfg, &[&xp, &wp, &yp, &sp, &cp, &ii, &ki])
+        (cfg, sp)
     }
 
     /// The split-K arrival counters the GEMV kernels take.
@@ -147,18 +161,7 @@ impl CudaDevice {
         aligned16(OP, "w", wp)?;
         let bp = bias.map_or(0u64, |b| self.rptr(b));
         let (ni, ki) = (i32_arg(OP, "n", n)?, i32_arg(OP, "k", k)?);
-        let (splits, sp) = match scratch {
-            Some(s) => {
-                let splits = self.gemv_splits(rows, n, k, s.len());
-                (splits, if splits > 1 { self.wptr(s) } else { 0 })
-            }
-            None => (1, 0),
-        };
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, splits as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let (cfg, sp) = self.gemv_grid(scratch, rows, n, k);
         let name = gemv_name(f32_out, rows);
         let cp = self.counters_ptr();
         self.launch("gemv", name, cfg, &[&xp, &wp, &bp, &yp, &sp, &cp, &ni, &ki])
