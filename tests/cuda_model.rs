@@ -47,7 +47,7 @@ use massv::backend::cuda::{CudaDevice, DeviceInfo};
 use massv::backend::{Device, DeviceRequest};
 use massv::image::{preprocess, ImageInput, Preprocessed, PreprocessorConfig};
 use massv::kv_cache::KvCache;
-use massv::model::cuda_qwen2::{compact_path, CudaKvCache, CudaQwen2, Input, MAX_BLOCK};
+use massv::model::cuda_qwen2::{compact_path, CudaKvCache, CudaQwen2, Input, MAX_TREE_BLOCK, PREFILL_BLOCK};
 use massv::model::qwen2::{Logits, Positions, Qwen2, TreeMask};
 use massv::model::qwen2_5_vl::VisionOutput;
 use massv::model::Target;
@@ -649,9 +649,11 @@ fn prefill_decode_and_tree_blocks_match_the_cpu() {
         let windowed = (0..p.cpu.cfg.num_hidden_layers).any(|l| p.cpu.cfg.layer_window(l).is_some());
         let mut rng = Rng::new(7);
 
-        // Prefill of 100 tokens: two blocks (MAX_BLOCK = 64), the cuBLASLt path.
+        // Prefill of 100 tokens in two blocks of 64 (the default block of PREFILL_BLOCK
+        // tokens would take them in one: the emulator's time), the cuBLASLt path.
+        p.gpu.set_prefill_block(64).unwrap();
         let prompt = random_tokens(&mut rng, 100, v);
-        assert!(prompt.len() > MAX_BLOCK);
+        assert!(prompt.len() > 64 && prompt.len() <= PREFILL_BLOCK);
         let want = p.cpu.forward_tokens(&prompt, &mut p.cpu_cache, Logits::All).unwrap();
         let got = p.gpu.forward_tokens(&prompt, &mut p.gpu_cache, Logits::All).unwrap();
         assert_close(&format!("{name} prefill"), &got, &want, v);
@@ -789,7 +791,9 @@ fn host_embeddings_with_mrope_positions_match_the_cpu() {
     let (d, v) = (p.cpu.cfg.hidden_size, p.cpu.cfg.vocab_size);
     let mut rng = Rng::new(9);
     // 10 text tokens, a 6 × 8 image grid at temporal position 10, 12 text tokens after:
-    // 70 tokens, two blocks, longer than the 16-token window.
+    // 70 tokens, two blocks of 64 (the second's M-RoPE rows sliced from all three axes),
+    // longer than the 16-token window.
+    p.gpu.set_prefill_block(64).unwrap();
     let n = 70;
     let mut pos = vec![0i32; 3 * n];
     let mut next = 0;
@@ -980,8 +984,8 @@ fn errors_are_values_not_panics() {
     assert_eq!(cache.len(), 3, "failed passes must not commit");
 
     // A tree block larger than one block.
-    let mut big = gpu.new_cache(2 * MAX_BLOCK).unwrap();
-    let n = MAX_BLOCK + 1;
+    let mut big = gpu.new_cache(2 * MAX_TREE_BLOCK).unwrap();
+    let n = MAX_TREE_BLOCK + 1;
     let allow = vec![1u8; n * n];
     let tokens = vec![1u32; n];
     let positions: Vec<i32> = (0..n as i32).collect();
@@ -996,6 +1000,9 @@ fn errors_are_values_not_panics() {
         }),
     ));
     assert!(msg.contains("exceeds"), "{msg}");
+    let mut small = CudaQwen2::load(dev.clone(), &dir).unwrap();
+    let msg = message(small.set_prefill_block(MAX_TREE_BLOCK - 1));
+    assert!(msg.contains("below the 64 a tree block needs"), "{msg}");
 
     assert!(message(cache.rollback_to(4)).contains("past the cache length"));
     assert!(message(cache.compact(1, &[0])).contains("ascending cached positions"));

@@ -2,7 +2,7 @@
 //! model, so that the CPU stays the reference it is tested against.
 //!
 //! Weights are uploaded once as bf16; every activation lives in scratch buffers sized at
-//! load time for a block of [`MAX_BLOCK`] tokens, so a decode or verify step only
+//! load time for a block of [`PREFILL_BLOCK`] tokens, so a decode or verify step only
 //! launches kernels and copies ids, positions (and a tree mask) in and logits (or one
 //! argmax per row) out.
 //! The residual stream is bf16 like every activation (the launchers' storage type); sums
@@ -24,9 +24,17 @@ use crate::kv_cache::Extent;
 use crate::sampling::SamplingParams;
 use crate::weights::{DType, Weights};
 
-/// Tokens per forward block: prefill runs in blocks of this many, and a masked (tree)
-/// block must fit in one, since its mask rows index keys of the whole block.
-pub const MAX_BLOCK: usize = 64;
+/// Tokens per forward block by default ([`CudaQwen2::set_prefill_block`]): a prefill
+/// runs in blocks of this many, and every block streams all the weights once, so short
+/// blocks make a long prompt's prefill memory-bound (a 7B LM reads its 15 GB of weights
+/// per block: at 64 tokens a block that alone is more time than the block's FLOPs; at
+/// 512 the GEMMs are compute-bound). The scratch for 512 tokens of the 7B target is
+/// about 85 MB.
+pub const PREFILL_BLOCK: usize = 512;
+
+/// The most tokens of a masked (tree) block: it runs as one block, its mask rows
+/// indexing keys of the whole block.
+pub const MAX_TREE_BLOCK: usize = 64;
 
 /// Splits of K the GEMV scratch allows (short matrices of the small models need them to
 /// fill the GPU).
@@ -62,8 +70,10 @@ struct Layer {
     down_w: CudaSlice<bf16>,     // [D, I]
 }
 
-/// Activations of one block of B = [`MAX_BLOCK`] tokens, reused by every pass.
+/// Activations of one block of B tokens ([`PREFILL_BLOCK`] by default), reused by every
+/// pass.
 struct Scratch {
+    block: usize, // B
     /// [4·B]: a block's positions ([3, n] under M-RoPE, else [n]), then its token ids
     /// (for token input): one upload a pass.
     step_in: CudaSlice<i32>,
@@ -81,19 +91,23 @@ struct Scratch {
     argmax: CudaSlice<i32>,    // [B]
     top_ids: CudaSlice<i32>,   // [B, MAX_TOP_K]
     top_probs: CudaSlice<f32>, // [B, MAX_TOP_K]
-    /// Tree mask; starts at [B, B] (a target's tree) and grows only for a wider one (a
-    /// drafter whose earlier depths are cached).
+    /// Tree mask; starts at [T, T], T = MAX_TREE_BLOCK (a target's tree) and grows only
+    /// for a wider one (a drafter whose earlier depths are cached).
     mask: CudaSlice<u8>,
     gemv: CudaSlice<f32>, // split-K partials of the GEMVs
     attn_split: AttnScratch,
 }
 
 impl Scratch {
-    fn new(dev: &CudaDevice, c: &TextConfig) -> Result<Self> {
-        let b = MAX_BLOCK;
+    fn new(dev: &CudaDevice, c: &TextConfig, b: usize) -> Result<Self> {
+        // Attention splits over the keys only for a few rows (decode, verify, trees):
+        // its partials need no room for a prefill block's.
+        let split_rows = b.min(MAX_TREE_BLOCK) * c.num_attention_heads;
+        let t = MAX_TREE_BLOCK;
         let (d, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let widest = (q + 2 * kv).max(2 * i).max(d);
         Ok(Scratch {
+            block: b,
             step_in: dev.alloc_zeros(4 * b)?,
             embeds: dev.alloc_zeros(b * d)?,
             hidden: dev.alloc_zeros(b * d)?,
@@ -109,9 +123,9 @@ impl Scratch {
             argmax: dev.alloc_zeros(b)?,
             top_ids: dev.alloc_zeros(b * MAX_TOP_K)?,
             top_probs: dev.alloc_zeros(b * MAX_TOP_K)?,
-            mask: dev.alloc_zeros(b * b)?,
+            mask: dev.alloc_zeros(t * t)?,
             gemv: dev.alloc_zeros(GEMV_SPLITS * GEMV_MAX_ROWS * widest)?,
-            attn_split: dev.attn_scratch(b * c.num_attention_heads, ATTN_SPLITS, c.head_dim)?,
+            attn_split: dev.attn_scratch(split_rows, ATTN_SPLITS, c.head_dim)?,
         })
     }
 }
@@ -213,7 +227,7 @@ impl CudaQwen2 {
                 Some(up(host("lm_head.weight")?)?)
             },
             layers,
-            scratch: Mutex::new(Scratch::new(&dev, &cfg)?),
+            scratch: Mutex::new(Scratch::new(&dev, &cfg, PREFILL_BLOCK)?),
             cfg,
             dev,
         })
@@ -221,6 +235,24 @@ impl CudaQwen2 {
 
     pub fn device(&self) -> &Arc<CudaDevice> {
         &self.dev
+    }
+
+    /// Runs prompts in blocks of `tokens` ([`PREFILL_BLOCK`] by default; at least
+    /// [`MAX_TREE_BLOCK`], so that a tree fits in one): fewer tokens, less scratch memory
+    /// (a device with little to spare), more passes over the weights. Reallocates the
+    /// scratch.
+    pub fn set_prefill_block(&mut self, tokens: usize) -> Result<()> {
+        if tokens < MAX_TREE_BLOCK {
+            return Err(err(
+                "prefill block",
+                format!("{tokens} tokens is below the {MAX_TREE_BLOCK} a tree block needs"),
+            ));
+        }
+        let scratch = self.scratch.get_mut().unwrap_or_else(|p| p.into_inner());
+        // The old buffers go first, so that both sets need not fit at once.
+        *scratch = Scratch::new(&self.dev, &self.cfg, MAX_TREE_BLOCK)?;
+        *scratch = Scratch::new(&self.dev, &self.cfg, tokens)?;
+        Ok(())
     }
 
     pub fn new_cache(&self, capacity: usize) -> Result<CudaKvCache> {
@@ -429,16 +461,16 @@ impl CudaQwen2 {
             if (0..c.num_hidden_layers).any(|l| c.layer_window(l).is_some()) {
                 return Err(err(OP, "token trees are not supported with sliding-window attention"));
             }
-            if n > MAX_BLOCK {
-                return Err(err(OP, format!("a tree block of {n} tokens exceeds {MAX_BLOCK}")));
+            if n > MAX_TREE_BLOCK {
+                return Err(err(OP, format!("a tree block of {n} tokens exceeds {MAX_TREE_BLOCK}")));
             }
             if s.mask.len() < m.allow.len() {
                 s.mask = self.dev.alloc_zeros(m.allow.len())?;
             }
             self.dev.upload_into(m.allow, &mut s.mask.as_view_mut())?;
         }
-        for b0 in (0..n).step_by(MAX_BLOCK) {
-            let b1 = (b0 + MAX_BLOCK).min(n);
+        for b0 in (0..n).step_by(s.block) {
+            let b1 = (b0 + s.block).min(n);
             let m = b1 - b0;
             let mut step_in = block_positions(positions, c.mrope_section.is_some(), n, b0, b1);
             let ids_at = step_in.len();
