@@ -83,7 +83,10 @@ __device__ __forceinline__ bool split_k_last(unsigned* __restrict__ counters) {
     __syncthreads();
     if (threadIdx.x == 0) {
         last = atomicAdd(&counters[blockIdx.x], 1u) == gridDim.y - 1;
-        if (last) counters[blockIdx.x] = 0;
+        if (last) {
+            counters[blockIdx.x] = 0;
+            __threadfence();  // the other splits' partials are read after their count
+        }
     }
     __syncthreads();
     return last;
