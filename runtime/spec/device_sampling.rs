@@ -191,9 +191,7 @@ pub struct DeviceTreeSampling {
     q_rows: usize,
     p: CudaSlice<f32>,        // [nodes, np]
     q: CudaSlice<f32>,        // [nodes, nq]: rows of the nodes with children
-    tokens: CudaSlice<i32>,   // [nodes]
-    parents: CudaSlice<i32>,  // [nodes]
-    q_row: CudaSlice<i32>,    // [nodes]: each node's row of q, -1 for none
+    tree_in: CudaSlice<i32>,  // [3, nodes]: tokens, parents, q rows (-1: none), [3, n] packed
     uniforms: CudaSlice<f64>, // [nodes]
     work: CudaSlice<f32>,     // [np + nq]: the kernels' running p and q
     out: CudaSlice<i32>,      // [nodes + 1]: (m, next, path[0..m]); a depth's draws + uniforms used
@@ -216,9 +214,7 @@ impl DeviceTreeSampling {
         Ok(Some(DeviceTreeSampling {
             p: dev.alloc_zeros(n * np)?,
             q: dev.alloc_zeros(n * nq)?,
-            tokens: dev.alloc_zeros(n)?,
-            parents: dev.alloc_zeros(n)?,
-            q_row: dev.alloc_zeros(n)?,
+            tree_in: dev.alloc_zeros(3 * n)?,
             uniforms: dev.alloc_zeros(n)?,
             work: dev.alloc_zeros(np + nq)?,
             out: dev.alloc_zeros(n + 1)?,
@@ -320,19 +316,19 @@ impl DeviceTreeSampling {
             dev.upload_into(&rows, &mut self.q.slice_mut(..rows.len()))?;
             rows.len() / nq
         };
-        dev.upload_into(&q_row, &mut self.q_row.slice_mut(..n))?;
-        let tokens: Vec<i32> = tree.tokens.iter().map(|&t| t as i32).collect();
-        let parents: Vec<i32> = tree.parents.iter().map(|&p| p as i32).collect();
-        dev.upload_into(&tokens, &mut self.tokens.slice_mut(..n))?;
-        dev.upload_into(&parents, &mut self.parents.slice_mut(..n))?;
+        let tree_in: Vec<i32> = (tree.tokens.iter().map(|&t| t as i32))
+            .chain(tree.parents.iter().map(|&p| p as i32))
+            .chain(q_row)
+            .collect();
+        dev.upload_into(&tree_in, &mut self.tree_in.slice_mut(..3 * n))?;
         let u = rng.peek_uniforms(n);
         dev.upload_into(&u, &mut self.uniforms.slice_mut(..n))?;
 
         dev.verify_tree_sampled(
-            &self.tokens.slice(..n),
-            &self.parents.slice(..n),
+            &self.tree_in.slice(..n),
+            &self.tree_in.slice(n..2 * n),
             tree.proposal,
-            &self.q_row.slice(..n),
+            &self.tree_in.slice(2 * n..3 * n),
             &self.q.slice(..q_rows * nq),
             &self.p.slice(..n * np),
             &self.uniforms.slice(..n),
