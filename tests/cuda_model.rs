@@ -2335,6 +2335,20 @@ fn device_top_k_and_probabilities_are_the_host_ones_of_the_device_logits() {
 // -------------------------------------------------------------------------------------
 // What a decode step costs the host: counted by the CUDA emulator (cuda/emu)
 
+/// The small bf16 Qwen2 (hidden 64, 4 heads over 2 KV heads, tied head) whose steps the
+/// emulator counts, with `inter` MLP width, `layers` and `vocab` as a test needs them.
+fn counting_spec(name: &'static str, inter: usize, layers: usize, vocab: usize) -> Spec {
+    Spec {
+        name,
+        config: with(
+            text_config(64, 4, 2, inter, layers, vocab),
+            json!({"tie_word_embeddings": true, "rope_theta": 10000.0}),
+        ),
+        dtype: SynthDtype::Bf16,
+        max_shard_bytes: 1 << 30,
+    }
+}
+
 /// The largest host↔device copy a step may make: a few tokens' ids, positions, uniforms
 /// and verdicts (a tree step's mask of 9 nodes is 81 bytes). One row of the vocabulary's
 /// probabilities here is 16 384 × 4 bytes, 16× more (and 8× more in bf16).
@@ -2353,15 +2367,7 @@ fn decode_steps_allocate_nothing_and_copy_only_a_few_tokens() {
         println!("skipped: allocations and copies are counted by the CUDA emulator only (MASSV_CUDA_EMU=1)");
         return;
     }
-    let big_vocab = |name, layers| Spec {
-        name,
-        config: with(
-            text_config(64, 4, 2, 128, layers, 16_384),
-            json!({"tie_word_embeddings": true, "rope_theta": 10000.0}),
-        ),
-        dtype: SynthDtype::Bf16,
-        max_shard_bytes: 1 << 30,
-    };
+    let big_vocab = |name, layers| counting_spec(name, 128, layers, 16_384);
     let (_t1, target) = make_model_dir(&big_vocab("target-vocab-16384", 2), "qwen2-tiny-gqa4-tied");
     let (_t2, drafter) = make_model_dir(&big_vocab("drafter-vocab-16384", 1), "qwen2-tiny-gqa4-tied");
     let img = ImageInput::from_path(&fixture("images/nonsquare_150x100.png")).unwrap();
@@ -2464,15 +2470,7 @@ fn a_layer_launches_8_kernels_a_step() {
         println!("skipped: launches are counted by the CUDA emulator only (MASSV_CUDA_EMU=1)");
         return;
     }
-    let spec = |name, layers| Spec {
-        name,
-        config: with(
-            text_config(64, 4, 2, 1024, layers, 256),
-            json!({"tie_word_embeddings": true, "rope_theta": 10000.0}),
-        ),
-        dtype: SynthDtype::Bf16,
-        max_shard_bytes: 1 << 30,
-    };
+    let spec = |name, layers| counting_spec(name, 1024, layers, 256);
     assert!(
         dev.gemv_splits(1, 64, 1024, usize::MAX) > 1,
         "down_proj (64 × 1024) splits K on this device"
