@@ -1525,6 +1525,26 @@ fn time_pass(
     })
 }
 
+/// Median (events, wall) ms of drafting a chain of [`BENCH_GAMMA`] greedy drafts after
+/// `first`: with `draft_chain` (picked on the device, one copy back), or pass by pass
+/// (`argmax_last`: each draft copied back before the next pass is queued). Rolled back
+/// after every run.
+fn time_chain(m: &CudaQwen2, cache: &mut CudaKvCache, first: u32, on_device: bool) -> (f64, f64) {
+    use massv::model::cuda_qwen2::ChainPick;
+    let ctx = cache.len();
+    median_ms(m.device(), || {
+        if on_device {
+            m.draft_chain(Input::Tokens(&[first]), cache, BENCH_GAMMA, ChainPick::Argmax)?;
+        } else {
+            let mut t = first;
+            for _ in 0..BENCH_GAMMA {
+                t = m.argmax_last(&[t], cache)?;
+            }
+        }
+        cache.rollback_to(ctx)
+    })
+}
+
 /// Rows of the benchmark table and of its JSON.
 struct ModelBench {
     bw: f64, // bytes/s, measured device-to-device copy (read + write)
@@ -1700,10 +1720,21 @@ fn bench_model() {
         time_pass(&target, &mut cache, &nodes, &tree_pos, None),
         step_bytes(&tc, layers, ctx, BENCH_TREE_NODES, false),
     );
-    let draft = b.row(
+    b.row(
         &format!("0.5B drafter ({dl} layers) decode, 1 token"),
         time_pass(&drafter, &mut dcache, &one, &chain(1), last),
         step_bytes(&dc, dl, ctx, 1, true),
+    );
+    let chain_bytes = BENCH_GAMMA as f64 * step_bytes(&dc, dl, ctx, 1, true);
+    b.row(
+        &format!("0.5B drafter chain γ={BENCH_GAMMA}, pass by pass (γ syncs)"),
+        time_chain(&drafter, &mut dcache, one[0], false),
+        chain_bytes,
+    );
+    let draft_chain = b.row(
+        &format!("0.5B drafter chain γ={BENCH_GAMMA}, draft_chain (1 sync)"),
+        time_chain(&drafter, &mut dcache, one[0], true),
+        chain_bytes,
     );
     let mut pcache = target.new_cache(ctx).unwrap();
     let prefill = b.row_flops(
@@ -1777,13 +1808,14 @@ fn bench_model() {
         tree28 / verify28
     );
 
-    // Speculative decoding at a forced acceptance length a (γ = 5 drafter steps of one
-    // token each, then one chain verify): a + 1 tokens per cycle.
-    let cycle = BENCH_GAMMA as f64 * draft + verify28;
+    // Speculative decoding at a forced acceptance length a (a chain of γ = 5 drafts,
+    // then one chain verify): a + 1 tokens per cycle.
+    let cycle = draft_chain + verify28;
     let target_only = 1e3 / decode28;
     println!(
-        "\nderived: speculative tokens/s with γ = {BENCH_GAMMA} at forced acceptance a = (a + 1) / ({BENCH_GAMMA} · \
-         drafter decode + {t28} verify) = (a + 1) / {cycle:.3} ms; target-only = 1 / {t28} decode = {target_only:.1} tokens/s"
+        "\nderived: speculative tokens/s with γ = {BENCH_GAMMA} at forced acceptance a = (a + 1) / (drafter \
+         draft_chain γ={BENCH_GAMMA} + {t28} verify) = (a + 1) / {cycle:.3} ms; target-only = 1 / {t28} decode = \
+         {target_only:.1} tokens/s"
     );
     println!("{:>3} {:>10} {:>10} {:>8}", "a", "tokens/s", "ms/token", "speedup");
     let speculative: Vec<serde_json::Value> = (0..=BENCH_GAMMA)
@@ -2018,6 +2050,138 @@ fn device_rejection_sampling_makes_the_host_paths_choices() {
         }
     }
     println!("device rejection sampling: {accepted} drafts accepted over 24 passes");
+}
+
+/// Chain drafting on the device (`CudaQwen2::draft_chain`): each draft is picked there
+/// and read by the next pass's embedding, and the γ ids come back in one copy. It drafts
+/// what pass-by-pass drafting drafts (each argmax at T = 0; at T > 0 the same q rows and
+/// the same draws from the same uniforms), bit for bit the same caches, after a pending
+/// feed of one token and of two (all drafts accepted: the last draft and the bonus).
+/// On the emulator, which counts copies: one device→host copy for γ = 5 (pass by pass
+/// waits on one a draft).
+#[test]
+fn chain_drafting_picks_on_the_device_and_copies_back_once() {
+    use massv::model::cuda_qwen2::ChainPick;
+    let dev = dev_or_skip!();
+    let (_t, dir) = make(&engine_drafter_spec());
+    let m = CudaQwen2::load(dev.clone(), &dir).unwrap();
+    let (v, layers) = (m.cfg.vocab_size, m.cfg.num_hidden_layers);
+    let mut rng = Rng::new(3);
+    let prompt = random_tokens(&mut rng, 12, v);
+    let primed = || {
+        let mut c = m.new_cache(64).unwrap();
+        m.forward_tokens(&prompt, &mut c, Logits::Last).unwrap();
+        c
+    };
+    let same_caches = |a: &CudaKvCache, b: &CudaKvCache, what: &str| {
+        assert_eq!(a.len(), b.len(), "{what}: cache lengths");
+        for l in 0..layers {
+            assert!(
+                a.layer_to_host(l).unwrap() == b.layer_to_host(l).unwrap(),
+                "{what}: layer {l}'s cache"
+            );
+        }
+    };
+    let dtoh = || massv_cuda_emu::loaded().then(|| massv_cuda_emu::stats().unwrap().dtoh_copies);
+    let sp = SamplingParams {
+        temperature: 0.9,
+        top_k: 0,
+        top_p: 0.95,
+    };
+    let gamma = 5;
+    for feed in [vec![prompt[3]], vec![prompt[5], prompt[7]]] {
+        // T = 0.
+        let mut a = primed();
+        let (mut want, mut f) = (vec![], feed.clone());
+        for _ in 0..gamma {
+            let id = m.argmax_last(&f, &mut a).unwrap();
+            want.push(id);
+            f = vec![id];
+        }
+        let mut b = primed();
+        let before = dtoh();
+        let got = m
+            .draft_chain(Input::Tokens(&feed), &mut b, gamma, ChainPick::Argmax)
+            .unwrap();
+        let copies = dtoh().zip(before).map(|(a, b)| a - b);
+        assert_eq!(got, want, "T = 0 after {feed:?}");
+        same_caches(&a, &b, "T = 0");
+        if let Some(c) = copies {
+            assert_eq!(c, 1, "T = 0: device→host copies of a γ = {gamma} chain");
+        }
+
+        // T > 0.
+        let u: Vec<f64> = (0..gamma).map(|_| rng.uniform()).collect();
+        let uniforms = dev.upload(&u).unwrap();
+        let (mut q_want, mut q_got) = (
+            dev.alloc_zeros::<f32>(gamma * v).unwrap(),
+            dev.alloc_zeros(gamma * v).unwrap(),
+        );
+        let mut out = dev.alloc_zeros::<i32>(1).unwrap();
+        let mut a = primed();
+        let (mut want, mut f) = (vec![], feed.clone());
+        for i in 0..gamma {
+            let pos: Vec<i32> = (a.len() as i32..).take(f.len()).collect();
+            let input = Input::Tokens(&f);
+            m.forward_probs(
+                input,
+                Positions::Seq(&pos),
+                &mut a,
+                Logits::Last,
+                None,
+                &sp,
+                &mut q_want,
+                i,
+            )
+            .unwrap();
+            let row = q_want.slice(i * v..(i + 1) * v);
+            dev.sample(&row, &uniforms.slice(i..i + 1), &mut out.slice_mut(..), 1, v)
+                .unwrap();
+            let id = dev.download(&out.slice(..)).unwrap()[0] as u32;
+            want.push(id);
+            f = vec![id];
+        }
+        let mut b = primed();
+        let before = dtoh();
+        let pick = ChainPick::Sample {
+            params: &sp,
+            q: &mut q_got,
+            uniforms: &uniforms,
+        };
+        let got = m.draft_chain(Input::Tokens(&feed), &mut b, gamma, pick).unwrap();
+        let copies = dtoh().zip(before).map(|(a, b)| a - b);
+        assert_eq!(got, want, "T > 0 after {feed:?}");
+        let (qa, qb) = (
+            dev.download(&q_want.slice(..)).unwrap(),
+            dev.download(&q_got.slice(..)).unwrap(),
+        );
+        assert!(qa == qb, "T > 0: the chain's q rows");
+        same_caches(&a, &b, "T > 0");
+        if let Some(c) = copies {
+            assert_eq!(c, 1, "T > 0: device→host copies of a γ = {gamma} chain");
+        }
+    }
+
+    // γ = 0 runs nothing; short sampling buffers and ids outside the vocabulary are errors
+    // before anything runs.
+    let mut c = primed();
+    let len = c.len();
+    assert!(m
+        .draft_chain(Input::Tokens(&[1]), &mut c, 0, ChainPick::Argmax)
+        .unwrap()
+        .is_empty());
+    let uniforms = dev.upload(&[0.5f64; 4]).unwrap();
+    let mut q = dev.alloc_zeros::<f32>(4 * v).unwrap();
+    let pick = ChainPick::Sample {
+        params: &sp,
+        q: &mut q,
+        uniforms: &uniforms,
+    };
+    let e = message(m.draft_chain(Input::Tokens(&[1]), &mut c, 5, pick));
+    assert!(e.contains("5 drafts") && e.contains("uniforms"), "{e}");
+    let e = message(m.draft_chain(Input::Tokens(&[v as u32]), &mut c, 2, ChainPick::Argmax));
+    assert!(e.contains(&v.to_string()), "{e}");
+    assert_eq!(c.len(), len, "a refused chain leaves the cache as it was");
 }
 
 /// A synth target and drafter both on the device, after one text prompt: the target's

@@ -58,6 +58,38 @@ pub enum Input<'a> {
     Embeddings(&'a [f32]),
 }
 
+/// What a pass of [`CudaQwen2::run`] reads: an [`Input`] from the host, or the one token a
+/// chain drafted into slot i of the scratch's `chain` ids (it never went to the host).
+#[derive(Clone, Copy)]
+enum Feed<'a> {
+    Host(Input<'a>),
+    Drafted(usize),
+}
+
+/// How [`CudaQwen2::draft_chain`] picks each draft on the device.
+pub enum ChainPick<'a> {
+    /// The argmax of the logits (T = 0).
+    Argmax,
+    /// A draw from the distribution under `params` (`probabilities` kernel), with the
+    /// uniform `uniforms[i]` for draft i (`sample` kernel); draft i's distribution is
+    /// left in row i of `q` ([γ, V]) for the verification.
+    Sample {
+        params: &'a SamplingParams,
+        q: &'a mut CudaSlice<f32>,
+        uniforms: &'a CudaSlice<f64>,
+    },
+}
+
+impl ChainPick<'_> {
+    /// The same pick for one pass.
+    fn reborrow(&mut self) -> ChainPick<'_> {
+        match self {
+            ChainPick::Argmax => ChainPick::Argmax,
+            ChainPick::Sample { params, q, uniforms } => ChainPick::Sample { params, q, uniforms },
+        }
+    }
+}
+
 /// One decoder layer on the device. D = hidden, Q = heads·head_dim, KV = kv_heads·
 /// head_dim, I = intermediate.
 struct Layer {
@@ -91,6 +123,9 @@ struct Scratch {
     argmax: CudaSlice<i32>,    // [B]
     top_ids: CudaSlice<i32>,   // [B, MAX_TOP_K]
     top_probs: CudaSlice<f32>, // [B, MAX_TOP_K]
+    /// [γ] the ids of the chain being drafted ([`CudaQwen2::draft_chain`]); grows with
+    /// the first chain longer than it.
+    chain: CudaSlice<i32>,
     /// Tree mask; starts at [T, T], T = MAX_TREE_BLOCK (a target's tree) and grows only
     /// for a wider one (a drafter whose earlier depths are cached).
     mask: CudaSlice<u8>,
@@ -123,6 +158,7 @@ impl Scratch {
             argmax: dev.alloc_zeros(b)?,
             top_ids: dev.alloc_zeros(b * MAX_TOP_K)?,
             top_probs: dev.alloc_zeros(b * MAX_TOP_K)?,
+            chain: dev.alloc_zeros(8)?,
             mask: dev.alloc_zeros(t * t)?,
             gemv: dev.alloc_zeros(GEMV_SPLITS * GEMV_MAX_ROWS * widest)?,
             attn_split: dev.attn_scratch(split_rows, ATTN_SPLITS, c.head_dim)?,
@@ -150,6 +186,12 @@ enum Head<'a> {
         out: &'a mut CudaSlice<f32>,
         params: &'a SamplingParams,
         next: usize,
+    },
+    /// The last row's draft ([`ChainPick`]) into slot `slot` of the scratch's `chain`:
+    /// nothing is copied back.
+    Chain {
+        pick: ChainPick<'a>,
+        slot: usize,
     },
     /// Nowhere: the head is not run.
     Skip,
@@ -283,7 +325,14 @@ impl CudaQwen2 {
         mask: Option<TreeMask>,
     ) -> Result<Vec<f32>> {
         let mut out = Vec::new();
-        self.run(input, positions, cache, logits, mask, Head::Logits(&mut out))?;
+        self.run(
+            Feed::Host(input),
+            positions,
+            cache,
+            logits,
+            mask,
+            Head::Logits(&mut out),
+        )?;
         Ok(out)
     }
 
@@ -307,7 +356,7 @@ impl CudaQwen2 {
             params,
             next: row0,
         };
-        self.run(input, positions, cache, logits, mask, head)
+        self.run(Feed::Host(input), positions, cache, logits, mask, head)
     }
 
     /// As [`Self::forward`], but the argmax of each row stays on the device and only the
@@ -321,7 +370,14 @@ impl CudaQwen2 {
         mask: Option<TreeMask>,
     ) -> Result<Vec<u32>> {
         let mut out = Vec::new();
-        self.run(input, positions, cache, logits, mask, Head::Argmax(&mut out))?;
+        self.run(
+            Feed::Host(input),
+            positions,
+            cache,
+            logits,
+            mask,
+            Head::Argmax(&mut out),
+        )?;
         Ok(out)
     }
 
@@ -340,7 +396,7 @@ impl CudaQwen2 {
         params.validate()?;
         let mut out = Vec::new();
         self.run(
-            input,
+            Feed::Host(input),
             positions,
             cache,
             logits,
@@ -366,7 +422,14 @@ impl CudaQwen2 {
             return Err(err("forward_top_k", format!("k = {k} (1 to {MAX_TOP_K})")));
         }
         let mut out = Vec::new();
-        self.run(input, positions, cache, logits, mask, Head::TopK { k, out: &mut out })?;
+        self.run(
+            Feed::Host(input),
+            positions,
+            cache,
+            logits,
+            mask,
+            Head::TopK { k, out: &mut out },
+        )?;
         Ok(out)
     }
 
@@ -374,7 +437,7 @@ impl CudaQwen2 {
     /// the cache (a prompt segment whose logits nobody reads, such as the part of a
     /// Qwen2.5-VL prompt before its last span).
     pub fn extend(&self, input: Input, positions: Positions, cache: &mut CudaKvCache) -> Result<()> {
-        self.run(input, positions, cache, Logits::Last, None, Head::Skip)
+        self.run(Feed::Host(input), positions, cache, Logits::Last, None, Head::Skip)
     }
 
     /// The greedy next token after `tokens`, one i32 copied back.
@@ -390,9 +453,76 @@ impl CudaQwen2 {
         ids.first().copied().ok_or_else(|| err("argmax_last", "no row"))
     }
 
+    /// Drafts a chain of `gamma` tokens: `first` after the cache's committed positions,
+    /// then each draft fed back, every pass at the next 1-D positions and committed. Each
+    /// draft is picked on the device ([`ChainPick`]) into an id buffer the next pass's
+    /// embedding reads, so the host queues all γ passes without waiting for one and a
+    /// single copy brings the γ ids back (a pass-by-pass loop waits γ times, and the
+    /// GPU idles while the host queues each next pass: a small drafter's step is mostly
+    /// launch time).
+    pub fn draft_chain(
+        &self,
+        first: Input,
+        cache: &mut CudaKvCache,
+        gamma: usize,
+        mut pick: ChainPick,
+    ) -> Result<Vec<u32>> {
+        const OP: &str = "draft_chain";
+        if gamma == 0 {
+            return Ok(Vec::new());
+        }
+        let v = self.cfg.vocab_size;
+        if let ChainPick::Sample { q, uniforms, .. } = &pick {
+            if q.len() < gamma * v || uniforms.len() < gamma {
+                return Err(err(
+                    OP,
+                    format!(
+                        "{gamma} drafts of a {v}-token vocabulary need {} q values and {gamma} uniforms, given {} and {}",
+                        gamma * v,
+                        q.len(),
+                        uniforms.len()
+                    ),
+                ));
+            }
+        }
+        {
+            let mut s = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+            if s.chain.len() < gamma {
+                s.chain = self.dev.alloc_zeros(gamma)?;
+            }
+        }
+        let mut feed = Feed::Host(first);
+        for slot in 0..gamma {
+            let positions = next_positions(cache, self.rows(feed)?);
+            let head = Head::Chain {
+                pick: pick.reborrow(),
+                slot,
+            };
+            self.run(feed, Positions::Seq(&positions), cache, Logits::Last, None, head)?;
+            feed = Feed::Drafted(slot);
+        }
+        let s = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let ids = self.dev.download(&s.chain.slice(..gamma))?;
+        Ok(ids.into_iter().map(|id| id as u32).collect())
+    }
+
+    /// The tokens `input` holds.
+    fn rows(&self, input: Feed) -> Result<usize> {
+        let d = self.cfg.hidden_size;
+        match input {
+            Feed::Host(Input::Tokens(t)) => Ok(t.len()),
+            Feed::Host(Input::Embeddings(e)) if e.len() % d == 0 => Ok(e.len() / d),
+            Feed::Host(Input::Embeddings(e)) => Err(err(
+                "forward",
+                format!("{} embedding values are not rows of {d}", e.len()),
+            )),
+            Feed::Drafted(_) => Ok(1),
+        }
+    }
+
     fn run(
         &self,
-        input: Input,
+        input: Feed,
         positions: Positions,
         cache: &mut CudaKvCache,
         logits: Logits,
@@ -402,13 +532,7 @@ impl CudaQwen2 {
         const OP: &str = "forward";
         let c = &self.cfg;
         let d = c.hidden_size;
-        let n = match input {
-            Input::Tokens(t) => t.len(),
-            Input::Embeddings(e) if e.len() % d == 0 => e.len() / d,
-            Input::Embeddings(e) => {
-                return Err(err(OP, format!("{} embedding values are not rows of {d}", e.len())));
-            }
-        };
+        let n = self.rows(input)?;
         if n == 0 {
             return Err(err(OP, "forward pass with no tokens"));
         }
@@ -422,7 +546,7 @@ impl CudaQwen2 {
         if matches!(positions, Positions::Multi(_)) && c.mrope_section.is_none() {
             return Err(err(OP, "3-D positions given to a model without mrope_section"));
         }
-        if let Input::Tokens(t) = input {
+        if let Feed::Host(Input::Tokens(t)) = input {
             if let Some(&id) = t.iter().find(|&&id| id as usize >= c.vocab_size) {
                 return Err(Error::TokenOutOfRange {
                     id,
@@ -474,20 +598,22 @@ impl CudaQwen2 {
             let m = b1 - b0;
             let mut step_in = block_positions(positions, c.mrope_section.is_some(), n, b0, b1);
             let ids_at = step_in.len();
-            if let Input::Tokens(t) = input {
+            if let Feed::Host(Input::Tokens(t)) = input {
                 step_in.extend(t[b0..b1].iter().map(|&id| id as i32));
             }
             self.dev
                 .upload_into(&step_in, &mut s.step_in.slice_mut(..step_in.len()))?;
+            let table = self.embed.as_view();
             match input {
-                Input::Tokens(_) => self.dev.embedding(
-                    &s.step_in.slice(ids_at..ids_at + m),
-                    &self.embed.as_view(),
-                    &mut s.hidden.as_view_mut(),
-                    m,
-                    d,
-                )?,
-                Input::Embeddings(e) => {
+                Feed::Host(Input::Tokens(_)) => {
+                    let ids = s.step_in.slice(ids_at..ids_at + m);
+                    self.dev.embedding(&ids, &table, &mut s.hidden.as_view_mut(), m, d)?
+                }
+                Feed::Drafted(slot) => {
+                    let ids = s.chain.slice(slot..slot + 1);
+                    self.dev.embedding(&ids, &table, &mut s.hidden.as_view_mut(), m, d)?
+                }
+                Feed::Host(Input::Embeddings(e)) => {
                     self.dev.upload_into(&e[b0 * d..b1 * d], &mut s.embeds.as_view_mut())?;
                     self.dev
                         .f32_to_bf16(&s.embeds.as_view(), &mut s.hidden.as_view_mut(), m * d)?;
@@ -659,6 +785,19 @@ impl CudaQwen2 {
                     }
                     dev.probabilities(&s.logits.slice(..g * v), &mut out.slice_mut(a..b), g, v, params)?;
                     *next += g;
+                }
+                Head::Chain { pick, slot } => {
+                    // Only the last row's logits reach a chain's head (Logits::Last).
+                    let mut id = s.chain.slice_mut(*slot..*slot + 1);
+                    match pick {
+                        ChainPick::Argmax => dev.argmax(&s.logits.slice(..v), &mut id, 1, v)?,
+                        ChainPick::Sample { params, q, uniforms } => {
+                            let row = *slot * v..(*slot + 1) * v;
+                            dev.probabilities(&s.logits.slice(..v), &mut q.slice_mut(row.clone()), 1, v, params)?;
+                            let u = uniforms.slice(*slot..*slot + 1);
+                            dev.sample(&q.slice(row), &u, &mut id, 1, v)?;
+                        }
+                    }
                 }
                 Head::Skip => {}
             }

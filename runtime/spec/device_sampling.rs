@@ -29,6 +29,7 @@ use super::tree_draft::TreeRows;
 use super::verify::Verdict;
 use crate::backend::cuda::{CudaDevice, MAX_TOP_K};
 use crate::error::{Error, Result};
+use crate::model::cuda_qwen2::ChainPick;
 use crate::model::qwen2::{Logits, Positions, TreeMask};
 use crate::model::{Cache, Lm, Session, Target};
 use crate::reference::{top_k_probs, tree_uniforms_consumed, uniforms_consumed};
@@ -88,26 +89,19 @@ impl DeviceSampling {
         rng: &mut Rng,
     ) -> Result<Vec<u32>> {
         self.check_gamma(gamma)?;
-        let (dev, nq) = (&self.dev, self.nq);
-        let (q, uniforms, out) = (&mut self.q, &mut self.uniforms, &mut self.out);
+        if gamma == 0 {
+            return Ok(Vec::new());
+        }
+        let (q, uniforms) = (&mut self.q, &mut self.uniforms);
         // One uniform a draft, drawn in the host path's order and uploaded in one copy.
         let u: Vec<f64> = (0..gamma).map(|_| rng.uniform()).collect();
-        dev.upload_into(&u, &mut uniforms.slice_mut(..gamma))?;
-        state.draft_with(gamma, |feed, cache, i| {
-            let positions = next_positions(cache, feed.len());
-            drafter.lm.forward_tokens_probs(
-                feed,
-                Positions::Seq(&positions),
-                cache,
-                Logits::Last,
-                None,
-                params,
-                q,
-                i,
-            )?;
-            let row = q.slice(i * nq..(i + 1) * nq);
-            dev.sample(&row, &uniforms.slice(i..i + 1), &mut out.slice_mut(0..1), 1, nq)?;
-            Ok(dev.download(&out.slice(0..1))?[0] as u32)
+        self.dev.upload_into(&u, &mut uniforms.slice_mut(..gamma))?;
+        let chain = |feed: &[u32], cache: &mut Cache| {
+            let pick = ChainPick::Sample { params, q, uniforms };
+            drafter.lm.draft_chain(feed, cache, gamma, pick)
+        };
+        state.draft_chain(gamma, chain)?.ok_or_else(|| {
+            Error::InvalidArgument("device rejection sampling needs the drafter's LM on the device".into())
         })
     }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::backend::Device;
 use crate::error::{Error, Result};
-use crate::model::cuda_qwen2::Input;
+use crate::model::cuda_qwen2::{ChainPick, Input};
 use crate::model::projector::Projector;
 use crate::model::qwen2::{Logits, Positions, TreeMask};
 use crate::model::qwen2_5_vl::VisionOutput;
@@ -364,6 +364,12 @@ impl DraftState {
         params: &SamplingParams,
         rng: &mut Rng,
     ) -> Result<(Vec<u32>, Vec<Vec<f32>>)> {
+        if params.is_greedy() {
+            let chain = |feed: &[u32], cache: &mut Cache| drafter.lm.draft_chain(feed, cache, gamma, ChainPick::Argmax);
+            if let Some(drafts) = self.draft_chain(gamma, chain)? {
+                return Ok((drafts, Vec::new()));
+            }
+        }
         let mut qs = Vec::with_capacity(if params.is_greedy() { 0 } else { gamma });
         let drafts = self.draft_with(gamma, |feed, cache, _| {
             if params.is_greedy() {
@@ -401,6 +407,28 @@ impl DraftState {
             feed = vec![d];
         }
         Ok(drafts)
+    }
+
+    /// The chain of [`DraftState::draft_with`] drafted in one call: `chain(feed, cache)`
+    /// runs the pending tokens and the first γ − 1 drafts after the cache and returns the
+    /// γ drafts, or None where it cannot (a drafter on the CPU), and then nothing ran.
+    /// Keeps the same bookkeeping.
+    pub(super) fn draft_chain(
+        &mut self,
+        gamma: usize,
+        chain: impl FnOnce(&[u32], &mut Cache) -> Result<Option<Vec<u32>>>,
+    ) -> Result<Option<Vec<u32>>> {
+        if gamma == 0 {
+            return Ok(None);
+        }
+        let base = self.cache.len();
+        let Some(drafts) = chain(&self.pending, &mut self.cache)? else {
+            return Ok(None);
+        };
+        self.base = base;
+        self.fed_pending = self.pending.len();
+        self.fed_drafts = gamma - 1;
+        Ok(Some(drafts))
     }
 
     /// After verification: keeps the accepted drafts, forgets the rest, and queues the

@@ -11,7 +11,7 @@ use crate::backend::cuda::CudaDevice;
 use crate::backend::Device;
 use crate::config::{self, TextConfig};
 use crate::error::{Error, Result};
-use crate::model::cuda_qwen2::{self, CudaQwen2, Input};
+use crate::model::cuda_qwen2::{self, ChainPick, CudaQwen2, Input};
 use crate::model::qwen2::{expected_tensors, Logits, Names, Positions, Qwen2, TreeMask};
 use crate::model::{Cache, Lm};
 use crate::sampling::SamplingParams;
@@ -194,6 +194,22 @@ impl DraftLm {
             self.lm
                 .forward_probs(input, positions, cache, logits, mask, params, out, row0)
         })
+    }
+
+    /// A chain of `gamma` drafts after `feed` picked on the device, one copy back
+    /// ([`CudaQwen2::draft_chain`]); None for a drafter on the CPU.
+    pub fn draft_chain(
+        &self,
+        feed: &[u32],
+        cache: &mut Cache,
+        gamma: usize,
+        pick: ChainPick,
+    ) -> Result<Option<Vec<u32>>> {
+        let (Lm::Cuda(m), Cache::Cuda(c)) = (&self.lm, cache) else {
+            return Ok(None);
+        };
+        self.with_input(feed, |input| m.draft_chain(input, c, gamma, pick))
+            .map(Some)
     }
 
     /// Calls `f` with `tokens` as ids when the table has them all, else as host rows.
