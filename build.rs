@@ -34,16 +34,26 @@ fn main() {
     }
 
     let archs = env::var("MASSV_CUDA_ARCHS").unwrap_or_else(|_| DEFAULT_ARCHS.to_string());
-    let modules = match find_nvcc() {
-        Some(nvcc) => compile_all(&nvcc, &sources, &archs, &out_dir),
+    let (modules, release) = match find_nvcc() {
+        Some(nvcc) => (compile_all(&nvcc, &sources, &archs, &out_dir), nvcc_release(&nvcc)),
         None => {
             println!(
                 "cargo:warning=nvcc not found (NVCC, PATH, CUDA_HOME/bin): building massv without CUDA kernels (CPU only)"
             );
-            Vec::new()
+            (Vec::new(), None)
         }
     };
-    write_module_table(&out_dir, &modules, &archs);
+    write_module_table(&out_dir, &modules, &archs, release);
+}
+
+/// The CUDA release of `nvcc` as (major, minor), from `nvcc --version`'s "release 13.0,".
+fn nvcc_release(nvcc: &Path) -> Option<(u32, u32)> {
+    let out = Command::new(nvcc).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rest = &text[text.find("release ")? + "release ".len()..];
+    let (major, rest) = rest.split_once('.')?;
+    let minor: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    Some((major.trim().parse().ok()?, minor.parse().ok()?))
 }
 
 fn cuda_sources(dir: &Path) -> Vec<PathBuf> {
@@ -108,12 +118,15 @@ fn compile_all(nvcc: &Path, sources: &[PathBuf], archs: &str, out_dir: &Path) ->
                 .into_owned();
             let out = out_dir.join(format!("{name}.fatbin"));
             let mut cmd = Command::new(nvcc);
-            cmd.arg("--fatbin")
-                .args(["-O3", "-std=c++17", "--use_fast_math", "-Icuda"])
-                .args(&gencode)
-                .arg("-o")
-                .arg(&out)
-                .arg(src);
+            cmd.arg("--fatbin").args(["-O3", "-std=c++17", "-Icuda"]);
+            // Sampling decides which token a request gets: its softmax takes the full-range
+            // expf (fast math's ex2.approx.ftz is ulps off and flushes the tail's
+            // probabilities below 1.2e-38 to 0). It streams one vocabulary row, so the
+            // slower exp costs nothing measurable; every other kernel keeps fast math.
+            if name != "sampling" {
+                cmd.arg("--use_fast_math");
+            }
+            cmd.args(&gencode).arg("-o").arg(&out).arg(src);
             std::thread::spawn(move || (name, out, cmd.output()))
         })
         .collect();
@@ -137,12 +150,17 @@ fn compile_all(nvcc: &Path, sources: &[PathBuf], archs: &str, out_dir: &Path) ->
     modules
 }
 
-fn write_module_table(out_dir: &Path, modules: &[(String, PathBuf)], archs: &str) {
+fn write_module_table(out_dir: &Path, modules: &[(String, PathBuf)], archs: &str, release: Option<(u32, u32)>) {
     let mut s = String::new();
     let _ = writeln!(s, "/// True when build.rs found nvcc and compiled every kernel.");
     let _ = writeln!(s, "pub const COMPILED: bool = {};", !modules.is_empty());
     let _ = writeln!(s, "/// The `MASSV_CUDA_ARCHS` the fatbins were built for.");
     let _ = writeln!(s, "pub const ARCHS: &str = {archs:?};");
+    let _ = writeln!(
+        s,
+        "/// The CUDA release (major, minor) of the nvcc that built them, when it said."
+    );
+    let _ = writeln!(s, "pub const NVCC_RELEASE: Option<(u32, u32)> = {release:?};");
     let _ = writeln!(s, "/// (module name = the .cu file's stem, fatbin image).");
     let _ = writeln!(s, "pub static MODULES: &[(&str, &[u8])] = &[");
     for (name, path) in modules {

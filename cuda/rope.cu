@@ -9,6 +9,14 @@
 
 #define MAX_PAIRS 256
 
+// Pair (x1, x2) rotated by the angle whose cosine and sine are c, s into y[0], y[half].
+// Each product and sum is rounded on its own, never contracted into an FMA, as the CPU
+// twin rounds them: the kernels that rotate agree bit for bit whatever nvcc fuses.
+__device__ __forceinline__ void rotate_pair(float x1, float x2, float c, float s, bf16* y, int half) {
+    y[0] = to_bf16(__fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
+    y[half] = to_bf16(__fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
+}
+
 // Rotates the heads of one token with the pair angles in sn/cs.
 __device__ __forceinline__ void rotate_heads(bf16* __restrict__ xt, const float* sn, const float* cs, int heads,
                                              int head_dim) {
@@ -16,9 +24,7 @@ __device__ __forceinline__ void rotate_heads(bf16* __restrict__ xt, const float*
     for (int p = threadIdx.x; p < heads * half; p += blockDim.x) {
         const int h = p / half, i = p % half;
         bf16* xh = xt + (size_t)h * head_dim;
-        const float x1 = to_f32(xh[i]), x2 = to_f32(xh[i + half]);
-        xh[i] = to_bf16(x1 * cs[i] - x2 * sn[i]);
-        xh[i + half] = to_bf16(x2 * cs[i] + x1 * sn[i]);
+        rotate_pair(to_f32(xh[i]), to_f32(xh[i + half]), cs[i], sn[i], xh + i, half);
     }
 }
 
@@ -99,9 +105,7 @@ extern "C" __global__ void rope_kv_append(const bf16* __restrict__ qkv, const in
         const bf16* x = src + (size_t)h * head_dim;
         bf16* y = h < hq ? q_out + t * q_row + (size_t)h * head_dim
                          : k_cache + (size_t)(len + t) * kv_row + (size_t)(h - hq) * head_dim;
-        const float x1 = to_f32(x[i]), x2 = to_f32(x[i + half]);
-        y[i] = to_bf16(x1 * cs[i] - x2 * sn[i]);
-        y[i + half] = to_bf16(x2 * cs[i] + x1 * sn[i]);
+        rotate_pair(to_f32(x[i]), to_f32(x[i + half]), cs[i], sn[i], y + i, half);
     }
     const bf16* v = src + q_row + kv_row;
     bf16* vc = v_cache + (size_t)(len + t) * kv_row;

@@ -28,7 +28,9 @@
 // SAMPLE_CHUNK / SAMPLE_TILE in the twin). For a vocabulary of at most 32 entries that
 // is exactly the CPU's sequential order; beyond it the CPU's spec::verify / spec::tree /
 // Rng::sample agree unless a uniform falls within rounding of an acceptance threshold or
-// a cumulative boundary (the normalisations may differ in the last f32 bit).
+// a cumulative boundary (the normalisations may differ in the last f32 bit). build.rs
+// compiles this file without --use_fast_math, so the softmaxes' expf is the full-range
+// one (within 2 ulp of the CPU's, no flush of tiny probabilities to 0).
 #include "common.cuh"
 
 #define SAMPLE_CHUNK 32

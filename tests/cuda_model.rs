@@ -2184,6 +2184,46 @@ fn chain_drafting_picks_on_the_device_and_copies_back_once() {
     assert_eq!(c.len(), len, "a refused chain leaves the cache as it was");
 }
 
+/// Four requests drafting chains on one device drafter at once (the C ABI shares a loaded
+/// engine between threads) draft what each drafts alone: a chain's ids stay in the
+/// drafter's scratch between its passes, so the chain holds the scratch throughout. A
+/// race shows only when another thread's pass slips in between two passes: on the
+/// emulator 2 of 4 runs of this test caught a chain that let the scratch go between
+/// passes, so a pass here is evidence, not proof.
+#[test]
+fn chains_drafted_at_once_by_four_threads_stay_apart() {
+    use massv::model::cuda_qwen2::ChainPick;
+    let dev = dev_or_skip!();
+    let (_t, dir) = make(&engine_drafter_spec());
+    let m = CudaQwen2::load(dev.clone(), &dir).unwrap();
+    let mut rng = Rng::new(8);
+    let prompts: Vec<Vec<u32>> = (0..4)
+        .map(|i| random_tokens(&mut rng, 9 + i, m.cfg.vocab_size))
+        .collect();
+    // Sixteen chains of 5 after the prompt, each fed the last draft of the one before.
+    let chains = |prompt: &[u32]| -> Vec<Vec<u32>> {
+        let mut cache = m.new_cache(128).unwrap();
+        m.forward_tokens(prompt, &mut cache, Logits::Last).unwrap();
+        let mut last = prompt[0];
+        (0..16)
+            .map(|_| {
+                let ids = m
+                    .draft_chain(Input::Tokens(&[last]), &mut cache, 5, ChainPick::Argmax)
+                    .unwrap();
+                last = ids[4];
+                ids
+            })
+            .collect()
+    };
+    let alone: Vec<_> = prompts.iter().map(|p| chains(p)).collect();
+    assert_ne!(alone[0], alone[1], "the requests draft different chains");
+    let together: Vec<_> = std::thread::scope(|s| {
+        let threads: Vec<_> = prompts.iter().map(|p| s.spawn(|| chains(p))).collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
+}
+
 /// A synth target and drafter both on the device, after one text prompt: the target's
 /// session and the drafter's state, from which the token-tree tests draft and verify.
 struct TreeSampling {

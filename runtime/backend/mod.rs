@@ -37,14 +37,23 @@ pub enum DeviceRequest {
 
 impl DeviceRequest {
     /// `cpu`: the CPU. `cuda`: CUDA if [`cuda::probe`] finds the kernels embedded, a driver
-    /// and a GPU, else the probe's error. `auto`: CUDA when `cuda` would be, else the CPU
-    /// (never an error). Knows no model: [`crate::model::Target::choose_device`] also
-    /// checks that the kernels serve the target's shapes.
+    /// and a GPU, and cuBLAS and cuBLASLt load ([`cuda::blas_present`]), else the error
+    /// naming what is missing. `auto`: CUDA when `cuda` would be, else the CPU (never an
+    /// error; a one-line note on stderr when a GPU was found but cuBLAS was not). Knows no
+    /// model: [`crate::model::Target::choose_device`] also checks that the kernels serve
+    /// the target's shapes.
     pub fn resolve(self) -> Result<Device> {
         match self {
             DeviceRequest::Cpu => Ok(Device::Cpu),
-            DeviceRequest::Auto => Ok(cuda::probe().map_or(Device::Cpu, |_| Device::Cuda)),
-            DeviceRequest::Cuda => cuda::probe().map(|_| Device::Cuda),
+            DeviceRequest::Auto => Ok(match cuda::probe().map(|_| cuda::blas_present()) {
+                Err(_) => Device::Cpu,
+                Ok(Ok(())) => Device::Cuda,
+                Ok(Err(e)) => {
+                    eprintln!("massv: using the CPU: {e}");
+                    Device::Cpu
+                }
+            }),
+            DeviceRequest::Cuda => cuda::probe().and_then(|_| cuda::blas_present()).map(|_| Device::Cuda),
         }
     }
 }

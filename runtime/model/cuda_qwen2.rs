@@ -485,11 +485,12 @@ impl CudaQwen2 {
                 ));
             }
         }
-        {
-            let mut s = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-            if s.chain.len() < gamma {
-                s.chain = self.dev.alloc_zeros(gamma)?;
-            }
+        // The scratch stays locked for the whole chain: its ids live there between passes,
+        // where another request's pass would overwrite them.
+        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let s = &mut *guard;
+        if s.chain.len() < gamma {
+            s.chain = self.dev.alloc_zeros(gamma)?;
         }
         let mut feed = Feed::Host(first);
         for slot in 0..gamma {
@@ -498,10 +499,9 @@ impl CudaQwen2 {
                 pick: pick.reborrow(),
                 slot,
             };
-            self.run(feed, Positions::Seq(&positions), cache, Logits::Last, None, head)?;
+            self.run_in(s, feed, Positions::Seq(&positions), cache, Logits::Last, None, head)?;
             feed = Feed::Drafted(slot);
         }
-        let s = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         let ids = self.dev.download(&s.chain.slice(..gamma))?;
         Ok(ids.into_iter().map(|id| id as u32).collect())
     }
@@ -522,6 +522,22 @@ impl CudaQwen2 {
 
     fn run(
         &self,
+        input: Feed,
+        positions: Positions,
+        cache: &mut CudaKvCache,
+        logits: Logits,
+        mask: Option<TreeMask>,
+        head: Head,
+    ) -> Result<()> {
+        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        self.run_in(&mut guard, input, positions, cache, logits, mask, head)
+    }
+
+    /// [`Self::run`] in the scratch `s`, locked by the caller.
+    #[allow(clippy::too_many_arguments)]
+    fn run_in(
+        &self,
+        s: &mut Scratch,
         input: Feed,
         positions: Positions,
         cache: &mut CudaKvCache,
@@ -568,8 +584,6 @@ impl CudaQwen2 {
         }
         cache.reserve(n)?;
         let start = cache.len();
-        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        let s = &mut *guard;
         if let Some(m) = mask {
             let span = (start + n).checked_sub(m.start).filter(|_| m.start <= start);
             if span.map(|s| s * n) != Some(m.allow.len()) {

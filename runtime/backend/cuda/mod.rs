@@ -23,11 +23,11 @@
 use std::collections::HashMap;
 use std::fmt::Display;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::cublaslt::CudaBlasLT;
-use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUresult};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
     DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
@@ -111,8 +111,47 @@ pub fn probe() -> Result<DeviceInfo> {
             ));
         }
         let ctx = CudaContext::new(0).map_err(|e| cuda_err("context", e))?;
-        info(&ctx)
+        let info = info(&ctx)?;
+        keep_alive(ctx);
+        Ok(info)
     })
+}
+
+/// Holds the first device's primary context for the rest of the process: releasing its
+/// last reference destroys it, and the device opened after the probe would create it
+/// anew (a fraction of a second on a large GPU, once per probe).
+fn keep_alive(ctx: Arc<CudaContext>) {
+    static KEPT: OnceLock<Arc<CudaContext>> = OnceLock::new();
+    let _ = KEPT.set(ctx);
+}
+
+/// ", its driver supports CUDA X.Y" and, when that is older than the CUDA that built the
+/// kernels, what to do: an old driver refuses newer kernels with an error that does not
+/// say so.
+fn driver_note() -> String {
+    let mut v = 0;
+    // SAFETY: writes one int.
+    if unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) } != CUresult::CUDA_SUCCESS {
+        return String::new();
+    }
+    let driver = ((v / 1000) as u32, (v % 1000 / 10) as u32);
+    let mut note = format!(", its driver supports CUDA {}.{}", driver.0, driver.1);
+    if let Some(built) = kernels::NVCC_RELEASE.filter(|&b| driver < b) {
+        note += &format!(
+            ": older than the CUDA {}.{} that built the kernels (update the driver, or build with that driver's nvcc)",
+            built.0, built.1
+        );
+    }
+    note
+}
+
+/// Whether cuBLAS and cuBLASLt can be loaded: serving a model needs them (the prefill's
+/// GEMMs, the vision tower, the projector), the kernels alone do not. Checked apart from
+/// [`probe`] so a machine whose cuBLAS is not on the library path still runs the kernels.
+pub fn blas_present() -> Result<()> {
+    cublas_present()
+        .and_then(|_| cublas_lt_present())
+        .map_err(|e| Error::InvalidArgument(format!("a CUDA device is here but {e}")))
 }
 
 fn info(ctx: &Arc<CudaContext>) -> Result<DeviceInfo> {
@@ -156,6 +195,14 @@ pub struct CudaDevice {
     split_counters: CudaSlice<u32>,
 }
 
+impl Drop for CudaDevice {
+    /// Waits for the stream before the modules unload under kernels still queued (a pass
+    /// that failed midway leaves some).
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
+    }
+}
+
 impl CudaDevice {
     /// The first GPU. A clear error (never a panic) without kernels, driver or device.
     pub fn new() -> Result<Self> {
@@ -183,10 +230,12 @@ impl CudaDevice {
                     cuda_err(
                         &format!("loading cuda/{name}.cu"),
                         format!(
-                            "{e} (kernels built for {}; this GPU is sm_{}{})",
+                            "{e} (kernels built for {}{}; this GPU is sm_{}{}{})",
                             kernels::ARCHS,
+                            kernels::NVCC_RELEASE.map_or(String::new(), |(a, b)| format!(" by CUDA {a}.{b}")),
                             info.compute_capability.0,
-                            info.compute_capability.1
+                            info.compute_capability.1,
+                            driver_note(),
                         ),
                     )
                 })?;
