@@ -11,9 +11,10 @@
 // vision tower (group 1) has one row per token of a cu_seqlens segment.
 //
 // Entry points (one per mode and head dim 16 / 32 / 64 / 80 / 128, the launcher in
-// runtime/backend/cuda.rs picks): attention_{prefill,decode,verify,varlen}_d{16,32,64,80,128},
-// plus attention_combine, which merges the split-K partial results of decode / verify
-// (and of a prefill whose keys were split).
+// runtime/backend/cuda.rs picks): attention_{prefill,decode,verify,varlen}_d{16,32,64,80,128}.
+// Split over the keys (gridDim.z > 1: decode, verify, a prefill of few row tiles), each
+// split stores its partial output and (max, sum), and the last split of a row tile to
+// finish merges them (combine_splits): one launch either way.
 //   prefill / decode (causal): query t (cache position start + t) sees keys
 //       lo..=start + t, lo = 0 or start + t + 1 - window with a sliding window;
 //   verify (masked): query t sees every cached key < mask_start and key mask_start + j
@@ -41,6 +42,7 @@ struct AttnParams {
     float* ml_part;             // split-K: [splits, n * hq, 2] (running max in log2 units, sum)
     const uint8_t* mask;        // verify: [n, start + n - mask_start]
     const int32_t* cu_seqlens;  // varlen: [segments + 1]
+    unsigned* counters;         // split-K: [row tiles * KV heads] arrival counts, zero between launches
     int n;                      // query tokens (varlen: total tokens)
     int start;                  // cache position of query token 0
     int mask_start;             // verify: first key the mask covers (<= start)
@@ -75,6 +77,47 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 __device__ __forceinline__ uint32_t pack_bf16(bf16 lo, bf16 hi) {
     __nv_bfloat162 h = __halves2bfloat162(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// The last split of a row tile to finish merges every split's partials of the tile's
+// rows into out: out = sum_s w_s o_s / sum_s w_s, w_s = l_s 2^(m_s - M), M = max_s m_s,
+// the splits in order. rows: the tile's rows (r = row_base + i), at most 64.
+template <int D>
+__device__ __forceinline__ void combine_splits(const AttnParams& p, int row_base, int rows, int group, int head) {
+    __shared__ float big_m[64], inv_w[64];
+    const int splits = gridDim.z;
+    const size_t all_rows = (size_t)p.n * p.hq;
+    // Partial row of tile row i: token (row_base + i) / group, query head h * group + i % group.
+    auto prow = [&](int i) {
+        const int r = row_base + i;
+        return (size_t)(r / group) * p.hq + head * group + r % group;
+    };
+    for (int i = threadIdx.x; i < rows; i += blockDim.x) {
+        const size_t row = prow(i);
+        float M = -INFINITY;
+        for (int s = 0; s < splits; ++s) M = fmaxf(M, __ldcg(p.ml_part + (s * all_rows + row) * 2));
+        float wsum = 0.0f;
+        for (int s = 0; s < splits; ++s) {
+            const float ms = __ldcg(p.ml_part + (s * all_rows + row) * 2);
+            if (ms != -INFINITY) wsum += __ldcg(p.ml_part + (s * all_rows + row) * 2 + 1) * exp2f(ms - M);
+        }
+        big_m[i] = M;
+        inv_w[i] = wsum > 0.0f ? 1.0f / wsum : 0.0f;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < rows * D; e += blockDim.x) {
+        const int i = e / D, c = e % D;
+        const size_t row = prow(i);
+        float acc = 0.0f;
+        for (int s = 0; s < splits; ++s) {
+            const float ms = __ldcg(p.ml_part + (s * all_rows + row) * 2);
+            if (ms != -INFINITY)
+                acc += __ldcg(p.ml_part + (s * all_rows + row) * 2 + 1) * exp2f(ms - big_m[i]) *
+                       __ldcg(p.o_part + (s * all_rows + row) * D + c);
+        }
+        const int r = row_base + i;
+        p.out[(size_t)(r / group) * p.out_stride + (size_t)(head * group + r % group) * D + c] = to_bf16(acc * inv_w[i]);
+    }
 }
 
 template <int D, int MODE>
@@ -279,6 +322,8 @@ __device__ __forceinline__ void attention_body(const AttnParams& p) {
             if (tig == 0) *reinterpret_cast<float2*>(p.ml_part + row * 2) = make_float2(m[h], l[h]);
         }
     }
+    if (split && last_split_arrived(p.counters, blockIdx.y * gridDim.x + blockIdx.x, gridDim.z))
+        combine_splits<D>(p, row_base, min(rows_total - row_base, nw * 16), group, head);
 }
 
 #define ATTN_ENTRY(NAME, MODE, D)                                                                                      \
@@ -293,30 +338,3 @@ ATTN_ENTRIES(prefill, MODE_CAUSAL)
 ATTN_ENTRIES(decode, MODE_CAUSAL)
 ATTN_ENTRIES(verify, MODE_MASKED)
 ATTN_ENTRIES(varlen, MODE_VARLEN)
-
-// Merges split-K partials: out = sum_s w_s o_s / sum_s w_s with w_s = l_s 2^(m_s - M).
-// One block per output row (token t = blockIdx.x / hq, head blockIdx.x % hq), threads
-// over the head dim.
-extern "C" __global__ void attention_combine(const float* __restrict__ o_part, const float* __restrict__ ml_part,
-                                             bf16* __restrict__ out, int rows, int hq, int d, int splits,
-                                             int out_stride) {
-    const int row = blockIdx.x;
-    float M = -INFINITY;
-    for (int s = 0; s < splits; ++s) M = fmaxf(M, ml_part[((size_t)s * rows + row) * 2]);
-    float wsum = 0.0f;
-    for (int s = 0; s < splits; ++s) {
-        const float ms = ml_part[((size_t)s * rows + row) * 2];
-        if (ms != -INFINITY) wsum += ml_part[((size_t)s * rows + row) * 2 + 1] * exp2f(ms - M);
-    }
-    const float inv = wsum > 0.0f ? 1.0f / wsum : 0.0f;
-    bf16* orow = out + (size_t)(row / hq) * out_stride + (size_t)(row % hq) * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float acc = 0.0f;
-        for (int s = 0; s < splits; ++s) {
-            const float ms = ml_part[((size_t)s * rows + row) * 2];
-            if (ms != -INFINITY)
-                acc += ml_part[((size_t)s * rows + row) * 2 + 1] * exp2f(ms - M) * o_part[((size_t)s * rows + row) * d + i];
-        }
-        orow[i] = to_bf16(acc * inv);
-    }
-}

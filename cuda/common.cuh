@@ -112,6 +112,26 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
 
 __host__ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// Split-K in one launch (gemv.cu, attention.cu): a grid's `splits` blocks of one work item
+// each store their partial result, then count themselves in on counters[idx]; the block
+// that counts last sees every partial in memory (read them with __ldcg) and merges them,
+// so no second kernel does. The counter is zero before the launch and the last block
+// resets it. Called by every thread of the block, after its partials are stored.
+__device__ __forceinline__ bool last_split_arrived(unsigned* __restrict__ counters, unsigned idx, unsigned splits) {
+    __shared__ bool last;
+    __threadfence();  // this thread's partials reach L2 before the count says so
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(&counters[idx], 1u) == splits - 1;
+        if (last) {
+            counters[idx] = 0;
+            __threadfence();  // the other splits' partials are read after their count
+        }
+    }
+    __syncthreads();
+    return last;
+}
+
 // IEEE single-precision operations that --use_fast_math (ftz, approximate division)
 // must not touch: the kernels that promise bit-equality with the CPU use these. (The CPU
 // emulator, cuda/emu, has no fast math: plain operations are IEEE there.)

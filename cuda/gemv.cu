@@ -74,24 +74,6 @@ __device__ __forceinline__ void gemv_accumulate(const uint4* __restrict__ x4, co
         for (int b = 0; b < B; ++b) acc[r][b] = warp_sum(acc[r][b]);
 }
 
-// Split-K: after this block's partial sums are stored, whether it is the last of its
-// column range's gridDim.y splits (then the sums of all are in memory, and it adds them
-// up). The last one resets the counter for the next launch. Called by every thread.
-__device__ __forceinline__ bool split_k_last(unsigned* __restrict__ counters) {
-    __shared__ bool last;
-    __threadfence();  // this thread's partials reach L2 before the count says so
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        last = atomicAdd(&counters[blockIdx.x], 1u) == gridDim.y - 1;
-        if (last) {
-            counters[blockIdx.x] = 0;
-            __threadfence();  // the other splits' partials are read after their count
-        }
-    }
-    __syncthreads();
-    return last;
-}
-
 __device__ __forceinline__ void store_out(float* y, size_t i, float v) { y[i] = v; }
 __device__ __forceinline__ void store_out(bf16* y, size_t i, float v) { y[i] = to_bf16(v); }
 
@@ -135,9 +117,9 @@ __device__ __forceinline__ void gemv_body(const bf16* __restrict__ x, const bf16
                                           int K) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
-    // No early return: a split's warps all meet at split_k_last's barriers.
+    // No early return: a split's warps all meet at last_split_arrived's barriers.
     if (n0 < N) gemv_warp<B>(x, w, bias, y, partial, N, K, n0, lane);
-    if (gridDim.y == 1 || !split_k_last(counters)) return;
+    if (gridDim.y == 1 || !last_split_arrived(counters, blockIdx.x, gridDim.y)) return;
     const int c0 = blockIdx.x * GEMV_WARPS * GEMV_ROWS, cols = min(GEMV_WARPS * GEMV_ROWS, N - c0);
     for (int i = threadIdx.x; i < B * cols; i += blockDim.x) {
         const int b = i / cols, n = c0 + i % cols;
@@ -220,7 +202,7 @@ __device__ __forceinline__ void gemv_swiglu_body(const bf16* __restrict__ x, con
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int j0 = (blockIdx.x * GEMV_WARPS + warp) * SWIGLU_COLS;
     if (j0 < inter) gemv_swiglu_warp<B>(x, w, y, partial, inter, K, j0, lane);
-    if (gridDim.y == 1 || !split_k_last(counters)) return;
+    if (gridDim.y == 1 || !last_split_arrived(counters, blockIdx.x, gridDim.y)) return;
     const int c0 = blockIdx.x * GEMV_WARPS * SWIGLU_COLS, cols = min(GEMV_WARPS * SWIGLU_COLS, inter - c0);
     for (int i = threadIdx.x; i < B * cols; i += blockDim.x) {
         const int b = i / cols, j = c0 + i % cols;

@@ -2661,10 +2661,10 @@ fn decode_steps_allocate_nothing_and_copy_only_a_few_tokens() {
 
 /// The kernels a decoder layer launches per step, counted by the emulator: a decode step
 /// (one token) and a verify block (γ + 1 = 6 tokens, on the GEMVs too) each launch 8 a
-/// layer where attention does not split over the keys: rmsnorm, the QKV GEMV,
-/// rope_kv_append (RoPE on q and k + the cache write), attention, o_proj, rmsnorm_residual,
-/// gemv_swiglu (gate/up + SwiGLU), down_proj, whose K (1024) is split here and summed by
-/// its last split in the same launch. Launch overhead is most of a small drafter's step,
+/// layer: rmsnorm, the QKV GEMV, rope_kv_append (RoPE on q and k + the cache write),
+/// attention (after 300 cached tokens split over the keys and merged by its last split),
+/// o_proj, rmsnorm_residual, gemv_swiglu (gate/up + SwiGLU), down_proj, whose K (1024) is
+/// split here and summed by its last split in the same launch. Launch overhead is most of a small drafter's step,
 /// so a kernel that creeps back in fails here. Counted as the difference between models
 /// of 3 and 1 layers (the embedding and the head are the same).
 #[test]
@@ -2681,12 +2681,13 @@ fn a_layer_launches_8_kernels_a_step() {
     );
     let (_t1, one) = make(&spec("layers-1", 1));
     let (_t3, three) = make(&spec("layers-3", 3));
-    let launches = |dir: &Path, block: usize| -> u64 {
+    let launches = |dir: &Path, block: usize, context: usize| -> u64 {
         let model = CudaQwen2::load(dev.clone(), dir).unwrap();
-        let mut cache = model.new_cache(64).unwrap();
-        model.argmax_last(&[5, 6, 7, 8], &mut cache).unwrap();
+        let mut cache = model.new_cache(context + block).unwrap();
+        let prompt: Vec<u32> = (0..context as u32).map(|i| 5 + i % 200).collect();
+        model.argmax_last(&prompt, &mut cache).unwrap();
         let tokens: Vec<u32> = (10..10 + block as u32).collect();
-        let positions: Vec<i32> = (4..4 + block as i32).collect();
+        let positions: Vec<i32> = (context as i32..).take(block).collect();
         massv_cuda_emu::reset_stats().unwrap();
         model
             .forward_argmax(
@@ -2699,14 +2700,16 @@ fn a_layer_launches_8_kernels_a_step() {
             .unwrap();
         massv_cuda_emu::stats().unwrap().launches
     };
-    for block in [1, 6] {
-        let (l1, l3) = (launches(&one, block), launches(&three, block));
+    // After 4 cached tokens attention runs whole; after 300 it splits over the keys.
+    for (block, context) in [(1, 4), (6, 4), (1, 300), (6, 300)] {
+        let (l1, l3) = (launches(&one, block, context), launches(&three, block, context));
         let per_layer = (l3 - l1) / 2;
-        println!("block of {block}: {per_layer} launches a layer ({l1} for a 1-layer model)");
-        assert_eq!((l3 - l1) % 2, 0, "block of {block}: layers launch alike ({l1}, {l3})");
+        let what = format!("block of {block} after {context}");
+        println!("{what}: {per_layer} launches a layer ({l1} for a 1-layer model)");
+        assert_eq!((l3 - l1) % 2, 0, "{what}: layers launch alike ({l1}, {l3})");
         assert!(
             per_layer <= 8,
-            "block of {block}: {per_layer} launches a layer (8: norm, qkv, rope_kv_append, attention, o, norm, gemv_swiglu, down)"
+            "{what}: {per_layer} launches a layer (8: norm, qkv, rope_kv_append, attention, o, norm, gemv_swiglu, down)"
         );
     }
 }

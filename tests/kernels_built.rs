@@ -123,11 +123,7 @@ fn every_launcher_names_a_kernel_its_module_has() {
         named.push(("gemv".into(), format!("gemv_bf16_f32_b{b}")));
         named.push(("gemv".into(), format!("gemv_swiglu_b{b}")));
     }
-    for (module, name) in [
-        ("projector", "bias_gelu"),
-        ("projector", "bias_add"),
-        ("attention", "attention_combine"),
-    ] {
+    for (module, name) in [("projector", "bias_gelu"), ("projector", "bias_add")] {
         named.push((module.into(), name.into()));
     }
     for (module, name) in &named {

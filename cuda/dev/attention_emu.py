@@ -1,7 +1,7 @@
 # Lane-by-lane emulation of cuda/attention.cu's attention_body (f32, no bf16 rounding):
 # the mma.sync m16n8k16 fragment layouts of the PTX ISA (checked against
 # microsoft/MMA-Sim's tests), the Q/K/V/P fragment indexing, masking, online softmax,
-# split-K and attention_combine, against a plain reference. Runs without a GPU:
+# split-K and the merge of the splits (combine_splits), against a plain reference. Runs without a GPU:
 #     python3 cuda/dev/attention_emu.py
 # Keep it in step with the kernel when the kernel changes.
 import math, random

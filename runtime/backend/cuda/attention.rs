@@ -2,7 +2,7 @@
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtrMut, DeviceRepr, LaunchConfig};
 
-use super::{aligned16, bf16, i32_arg, need, shape_err, threads_for, CudaDevice};
+use super::{aligned16, bf16, i32_arg, need, shape_err, CudaDevice, SPLIT_COUNTERS};
 use crate::error::Result;
 
 /// Keys per attention tile (ATTN_BC in cuda/attention.cu): split-K chunks are multiples.
@@ -52,6 +52,7 @@ struct AttnParams {
     ml_part: u64,
     mask: u64,
     cu_seqlens: u64,
+    counters: u64,
     n: i32,
     start: i32,
     mask_start: i32,
@@ -123,7 +124,7 @@ impl CudaDevice {
     }
 
     /// One new query per sequence (q: [q_heads, d]) against the `len` cached keys (the new
-    /// one included), split over the keys (split-K) + attention_combine.
+    /// one included), split over the keys (split-K, merged by the last split).
     #[allow(clippy::too_many_arguments)]
     pub fn attention_decode(
         &self,
@@ -298,7 +299,8 @@ impl CudaDevice {
         let (mut op_ptr, mut ml_ptr) = (0u64, 0u64);
         if let Some(sc) = scratch {
             let target = 2 * self.info.multiprocessors as usize;
-            if base_blocks < target && sc.rows >= out_rows && sc.head_dim >= s.head_dim {
+            let counted = base_blocks <= SPLIT_COUNTERS;
+            if base_blocks < target && counted && sc.rows >= out_rows && sc.head_dim >= s.head_dim {
                 let by_keys = kv_len.div_ceil(ATTN_TILE);
                 splits = target.div_ceil(base_blocks).min(by_keys).min(sc.splits).max(1);
                 if splits > 1 {
@@ -318,6 +320,7 @@ impl CudaDevice {
             ml_part: ml_ptr,
             mask: mask.map_or(0, |m| m.0),
             cu_seqlens: 0,
+            counters: if splits > 1 { self.counters_ptr() } else { 0 },
             n: i32_arg(op, "n", s.n)?,
             start: i32_arg(op, "start", s.start)?,
             mask_start: i32_arg(op, "mask_start", mask.map_or(s.start, |m| m.1))?,
@@ -337,30 +340,7 @@ impl CudaDevice {
             block_dim: (32 * warps as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        self.launch("attention", attn_name(mode, s.head_dim), cfg, &[&params])?;
-        if splits > 1 {
-            let cfg = LaunchConfig {
-                grid_dim: (out_rows as u32, 1, 1),
-                block_dim: (threads_for(s.head_dim), 1, 1),
-                shared_mem_bytes: 0,
-            };
-            self.launch(
-                "attention",
-                "attention_combine",
-                cfg,
-                &[
-                    &op_ptr,
-                    &ml_ptr,
-                    &params.out,
-                    &(out_rows as i32),
-                    &params.hq,
-                    &(s.head_dim as i32),
-                    &(splits as i32),
-                    &params.out_stride,
-                ],
-            )?;
-        }
-        Ok(())
+        self.launch("attention", attn_name(mode, s.head_dim), cfg, &[&params])
     }
 }
 

@@ -112,8 +112,9 @@ impl CudaDevice {
         (cfg, sp)
     }
 
-    /// The split-K arrival counters the GEMV kernels take.
-    fn counters_ptr(&self) -> u64 {
+    /// The split-K arrival counters the GEMV and attention kernels take (one launch at a
+    /// time on the stream, so one set serves all).
+    pub(super) fn counters_ptr(&self) -> u64 {
         self.rptr(&self.split_counters.as_view())
     }
 

@@ -189,9 +189,9 @@ pub struct CudaDevice {
     blas: std::result::Result<CudaBlas, String>,
     blas_lt: std::result::Result<CudaBlasLT, String>,
     info: DeviceInfo,
-    /// Split-K GEMVs' arrival counters (one per column block, zero between launches: the
-    /// last split resets its own). Kernels on the one stream never overlap, so one set
-    /// serves every launch.
+    /// Split-K arrival counters of the GEMVs (one per column block) and of attention (one
+    /// per row tile and KV head), zero between launches: the last split resets its own.
+    /// Kernels on the one stream never overlap, so one set serves every launch.
     split_counters: CudaSlice<u32>,
 }
 
