@@ -325,14 +325,8 @@ impl CudaQwen2 {
         mask: Option<TreeMask>,
     ) -> Result<Vec<f32>> {
         let mut out = Vec::new();
-        self.run(
-            Feed::Host(input),
-            positions,
-            cache,
-            logits,
-            mask,
-            Head::Logits(&mut out),
-        )?;
+        let head = Head::Logits(&mut out);
+        self.run(Feed::Host(input), positions, cache, logits, mask, head)?;
         Ok(out)
     }
 
@@ -370,14 +364,8 @@ impl CudaQwen2 {
         mask: Option<TreeMask>,
     ) -> Result<Vec<u32>> {
         let mut out = Vec::new();
-        self.run(
-            Feed::Host(input),
-            positions,
-            cache,
-            logits,
-            mask,
-            Head::Argmax(&mut out),
-        )?;
+        let head = Head::Argmax(&mut out);
+        self.run(Feed::Host(input), positions, cache, logits, mask, head)?;
         Ok(out)
     }
 
@@ -395,14 +383,8 @@ impl CudaQwen2 {
     ) -> Result<Vec<f32>> {
         params.validate()?;
         let mut out = Vec::new();
-        self.run(
-            Feed::Host(input),
-            positions,
-            cache,
-            logits,
-            mask,
-            Head::HostProbs { params, out: &mut out },
-        )?;
+        let head = Head::HostProbs { params, out: &mut out };
+        self.run(Feed::Host(input), positions, cache, logits, mask, head)?;
         Ok(out)
     }
 
