@@ -261,7 +261,7 @@ PY
         step racecheck 90 "$san" --tool racecheck --error-exitcode 1 \
             "$gpu_dir/cuda_ops" --test-threads=1 attention_decode attention_verify attention_varlen \
             argmax probabilities top_k sample_is_exact verify_sampled_exact rmsnorm kv_append \
-            rope_kv_append gemv_swiglu
+            rope_kv_append gemv
         # memcheck on the model level: the device rejection sampling (chains and trees),
         # one VL target pass with its vision tower, and the projector, which drive the
         # kernels through the runtime's own buffers (the full model tests take too long

@@ -11,6 +11,16 @@
 // partial[split, b, n], and the block of a column range that finishes last (a counter per
 // range, counters[blockIdx.x], zero before and after the launch) adds them up in split
 // order, so a split GEMV is still one launch. K % 8 == 0.
+//
+// Two fusions spare a decoder layer the two RMSNorm launches between its sublayers:
+// - rms_eps >= 0: x is the residual stream and each of its rows is RMS-normalised on the
+//   way in. The norm's weight is folded into w's columns at load (w' = w · diag(norm)),
+//   so only the row's scale 1 / sqrt(mean(x²) + eps) is left: every block computes it
+//   (a pass over the few KB of x) and applies it to the dot products. The hot loop is
+//   the plain GEMV's.
+// - add_to_y: y += the result (rounded to bf16 first, as the stored projection would be)
+//   instead of y = the result: the projection is added to the residual stream by the
+//   thread that owns the element, so no other kernel has to.
 #include "common.cuh"
 
 #define GEMV_WARPS 4
@@ -74,15 +84,46 @@ __device__ __forceinline__ void gemv_accumulate(const uint4* __restrict__ x4, co
         for (int b = 0; b < B; ++b) acc[r][b] = warp_sum(acc[r][b]);
 }
 
-__device__ __forceinline__ void store_out(float* y, size_t i, float v) { y[i] = v; }
-__device__ __forceinline__ void store_out(bf16* y, size_t i, float v) { y[i] = to_bf16(v); }
+__device__ __forceinline__ void store_out(float* y, size_t i, float v, bool add) { y[i] = add ? y[i] + v : v; }
+__device__ __forceinline__ void store_out(bf16* y, size_t i, float v, bool add) {
+    y[i] = add ? to_bf16(to_f32(to_bf16(v)) + to_f32(y[i])) : to_bf16(v);
+}
+
+#define GEMV_MAX_B 8
+
+// row_scale[b] = 1 / sqrt(mean(x[b]²) + eps) for the B rows of x (1 with eps < 0), in
+// shared memory for the whole block. Every thread of the block calls it.
+template <int B>
+__device__ __forceinline__ void rms_row_scales(const bf16* __restrict__ x, int K, float eps, float* row_scale) {
+    if (eps < 0.0f) {
+        if (threadIdx.x < B) row_scale[threadIdx.x] = 1.0f;
+        __syncthreads();
+        return;
+    }
+    const uint4* x4 = reinterpret_cast<const uint4*>(x);
+    const int K8 = K / 8;
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+        float ss = 0.0f;
+        for (int k8 = threadIdx.x; k8 < K8; k8 += blockDim.x) {
+            float f[8];
+            bf16x8_to_f32(__ldg(x4 + (size_t)b * K8 + k8), f);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) ss += f[i] * f[i];
+        }
+        const float inv = rsqrtf(block_sum(ss) / (float)K + eps);
+        if (threadIdx.x == 0) row_scale[b] = inv;
+    }
+    __syncthreads();
+}
 
 // One warp's GEMV_ROWS outputs n0.. over this block's K range: to y (+ bias) or, split
 // over K, to the partial sums partial[blockIdx.y, b, n].
 template <int B, typename OutT>
 __device__ __forceinline__ void gemv_warp(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                           const bf16* __restrict__ bias, OutT* __restrict__ y,
-                                          float* __restrict__ partial, int N, int K, int n0, int lane) {
+                                          float* __restrict__ partial, const float* row_scale, bool add, int N,
+                                          int K, int n0, int lane) {
     const int K8 = K / 8;
     const uint4* wrow[GEMV_ROWS];
 #pragma unroll
@@ -98,7 +139,8 @@ __device__ __forceinline__ void gemv_warp(const bf16* __restrict__ x, const bf16
         for (int b = 0; b < B; ++b) {
             if (lane == ((r * B + b) & 31) && n < N) {
                 if (gridDim.y == 1) {
-                    store_out(y, (size_t)b * N + n, acc[r][b] + (bias ? to_f32(bias[n]) : 0.0f));
+                    const float v = acc[r][b] * row_scale[b] + (bias ? to_f32(bias[n]) : 0.0f);
+                    store_out(y, (size_t)b * N + n, v, add);
                 } else {
                     partial[((size_t)blockIdx.y * B + b) * N + n] = acc[r][b];
                 }
@@ -107,25 +149,27 @@ __device__ __forceinline__ void gemv_warp(const bf16* __restrict__ x, const bf16
     }
 }
 
-// One K range per blockIdx.y; with gridDim.y == 1 the result (+ bias) goes to y, else
-// the last split of the block's columns adds the partial sums up (bias first, then the
-// splits in order).
+// One K range per blockIdx.y; with gridDim.y == 1 the result (scaled, + bias) goes to y,
+// else the last split of the block's columns adds the partial sums up in split order,
+// then scales them and adds the bias.
 template <int B, typename OutT>
 __device__ __forceinline__ void gemv_body(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                           const bf16* __restrict__ bias, OutT* __restrict__ y,
                                           float* __restrict__ partial, unsigned* __restrict__ counters, int N,
-                                          int K) {
+                                          int K, float rms_eps, bool add) {
+    __shared__ float row_scale[GEMV_MAX_B];
+    rms_row_scales<B>(x, K, rms_eps, row_scale);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
     // No early return: a split's warps all meet at last_split_arrived's barriers.
-    if (n0 < N) gemv_warp<B>(x, w, bias, y, partial, N, K, n0, lane);
+    if (n0 < N) gemv_warp<B>(x, w, bias, y, partial, row_scale, add, N, K, n0, lane);
     if (gridDim.y == 1 || !last_split_arrived(counters, blockIdx.x, gridDim.y)) return;
     const int c0 = blockIdx.x * GEMV_WARPS * GEMV_ROWS, cols = min(GEMV_WARPS * GEMV_ROWS, N - c0);
     for (int i = threadIdx.x; i < B * cols; i += blockDim.x) {
         const int b = i / cols, n = c0 + i % cols;
-        float s = bias ? to_f32(bias[n]) : 0.0f;
+        float s = 0.0f;
         for (int k = 0; k < (int)gridDim.y; ++k) s += __ldcg(partial + ((size_t)k * B + b) * N + n);
-        store_out(y, (size_t)b * N + n, s);
+        store_out(y, (size_t)b * N + n, s * row_scale[b] + (bias ? to_f32(bias[n]) : 0.0f), add);
     }
 }
 
@@ -133,14 +177,14 @@ __device__ __forceinline__ void gemv_body(const bf16* __restrict__ x, const bf16
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                                     \
         gemv_bf16_b##B(const bf16* __restrict__ x, const bf16* __restrict__ w, const bf16* __restrict__ bias,         \
                        bf16* __restrict__ y, float* __restrict__ partial, unsigned* __restrict__ counters, int N,     \
-                       int K) {                                                                                        \
-        gemv_body<B, bf16>(x, w, bias, y, partial, counters, N, K);                                                    \
+                       int K, float rms_eps, int add_to_y) {                                                           \
+        gemv_body<B, bf16>(x, w, bias, y, partial, counters, N, K, rms_eps, add_to_y != 0);                            \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                                     \
         gemv_bf16_f32_b##B(const bf16* __restrict__ x, const bf16* __restrict__ w, const bf16* __restrict__ bias,     \
                            float* __restrict__ y, float* __restrict__ partial, unsigned* __restrict__ counters,       \
-                           int N, int K) {                                                                             \
-        gemv_body<B, float>(x, w, bias, y, partial, counters, N, K);                                                   \
+                           int N, int K, float rms_eps, int add_to_y) {                                                \
+        gemv_body<B, float>(x, w, bias, y, partial, counters, N, K, rms_eps, add_to_y != 0);                           \
     }
 
 GEMV_ENTRY(1)
@@ -157,15 +201,16 @@ GEMV_ENTRY(8)
 // layout swiglu reads), so the 2 * inter projections never reach memory. A warp owns
 // GEMV_ROWS / 2 outputs j and streams their gate and up rows together. Split over K,
 // the f32 partial sums of both go to partial[split, b, 2 * inter] (the gate/up column
-// order) and the last split finishes. CPU twin: reference::gemv_swiglu.
+// order) and the last split finishes. rms_eps >= 0 normalises x's rows on the way in,
+// as gemv_bf16 does. CPU twin: reference::gemv_swiglu.
 #define SWIGLU_COLS (GEMV_ROWS / 2)
 
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
 
 template <int B>
 __device__ __forceinline__ void gemv_swiglu_warp(const bf16* __restrict__ x, const bf16* __restrict__ w,
-                                                 bf16* __restrict__ y, float* __restrict__ partial, int inter,
-                                                 int K, int j0, int lane) {
+                                                 bf16* __restrict__ y, float* __restrict__ partial,
+                                                 const float* row_scale, int inter, int K, int j0, int lane) {
     const int K8 = K / 8;
     // Rows r < SWIGLU_COLS are gate rows j0 + r, the others the matching up rows.
     const uint4* wrow[GEMV_ROWS];
@@ -184,7 +229,7 @@ __device__ __forceinline__ void gemv_swiglu_warp(const bf16* __restrict__ x, con
             if (lane == ((c * B + b) & 31) && j < inter) {
                 const float g = acc[c][b], u = acc[c + SWIGLU_COLS][b];
                 if (gridDim.y == 1) {
-                    y[(size_t)b * inter + j] = to_bf16(silu_mul(g, u));
+                    y[(size_t)b * inter + j] = to_bf16(silu_mul(g * row_scale[b], u * row_scale[b]));
                 } else {
                     float* p = partial + ((size_t)blockIdx.y * B + b) * 2 * inter;
                     p[j] = g;
@@ -198,10 +243,13 @@ __device__ __forceinline__ void gemv_swiglu_warp(const bf16* __restrict__ x, con
 template <int B>
 __device__ __forceinline__ void gemv_swiglu_body(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                                  bf16* __restrict__ y, float* __restrict__ partial,
-                                                 unsigned* __restrict__ counters, int inter, int K) {
+                                                 unsigned* __restrict__ counters, int inter, int K,
+                                                 float rms_eps) {
+    __shared__ float row_scale[GEMV_MAX_B];
+    rms_row_scales<B>(x, K, rms_eps, row_scale);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int j0 = (blockIdx.x * GEMV_WARPS + warp) * SWIGLU_COLS;
-    if (j0 < inter) gemv_swiglu_warp<B>(x, w, y, partial, inter, K, j0, lane);
+    if (j0 < inter) gemv_swiglu_warp<B>(x, w, y, partial, row_scale, inter, K, j0, lane);
     if (gridDim.y == 1 || !last_split_arrived(counters, blockIdx.x, gridDim.y)) return;
     const int c0 = blockIdx.x * GEMV_WARPS * SWIGLU_COLS, cols = min(GEMV_WARPS * SWIGLU_COLS, inter - c0);
     for (int i = threadIdx.x; i < B * cols; i += blockDim.x) {
@@ -212,15 +260,16 @@ __device__ __forceinline__ void gemv_swiglu_body(const bf16* __restrict__ x, con
             g += __ldcg(p + j);
             u += __ldcg(p + inter + j);
         }
-        y[(size_t)b * inter + j] = to_bf16(silu_mul(g, u));
+        y[(size_t)b * inter + j] = to_bf16(silu_mul(g * row_scale[b], u * row_scale[b]));
     }
 }
 
 #define GEMV_SWIGLU_ENTRY(B)                                                                                           \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                                     \
         gemv_swiglu_b##B(const bf16* __restrict__ x, const bf16* __restrict__ w, bf16* __restrict__ y,                \
-                         float* __restrict__ partial, unsigned* __restrict__ counters, int inter, int K) {            \
-        gemv_swiglu_body<B>(x, w, y, partial, counters, inter, K);                                                     \
+                         float* __restrict__ partial, unsigned* __restrict__ counters, int inter, int K,              \
+                         float rms_eps) {                                                                              \
+        gemv_swiglu_body<B>(x, w, y, partial, counters, inter, K, rms_eps);                                            \
     }
 
 GEMV_SWIGLU_ENTRY(1)

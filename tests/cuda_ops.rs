@@ -20,7 +20,7 @@
 
 mod common;
 
-use massv::backend::cuda::{bf16, AttnShape, CudaDevice, ATTN_HEAD_DIMS, MAX_TOP_K};
+use massv::backend::cuda::{bf16, AttnShape, CudaDevice, GemvFuse, ATTN_HEAD_DIMS, MAX_TOP_K};
 use massv::reference as r;
 use massv::sampling::{Rng, SamplingParams};
 use massv::spec::tree::{verify_tree_greedy, verify_tree_sampled, Proposal, QRow, TokenTree, TreeVerdict};
@@ -538,6 +538,20 @@ fn conversions_are_exact() {
 // -------------------------------------------------------------------------------------
 // GEMV / GEMM
 
+/// The fusions a row count runs under in the GEMV sweeps: none, the input's RMS scale,
+/// the add into y, both (a big shape's rows 1, 6 and 8 take the first three).
+fn fuse_for(rows: usize) -> GemvFuse {
+    [
+        GemvFuse::NONE,
+        GemvFuse::rms(1e-6),
+        GemvFuse::ADD,
+        GemvFuse {
+            rms_eps: Some(1e-5),
+            add_to_y: true,
+        },
+    ][rows % 4]
+}
+
 #[test]
 fn gemv_bf16_all_row_counts() {
     let dev = dev_or_skip!();
@@ -562,14 +576,39 @@ fn gemv_bf16_all_row_counts() {
             if n * k > 1 << 22 && !matches!(rows, 1 | 6 | 8) {
                 continue; // keep the CPU reference's time modest on the big shapes
             }
+            let fuse = fuse_for(rows);
             let (xb, x) = rand_bf16(&mut rng, rows * k, 1.0);
+            // What y holds before an adding GEMV (the residual stream).
+            let (y0b, y0) = rand_bf16(&mut rng, rows * n, 4.0);
             let dx = dev.upload(&xb).unwrap();
             let with_bias = rows % 2 == 1;
             let bias_view = db.as_view();
             let b = with_bias.then_some(&bias_view);
-            let mut want = vec![0.0; rows * n];
-            r::gemv_bf16(&x, &w, with_bias.then_some(&bias[..]), &mut want, k);
-            // Per-element f32 bound k·ε·Σ|x||w| (+ |bias|).
+            let bias_ref = with_bias.then_some(&bias[..]);
+            // The result before any add, then what y ends as.
+            let mut v = vec![0.0; rows * n];
+            r::gemv_bf16(
+                &x,
+                &w,
+                bias_ref,
+                &mut v,
+                k,
+                GemvFuse {
+                    add_to_y: false,
+                    ..fuse
+                },
+            );
+            let mut want = if fuse.add_to_y { y0.clone() } else { vec![0.0; rows * n] };
+            r::gemv_bf16(&x, &w, bias_ref, &mut want, k, fuse);
+            // The bf16 computation: the result rounded, then (adding) the sum rounded.
+            let want_lo: Vec<f32> = if fuse.add_to_y {
+                round(&v).iter().zip(&y0).map(|(a, c)| a + c).collect()
+            } else {
+                v.clone()
+            };
+            // Per-element f32 bound k·ε·(Σ|x||w| · scale + |bias|), the scale's own
+            // rounding (its sum of squares over k) on top, and the add's.
+            let scales = fuse.rms_eps.map_or(vec![1.0; rows], |e| r::rms_row_scales(&x, k, e));
             let bound: Vec<f32> = (0..rows * n)
                 .map(|i| {
                     let (b_, j) = (i / n, i % n);
@@ -578,17 +617,21 @@ fn gemv_bf16_all_row_counts() {
                         .zip(&w[j * k..][..k])
                         .map(|(a, c)| (a * c).abs())
                         .sum();
-                    (k as f32 + 2.0) * f32::EPSILON * (s + if with_bias { bias[j].abs() } else { 0.0 })
+                    let eps = f32::EPSILON;
+                    let bias_abs = if with_bias { bias[j].abs() } else { 0.0 };
+                    (k as f32 + 2.0) * eps * (s * scales[b_] + bias_abs)
+                        + (k as f32 + 8.0) * eps * v[i].abs()
+                        + 2.0 * eps * want[i].abs()
                 })
                 .collect();
             let splits = dev.gemv_splits(rows, n, k, scratch.len());
             for split in [false, true] {
                 let what = format!(
-                    "gemv_bf16 rows={rows} n={n} k={k} bias={with_bias} splits={}",
+                    "gemv_bf16 rows={rows} n={n} k={k} bias={with_bias} {fuse:?} splits={}",
                     [1, splits][split as usize]
                 );
                 // bf16 output.
-                let mut dy = dev.alloc_zeros::<bf16>(rows * n).unwrap();
+                let mut dy = dev.upload(&y0b).unwrap();
                 let mut sv = scratch.as_view_mut();
                 dev.gemv_bf16(
                     &dx.as_view(),
@@ -599,11 +642,12 @@ fn gemv_bf16_all_row_counts() {
                     rows,
                     n,
                     k,
+                    fuse,
                 )
                 .unwrap();
-                check_bf16(&what, &down_bf16(&dev, &dy, rows * n), &want, &round(&want));
+                check_bf16(&what, &down_bf16(&dev, &dy, rows * n), &want, &round(&want_lo));
                 // f32 output (logits).
-                let mut dy = dev.alloc_zeros::<f32>(rows * n).unwrap();
+                let mut dy = dev.upload(&y0).unwrap();
                 let mut sv = scratch.as_view_mut();
                 dev.gemv_bf16_f32(
                     &dx.as_view(),
@@ -614,6 +658,7 @@ fn gemv_bf16_all_row_counts() {
                     rows,
                     n,
                     k,
+                    fuse,
                 )
                 .unwrap();
                 let got = dev.download(&dy.as_view()).unwrap();
@@ -626,26 +671,25 @@ fn gemv_bf16_all_row_counts() {
             }
         }
     }
-    let (xb, _) = rand_bf16(&mut rng, 12, 1.0);
-    let dx = dev.upload(&xb).unwrap();
-    let mut dy = dev.alloc_zeros::<bf16>(4).unwrap();
     assert!(
         dev.gemv_splits(1, 100, 4096, scratch.len()) > 1,
         "the sweep exercises split-K"
     );
-    let err = dev
-        .gemv_bf16(
-            &dx.as_view(),
-            &dx.as_view(),
-            None,
-            &mut dy.as_view_mut(),
-            None,
-            1,
-            1,
-            12,
-        )
-        .unwrap_err();
-    assert!(err.to_string().contains("multiple of 8"), "{err}");
+    // Errors: K off the 16-byte grid, a bad eps.
+    let (xb, _) = rand_bf16(&mut rng, 16, 1.0);
+    let dx = dev.upload(&xb).unwrap();
+    let mut dy = dev.alloc_zeros::<bf16>(4).unwrap();
+    let gemv = |x: &cudarc::driver::CudaView<'_, bf16>, y: &mut cudarc::driver::CudaViewMut<'_, bf16>, k, fuse| {
+        dev.gemv_bf16(x, &dx.as_view(), None, y, None, 1, 1, k, fuse)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = gemv(&dx.slice(..12), &mut dy.as_view_mut(), 12, GemvFuse::NONE);
+    assert!(e.contains("multiple of 8"), "{e}");
+    let e = gemv(&dx.slice(..8), &mut dy.as_view_mut(), 8, GemvFuse::rms(-1.0));
+    assert!(e.contains("eps -1 is not a finite non-negative number"), "{e}");
+    let e = gemv(&dx.slice(..8), &mut dy.as_view_mut(), 8, GemvFuse::rms(f32::NAN));
+    assert!(e.contains("eps NaN"), "{e}");
 }
 
 #[test]
@@ -664,34 +708,50 @@ fn gemv_swiglu_all_row_counts() {
             if inter * k > 1 << 20 && !matches!(rows, 1 | 6 | 8) {
                 continue; // keep the CPU reference's time modest on the big shapes
             }
-            // Scaled so that the gate spans silu's curve, not only its linear tail.
-            let (xb, x) = rand_bf16(&mut rng, rows * k, 4.0 / (k as f32).sqrt());
+            // Even row counts take x as the residual stream, RMS-normalised on the way in.
+            let rms = (rows % 2 == 0).then_some(1e-6);
+            // Scaled so that the gate spans silu's curve, not only its linear tail (the
+            // RMS scale maps rows to unit rms; w's columns then set the spread).
+            let (xb, x) = match rms {
+                None => rand_bf16(&mut rng, rows * k, 4.0 / (k as f32).sqrt()),
+                Some(_) => rand_bf16(&mut rng, rows * k, 3.0),
+            };
+            let w_used: Vec<f32> = match rms {
+                None => w.clone(),
+                Some(_) => round(&w.iter().map(|v| v * 4.0 / (k as f32).sqrt()).collect::<Vec<_>>()),
+            };
+            let dw_used = rms.map(|_| dev.upload(&to_bf16(&w_used)).unwrap());
             let dx = dev.upload(&xb).unwrap();
             let mut want = vec![0.0; rows * inter];
-            r::gemv_swiglu(&x, &w, &mut want, k);
+            r::gemv_swiglu(&x, &w_used, &mut want, k, rms);
             // The bf16 computation: the projection rounded before the gate, as the unfused
             // gemv_bf16 + swiglu (and a bf16 framework) round it.
             let mut gate_up = vec![0.0; rows * 2 * inter];
-            r::gemv_bf16(&x, &w, None, &mut gate_up, k);
+            let fuse = GemvFuse {
+                rms_eps: rms,
+                add_to_y: false,
+            };
+            r::gemv_bf16(&x, &w_used, None, &mut gate_up, k, fuse);
             let mut want_lo = vec![0.0; rows * inter];
             r::swiglu(&round(&gate_up), &mut want_lo, inter);
             let splits = dev.gemv_splits(rows, 2 * inter, k, scratch.len());
             split_seen |= splits > 1;
             for split in [false, true] {
                 let what = format!(
-                    "gemv_swiglu rows={rows} inter={inter} k={k} splits={}",
+                    "gemv_swiglu rows={rows} inter={inter} k={k} rms={rms:?} splits={}",
                     [1, splits][split as usize]
                 );
                 let mut dy = dev.alloc_zeros::<bf16>(rows * inter).unwrap();
                 let mut sv = scratch.as_view_mut();
                 dev.gemv_swiglu(
                     &dx.as_view(),
-                    &dw.as_view(),
+                    &dw_used.as_ref().unwrap_or(&dw).as_view(),
                     &mut dy.as_view_mut(),
                     split.then_some(&mut sv),
                     rows,
                     inter,
                     k,
+                    rms,
                 )
                 .unwrap();
                 check_bf16(&what, &down_bf16(&dev, &dy, rows * inter), &want, &round(&want_lo));
@@ -699,16 +759,28 @@ fn gemv_swiglu_all_row_counts() {
         }
     }
     assert!(split_seen, "the sweep exercises split-K");
-    let dx = dev.alloc_zeros::<bf16>(16).unwrap();
+    let dx = dev.alloc_zeros::<bf16>(32).unwrap();
     let mut dy = dev.alloc_zeros::<bf16>(4).unwrap();
-    let e = dev
-        .gemv_swiglu(&dx.as_view(), &dx.as_view(), &mut dy.as_view_mut(), None, 1, 2, 4)
-        .unwrap_err();
-    assert!(e.to_string().contains("multiple of 8"), "{e}");
-    let e = dev
-        .gemv_swiglu(&dx.as_view(), &dx.as_view(), &mut dy.as_view_mut(), None, 1, 2, 8)
-        .unwrap_err();
-    assert!(e.to_string().contains("w holds 16 elements, needs 32"), "{e}");
+    let mut swiglu = |k, w_len: usize, rms| {
+        dev.gemv_swiglu(
+            &dx.slice(..k),
+            &dx.slice(..w_len),
+            &mut dy.as_view_mut(),
+            None,
+            1,
+            2,
+            k,
+            rms,
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    let e = swiglu(4, 16, None);
+    assert!(e.contains("multiple of 8"), "{e}");
+    let e = swiglu(8, 16, None);
+    assert!(e.contains("w holds 16 elements, needs 32"), "{e}");
+    let e = swiglu(8, 32, Some(f32::INFINITY));
+    assert!(e.contains("eps inf"), "{e}");
 }
 
 #[test]
@@ -2271,6 +2343,7 @@ impl Bench {
         rows: usize,
         inter: usize,
         k: usize,
+        rms_eps: Option<f32>,
     ) -> massv::Result<()> {
         let mut sv = scratch.as_view_mut();
         self.dev.gemv_swiglu(
@@ -2281,6 +2354,7 @@ impl Bench {
             rows,
             inter,
             k,
+            rms_eps,
         )
     }
 
@@ -2335,6 +2409,7 @@ impl Bench {
                             rows,
                             n,
                             k,
+                            GemvFuse::NONE,
                         )?;
                     }
                     Ok(())
@@ -2344,7 +2419,7 @@ impl Bench {
             // The runtime's MLP: gate_up with SwiGLU as its epilogue.
             let ms = self.time(3, || {
                 for w in &weights {
-                    self.gemv_swiglu(&x, &w[2], &mut y, &mut scratch, rows, inter, hidden)?;
+                    self.gemv_swiglu(&x, &w[2], &mut y, &mut scratch, rows, inter, hidden, None)?;
                 }
                 Ok(())
             });
@@ -2363,16 +2438,25 @@ impl Bench {
                     rows,
                     vocab,
                     hidden,
+                    GemvFuse::NONE,
                 )
             });
             self.row(&format!("{tag} head {vocab}x{hidden}"), ms, head_bytes);
+            // The runtime's fusions: QKV and gate_up scale their input rows (the folded
+            // RMSNorms), o and down add into the residual stream.
+            let eps = 1e-6;
             let ms = self.time(3, || {
                 for w in &weights {
                     for (i, &(name, n, k, has_bias)) in mats.iter().enumerate() {
                         if name == "gate_up" {
-                            self.gemv_swiglu(&x, &w[i], &mut y, &mut scratch, rows, inter, hidden)?;
+                            self.gemv_swiglu(&x, &w[i], &mut y, &mut scratch, rows, inter, hidden, Some(eps))?;
                             continue;
                         }
+                        let fuse = if name == "qkv" {
+                            GemvFuse::rms(eps)
+                        } else {
+                            GemvFuse::ADD
+                        };
                         let bv = bias.as_view();
                         self.dev.gemv_bf16(
                             &x.as_view(),
@@ -2383,6 +2467,7 @@ impl Bench {
                             rows,
                             n,
                             k,
+                            fuse,
                         )?;
                     }
                 }
@@ -2395,6 +2480,7 @@ impl Bench {
                     rows,
                     vocab,
                     hidden,
+                    GemvFuse::NONE,
                 )
             });
             self.row(&format!("{tag} STEP (all layers + head)"), ms, total_bytes);

@@ -42,6 +42,12 @@ pub struct CudaProjector {
     scratch: Mutex<Option<Scratch>>,
 }
 
+impl Drop for CudaProjector {
+    fn drop(&mut self) {
+        self.dev.current_for_drop();
+    }
+}
+
 impl CudaProjector {
     /// Uploads the projector from `w`, inventory-checked by the caller against
     /// [`expected_tensors`] of `cfg`.

@@ -9,6 +9,13 @@
 //! are f32 inside the kernels and logits are f32. Up to `GEMV_MAX_ROWS` rows (decode,
 //! verify) take the GEMV kernels, which stream each weight once for all rows; longer
 //! blocks (prefill) take cuBLASLt.
+//!
+//! The RMSNorm weights before the QKV and gate/up projections are folded into those
+//! matrices' columns at load (w' = w · diag(norm), rounded to bf16 once), so a norm is
+//! only its row scale. A GEMV step then launches no norm at all: the QKV and gate/up
+//! GEMVs scale their input rows themselves and the o and down GEMVs add into the
+//! residual stream (cuda/gemv.cu's fusions), six launches a layer. A GEMM block norms
+//! with unit weights (rmsnorm / rmsnorm_residual with `ones`) before its GEMMs.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -17,7 +24,7 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use half::{bf16, f16};
 
 use super::qwen2::{expected_tensors, Logits, Names, Positions, TreeMask};
-use crate::backend::cuda::{AttnScratch, AttnShape, CudaDevice, ATTN_HEAD_DIMS, GEMV_MAX_ROWS, MAX_TOP_K};
+use crate::backend::cuda::{AttnScratch, AttnShape, CudaDevice, GemvFuse, ATTN_HEAD_DIMS, GEMV_MAX_ROWS, MAX_TOP_K};
 use crate::config::{self, TextConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::Extent;
@@ -93,13 +100,11 @@ impl ChainPick<'_> {
 /// One decoder layer on the device. D = hidden, Q = heads·head_dim, KV = kv_heads·
 /// head_dim, I = intermediate.
 struct Layer {
-    input_norm: CudaSlice<bf16>, // [D]
-    qkv_w: CudaSlice<bf16>,      // [Q + 2·KV, D]: q, k, v projections stacked
-    qkv_b: CudaSlice<bf16>,      // [Q + 2·KV]
-    o_w: CudaSlice<bf16>,        // [D, Q]
-    post_norm: CudaSlice<bf16>,  // [D]
-    gate_up_w: CudaSlice<bf16>,  // [2·I, D]: gate rows, then up rows (swiglu's layout)
-    down_w: CudaSlice<bf16>,     // [D, I]
+    qkv_w: CudaSlice<bf16>,     // [Q + 2·KV, D]: q, k, v projections stacked, input norm folded in
+    qkv_b: CudaSlice<bf16>,     // [Q + 2·KV]
+    o_w: CudaSlice<bf16>,       // [D, Q]
+    gate_up_w: CudaSlice<bf16>, // [2·I, D]: gate rows, then up rows (swiglu's layout), post norm folded in
+    down_w: CudaSlice<bf16>,    // [D, I]
 }
 
 /// Activations of one block of B tokens ([`PREFILL_BLOCK`] by default), reused by every
@@ -115,7 +120,7 @@ struct Scratch {
     qkv: CudaSlice<bf16>,      // [B, Q + 2·KV]: each token's q, k, v
     q: CudaSlice<bf16>,        // [B, Q] the rotated queries attention reads
     attn: CudaSlice<bf16>,     // [B, Q]
-    proj: CudaSlice<bf16>,     // [B, D] o_proj / down_proj output, added to the residual
+    proj: CudaSlice<bf16>,     // [B, D] a GEMM block's o_proj / down_proj output, added to the residual
     gate_up: CudaSlice<bf16>,  // [B, 2·I] blocks over GEMV_MAX_ROWS (else gemv_swiglu)
     act: CudaSlice<bf16>,      // [B, I]
     logits: CudaSlice<f32>,    // [GEMV_MAX_ROWS, V]
@@ -203,9 +208,16 @@ pub struct CudaQwen2 {
     embed: CudaSlice<bf16>, // [V, D]
     layers: Vec<Layer>,
     norm: CudaSlice<bf16>,            // [D]
+    ones: CudaSlice<bf16>,            // [D] the folded norms' weight in a GEMM block
     lm_head: Option<CudaSlice<bf16>>, // [V, D]; None when tied to `embed`
     /// Behind a lock so the model is shared read-only, as the CPU model is.
     scratch: Mutex<Scratch>,
+}
+
+impl Drop for CudaQwen2 {
+    fn drop(&mut self) {
+        self.dev.current_for_drop();
+    }
 }
 
 impl CudaQwen2 {
@@ -249,13 +261,12 @@ impl CudaQwen2 {
                     ]
                     .concat())
                 };
+                let gate_up = [t("mlp.gate_proj.weight")?, t("mlp.up_proj.weight")?].concat();
                 Ok(Layer {
-                    input_norm: up(t("input_layernorm.weight")?)?,
-                    qkv_w: up(attn("weight")?)?,
+                    qkv_w: up(fold_norm(attn("weight")?, &t("input_layernorm.weight")?))?,
                     qkv_b: up(attn("bias")?)?,
                     o_w: up(t("self_attn.o_proj.weight")?)?,
-                    post_norm: up(t("post_attention_layernorm.weight")?)?,
-                    gate_up_w: up([t("mlp.gate_proj.weight")?, t("mlp.up_proj.weight")?].concat())?,
+                    gate_up_w: up(fold_norm(gate_up, &t("post_attention_layernorm.weight")?))?,
                     down_w: up(t("mlp.down_proj.weight")?)?,
                 })
             })
@@ -263,6 +274,7 @@ impl CudaQwen2 {
         Ok(CudaQwen2 {
             embed: up(host(&format!("{}embed_tokens.weight", names.prefix))?)?,
             norm: up(host(&format!("{}norm.weight", names.prefix))?)?,
+            ones: up(vec![bf16::ONE; cfg.hidden_size])?,
             lm_head: if cfg.tie_word_embeddings {
                 None
             } else {
@@ -624,7 +636,7 @@ impl CudaQwen2 {
                 Logits::Last if b1 == n => m - 1..m,
                 Logits::Last => continue,
             };
-            self.head(s, rows, &mut head)?;
+            self.head(s, m, rows, &mut head)?;
         }
         cache.commit(n)?;
         Ok(())
@@ -632,8 +644,9 @@ impl CudaQwen2 {
 
     /// The decoder layers on the block of n tokens in `s.hidden`, at cache positions
     /// start.. (their keys and values written there), rotary positions at the head of
-    /// `s.step_in`. Leaves the last layer's down_proj
-    /// output in `s.proj`, not yet added to the residual.
+    /// `s.step_in`. A GEMV block (n ≤ GEMV_MAX_ROWS) leaves the residual stream whole in
+    /// `s.hidden`; a GEMM block leaves the last layer's down_proj output in `s.proj`, not
+    /// yet added ([`Self::head`] takes either).
     fn layers(
         &self,
         s: &mut Scratch,
@@ -655,26 +668,25 @@ impl CudaQwen2 {
             kv_heads: hkv,
             head_dim: hd,
         };
+        let gemv = n <= GEMV_MAX_ROWS;
+        let ones = self.ones.as_view();
         for (l, w) in self.layers.iter().enumerate() {
-            let mut normed = s.normed.slice_mut(..n * d);
-            if l == 0 {
-                dev.rmsnorm(
-                    &s.hidden.slice(..n * d),
-                    &w.input_norm.as_view(),
-                    &mut normed,
-                    n,
-                    d,
-                    eps,
-                )?;
-            } else {
-                let mut hidden = s.hidden.slice_mut(..n * d);
-                let x = s.proj.slice(..n * d);
-                dev.rmsnorm_residual(&x, &mut hidden, &w.input_norm.as_view(), &mut normed, n, d, eps)?;
-            }
-            let x = s.normed.slice(..n * d);
             let (wv, bv) = (w.qkv_w.as_view(), w.qkv_b.as_view());
             let mut qkv = s.qkv.slice_mut(..n * qkv_width);
-            project(dev, &mut s.gemv, &x, &wv, Some(&bv), &mut qkv, n, qkv_width, d)?;
+            if gemv {
+                let (x, mut sv) = (s.hidden.slice(..n * d), s.gemv.as_view_mut());
+                let fuse = GemvFuse::rms(eps);
+                dev.gemv_bf16(&x, &wv, Some(&bv), &mut qkv, Some(&mut sv), n, qkv_width, d, fuse)?;
+            } else {
+                let mut normed = s.normed.slice_mut(..n * d);
+                if l == 0 {
+                    dev.rmsnorm(&s.hidden.slice(..n * d), &ones, &mut normed, n, d, eps)?;
+                } else {
+                    let mut hidden = s.hidden.slice_mut(..n * d);
+                    dev.rmsnorm_residual(&s.proj.slice(..n * d), &mut hidden, &ones, &mut normed, n, d, eps)?;
+                }
+                dev.linear(&s.normed.slice(..n * d), &wv, Some(&bv), &mut qkv, n, qkv_width, d)?;
+            }
             {
                 let (mut kc, mut vc) = cache.layer_mut(l);
                 let (qkv, pos) = (s.qkv.slice(..n * qkv_width), s.step_in.slice(..pos_len));
@@ -696,58 +708,67 @@ impl CudaQwen2 {
                 }
             }
             let attn = s.attn.slice(..n * qd);
-            project(
-                dev,
-                &mut s.gemv,
-                &attn,
-                &w.o_w.as_view(),
-                None,
-                &mut s.proj.slice_mut(..n * d),
-                n,
-                d,
-                qd,
-            )?;
-            let mut hidden = s.hidden.slice_mut(..n * d);
-            let mut normed = s.normed.slice_mut(..n * d);
-            let x = s.proj.slice(..n * d);
-            dev.rmsnorm_residual(&x, &mut hidden, &w.post_norm.as_view(), &mut normed, n, d, eps)?;
-            let x = s.normed.slice(..n * d);
             let mut act = s.act.slice_mut(..n * inter);
-            if n <= GEMV_MAX_ROWS {
+            if gemv {
+                let mut hidden = s.hidden.slice_mut(..n * d);
+                let o_w = w.o_w.as_view();
                 let mut sv = s.gemv.as_view_mut();
-                dev.gemv_swiglu(&x, &w.gate_up_w.as_view(), &mut act, Some(&mut sv), n, inter, d)?;
+                dev.gemv_bf16(&attn, &o_w, None, &mut hidden, Some(&mut sv), n, d, qd, GemvFuse::ADD)?;
+                let (x, mut sv) = (s.hidden.slice(..n * d), s.gemv.as_view_mut());
+                dev.gemv_swiglu(
+                    &x,
+                    &w.gate_up_w.as_view(),
+                    &mut act,
+                    Some(&mut sv),
+                    n,
+                    inter,
+                    d,
+                    Some(eps),
+                )?;
+                let (act, mut hidden) = (s.act.slice(..n * inter), s.hidden.slice_mut(..n * d));
+                let down_w = w.down_w.as_view();
+                let mut sv = s.gemv.as_view_mut();
+                dev.gemv_bf16(
+                    &act,
+                    &down_w,
+                    None,
+                    &mut hidden,
+                    Some(&mut sv),
+                    n,
+                    d,
+                    inter,
+                    GemvFuse::ADD,
+                )?;
             } else {
-                let mut gu = s.gate_up.slice_mut(..n * 2 * inter);
+                dev.linear(&attn, &w.o_w.as_view(), None, &mut s.proj.slice_mut(..n * d), n, d, qd)?;
+                let (mut hidden, mut normed) = (s.hidden.slice_mut(..n * d), s.normed.slice_mut(..n * d));
+                dev.rmsnorm_residual(&s.proj.slice(..n * d), &mut hidden, &ones, &mut normed, n, d, eps)?;
+                let (x, mut gu) = (s.normed.slice(..n * d), s.gate_up.slice_mut(..n * 2 * inter));
                 dev.linear(&x, &w.gate_up_w.as_view(), None, &mut gu, n, 2 * inter, d)?;
                 dev.swiglu(&s.gate_up.slice(..n * 2 * inter), &mut act, n, inter)?;
+                let (act, mut proj) = (s.act.slice(..n * inter), s.proj.slice_mut(..n * d));
+                dev.linear(&act, &w.down_w.as_view(), None, &mut proj, n, d, inter)?;
             }
-            let act = s.act.slice(..n * inter);
-            project(
-                dev,
-                &mut s.gemv,
-                &act,
-                &w.down_w.as_view(),
-                None,
-                &mut s.proj.slice_mut(..n * d),
-                n,
-                d,
-                inter,
-            )?;
         }
         Ok(())
     }
 
-    /// Final residual + norm of `rows` of the block, then the LM head on them in groups
-    /// of GEMV rows: logits copied back, or their argmax.
-    fn head(&self, s: &mut Scratch, rows: std::ops::Range<usize>, out: &mut Head) -> Result<()> {
+    /// Final norm of `rows` of a block of n (after the pending residual add of a GEMM
+    /// block, see [`Self::layers`]), then the LM head on them in groups of GEMV rows:
+    /// logits copied back, or their argmax.
+    fn head(&self, s: &mut Scratch, n: usize, rows: std::ops::Range<usize>, out: &mut Head) -> Result<()> {
         let (dev, c) = (&*self.dev, &self.cfg);
         let (d, v, eps) = (c.hidden_size, c.vocab_size, c.rms_norm_eps as f32);
         let (r0, r1) = (rows.start, rows.end);
         {
-            let x = s.proj.slice(r0 * d..r1 * d);
-            let mut hidden = s.hidden.slice_mut(r0 * d..r1 * d);
-            let mut normed = s.normed.slice_mut(r0 * d..r1 * d);
-            dev.rmsnorm_residual(&x, &mut hidden, &self.norm.as_view(), &mut normed, r1 - r0, d, eps)?;
+            let (norm, span) = (self.norm.as_view(), r0 * d..r1 * d);
+            let mut normed = s.normed.slice_mut(span.clone());
+            if n <= GEMV_MAX_ROWS {
+                dev.rmsnorm(&s.hidden.slice(span), &norm, &mut normed, r1 - r0, d, eps)?;
+            } else {
+                let mut hidden = s.hidden.slice_mut(span.clone());
+                dev.rmsnorm_residual(&s.proj.slice(span), &mut hidden, &norm, &mut normed, r1 - r0, d, eps)?;
+            }
         }
         let w = self.lm_head.as_ref().unwrap_or(&self.embed).as_view();
         for g0 in (r0..r1).step_by(GEMV_MAX_ROWS) {
@@ -755,7 +776,8 @@ impl CudaQwen2 {
             let g = g1 - g0;
             let x = s.normed.slice(g0 * d..g1 * d);
             let mut y = s.logits.slice_mut(..g * v);
-            dev.gemv_bf16_f32(&x, &w, None, &mut y, Some(&mut s.gemv.as_view_mut()), g, v, d)?;
+            let mut sv = s.gemv.as_view_mut();
+            dev.gemv_bf16_f32(&x, &w, None, &mut y, Some(&mut sv), g, v, d, GemvFuse::NONE)?;
             match out {
                 Head::Logits(o) => o.extend(dev.download(&s.logits.slice(..g * v))?),
                 Head::Argmax(_) => dev.argmax(&s.logits.slice(..g * v), &mut s.argmax.slice_mut(g0..g1), g, v)?,
@@ -815,27 +837,6 @@ impl CudaQwen2 {
             _ => {}
         }
         Ok(())
-    }
-}
-
-/// y = x · wᵀ (+ b) for `rows` rows: the GEMV kernels up to GEMV_MAX_ROWS rows (each
-/// weight streamed once for all rows), cuBLASLt above.
-#[allow(clippy::too_many_arguments)]
-fn project(
-    dev: &CudaDevice,
-    gemv_scratch: &mut CudaSlice<f32>,
-    x: &CudaView<'_, bf16>,
-    w: &CudaView<'_, bf16>,
-    b: Option<&CudaView<'_, bf16>>,
-    y: &mut CudaViewMut<'_, bf16>,
-    rows: usize,
-    n: usize,
-    k: usize,
-) -> Result<()> {
-    if rows <= GEMV_MAX_ROWS {
-        dev.gemv_bf16(x, w, b, y, Some(&mut gemv_scratch.as_view_mut()), rows, n, k)
-    } else {
-        dev.linear(x, w, b, y, rows, n, k)
     }
 }
 
@@ -925,6 +926,12 @@ pub struct CudaKvCache {
     layers: usize,
     row: usize,
     extent: Extent,
+}
+
+impl Drop for CudaKvCache {
+    fn drop(&mut self) {
+        self.dev.current_for_drop();
+    }
 }
 
 impl CudaKvCache {
@@ -1044,4 +1051,15 @@ pub fn compact_path(len: usize, dst: usize, keep: &[usize]) -> Result<Vec<i32>> 
     keep.iter()
         .map(|&p| i32::try_from(p).map_err(|_| err("kv_compact", format!("position {p} exceeds i32"))))
         .collect()
+}
+
+/// w'[n, k] = w[n, k] · norm[k] for w: [N, K] (K = norm.len()), rounded to bf16 once: the
+/// RMSNorm's weight folded into the projection that reads the norm's output.
+fn fold_norm(mut w: Vec<bf16>, norm: &[bf16]) -> Vec<bf16> {
+    for row in w.chunks_exact_mut(norm.len()) {
+        for (x, g) in row.iter_mut().zip(norm) {
+            *x = bf16::from_f32(x.to_f32() * g.to_f32());
+        }
+    }
+    w
 }

@@ -157,6 +157,12 @@ pub struct CudaVision {
     scratch: Mutex<Option<Scratch>>,
 }
 
+impl Drop for CudaVision {
+    fn drop(&mut self) {
+        self.dev.current_for_drop();
+    }
+}
+
 impl CudaVision {
     /// Uploads the tower from tensors already inventory-checked by the caller (names under
     /// `prefix`, as [`super::qwen2_5_vl::VisionTower::load`] reads them). An error where

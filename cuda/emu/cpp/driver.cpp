@@ -33,6 +33,7 @@ enum {
     CUDA_ERROR_INVALID_VALUE = 1,
     CUDA_ERROR_OUT_OF_MEMORY = 2,
     CUDA_ERROR_INVALID_DEVICE = 101,
+    CUDA_ERROR_INVALID_CONTEXT = 201,
     CUDA_ERROR_INVALID_HANDLE = 400,
     CUDA_ERROR_NOT_FOUND = 500,
     CUDA_ERROR_LAUNCH_FAILED = 719,
@@ -133,11 +134,26 @@ struct MassvEmuStats {
     unsigned long long dtoh_bytes;
     unsigned long long dtoh_largest;
     unsigned long long dtod_bytes;
+    unsigned long long no_context;  // calls refused: no context current on the thread
 };
 static thread_local MassvEmuStats stats;
 
+// The context current on each thread (cuCtxSetCurrent). Memory calls and launches refuse
+// to run without one, as the driver may: an engine freed on a thread that never touched
+// CUDA (a C host's worker) must make its context current first, or its frees fail and
+// its memory leaks.
+static thread_local void* current_ctx = nullptr;
+static CUresult need_context(const char* call) {
+    if (current_ctx) return CUDA_SUCCESS;
+    stats.no_context++;
+    last_error = std::string(call) + " with no context current on the calling thread";
+    fprintf(stderr, "massv CUDA emulator: %s\n", last_error.c_str());
+    return CUDA_ERROR_INVALID_CONTEXT;
+}
+
 static CUresult copy_checked(void* dst, const void* src, size_t n, bool dst_dev, bool src_dev, const char* what) {
     std::lock_guard<std::mutex> g(lock());
+    if (CUresult r = need_context(what)) return r;
     if (n == 0) return CUDA_SUCCESS;
     if ((dst_dev && !inside((uintptr_t)dst, n)) || (src_dev && !inside((uintptr_t)src, n))) {
         last_error = std::string(what) + " of " + std::to_string(n) + " bytes outside any allocation";
@@ -217,7 +233,7 @@ CUresult cuDeviceGetAttribute(int* v, int attr, int) {
         case 76: *v = 0; break;       // minor
         case 8: *v = 48 * 1024; break;   // shared memory per block
         case 97: *v = 227 * 1024; break; // opt-in shared memory per block
-        case 115: *v = 0; break;      // memory pools: no (cuMemAlloc / cuMemFree)
+        case 115: *v = 1; break;      // memory pools: yes, so cudarc frees with cuMemFreeAsync as on an H100
         default: *v = 0;
     }
     return CUDA_SUCCESS;
@@ -239,7 +255,6 @@ CUresult cuDevicePrimaryCtxRetain(void** ctx, int) {
     return CUDA_SUCCESS;
 }
 CUresult cuDevicePrimaryCtxRelease_v2(int) { return CUDA_SUCCESS; }
-static thread_local void* current_ctx = nullptr;
 CUresult cuCtxSetCurrent(void* ctx) {
     current_ctx = ctx;
     return CUDA_SUCCESS;
@@ -266,6 +281,7 @@ CUresult cuStreamQuery(void*) { return CUDA_SUCCESS; }
 // compute-sanitizer's memcheck would report it.
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
     std::lock_guard<std::mutex> g(lock());
+    if (CUresult r = need_context("cuMemAlloc")) return r;
     if (n == 0) return CUDA_ERROR_INVALID_VALUE;
     if (n > TOTAL_MEMORY - in_use) return CUDA_ERROR_OUT_OF_MEMORY;
     install_fault_handler();
@@ -288,6 +304,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
 }
 CUresult cuMemFree_v2(CUdeviceptr p) {
     std::lock_guard<std::mutex> g(lock());
+    if (CUresult r = need_context("cuMemFree")) return r;
     auto it = allocations.find((uintptr_t)p);
     if (it == allocations.end()) return CUDA_ERROR_INVALID_VALUE;
     const Allocation a = it->second;
@@ -301,6 +318,7 @@ CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return cuMemFree_v2(p); }
 
 CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) {
     std::lock_guard<std::mutex> g(lock());
+    if (CUresult r = need_context("cuMemsetD8")) return r;
     if (n == 0) return CUDA_SUCCESS;
     if (!inside((uintptr_t)p, n)) return CUDA_ERROR_INVALID_VALUE;
     memset((void*)(uintptr_t)p, v, n);
@@ -345,6 +363,7 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
     std::lock_guard<std::mutex> g(lock());  // one launch at a time (fiber.cpp)
     const Kernel* k = static_cast<const Kernel*>(f);
     if (!k) return CUDA_ERROR_INVALID_HANDLE;
+    if (CUresult r = need_context(k->name)) return r;
     if (shared_bytes != 0 || extra != nullptr) {
         last_error = std::string(k->name) + ": dynamic shared memory / extra launch arguments are not emulated";
         fprintf(stderr, "massv CUDA emulator: %s\n", last_error.c_str());
@@ -392,6 +411,7 @@ CUresult cuGetErrorName(CUresult code, const char** s) {
         case CUDA_ERROR_INVALID_VALUE: *s = "CUDA_ERROR_INVALID_VALUE"; break;
         case CUDA_ERROR_OUT_OF_MEMORY: *s = "CUDA_ERROR_OUT_OF_MEMORY"; break;
         case CUDA_ERROR_INVALID_DEVICE: *s = "CUDA_ERROR_INVALID_DEVICE"; break;
+        case CUDA_ERROR_INVALID_CONTEXT: *s = "CUDA_ERROR_INVALID_CONTEXT"; break;
         case CUDA_ERROR_INVALID_HANDLE: *s = "CUDA_ERROR_INVALID_HANDLE"; break;
         case CUDA_ERROR_NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
         case CUDA_ERROR_LAUNCH_FAILED: *s = "CUDA_ERROR_LAUNCH_FAILED"; break;
@@ -400,7 +420,7 @@ CUresult cuGetErrorName(CUresult code, const char** s) {
     return CUDA_SUCCESS;
 }
 CUresult cuGetErrorString(CUresult code, const char** s) {
-    if (code == CUDA_ERROR_LAUNCH_FAILED || code == CUDA_ERROR_INVALID_VALUE) {
+    if (code == CUDA_ERROR_LAUNCH_FAILED || code == CUDA_ERROR_INVALID_VALUE || code == CUDA_ERROR_INVALID_CONTEXT) {
         static thread_local std::string msg;
         {
             std::lock_guard<std::mutex> g(lock());

@@ -64,6 +64,8 @@ pub struct Stats {
     pub dtoh_bytes: u64,
     pub dtoh_largest: u64,
     pub dtod_bytes: u64,
+    /// Memory calls and launches refused because no context was current on the thread.
+    pub no_context: u64,
 }
 
 /// Whether [`load`] succeeded in this process (the CUDA the backend sees is the emulator).

@@ -6,6 +6,7 @@ use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
 
 use super::{aligned16, bf16, cuda_err, i32_arg, need, shape_err, CudaDevice};
 use crate::error::Result;
+pub use crate::reference::GemvFuse;
 
 /// Output rows per GEMV block (GEMV_WARPS * GEMV_ROWS in cuda/gemv.cu).
 const GEMV_ROWS_PER_BLOCK: usize = 16;
@@ -19,6 +20,7 @@ impl CudaDevice {
     /// y[b, n] = x[b, :] · w[n, :] (+ bias[n]) for `rows` = 1..=8 rows of x ([rows, k]),
     /// w: [n, k] bf16, y: [rows, n] bf16. k % 8 == 0. `scratch` (f32, at least
     /// splits · rows · n) lets a short matrix split K over more blocks; None = no split.
+    /// `fuse` RMS-normalises x's rows on the way in and/or adds into y ([`GemvFuse`]).
     #[allow(clippy::too_many_arguments)]
     pub fn gemv_bf16(
         &self,
@@ -30,10 +32,11 @@ impl CudaDevice {
         rows: usize,
         n: usize,
         k: usize,
+        fuse: GemvFuse,
     ) -> Result<()> {
         need("gemv_bf16", "y", y.len(), rows * n)?;
         let yp = self.wptr(y);
-        self.gemv(false, x, w, bias, yp, scratch, rows, n, k)
+        self.gemv(false, x, w, bias, yp, scratch, rows, n, k, fuse)
     }
 
     /// As [`Self::gemv_bf16`] with f32 output (logits for sampling).
@@ -48,16 +51,18 @@ impl CudaDevice {
         rows: usize,
         n: usize,
         k: usize,
+        fuse: GemvFuse,
     ) -> Result<()> {
         need("gemv_bf16", "y", y.len(), rows * n)?;
         let yp = self.wptr(y);
-        self.gemv(true, x, w, bias, yp, scratch, rows, n, k)
+        self.gemv(true, x, w, bias, yp, scratch, rows, n, k, fuse)
     }
 
     /// The MLP's gate/up GEMV with SwiGLU fused as its epilogue: y[b, j] = silu(x[b] ·
     /// w[j]) · (x[b] · w[inter + j]) for `rows` = 1..=8 rows; w: [2 · inter, k] (gate rows,
     /// then up rows), y: [rows, inter]. The [rows, 2 · inter] projection stays in
-    /// registers (or, split over K, in the f32 scratch its last split reads).
+    /// registers (or, split over K, in the f32 scratch its last split reads). `rms_eps`
+    /// RMS-normalises x's rows on the way in, as [`GemvFuse::rms_eps`].
     #[allow(clippy::too_many_arguments)]
     pub fn gemv_swiglu(
         &self,
@@ -68,12 +73,14 @@ impl CudaDevice {
         rows: usize,
         inter: usize,
         k: usize,
+        rms_eps: Option<f32>,
     ) -> Result<()> {
         const OP: &str = "gemv_swiglu";
         gemv_checks(OP, rows, k)?;
         need(OP, "x", x.len(), rows * k)?;
         need(OP, "w", w.len(), 2 * inter * k)?;
         need(OP, "y", y.len(), rows * inter)?;
+        let eps = eps_arg(OP, rms_eps)?;
         if inter == 0 {
             return Ok(());
         }
@@ -84,7 +91,12 @@ impl CudaDevice {
         // Blocks cover GEMV_ROWS_PER_BLOCK / 2 outputs, as many as a 2 · inter GEMV's.
         let (cfg, sp) = self.gemv_grid(scratch, rows, 2 * inter, k);
         let cp = self.counters_ptr();
-        self.launch("gemv", GEMV_SWIGLU[rows - 1], cfg, &[&xp, &wp, &yp, &sp, &cp, &ii, &ki])
+        self.launch(
+            "gemv",
+            GEMV_SWIGLU[rows - 1],
+            cfg,
+            &[&xp, &wp, &yp, &sp, &cp, &ii, &ki, &eps],
+        )
     }
 
     /// The launch of a GEMV over `cols` weight rows: GEMV_ROWS_PER_BLOCK a block and, where
@@ -146,6 +158,7 @@ impl CudaDevice {
         rows: usize,
         n: usize,
         k: usize,
+        fuse: GemvFuse,
     ) -> Result<()> {
         const OP: &str = "gemv_bf16";
         gemv_checks(OP, rows, k)?;
@@ -154,6 +167,7 @@ impl CudaDevice {
         if let Some(b) = bias {
             need(OP, "bias", b.len(), n)?;
         }
+        let eps = eps_arg(OP, fuse.rms_eps)?;
         if n == 0 {
             return Ok(());
         }
@@ -164,8 +178,8 @@ impl CudaDevice {
         let (ni, ki) = (i32_arg(OP, "n", n)?, i32_arg(OP, "k", k)?);
         let (cfg, sp) = self.gemv_grid(scratch, rows, n, k);
         let name = gemv_name(f32_out, rows);
-        let cp = self.counters_ptr();
-        self.launch("gemv", name, cfg, &[&xp, &wp, &bp, &yp, &sp, &cp, &ni, &ki])
+        let (cp, add) = (self.counters_ptr(), fuse.add_to_y as i32);
+        self.launch("gemv", name, cfg, &[&xp, &wp, &bp, &yp, &sp, &cp, &ni, &ki, &eps, &add])
     }
 
     /// y = x · wᵀ with cuBLAS (bf16 in and out, f32 accumulation): x [m, k], w [n, k]
@@ -274,6 +288,18 @@ fn gemv_checks(op: &str, rows: usize, k: usize) -> Result<()> {
         return Err(shape_err(op, format!("k = {k} is not a positive multiple of 8")));
     }
     Ok(())
+}
+
+/// The kernels' rms_eps: the norm's eps, or −1 for none.
+fn eps_arg(op: &str, rms_eps: Option<f32>) -> Result<f32> {
+    match rms_eps {
+        None => Ok(-1.0),
+        Some(e) if e.is_finite() && e >= 0.0 => Ok(e),
+        Some(e) => Err(shape_err(
+            op,
+            format!("RMSNorm eps {e} is not a finite non-negative number"),
+        )),
+    }
 }
 
 const GEMV_SWIGLU: [&str; GEMV_MAX_ROWS] = [

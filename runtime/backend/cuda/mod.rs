@@ -43,8 +43,8 @@ mod matmul;
 mod sampling;
 
 pub use attention::{AttnScratch, AttnShape, ATTN_HEAD_DIMS};
-pub use matmul::GEMV_MAX_ROWS;
 use matmul::SPLIT_COUNTERS;
+pub use matmul::{GemvFuse, GEMV_MAX_ROWS};
 pub use sampling::{MAX_TOP_K, SAMPLE_MAX_N};
 
 /// A CUDA failure as a runtime error (`CUDA <what>: <reason>`).
@@ -283,6 +283,14 @@ impl CudaDevice {
         self.ctx
             .bind_to_thread()
             .map_err(|e| cuda_err("binding the context", e))
+    }
+
+    /// Makes this device's context current before an owner's buffers free: cudarc frees
+    /// without binding it, and the dropping thread may never have used CUDA (a C host
+    /// freeing an engine from a worker thread); a free failing there would leak the
+    /// memory. Errors are left to the frees themselves, which cudarc records.
+    pub fn current_for_drop(&self) {
+        let _ = self.bind();
     }
 
     /// Waits for all work queued on the stream.
