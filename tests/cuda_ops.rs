@@ -846,6 +846,58 @@ fn gemm_cublas_and_linear_cublaslt() {
     }
 }
 
+/// Where cuBLASLt's heuristic finds no algorithm for a shape, `linear` takes cuBLAS and a
+/// separate bias add (one kernel launch, where the fused epilogue launches none of
+/// ours), with the same result. The emulator switches the heuristic off for the whole
+/// process: the other tests' `linear` calls meanwhile take the fallback too, which
+/// gives them the same results.
+#[test]
+fn linear_without_a_cublaslt_algorithm_takes_cublas() {
+    let dev = dev_or_skip!();
+    if !massv_cuda_emu::loaded() {
+        println!("skipped: cuBLASLt's heuristic is switched off in the CUDA emulator only (MASSV_CUDA_EMU=1)");
+        return;
+    }
+    let mut rng = Rng::new(10);
+    let (m, n, k) = (9, 64, 128);
+    let (xb, x) = rand_bf16(&mut rng, m * k, 1.0);
+    let (wb, w) = rand_bf16(&mut rng, n * k, 1.0);
+    let (bb, bias) = rand_bf16(&mut rng, n, 1.0);
+    let (dx, dw, db) = (
+        dev.upload(&xb).unwrap(),
+        dev.upload(&wb).unwrap(),
+        dev.upload(&bb).unwrap(),
+    );
+    let mut want = vec![0.0; m * n];
+    r::linear(&x, &w, Some(&bias), &mut want, k);
+    let mut lo = vec![0.0; m * n];
+    r::linear(&x, &w, None, &mut lo, k);
+    let lo: Vec<f32> = round(&lo).iter().zip(bias.iter().cycle()).map(|(a, b)| a + b).collect();
+    for available in [false, true] {
+        massv_cuda_emu::set_lt_algorithms(available).unwrap();
+        massv_cuda_emu::reset_stats().unwrap();
+        let mut dy = dev.alloc_zeros::<bf16>(m * n).unwrap();
+        let r = dev.linear(
+            &dx.as_view(),
+            &dw.as_view(),
+            Some(&db.as_view()),
+            &mut dy.as_view_mut(),
+            m,
+            n,
+            k,
+        );
+        let launches = massv_cuda_emu::stats().unwrap().launches;
+        massv_cuda_emu::set_lt_algorithms(true).unwrap();
+        r.unwrap_or_else(|e| panic!("cuBLASLt algorithms {available}: {e}"));
+        let what = format!("linear with cuBLASLt algorithms {available}");
+        check_bf16(&what, &down_bf16(&dev, &dy, m * n), &want, &round(&lo));
+        assert_eq!(
+            launches, !available as u64,
+            "{what}: the bias_add launches only in the fallback"
+        );
+    }
+}
+
 // -------------------------------------------------------------------------------------
 // Attention
 

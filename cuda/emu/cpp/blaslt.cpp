@@ -4,6 +4,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <atomic>
+
 #include "gemm.h"
 
 typedef int cublasStatus_t;
@@ -24,6 +26,12 @@ struct Layout {
 };
 
 extern "C" {
+
+// Whether the heuristic finds an algorithm (massv_emu_set_lt_algorithms): without one,
+// cudarc's matmul fails NOT_SUPPORTED before anything runs, as on a GPU whose cuBLASLt
+// serves no algorithm for a shape.
+static std::atomic<int> algorithms_available{1};
+void massv_emu_set_lt_algorithms(int available) { algorithms_available = available; }
 
 static int handle_tag;
 cublasStatus_t cublasLtCreate(void** h) {
@@ -105,7 +113,7 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(void*, void*, void*, void*, void*,
     if (requested < 1) return INVALID_VALUE;
     memset(out, 0, sizeof(HeuristicResult));
     out->waves = 1.0f;
-    *returned = 1;
+    *returned = algorithms_available.load() ? 1 : 0;
     return OK;
 }
 

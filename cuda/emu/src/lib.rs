@@ -98,6 +98,20 @@ pub fn reset_stats() -> Result<(), String> {
     Ok(())
 }
 
+/// Makes the emulated cuBLASLt's heuristic find no algorithm for any GEMM (false) or one
+/// (true, the default), in every thread of the process.
+pub fn set_lt_algorithms(available: bool) -> Result<(), String> {
+    load()?;
+    // libcublasLt.so was opened RTLD_GLOBAL: its symbols are in the process's scope.
+    let this = Library::this();
+    // SAFETY: the symbol's type is the one blaslt.cpp defines.
+    let f = unsafe { this.get::<unsafe extern "C" fn(i32)>(b"massv_emu_set_lt_algorithms\0") }
+        .map_err(|e| format!("CUDA emulator symbol: {e}"))?;
+    // SAFETY: an int flag.
+    unsafe { f(available as i32) };
+    Ok(())
+}
+
 /// Runs each block's threads, and a grid's blocks, last to first (true) or first to last
 /// (false, the default unless MASSV_EMU_ORDER=reverse). A kernel missing a barrier fails
 /// under one order, and so does a grid counting on its blocks' order.

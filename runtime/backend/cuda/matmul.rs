@@ -1,6 +1,8 @@
 //! Launchers of cuda/gemv.cu (decode) and the cuBLAS / cuBLASLt GEMMs (prefill).
 
 use cudarc::cublas::{Gemm, GemmConfig};
+use cudarc::cublaslt::result::CublasError;
+use cudarc::cublaslt::sys::cublasStatus_t;
 use cudarc::cublaslt::{Matmul, MatmulConfig};
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
 
@@ -224,7 +226,8 @@ impl CudaDevice {
     /// y = x · wᵀ + bias with cuBLASLt, the bias fused as the GEMM's epilogue. Shapes as
     /// [`Self::gemm_bf16`], bias [n]. Where n or k is off the 8-element grid (a leading
     /// dimension not 16-byte aligned, which cuBLASLt's heuristics need not serve, e.g. the
-    /// real vision towers' MLP width 3420) it is cuBLAS and a separate bias add.
+    /// real vision towers' MLP width 3420), or cuBLASLt finds no algorithm for the shape,
+    /// it is cuBLAS and a separate bias add.
     #[allow(clippy::too_many_arguments)]
     pub fn linear(
         &self,
@@ -243,12 +246,15 @@ impl CudaDevice {
         if let Some(b) = bias {
             need(OP, "bias", b.len(), n)?;
         }
-        if n % 8 != 0 || k % 8 != 0 {
+        let gemm_then_bias = |y: &mut CudaViewMut<'_, bf16>| {
             self.gemm_bf16(x, w, y, m, n, k)?;
-            return match bias {
+            match bias {
                 Some(b) => self.bias_add(y, b, m, n),
                 None => Ok(()),
-            };
+            }
+        };
+        if n % 8 != 0 || k % 8 != 0 {
+            return gemm_then_bias(y);
         }
         let lt = self.blas_lt.as_ref().map_err(|e| cuda_err(OP, e))?;
         if m * n == 0 {
@@ -274,7 +280,11 @@ impl CudaDevice {
             batch_size: None,
         };
         // SAFETY: sizes checked above; the bias has the n entries of the output rows.
-        unsafe { lt.matmul(cfg, w, x, y, bias, None) }.map_err(|e| cuda_err(OP, e))
+        match unsafe { lt.matmul(cfg, w, x, y, bias, None) } {
+            // The heuristic found no algorithm (nothing ran).
+            Err(CublasError(cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => gemm_then_bias(y),
+            r => r.map_err(|e| cuda_err(OP, e)),
+        }
     }
 }
 
