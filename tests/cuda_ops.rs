@@ -801,48 +801,66 @@ fn gemm_cublas_and_linear_cublaslt() {
         (7, 1280, 3420),
     ];
     for &(m, n, k) in &shapes {
-        let (xb, x) = rand_bf16(&mut rng, m * k, 1.0);
-        let (wb, w) = rand_bf16(&mut rng, n * k, 1.0);
-        let (bb, bias) = rand_bf16(&mut rng, n, 1.0);
-        let (dx, dw, db) = (
-            dev.upload(&xb).unwrap(),
-            dev.upload(&wb).unwrap(),
-            dev.upload(&bb).unwrap(),
-        );
+        let c = LinearCase::new(&dev, &mut rng, m, n, k);
         let mut dy = dev.alloc_zeros::<bf16>(m * n).unwrap();
-        dev.gemm_bf16(&dx.as_view(), &dw.as_view(), &mut dy.as_view_mut(), m, n, k)
+        dev.gemm_bf16(&c.dx.as_view(), &c.dw.as_view(), &mut dy.as_view_mut(), m, n, k)
             .unwrap();
         let mut want = vec![0.0; m * n];
-        r::linear(&x, &w, None, &mut want, k);
+        r::linear(&c.x, &c.w, None, &mut want, k);
         check_bf16(
             &format!("gemm_bf16 {m}x{n}x{k}"),
             &down_bf16(&dev, &dy, m * n),
             &want,
             &round(&want),
         );
+        c.linear_checked(&dev, &format!("linear {m}x{n}x{k}"));
+    }
+}
 
-        dev.linear(
-            &dx.as_view(),
-            &dw.as_view(),
-            Some(&db.as_view()),
-            &mut dy.as_view_mut(),
-            m,
-            n,
-            k,
-        )
-        .unwrap();
+/// A `linear` problem: inputs on the host and the device, the f32 result and the bf16
+/// computation's (cuBLASLt's epilogue may add the bias after rounding the product to
+/// bf16: one more rounding than the f32 result).
+struct LinearCase {
+    x: Vec<f32>,
+    w: Vec<f32>,
+    dx: cudarc::driver::CudaSlice<bf16>,
+    dw: cudarc::driver::CudaSlice<bf16>,
+    db: cudarc::driver::CudaSlice<bf16>,
+    want: Vec<f32>,
+    lo: Vec<f32>,
+    shape: (usize, usize, usize),
+}
+
+impl LinearCase {
+    fn new(dev: &CudaDevice, rng: &mut Rng, m: usize, n: usize, k: usize) -> Self {
+        let (xb, x) = rand_bf16(rng, m * k, 1.0);
+        let (wb, w) = rand_bf16(rng, n * k, 1.0);
+        let (bb, bias) = rand_bf16(rng, n, 1.0);
+        let mut want = vec![0.0; m * n];
         r::linear(&x, &w, Some(&bias), &mut want, k);
-        // cuBLASLt's epilogue may add the bias after rounding the product to bf16: allow
-        // one more bf16 rounding in the low-precision reference.
         let mut lo = vec![0.0; m * n];
         r::linear(&x, &w, None, &mut lo, k);
-        let lo: Vec<f32> = round(&lo).iter().zip(bias.iter().cycle()).map(|(a, b)| a + b).collect();
-        check_bf16(
-            &format!("linear {m}x{n}x{k}"),
-            &down_bf16(&dev, &dy, m * n),
-            &want,
-            &round(&lo),
-        );
+        let lo = round(&lo).iter().zip(bias.iter().cycle()).map(|(a, b)| a + b).collect();
+        LinearCase {
+            dx: dev.upload(&xb).unwrap(),
+            dw: dev.upload(&wb).unwrap(),
+            db: dev.upload(&bb).unwrap(),
+            x,
+            w,
+            want,
+            lo,
+            shape: (m, n, k),
+        }
+    }
+
+    /// Runs `linear` with the bias and checks its result.
+    fn linear_checked(&self, dev: &CudaDevice, what: &str) {
+        let (m, n, k) = self.shape;
+        let mut dy = dev.alloc_zeros::<bf16>(m * n).unwrap();
+        let (x, w, b) = (self.dx.as_view(), self.dw.as_view(), self.db.as_view());
+        dev.linear(&x, &w, Some(&b), &mut dy.as_view_mut(), m, n, k)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        check_bf16(what, &down_bf16(dev, &dy, m * n), &self.want, &round(&self.lo));
     }
 }
 
@@ -858,39 +876,17 @@ fn linear_without_a_cublaslt_algorithm_takes_cublas() {
         println!("skipped: cuBLASLt's heuristic is switched off in the CUDA emulator only (MASSV_CUDA_EMU=1)");
         return;
     }
-    let mut rng = Rng::new(10);
-    let (m, n, k) = (9, 64, 128);
-    let (xb, x) = rand_bf16(&mut rng, m * k, 1.0);
-    let (wb, w) = rand_bf16(&mut rng, n * k, 1.0);
-    let (bb, bias) = rand_bf16(&mut rng, n, 1.0);
-    let (dx, dw, db) = (
-        dev.upload(&xb).unwrap(),
-        dev.upload(&wb).unwrap(),
-        dev.upload(&bb).unwrap(),
-    );
-    let mut want = vec![0.0; m * n];
-    r::linear(&x, &w, Some(&bias), &mut want, k);
-    let mut lo = vec![0.0; m * n];
-    r::linear(&x, &w, None, &mut lo, k);
-    let lo: Vec<f32> = round(&lo).iter().zip(bias.iter().cycle()).map(|(a, b)| a + b).collect();
+    let c = LinearCase::new(&dev, &mut Rng::new(10), 9, 64, 128);
     for available in [false, true] {
         massv_cuda_emu::set_lt_algorithms(available).unwrap();
         massv_cuda_emu::reset_stats().unwrap();
-        let mut dy = dev.alloc_zeros::<bf16>(m * n).unwrap();
-        let r = dev.linear(
-            &dx.as_view(),
-            &dw.as_view(),
-            Some(&db.as_view()),
-            &mut dy.as_view_mut(),
-            m,
-            n,
-            k,
-        );
+        let what = format!("linear with cuBLASLt algorithms {available}");
+        let ran = std::panic::catch_unwind(|| c.linear_checked(&dev, &what));
         let launches = massv_cuda_emu::stats().unwrap().launches;
         massv_cuda_emu::set_lt_algorithms(true).unwrap();
-        r.unwrap_or_else(|e| panic!("cuBLASLt algorithms {available}: {e}"));
-        let what = format!("linear with cuBLASLt algorithms {available}");
-        check_bf16(&what, &down_bf16(&dev, &dy, m * n), &want, &round(&lo));
+        if let Err(p) = ran {
+            std::panic::resume_unwind(p);
+        }
         assert_eq!(
             launches, !available as u64,
             "{what}: the bias_add launches only in the fallback"
