@@ -345,6 +345,11 @@ fn open_without_a_device_names_the_reason() {
         // kernels are not built for is refused with its reason.
         Ok(_) => {
             CudaQwen2::open(&dir).unwrap();
+            let msg = message(CudaDevice::with_ordinal(1000));
+            assert!(
+                msg.contains("CUDA device 1000 requested but the driver reports"),
+                "{msg}"
+            );
             let (_tmp, unserved) = unserved_model_dir();
             let msg = message(CudaQwen2::open(&unserved));
             assert!(

@@ -91,6 +91,18 @@ pub struct DeviceInfo {
 
 /// Why no CUDA device can be used, or the first device's description. Never panics.
 pub fn probe() -> Result<DeviceInfo> {
+    device_count()?;
+    guard("probe", || {
+        let ctx = CudaContext::new(0).map_err(|e| cuda_err("context", e))?;
+        let info = info(&ctx)?;
+        keep_alive(ctx);
+        Ok(info)
+    })
+}
+
+/// The number of CUDA devices (at least one), or why none can be used: no kernels built,
+/// no driver library, a driver that fails to initialise, no device. Creates no context.
+fn device_count() -> Result<usize> {
     if !kernels::COMPILED {
         return Err(Error::NoCudaKernels);
     }
@@ -110,10 +122,7 @@ pub fn probe() -> Result<DeviceInfo> {
                 "CUDA device requested but the driver reports no CUDA device".into(),
             ));
         }
-        let ctx = CudaContext::new(0).map_err(|e| cuda_err("context", e))?;
-        let info = info(&ctx)?;
-        keep_alive(ctx);
-        Ok(info)
+        Ok(count as usize)
     })
 }
 
@@ -209,8 +218,16 @@ impl CudaDevice {
         Self::with_ordinal(0)
     }
 
+    /// The GPU of this ordinal (as CUDA_VISIBLE_DEVICES numbers them). No context is
+    /// made on any other GPU.
     pub fn with_ordinal(ordinal: usize) -> Result<Self> {
-        probe()?;
+        let count = device_count()?;
+        if ordinal >= count {
+            return Err(Error::InvalidArgument(format!(
+                "CUDA device {ordinal} requested but the driver reports {count} (ordinals 0..{})",
+                count - 1
+            )));
+        }
         guard("initialisation", || Self::init(ordinal))
     }
 
