@@ -654,19 +654,21 @@ fn prefill_decode_and_tree_blocks_match_the_cpu() {
         let windowed = (0..p.cpu.cfg.num_hidden_layers).any(|l| p.cpu.cfg.layer_window(l).is_some());
         let mut rng = Rng::new(7);
 
-        // Prefill of 100 tokens in two blocks of 64 (the default block of PREFILL_BLOCK
-        // tokens would take them in one: the emulator's time), the cuBLASLt path.
+        // Prefill of 67 tokens in blocks of 64 (the default block of PREFILL_BLOCK tokens
+        // would take them in one: the emulator's time) and 3: the cuBLASLt path, which
+        // leaves its last down_proj pending, then the GEMV path, which adds into the
+        // residual stream as it goes, in one pass.
         p.gpu.set_prefill_block(64).unwrap();
-        let prompt = random_tokens(&mut rng, 100, v);
+        let prompt = random_tokens(&mut rng, 67, v);
         assert!(prompt.len() > 64 && prompt.len() <= PREFILL_BLOCK);
         let want = p.cpu.forward_tokens(&prompt, &mut p.cpu_cache, Logits::All).unwrap();
         let got = p.gpu.forward_tokens(&prompt, &mut p.gpu_cache, Logits::All).unwrap();
         assert_close(&format!("{name} prefill"), &got, &want, v);
-        assert_eq!(p.gpu_cache.len(), 100);
+        assert_eq!(p.gpu_cache.len(), 67);
 
         // The argmax path equals the argmax of the device's own logits, exactly.
         let mut other = p.gpu.new_cache(128).unwrap();
-        let positions: Vec<i32> = (0..100).collect();
+        let positions: Vec<i32> = (0..67).collect();
         let ids = p
             .gpu
             .forward_argmax(
@@ -699,7 +701,46 @@ fn prefill_decode_and_tree_blocks_match_the_cpu() {
             p.gpu_cache.rollback_to(len).unwrap();
         }
 
+        // A tree of 12 nodes (over GEMV_MAX_ROWS: the cuBLASLt path), rolled back.
         let len = p.cpu_cache.len();
+        if !windowed {
+            let parents: Vec<Option<usize>> = (0..12).map(|i| (i > 0).then(|| (i - 1) / 2)).collect();
+            let mut depths = vec![0usize; 12];
+            for i in 1..12 {
+                depths[i] = depths[(i - 1) / 2] + 1;
+            }
+            let tokens = random_tokens(&mut rng, 12, v);
+            let allow = tree_mask(&parents);
+            let positions: Vec<i32> = depths.iter().map(|&d| (len + d) as i32).collect();
+            let mask = TreeMask {
+                start: len,
+                allow: &allow,
+            };
+            let want = p
+                .cpu
+                .forward_masked(
+                    p.cpu.embed(&tokens).unwrap(),
+                    Positions::Seq(&positions),
+                    &mut p.cpu_cache,
+                    Logits::All,
+                    Some(mask),
+                )
+                .unwrap();
+            let got = p
+                .gpu
+                .forward(
+                    Input::Tokens(&tokens),
+                    Positions::Seq(&positions),
+                    &mut p.gpu_cache,
+                    Logits::All,
+                    Some(mask),
+                )
+                .unwrap();
+            assert_close(&format!("{name} tree of 12"), &got, &want, v);
+            p.cpu_cache.rollback_to(len).unwrap();
+            p.gpu_cache.rollback_to(len).unwrap();
+        }
+
         let parents = [None, Some(0), Some(0), Some(1), Some(1), Some(2), Some(5)];
         let depths = [0, 1, 1, 2, 2, 2, 3];
         let tokens = random_tokens(&mut rng, parents.len(), v);

@@ -1056,6 +1056,8 @@ pub fn compact_path(len: usize, dst: usize, keep: &[usize]) -> Result<Vec<i32>> 
 /// w'[n, k] = w[n, k] · norm[k] for w: [N, K] (K = norm.len()), rounded to bf16 once: the
 /// RMSNorm's weight folded into the projection that reads the norm's output.
 fn fold_norm(mut w: Vec<bf16>, norm: &[bf16]) -> Vec<bf16> {
+    // The inventory check gave every matrix [N, D] and every norm [D].
+    debug_assert_eq!(w.len() % norm.len(), 0);
     for row in w.chunks_exact_mut(norm.len()) {
         for (x, g) in row.iter_mut().zip(norm) {
             *x = bf16::from_f32(x.to_f32() * g.to_f32());
