@@ -705,7 +705,7 @@ fn prefill_decode_and_tree_blocks_match_the_cpu() {
         let len = p.cpu_cache.len();
         if !windowed {
             let parents: Vec<Option<usize>> = (0..12).map(|i| (i > 0).then(|| (i - 1) / 2)).collect();
-            let mut depths = vec![0usize; 12];
+            let mut depths = [0usize; 12];
             for i in 1..12 {
                 depths[i] = depths[(i - 1) / 2] + 1;
             }
