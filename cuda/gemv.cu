@@ -91,15 +91,13 @@ __device__ __forceinline__ void store_out(bf16* y, size_t i, float v, bool add) 
 
 #define GEMV_MAX_B 8
 
-// row_scale[b] = 1 / sqrt(mean(x[b]²) + eps) for the B rows of x (1 with eps < 0), in
-// shared memory for the whole block. Every thread of the block calls it.
+// row_scale[b] = 1 / sqrt(mean(x[b]²) + eps) for the B rows of x, in shared memory for
+// the whole block; the scales the epilogues read, or null with eps < 0 (scale 1: the
+// plain GEMV pays no pass and no barrier). Every thread of the block calls it.
 template <int B>
-__device__ __forceinline__ void rms_row_scales(const bf16* __restrict__ x, int K, float eps, float* row_scale) {
-    if (eps < 0.0f) {
-        if (threadIdx.x < B) row_scale[threadIdx.x] = 1.0f;
-        __syncthreads();
-        return;
-    }
+__device__ __forceinline__ const float* rms_row_scales(const bf16* __restrict__ x, int K, float eps,
+                                                       float* row_scale) {
+    if (eps < 0.0f) return nullptr;
     const uint4* x4 = reinterpret_cast<const uint4*>(x);
     const int K8 = K / 8;
 #pragma unroll
@@ -115,7 +113,10 @@ __device__ __forceinline__ void rms_row_scales(const bf16* __restrict__ x, int K
         if (threadIdx.x == 0) row_scale[b] = inv;
     }
     __syncthreads();
+    return row_scale;
 }
+
+__device__ __forceinline__ float scale_of(const float* row_scale, int b) { return row_scale ? row_scale[b] : 1.0f; }
 
 // One warp's GEMV_ROWS outputs n0.. over this block's K range: to y (+ bias) or, split
 // over K, to the partial sums partial[blockIdx.y, b, n].
@@ -139,7 +140,7 @@ __device__ __forceinline__ void gemv_warp(const bf16* __restrict__ x, const bf16
         for (int b = 0; b < B; ++b) {
             if (lane == ((r * B + b) & 31) && n < N) {
                 if (gridDim.y == 1) {
-                    const float v = acc[r][b] * row_scale[b] + (bias ? to_f32(bias[n]) : 0.0f);
+                    const float v = acc[r][b] * scale_of(row_scale, b) + (bias ? to_f32(bias[n]) : 0.0f);
                     store_out(y, (size_t)b * N + n, v, add);
                 } else {
                     partial[((size_t)blockIdx.y * B + b) * N + n] = acc[r][b];
@@ -157,8 +158,8 @@ __device__ __forceinline__ void gemv_body(const bf16* __restrict__ x, const bf16
                                           const bf16* __restrict__ bias, OutT* __restrict__ y,
                                           float* __restrict__ partial, unsigned* __restrict__ counters, int N,
                                           int K, float rms_eps, bool add) {
-    __shared__ float row_scale[GEMV_MAX_B];
-    rms_row_scales<B>(x, K, rms_eps, row_scale);
+    __shared__ float scales[GEMV_MAX_B];
+    const float* row_scale = rms_row_scales<B>(x, K, rms_eps, scales);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
     // No early return: a split's warps all meet at last_split_arrived's barriers.
@@ -169,7 +170,7 @@ __device__ __forceinline__ void gemv_body(const bf16* __restrict__ x, const bf16
         const int b = i / cols, n = c0 + i % cols;
         float s = 0.0f;
         for (int k = 0; k < (int)gridDim.y; ++k) s += __ldcg(partial + ((size_t)k * B + b) * N + n);
-        store_out(y, (size_t)b * N + n, s * row_scale[b] + (bias ? to_f32(bias[n]) : 0.0f), add);
+        store_out(y, (size_t)b * N + n, s * scale_of(row_scale, b) + (bias ? to_f32(bias[n]) : 0.0f), add);
     }
 }
 
@@ -229,7 +230,8 @@ __device__ __forceinline__ void gemv_swiglu_warp(const bf16* __restrict__ x, con
             if (lane == ((c * B + b) & 31) && j < inter) {
                 const float g = acc[c][b], u = acc[c + SWIGLU_COLS][b];
                 if (gridDim.y == 1) {
-                    y[(size_t)b * inter + j] = to_bf16(silu_mul(g * row_scale[b], u * row_scale[b]));
+                    const float sc = scale_of(row_scale, b);
+                    y[(size_t)b * inter + j] = to_bf16(silu_mul(g * sc, u * sc));
                 } else {
                     float* p = partial + ((size_t)blockIdx.y * B + b) * 2 * inter;
                     p[j] = g;
@@ -245,8 +247,8 @@ __device__ __forceinline__ void gemv_swiglu_body(const bf16* __restrict__ x, con
                                                  bf16* __restrict__ y, float* __restrict__ partial,
                                                  unsigned* __restrict__ counters, int inter, int K,
                                                  float rms_eps) {
-    __shared__ float row_scale[GEMV_MAX_B];
-    rms_row_scales<B>(x, K, rms_eps, row_scale);
+    __shared__ float scales[GEMV_MAX_B];
+    const float* row_scale = rms_row_scales<B>(x, K, rms_eps, scales);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int j0 = (blockIdx.x * GEMV_WARPS + warp) * SWIGLU_COLS;
     if (j0 < inter) gemv_swiglu_warp<B>(x, w, y, partial, row_scale, inter, K, j0, lane);
@@ -260,7 +262,8 @@ __device__ __forceinline__ void gemv_swiglu_body(const bf16* __restrict__ x, con
             g += __ldcg(p + j);
             u += __ldcg(p + inter + j);
         }
-        y[(size_t)b * inter + j] = to_bf16(silu_mul(g * row_scale[b], u * row_scale[b]));
+        const float sc = scale_of(row_scale, b);
+        y[(size_t)b * inter + j] = to_bf16(silu_mul(g * sc, u * sc));
     }
 }
 
