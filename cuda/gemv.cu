@@ -93,24 +93,34 @@ __device__ __forceinline__ void store_out(bf16* y, size_t i, float v, bool add) 
 
 // row_scale[b] = 1 / sqrt(mean(x[b]²) + eps) for the B rows of x, in shared memory for
 // the whole block; the scales the epilogues read, or null with eps < 0 (scale 1: the
-// plain GEMV pays no pass and no barrier). Every thread of the block calls it.
+// plain GEMV pays no pass and no barrier). Every thread of the block calls it. Two
+// barriers for any B: each warp sums its share of every row, then thread b adds the
+// warps' sums of row b in warp order (the same scale in every block).
 template <int B>
 __device__ __forceinline__ const float* rms_row_scales(const bf16* __restrict__ x, int K, float eps,
                                                        float* row_scale) {
     if (eps < 0.0f) return nullptr;
+    __shared__ float warp_ss[GEMV_WARPS][GEMV_MAX_B];
     const uint4* x4 = reinterpret_cast<const uint4*>(x);
-    const int K8 = K / 8;
+    const int K8 = K / 8, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 #pragma unroll
     for (int b = 0; b < B; ++b) {
         float ss = 0.0f;
-        for (int k8 = threadIdx.x; k8 < K8; k8 += blockDim.x) {
+        for (int k8 = threadIdx.x; k8 < K8; k8 += GEMV_WARPS * 32) {
             float f[8];
             bf16x8_to_f32(__ldg(x4 + (size_t)b * K8 + k8), f);
 #pragma unroll
             for (int i = 0; i < 8; ++i) ss += f[i] * f[i];
         }
-        const float inv = rsqrtf(block_sum(ss) / (float)K + eps);
-        if (threadIdx.x == 0) row_scale[b] = inv;
+        ss = warp_sum(ss);
+        if (lane == 0) warp_ss[warp][b] = ss;
+    }
+    __syncthreads();
+    if (threadIdx.x < B) {
+        float ss = 0.0f;
+#pragma unroll
+        for (int w = 0; w < GEMV_WARPS; ++w) ss += warp_ss[w][threadIdx.x];
+        row_scale[threadIdx.x] = rsqrtf(ss / (float)K + eps);
     }
     __syncthreads();
     return row_scale;
