@@ -279,6 +279,25 @@ struct Pair {
     gpu_cache: CudaKvCache,
 }
 
+impl Pair {
+    /// A masked block of tokens through both models: the CPU's logits and the device's.
+    fn masked(&mut self, tokens: &[u32], positions: &[i32], mask: TreeMask) -> (Vec<f32>, Vec<f32>) {
+        let embedded = self.cpu.embed(tokens).unwrap();
+        let at = Positions::Seq(positions);
+        let cpu = &mut self.cpu_cache;
+        let want = self
+            .cpu
+            .forward_masked(embedded, at, cpu, Logits::All, Some(mask))
+            .unwrap();
+        let gpu = &mut self.gpu_cache;
+        let got = self
+            .gpu
+            .forward(Input::Tokens(tokens), at, gpu, Logits::All, Some(mask))
+            .unwrap();
+        (want, got)
+    }
+}
+
 fn pair(dev: &Arc<CudaDevice>, dir: &Path, capacity: usize) -> Pair {
     let cpu = Qwen2::load(dir).unwrap();
     let gpu = CudaQwen2::load(dev.clone(), dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
@@ -716,26 +735,7 @@ fn prefill_decode_and_tree_blocks_match_the_cpu() {
                 start: len,
                 allow: &allow,
             };
-            let want = p
-                .cpu
-                .forward_masked(
-                    p.cpu.embed(&tokens).unwrap(),
-                    Positions::Seq(&positions),
-                    &mut p.cpu_cache,
-                    Logits::All,
-                    Some(mask),
-                )
-                .unwrap();
-            let got = p
-                .gpu
-                .forward(
-                    Input::Tokens(&tokens),
-                    Positions::Seq(&positions),
-                    &mut p.gpu_cache,
-                    Logits::All,
-                    Some(mask),
-                )
-                .unwrap();
+            let (want, got) = p.masked(&tokens, &positions, mask);
             assert_close(&format!("{name} tree of 12"), &got, &want, v);
             p.cpu_cache.rollback_to(len).unwrap();
             p.gpu_cache.rollback_to(len).unwrap();
@@ -804,26 +804,7 @@ fn prefill_decode_and_tree_blocks_match_the_cpu() {
         let tokens = random_tokens(&mut rng, n, v);
         let positions: Vec<i32> = (0..n).map(|t| (len + t) as i32).collect();
         let mask = TreeMask { start, allow: &allow };
-        let want = p
-            .cpu
-            .forward_masked(
-                p.cpu.embed(&tokens).unwrap(),
-                Positions::Seq(&positions),
-                &mut p.cpu_cache,
-                Logits::All,
-                Some(mask),
-            )
-            .unwrap();
-        let got = p
-            .gpu
-            .forward(
-                Input::Tokens(&tokens),
-                Positions::Seq(&positions),
-                &mut p.gpu_cache,
-                Logits::All,
-                Some(mask),
-            )
-            .unwrap();
+        let (want, got) = p.masked(&tokens, &positions, mask);
         assert_close(&format!("{name} block masked from below its start"), &got, &want, v);
     }
 }
