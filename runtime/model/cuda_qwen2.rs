@@ -668,7 +668,7 @@ impl CudaQwen2 {
             kv_heads: hkv,
             head_dim: hd,
         };
-        let gemv = n <= GEMV_MAX_ROWS;
+        let gemv = gemv_block(n);
         let ones = self.ones.as_view();
         for (l, w) in self.layers.iter().enumerate() {
             let (wv, bv) = (w.qkv_w.as_view(), w.qkv_b.as_view());
@@ -763,7 +763,7 @@ impl CudaQwen2 {
         {
             let (norm, span) = (self.norm.as_view(), r0 * d..r1 * d);
             let mut normed = s.normed.slice_mut(span.clone());
-            if n <= GEMV_MAX_ROWS {
+            if gemv_block(n) {
                 dev.rmsnorm(&s.hidden.slice(span), &norm, &mut normed, r1 - r0, d, eps)?;
             } else {
                 let mut hidden = s.hidden.slice_mut(span.clone());
@@ -838,6 +838,13 @@ impl CudaQwen2 {
         }
         Ok(())
     }
+}
+
+/// Whether a block of n tokens takes the GEMV kernels (which leave the residual stream
+/// whole) rather than cuBLASLt (which leaves the last down_proj pending): `layers` and
+/// `head` must agree.
+fn gemv_block(n: usize) -> bool {
+    n <= GEMV_MAX_ROWS
 }
 
 /// Positions cache.len().. for n tokens (text continuing the cache).

@@ -1,6 +1,6 @@
 //! Twin of cuda/gemv.cu.
 
-use super::{linear, swiglu};
+use super::{linear, rms_scale, swiglu};
 
 /// What a GEMV fuses around its dot products (cuda/gemv.cu's `rms_eps` and `add_to_y`),
 /// sparing a decoder layer the RMSNorm launches between its sublayers.
@@ -31,11 +31,9 @@ impl GemvFuse {
     };
 }
 
-/// 1 / sqrt(mean(x²) + eps) of each row of x ([rows, k]): what RMSNorm scales a row by.
+/// [`rms_scale`] of each row of x ([rows, k]).
 pub fn rms_row_scales(x: &[f32], k: usize, eps: f32) -> Vec<f32> {
-    x.chunks_exact(k)
-        .map(|r| 1.0 / (r.iter().map(|v| v * v).sum::<f32>() / k as f32 + eps).sqrt())
-        .collect()
+    x.chunks_exact(k).map(|r| rms_scale(r, eps)).collect()
 }
 
 /// y[b, n] = (x[b, :] · w[n, :]) · s_b (+ bias[n]) for the b = x.len() / k rows of x, s_b

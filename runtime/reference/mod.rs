@@ -23,7 +23,7 @@ pub use gelu::gelu;
 pub use gemv::{gemv_bf16, gemv_swiglu, rms_row_scales, GemvFuse};
 pub use kv_cache::{kv_append, kv_compact};
 pub use projector::{bias_add, bias_gelu, projector_norm_gather};
-pub use rmsnorm::{rmsnorm, rmsnorm_residual};
+pub use rmsnorm::{rms_scale, rmsnorm, rmsnorm_residual};
 pub use rope::{mrope, rope, rope_inv_freq, rope_kv_append, rope_vision};
 pub use sampling::{
     argmax, blocked_sum, probabilities, residual, sample, sample_without_replacement, top_k, top_k_probs,
