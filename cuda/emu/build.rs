@@ -25,6 +25,14 @@ fn main() {
         println!("cargo:rerun-if-changed={}", d.display());
     }
 
+    // Extra flags for every compile and link, e.g. "-fsanitize=alignment,undefined
+    // -fno-sanitize-recover=all" to hunt misaligned vector loads, which a GPU faults on.
+    println!("cargo:rerun-if-env-changed=MASSV_EMU_CXXFLAGS");
+    let extra: Vec<String> = env::var("MASSV_EMU_CXXFLAGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
     let compiler = cc::Build::new().cpp(true).get_compiler();
     let cxx = compiler.path().to_path_buf();
     // Without a C++ compiler the emulator is not built and `load` says why; everything
@@ -47,7 +55,8 @@ fn main() {
             .arg("-I")
             .arg(&include)
             .arg("-I")
-            .arg(&cpp);
+            .arg(&cpp)
+            .args(&extra);
     };
 
     let mut sources: Vec<PathBuf> = fs::read_dir(&kernels_dir)
@@ -130,6 +139,7 @@ fn main() {
             .arg(lib_dir.join(name))
             .args(objs.iter())
             .arg("-pthread")
+            .args(&extra)
             .status()
             .unwrap_or_else(|e| panic!("running {}: {e}", cxx.display()));
         assert!(st.success(), "linking the emulator's {name} failed");

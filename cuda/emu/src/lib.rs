@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use libloading::os::unix::{Library, Symbol, RTLD_GLOBAL, RTLD_NOW};
+use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
 
 /// Where build.rs put libcuda.so, libcublas.so and libcublasLt.so.
 pub fn lib_dir() -> PathBuf {
@@ -73,14 +73,18 @@ pub fn loaded() -> bool {
     LOADED.get().is_some_and(Result::is_ok)
 }
 
-fn sym<T>(name: &[u8]) -> Result<Symbol<T>, String> {
-    let lib = LOADED
+/// A function of the emulator's libraries. They were opened RTLD_GLOBAL, so their symbols
+/// are in the process's scope; the pointer stays valid while they stay loaded (always).
+fn sym<T: Copy>(name: &[u8]) -> Result<T, String> {
+    LOADED
         .get()
         .ok_or("the CUDA emulator is not loaded")?
         .as_ref()
         .map_err(Clone::clone)?;
-    // SAFETY: the symbol's type is the one driver.cpp defines.
-    unsafe { lib.get::<T>(name) }.map_err(|e| format!("CUDA emulator symbol: {e}"))
+    // SAFETY: the symbol's type is the one the emulator's C++ defines.
+    unsafe { Library::this().get::<T>(name) }
+        .map(|f| *f)
+        .map_err(|e| format!("CUDA emulator symbol: {e}"))
 }
 
 pub fn stats() -> Result<Stats, String> {
@@ -102,11 +106,7 @@ pub fn reset_stats() -> Result<(), String> {
 /// (true, the default), in every thread of the process.
 pub fn set_lt_algorithms(available: bool) -> Result<(), String> {
     load()?;
-    // libcublasLt.so was opened RTLD_GLOBAL: its symbols are in the process's scope.
-    let this = Library::this();
-    // SAFETY: the symbol's type is the one blaslt.cpp defines.
-    let f = unsafe { this.get::<unsafe extern "C" fn(i32)>(b"massv_emu_set_lt_algorithms\0") }
-        .map_err(|e| format!("CUDA emulator symbol: {e}"))?;
+    let f = sym::<unsafe extern "C" fn(i32)>(b"massv_emu_set_lt_algorithms\0")?;
     // SAFETY: an int flag.
     unsafe { f(available as i32) };
     Ok(())
