@@ -28,11 +28,19 @@ fn main() {
     // Extra flags for every compile and link, e.g. "-fsanitize=alignment,undefined
     // -fno-sanitize-recover=all" to hunt misaligned vector loads, which a GPU faults on.
     println!("cargo:rerun-if-env-changed=MASSV_EMU_CXXFLAGS");
-    let extra: Vec<String> = env::var("MASSV_EMU_CXXFLAGS")
+    #[allow(unused_mut)] // only x86-64 adds to it
+    let mut extra: Vec<String> = env::var("MASSV_EMU_CXXFLAGS")
         .unwrap_or_default()
         .split_whitespace()
         .map(String::from)
         .collect();
+    // fmaf as one instruction, not a libm call (the result is the same: both round once);
+    // contraction stays off, so a·b + c written apart still rounds twice, as the CPU
+    // twins do. The emulator runs where it is built.
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("fma") {
+        extra.extend(["-mfma".to_string(), "-ffp-contract=off".to_string()]);
+    }
     let compiler = cc::Build::new().cpp(true).get_compiler();
     let cxx = compiler.path().to_path_buf();
     // Without a C++ compiler the emulator is not built and `load` says why; everything
@@ -135,6 +143,9 @@ fn main() {
         let st = Command::new(&cxx)
             .args(["-shared", "-fPIC"])
             .arg(format!("-Wl,-soname,{name}"))
+            // Calls and data within a library bind to its own definitions: the kernels'
+            // reads of threadIdx and friends skip the GOT, calls skip the PLT.
+            .arg("-Wl,-Bsymbolic")
             .arg("-o")
             .arg(lib_dir.join(name))
             .args(objs.iter())

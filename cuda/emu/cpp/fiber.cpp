@@ -8,19 +8,24 @@
 // on the GPU. A block where nobody can move is a deadlock and fails the launch.
 //
 // Two orders (MASSV_EMU_ORDER=reverse, or massv_emu_set_order): a block's threads and the
-// grid's blocks run first to last or last to first. Code that reads shared memory another
-// thread writes without a barrier in between gets a different answer under one of them,
-// and so does a grid that counts on its blocks' order (a split-K sum's last block to
-// arrive is the first split under the reverse order).
+// grid's blocks run first to last or last to first, and a warp whose warp barrier
+// completes runs on at once, so each warp runs ahead of the later ones to a __syncthreads
+// or its end. Code that reads shared memory another thread or warp writes without a
+// barrier in between gets a different answer under one of them, and so does a grid that
+// counts on its blocks' order (a split-K sum's last block to arrive is the first split
+// under the reverse order).
 //
 // On x86-64 a fiber switch is a few instructions (switch_to below): glibc's swapcontext
 // makes a sigprocmask system call on every switch, which was 90 % of the emulator's time.
+// A fiber at a barrier switches straight to the next one of the pass, and a warp exchange
+// takes one barrier (emu.h): switches are what the emulator spends its time on.
 #include "emu_internal.h"
 
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -30,6 +35,9 @@
 uint3 threadIdx, blockIdx, blockDim, gridDim;
 
 namespace massv_emu {
+WarpWords warp_words[32];
+WarpWords warp_seen[32];
+
 namespace {
 
 enum State { RUNNABLE, AT_BLOCK_BARRIER, AT_WARP_BARRIER, DONE };
@@ -89,9 +97,13 @@ int current = 0;
 unsigned nthreads = 0;
 KernelEntry entry = nullptr;
 void** entry_args = nullptr;
-uint64_t slots[MAX_THREADS / 32][32];
-uint32_t scratch[MAX_THREADS / 32][32 * 8];
 std::atomic<bool> reverse_order{false};
+bool reverse = false;  // reverse_order, read once a launch
+// The block's state in counts and per-warp lane masks, kept as fibers move (scanning
+// every fiber at every barrier cost more than the switches).
+unsigned done_count = 0, at_block_count = 0;
+unsigned warp_live[MAX_THREADS / 32];     // lanes not exited
+unsigned warp_waiting[MAX_THREADS / 32];  // lanes at a warp barrier
 std::atomic<bool> order_from_env_read{false};
 
 void switch_context(Context& save, Context& next) {
@@ -102,10 +114,79 @@ void switch_context(Context& save, Context& next) {
 #endif
 }
 
+// The fiber a pass runs after fiber i (-1: before the first), or -1 at the pass's end.
+int next_in_pass(int i) {
+    if (reverse) {
+        for (int j = (i < 0 ? (int)nthreads : i) - 1; j >= 0; --j)
+            if (fibers[j].state == RUNNABLE) return j;
+    } else {
+        for (unsigned j = (unsigned)(i + 1); j < nthreads; ++j)
+            if (fibers[j].state == RUNNABLE) return (int)j;
+    }
+    return -1;
+}
+
+// Releases the lanes of warp w whose warp barrier is complete: every live lane of the
+// lane's mask waits at a warp barrier. False when none.
+bool release_warp(unsigned w) {
+    const unsigned live = warp_live[w], waiting = warp_waiting[w];
+    unsigned go = 0;
+    for (unsigned rest = waiting; rest; rest &= rest - 1) {
+        const unsigned l = (unsigned)__builtin_ctz(rest);
+        const unsigned need = fibers[w * 32 + l].wait_mask & live;
+        if ((need & waiting) == need) go |= 1u << l;
+    }
+    if (go == 0) return false;
+    // What the released lanes read; each reads it as it resumes, before the next release.
+    warp_seen[w] = warp_words[w];
+    warp_waiting[w] &= ~go;
+    for (unsigned rest = go; rest; rest &= rest - 1) fibers[w * 32 + (unsigned)__builtin_ctz(rest)].state = RUNNABLE;
+    return true;
+}
+
+// The first runnable lane of warp w in the order's direction, or -1.
+int first_of_warp(unsigned w) {
+    const int lo = (int)(w * 32), hi = (int)std::min(w * 32 + 32, nthreads);
+    for (int k = 0; k < hi - lo; ++k) {
+        const int j = reverse ? hi - 1 - k : lo + k;
+        if (fibers[j].state == RUNNABLE) return j;
+    }
+    return -1;
+}
+
+// Leaves the current fiber: for its own warp's lanes again when that completes a warp
+// barrier (a warp runs ahead until __syncthreads or its end, so under one order or the
+// other a warp reads shared memory before another warp's write that it forgot to wait
+// for), else for the next fiber of the pass, or the scheduler after the last. One switch
+// a fiber, not two (each switch mispredicts a return).
+void leave(Fiber& f) {
+    const unsigned w = (unsigned)current / 32;
+    bool released = false;
+    if (f.state == AT_WARP_BARRIER) {
+        // Only the arriving lane's own barrier is checked here (all of it, with the full
+        // masks the kernels use); the end of the pass releases whatever else is complete.
+        const unsigned need = f.wait_mask & warp_live[w];
+        released = (need & warp_waiting[w]) == need && release_warp(w);
+    } else if (f.state == DONE) {
+        released = warp_waiting[w] != 0 && release_warp(w);
+    }
+    int j = released ? first_of_warp(w) : -1;
+    if (j < 0) j = next_in_pass(current);
+    if (j < 0) {
+        switch_context(f.ctx, scheduler);
+        return;
+    }
+    current = j;
+    threadIdx = fibers[j].tid;
+    switch_context(f.ctx, fibers[j].ctx);
+}
+
 [[noreturn]] void fiber_main() {
     entry(entry_args);
     fibers[current].state = DONE;
-    switch_context(fibers[current].ctx, scheduler);
+    ++done_count;
+    warp_live[current / 32] &= ~(1u << (current & 31));
+    leave(fibers[current]);
     abort();  // a finished fiber is never resumed
 }
 
@@ -131,7 +212,11 @@ void wait(State s, unsigned mask) {
     Fiber& f = fibers[current];
     f.state = s;
     f.wait_mask = mask;
-    switch_context(f.ctx, scheduler);
+    if (s == AT_WARP_BARRIER)
+        warp_waiting[current / 32] |= 1u << (current & 31);
+    else
+        ++at_block_count;
+    leave(f);
 }
 
 bool allocate_stacks(std::string& err) {
@@ -149,44 +234,18 @@ bool allocate_stacks(std::string& err) {
     return true;
 }
 
-unsigned linear(const uint3& t) { return t.x + blockDim.x * (t.y + blockDim.y * t.z); }
-
 // Releases whatever barrier can be released; false when nothing could.
 bool release() {
-    bool any = false;
     // Block barrier: every live thread at it.
-    bool all_at_block = true, some_at_block = false;
-    for (unsigned i = 0; i < nthreads; ++i) {
-        if (fibers[i].state == DONE) continue;
-        if (fibers[i].state == AT_BLOCK_BARRIER)
-            some_at_block = true;
-        else
-            all_at_block = false;
-    }
-    if (some_at_block && all_at_block) {
+    if (at_block_count > 0 && at_block_count + done_count == nthreads) {
         for (unsigned i = 0; i < nthreads; ++i)
             if (fibers[i].state == AT_BLOCK_BARRIER) fibers[i].state = RUNNABLE;
+        at_block_count = 0;
         return true;
     }
-    // Warp barriers: a lane goes on when every live lane of its mask is at a warp barrier.
+    bool any = false;
     const unsigned warps = (nthreads + 31) / 32;
-    for (unsigned w = 0; w < warps; ++w) {
-        unsigned live = 0, waiting = 0;
-        for (unsigned l = 0; l < 32 && w * 32 + l < nthreads; ++l) {
-            const Fiber& f = fibers[w * 32 + l];
-            if (f.state != DONE) live |= 1u << l;
-            if (f.state == AT_WARP_BARRIER) waiting |= 1u << l;
-        }
-        unsigned go = 0;
-        for (unsigned l = 0; l < 32; ++l) {
-            if (!((waiting >> l) & 1u)) continue;
-            const unsigned need = fibers[w * 32 + l].wait_mask & live;
-            if ((need & waiting) == need) go |= 1u << l;
-        }
-        for (unsigned l = 0; l < 32; ++l)
-            if ((go >> l) & 1u) fibers[w * 32 + l].state = RUNNABLE;
-        any = any || go != 0;
-    }
+    for (unsigned w = 0; w < warps; ++w) any = (warp_waiting[w] != 0 && release_warp(w)) || any;
     return any;
 }
 
@@ -199,19 +258,23 @@ bool run_block(std::string& err) {
         f.wait_mask = 0;
         f.tid = uint3{i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
     }
+    done_count = 0;
+    at_block_count = 0;
+    for (unsigned w = 0; w * 32 < nthreads; ++w) {
+        const unsigned lanes = std::min(32u, nthreads - w * 32);
+        warp_live[w] = lanes == 32 ? ~0u : (1u << lanes) - 1;
+        warp_waiting[w] = 0;
+    }
     for (;;) {
-        bool ran = false;
-        for (unsigned k = 0; k < nthreads; ++k) {
-            const unsigned i = reverse_order ? nthreads - 1 - k : k;
-            if (fibers[i].state != RUNNABLE) continue;
-            current = (int)i;
-            threadIdx = fibers[i].tid;
-            switch_context(scheduler, fibers[i].ctx);
-            ran = true;
+        // A pass: every runnable fiber once, in order, each switching to the next.
+        const int first = next_in_pass(-1);
+        const bool ran = first >= 0;
+        if (ran) {
+            current = first;
+            threadIdx = fibers[first].tid;
+            switch_context(scheduler, fibers[first].ctx);
         }
-        bool done = true;
-        for (unsigned i = 0; i < nthreads; ++i) done = done && fibers[i].state == DONE;
-        if (done) return true;
+        if (done_count == nthreads) return true;
         if (!release() && !ran) {
             unsigned at_block = 0, at_warp = 0, finished = 0;
             for (unsigned i = 0; i < nthreads; ++i) {
@@ -233,9 +296,6 @@ bool run_block(std::string& err) {
 
 void block_barrier() { wait(AT_BLOCK_BARRIER, 0); }
 void warp_barrier(unsigned mask) { wait(AT_WARP_BARRIER, mask); }
-unsigned lane_id() { return linear(threadIdx) & 31; }
-uint64_t* warp_slots() { return slots[linear(threadIdx) / 32]; }
-uint32_t* warp_scratch() { return scratch[linear(threadIdx) / 32]; }
 
 void set_reverse_order(bool reverse) {
     order_from_env_read = true;
@@ -248,6 +308,7 @@ bool run_grid(KernelEntry k, void** args, uint3 grid, uint3 block, std::string& 
         reverse_order = o && std::string(o) == "reverse";
         order_from_env_read = true;
     }
+    reverse = reverse_order;
     const unsigned long long n = (unsigned long long)block.x * block.y * block.z;
     if (n == 0 || n > MAX_THREADS) {
         err = "block of " + std::to_string(n) + " threads (1..1024)";
@@ -266,7 +327,7 @@ bool run_grid(KernelEntry k, void** args, uint3 grid, uint3 block, std::string& 
     gridDim = grid;
     const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
     for (unsigned long long k = 0; k < blocks; ++k) {
-        const unsigned long long b = reverse_order ? blocks - 1 - k : k;
+        const unsigned long long b = reverse ? blocks - 1 - k : k;
         blockIdx = uint3{(unsigned)(b % grid.x), (unsigned)(b / grid.x % grid.y), (unsigned)(b / grid.x / grid.y)};
         if (!run_block(err)) return false;
     }

@@ -49,9 +49,23 @@ extern uint3 threadIdx, blockIdx, blockDim, gridDim;
 namespace massv_emu {
 void block_barrier();
 void warp_barrier(unsigned mask);
-unsigned lane_id();
-uint64_t* warp_slots();     // 32 exchange slots of the calling thread's warp
-uint32_t* warp_scratch();   // 32 × 8 words of the calling thread's warp (mma fragments)
+
+// A warp's exchange words (shuffles, ballots, mma fragments). A lane writes its own in
+// `warp_words`, then waits at a warp barrier; the barrier's release copies the warp's
+// words to `warp_seen`, which the released lanes read. So an exchange takes one barrier:
+// a lane's next write cannot reach what the others read (two barriers, write / read, cost
+// twice the fiber switches).
+struct WarpWords {
+    uint64_t slots[32];
+    uint32_t scratch[32 * 8];
+};
+extern WarpWords warp_words[32];
+extern WarpWords warp_seen[32];
+
+inline unsigned linear_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
+inline unsigned lane_id() { return linear_tid() & 31; }
+inline WarpWords& my_words() { return warp_words[linear_tid() / 32]; }
+inline const WarpWords& my_seen() { return warp_seen[linear_tid() / 32]; }
 }  // namespace massv_emu
 
 static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return uint4{a, b, c, d}; }
@@ -63,13 +77,10 @@ static inline void __syncwarp(unsigned mask = 0xffffffffu) { massv_emu::warp_bar
 template <class T>
 static inline T massv_emu_exchange(unsigned mask, T v, unsigned src) {
     static_assert(sizeof(T) <= 8, "shuffle of more than 8 bytes");
-    uint64_t* s = massv_emu::warp_slots();
-    const unsigned lane = massv_emu::lane_id();
-    memcpy(&s[lane], &v, sizeof(T));
+    memcpy(&massv_emu::my_words().slots[massv_emu::lane_id()], &v, sizeof(T));
     massv_emu::warp_barrier(mask);
     T r;
-    memcpy(&r, &s[src & 31], sizeof(T));
-    massv_emu::warp_barrier(mask);
+    memcpy(&r, &massv_emu::my_seen().slots[src & 31], sizeof(T));
     return r;
 }
 
@@ -98,14 +109,12 @@ static inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width =
 }
 
 static inline unsigned __ballot_sync(unsigned mask, int pred) {
-    uint64_t* s = massv_emu::warp_slots();
-    const unsigned lane = massv_emu::lane_id();
-    s[lane] = pred ? 1 : 0;
+    massv_emu::my_words().slots[massv_emu::lane_id()] = pred ? 1 : 0;
     massv_emu::warp_barrier(mask);
+    const uint64_t* s = massv_emu::my_seen().slots;
     unsigned r = 0;
     for (unsigned i = 0; i < 32; ++i)
         if (((mask >> i) & 1u) && s[i]) r |= 1u << i;
-    massv_emu::warp_barrier(mask);
     return r;
 }
 
@@ -113,12 +122,13 @@ static inline unsigned __ballot_sync(unsigned mask, int pred) {
 // layouts (the same ones cuda/dev/attention_emu.py models): every lane hands in its A
 // and B registers, then computes its own four C elements.
 static inline void massv_emu_mma_bf16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    uint32_t* s = massv_emu::warp_scratch();
     const unsigned lane = massv_emu::lane_id();
-    for (int i = 0; i < 4; ++i) s[lane * 8 + i] = a[i];
-    s[lane * 8 + 4] = b0;
-    s[lane * 8 + 5] = b1;
+    uint32_t* w = massv_emu::my_words().scratch;
+    for (int i = 0; i < 4; ++i) w[lane * 8 + i] = a[i];
+    w[lane * 8 + 4] = b0;
+    w[lane * 8 + 5] = b1;
     massv_emu::warp_barrier(0xffffffffu);
+    const uint32_t* s = massv_emu::my_seen().scratch;
     auto half_at = [](uint32_t w, int e) {
         __nv_bfloat16 h;
         h.x = (uint16_t)(e ? w >> 16 : w & 0xffffu);
@@ -140,7 +150,6 @@ static inline void massv_emu_mma_bf16(float c[4], const uint32_t a[4], uint32_t 
         for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
         d[i] = acc;
     }
-    massv_emu::warp_barrier(0xffffffffu);
     for (int i = 0; i < 4; ++i) c[i] += d[i];
 }
 
