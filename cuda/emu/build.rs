@@ -94,17 +94,29 @@ fn main() {
             );
         }
         let names = kernel_names(&String::from_utf8_lossy(&pre.stdout));
+        // The file's __shared__ arrays (its .bss, see emu.h) move to the section
+        // massv_smem_<stem> once compiled; the linker's __start_ / __stop_ symbols bound
+        // it. The file sits in an unnamed namespace so that the statics of its inline
+        // functions and templates are the unit's own, in its .bss (not in COMDAT groups).
+        let section = format!("massv_smem_{stem}");
         let mut unit = format!(
-            "#include \"emu_internal.h\"\n#include \"{}\"\nnamespace {{\nstruct Register {{\n    Register() {{\n",
+            "#include \"emu_internal.h\"\nnamespace {{\n#include \"{}\"\n}}  // namespace\n",
             src.display()
         );
+        for bound in ["start", "stop"] {
+            unit +=
+                &format!("extern \"C\" char __{bound}_{section}[] __attribute__((weak, visibility(\"hidden\")));\n");
+        }
+        unit += &format!(
+            "namespace {{\nstruct Register {{\n    Register() {{\n        const massv_emu::SharedMemory shared{{__start_{section}, __stop_{section}}};\n"
+        );
         for n in &names {
-            unit += &format!("        massv_emu::register_kernel(\"{n}\", &massv_emu::invoke<&{n}>);\n");
+            unit += &format!("        massv_emu::register_kernel(\"{n}\", &massv_emu::invoke<&{n}>, shared);\n");
         }
         unit += "    }\n} registered;\n}  // namespace\n";
         let path = out.join(format!("{stem}.emu.cpp"));
         fs::write(&path, unit).expect("writing a registration unit");
-        units.push(path);
+        units.push((path, section));
     }
 
     let compile = |src: &Path| -> (PathBuf, Child) {
@@ -118,11 +130,31 @@ fn main() {
         let child = c.spawn().unwrap_or_else(|e| panic!("running {}: {e}", cxx.display()));
         (obj, child)
     };
+    let smem_sections: std::collections::HashMap<PathBuf, String> = units
+        .iter()
+        .map(|(src, section)| {
+            (
+                out.join(format!(
+                    "{}.o",
+                    src.file_name().and_then(|s| s.to_str()).expect("utf-8 file name")
+                )),
+                section.clone(),
+            )
+        })
+        .collect();
     let wait = |jobs: Vec<(PathBuf, Child)>| -> Vec<PathBuf> {
         jobs.into_iter()
             .map(|(obj, mut child)| {
                 let st = child.wait().expect("waiting for the compiler");
                 assert!(st.success(), "compiling {} for the CUDA emulator failed", obj.display());
+                if let Some(section) = smem_sections.get(&obj) {
+                    let st = Command::new("objcopy")
+                        .arg(format!("--rename-section=.bss={section}"))
+                        .arg(&obj)
+                        .status()
+                        .unwrap_or_else(|e| panic!("running objcopy: {e}"));
+                    assert!(st.success(), "objcopy on {} failed", obj.display());
+                }
                 obj
             })
             .collect()
@@ -130,7 +162,7 @@ fn main() {
 
     let driver_srcs = [cpp.join("fiber.cpp"), cpp.join("driver.cpp")];
     let mut jobs: Vec<_> = driver_srcs.iter().map(|s| compile(s)).collect();
-    jobs.extend(units.iter().map(|s| compile(s)));
+    jobs.extend(units.iter().map(|(s, _)| compile(s)));
     let driver_objs = wait(jobs);
     let blas_obj = wait(vec![compile(&cpp.join("blas.cpp"))]);
     let lt_obj = wait(vec![compile(&cpp.join("blaslt.cpp"))]);

@@ -46,8 +46,8 @@ std::mutex& lock() {
     static std::mutex m;
     return m;
 }
-std::map<std::string, KernelEntry>& registry() {
-    static std::map<std::string, KernelEntry> r;
+std::map<std::string, Kernel>& registry() {
+    static std::map<std::string, Kernel> r;
     return r;
 }
 std::map<std::string, Kernel>& kernels() {
@@ -73,7 +73,9 @@ bool inside(uintptr_t p, size_t n) {
 }
 }  // namespace
 
-void register_kernel(const char* name, KernelEntry entry) { registry()[name] = entry; }
+void register_kernel(const char* name, KernelEntry entry, SharedMemory shared) {
+    registry()[name] = Kernel{nullptr, entry, shared};
+}
 
 const Kernel* find_kernel(const char* name) {
     auto& ks = kernels();
@@ -81,7 +83,7 @@ const Kernel* find_kernel(const char* name) {
     if (it != ks.end()) return &it->second;
     auto r = registry().find(name);
     if (r == registry().end()) return nullptr;
-    auto ins = ks.emplace(name, Kernel{nullptr, r->second});
+    auto ins = ks.emplace(name, r->second);
     ins.first->second.name = ins.first->first.c_str();
     return &ins.first->second;
 }
@@ -372,7 +374,7 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
     std::string err;
     stats.launches++;
     running_kernel = k->name;
-    const bool ok = run_grid(k->entry, params, uint3{gx, gy, gz}, uint3{bx, by, bz}, err);
+    const bool ok = run_grid(*k, params, uint3{gx, gy, gz}, uint3{bx, by, bz}, err);
     running_kernel = nullptr;
     if (!ok) {
         last_error = std::string(k->name) + ": " + err;

@@ -12,11 +12,18 @@ typedef void (*KernelEntry)(void** args);
 
 // Every `extern "C" __global__` kernel of cuda/*.cu registers itself by name (the
 // registration units build.rs generates), as cuModuleGetFunction finds it.
+// `shared` spans the __shared__ arrays of the kernel's file (emu.h), poisoned before
+// each block; empty for a file without any.
+struct SharedMemory {
+    char* begin;
+    char* end;
+};
 struct Kernel {
     const char* name;
     KernelEntry entry;
+    SharedMemory shared;
 };
-void register_kernel(const char* name, KernelEntry entry);
+void register_kernel(const char* name, KernelEntry entry, SharedMemory shared);
 const Kernel* find_kernel(const char* name);
 
 // cuLaunchKernel's void** holds one pointer per parameter, to a value of its type.
@@ -33,7 +40,7 @@ void invoke(void** args) {
     call_with(K, args, std::make_index_sequence<arity(K)>{});
 }
 
-bool run_grid(KernelEntry k, void** args, uint3 grid, uint3 block, std::string& err);
+bool run_grid(const Kernel& k, void** args, uint3 grid, uint3 block, std::string& err);
 void set_reverse_order(bool reverse);
 
 }  // namespace massv_emu

@@ -97,6 +97,7 @@ int current = 0;
 unsigned nthreads = 0;
 KernelEntry entry = nullptr;
 void** entry_args = nullptr;
+SharedMemory shared{nullptr, nullptr};
 std::atomic<bool> reverse_order{false};
 bool reverse = false;  // reverse_order, read once a launch
 // The block's state in counts and per-warp lane masks, kept as fibers move (scanning
@@ -250,6 +251,7 @@ bool release() {
 }
 
 bool run_block(std::string& err) {
+    if (shared.begin) memset(shared.begin, 0xff, (size_t)(shared.end - shared.begin));
     const size_t slot = STACK + page;
     for (unsigned i = 0; i < nthreads; ++i) {
         Fiber& f = fibers[i];
@@ -302,7 +304,7 @@ void set_reverse_order(bool reverse) {
     reverse_order = reverse;
 }
 
-bool run_grid(KernelEntry k, void** args, uint3 grid, uint3 block, std::string& err) {
+bool run_grid(const Kernel& k, void** args, uint3 grid, uint3 block, std::string& err) {
     if (!order_from_env_read) {
         const char* o = getenv("MASSV_EMU_ORDER");
         reverse_order = o && std::string(o) == "reverse";
@@ -320,8 +322,9 @@ bool run_grid(KernelEntry k, void** args, uint3 grid, uint3 block, std::string& 
         return false;
     }
     if (!allocate_stacks(err)) return false;
-    entry = k;
+    entry = k.entry;
     entry_args = args;
+    shared = k.shared;
     nthreads = (unsigned)n;
     blockDim = block;
     gridDim = grid;

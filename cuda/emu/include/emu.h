@@ -27,6 +27,10 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+// A kernel file's __shared__ arrays are its only zero-initialised statics: build.rs moves
+// its .bss to a section of its own, which the emulator fills with 0xff bytes (NaN, -1)
+// before every block. On a GPU shared memory starts each block holding garbage, and a
+// block reading what it never wrote must not see the last block's values.
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 
