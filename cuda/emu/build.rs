@@ -148,12 +148,17 @@ fn main() {
                 let st = child.wait().expect("waiting for the compiler");
                 assert!(st.success(), "compiling {} for the CUDA emulator failed", obj.display());
                 if let Some(section) = smem_sections.get(&obj) {
-                    let st = Command::new("objcopy")
+                    // Without objcopy the emulator runs, with shared memory not poisoned.
+                    match Command::new("objcopy")
                         .arg(format!("--rename-section=.bss={section}"))
                         .arg(&obj)
                         .status()
-                        .unwrap_or_else(|e| panic!("running objcopy: {e}"));
-                    assert!(st.success(), "objcopy on {} failed", obj.display());
+                    {
+                        Ok(st) => assert!(st.success(), "objcopy on {} failed", obj.display()),
+                        Err(e) => {
+                            println!("cargo:warning=shared memory not poisoned by the CUDA emulator (objcopy: {e})")
+                        }
+                    }
                 }
                 obj
             })
