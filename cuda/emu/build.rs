@@ -130,36 +130,11 @@ fn main() {
         let child = c.spawn().unwrap_or_else(|e| panic!("running {}: {e}", cxx.display()));
         (obj, child)
     };
-    let smem_sections: std::collections::HashMap<PathBuf, String> = units
-        .iter()
-        .map(|(src, section)| {
-            (
-                out.join(format!(
-                    "{}.o",
-                    src.file_name().and_then(|s| s.to_str()).expect("utf-8 file name")
-                )),
-                section.clone(),
-            )
-        })
-        .collect();
     let wait = |jobs: Vec<(PathBuf, Child)>| -> Vec<PathBuf> {
         jobs.into_iter()
             .map(|(obj, mut child)| {
                 let st = child.wait().expect("waiting for the compiler");
                 assert!(st.success(), "compiling {} for the CUDA emulator failed", obj.display());
-                if let Some(section) = smem_sections.get(&obj) {
-                    // Without objcopy the emulator runs, with shared memory not poisoned.
-                    match Command::new("objcopy")
-                        .arg(format!("--rename-section=.bss={section}"))
-                        .arg(&obj)
-                        .status()
-                    {
-                        Ok(st) => assert!(st.success(), "objcopy on {} failed", obj.display()),
-                        Err(e) => {
-                            println!("cargo:warning=shared memory not poisoned by the CUDA emulator (objcopy: {e})")
-                        }
-                    }
-                }
                 obj
             })
             .collect()
@@ -169,6 +144,18 @@ fn main() {
     let mut jobs: Vec<_> = driver_srcs.iter().map(|s| compile(s)).collect();
     jobs.extend(units.iter().map(|(s, _)| compile(s)));
     let driver_objs = wait(jobs);
+    // wait keeps the jobs' order: the units' objects come after the driver's sources.
+    for (obj, (_, section)) in driver_objs[driver_srcs.len()..].iter().zip(&units) {
+        // Without objcopy the emulator runs, with shared memory not poisoned.
+        match Command::new("objcopy")
+            .arg(format!("--rename-section=.bss={section}"))
+            .arg(obj)
+            .status()
+        {
+            Ok(st) => assert!(st.success(), "objcopy on {} failed", obj.display()),
+            Err(e) => println!("cargo:warning=shared memory not poisoned by the CUDA emulator (objcopy: {e})"),
+        }
+    }
     let blas_obj = wait(vec![compile(&cpp.join("blas.cpp"))]);
     let lt_obj = wait(vec![compile(&cpp.join("blaslt.cpp"))]);
 

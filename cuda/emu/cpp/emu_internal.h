@@ -10,14 +10,14 @@ namespace massv_emu {
 
 typedef void (*KernelEntry)(void** args);
 
-// Every `extern "C" __global__` kernel of cuda/*.cu registers itself by name (the
-// registration units build.rs generates), as cuModuleGetFunction finds it.
-// `shared` spans the __shared__ arrays of the kernel's file (emu.h), poisoned before
-// each block; empty for a file without any.
+// The __shared__ arrays of a kernel's file (emu.h), poisoned before each block; empty for
+// a file without any.
 struct SharedMemory {
     char* begin;
     char* end;
 };
+// Every `extern "C" __global__` kernel of cuda/*.cu registers itself by name (the
+// registration units build.rs generates), as cuModuleGetFunction finds it.
 struct Kernel {
     const char* name;
     KernelEntry entry;

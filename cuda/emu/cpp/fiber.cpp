@@ -103,6 +103,7 @@ bool reverse = false;  // reverse_order, read once a launch
 // The block's state in counts and per-warp lane masks, kept as fibers move (scanning
 // every fiber at every barrier cost more than the switches).
 unsigned done_count = 0, at_block_count = 0;
+static_assert(MAX_THREADS / 32 == sizeof warp_words / sizeof warp_words[0], "a WarpWords per warp");
 unsigned warp_live[MAX_THREADS / 32];     // lanes not exited
 unsigned warp_waiting[MAX_THREADS / 32];  // lanes at a warp barrier
 std::atomic<bool> order_from_env_read{false};
@@ -329,8 +330,8 @@ bool run_grid(const Kernel& k, void** args, uint3 grid, uint3 block, std::string
     blockDim = block;
     gridDim = grid;
     const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
-    for (unsigned long long k = 0; k < blocks; ++k) {
-        const unsigned long long b = reverse ? blocks - 1 - k : k;
+    for (unsigned long long i = 0; i < blocks; ++i) {
+        const unsigned long long b = reverse ? blocks - 1 - i : i;
         blockIdx = uint3{(unsigned)(b % grid.x), (unsigned)(b / grid.x % grid.y), (unsigned)(b / grid.x / grid.y)};
         if (!run_block(err)) return false;
     }
