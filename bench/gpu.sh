@@ -9,7 +9,8 @@
 #        bench/gpu.sh build
 #    It builds with the CI's nvcc (or $NVCC) and MASSV_CUDA_ARCHS=sm_90 (H100 / H200
 #    only) in target/gpu/: the release test binaries of tests/cuda_ops.rs,
-#    tests/cuda_model.rs and tests/cuda_projector.rs and the massv binary, strips them
+#    tests/cuda_model.rs, tests/cuda_projector.rs and tests/cuda_graph_emu.rs and the
+#    massv binary, strips them
 #    and packs them as .gpu/bin.tar.xz (ignored by git; xz makes 34 MB of binaries
 #    about a third of that) with the commit id, and downloads the compute-sanitizer
 #    wheel (nvidia-cuda-sanitizer-api, ~14 MB) there. It prints the total size: what
@@ -40,7 +41,8 @@
 #   - runs compute-sanitizer --tool memcheck on all CUDA tests and --tool racecheck on
 #     the kernels with shared memory, each under a time limit.
 # Every step's log is in $OUT/logs.tar.gz; the exit status is non-zero if any step failed.
-# The step limits (tests 200 s, model tests 200 s, projector tests 120 s, bench 150 s,
+# The step limits (tests 200 s, model tests 200 s, projector tests 120 s, graph tests
+# 60 s, bench 150 s,
 # model bench 240 s, vision bench 120 s, massv 60 + 60 s, demo 90 s, memcheck 120 + 150 +
 # 60 s, racecheck 90 s) are caps for a hang, not estimates (nothing has been timed on a
 # GPU yet); each is also cut to what is left of the call's budget of 570 s
@@ -53,7 +55,7 @@ cd "$(dirname "$0")/.."
 
 mode="${1:-run}"
 gpu_dir=.gpu
-test_bins="cuda_ops cuda_model cuda_projector"
+test_bins="cuda_ops cuda_model cuda_projector cuda_graph_emu"
 
 build() {
     set -e
@@ -200,6 +202,8 @@ PY
     want tests && step tests-model 200 "$gpu_dir/cuda_model" --test-threads=1
     # The MASSV projector on the device vs the CPU projector.
     want tests && step tests-projector 120 "$gpu_dir/cuda_projector" --test-threads=1
+    # CUDA graphs through raw cudarc (the driver's capture rules the emulator copies).
+    want tests && step tests-graph 60 "$gpu_dir/cuda_graph_emu" --test-threads=1
 
     local date_ gpu_name json
     date_=$(date -u +%F)

@@ -43,6 +43,8 @@ struct AttnParams {
     const uint8_t* mask;        // verify: [n, start + n - mask_start]
     const int32_t* cu_seqlens;  // varlen: [segments + 1]
     unsigned* counters;         // split-K: [row tiles * KV heads] arrival counts, zero between launches
+    const int32_t* len_at;      // when set, start = *len_at and kv_len = start + n, read at run time
+                                // (a CUDA graph replays one launch at every cache length)
     int n;                      // query tokens (varlen: total tokens)
     int start;                  // cache position of query token 0
     int mask_start;             // verify: first key the mask covers (<= start)
@@ -50,7 +52,8 @@ struct AttnParams {
     int hq;                     // query heads
     int hkv;                    // KV heads
     int window;                 // sliding window (causal), 0 = none
-    int keys_per_split;         // keys per blockIdx.z (a multiple of ATTN_BC)
+    int keys_per_split;         // keys per blockIdx.z (a multiple of ATTN_BC); 0: the fewest that
+                                // spread kv_len over gridDim.z (the splits past kv_len idle)
     int q_stride;
     int kv_stride;
     int out_stride;
@@ -81,11 +84,12 @@ __device__ __forceinline__ uint32_t pack_bf16(bf16 lo, bf16 hi) {
 
 // The last split of a row tile to finish merges every split's partials of the tile's
 // rows into out: out = sum_s w_s o_s / sum_s w_s, w_s = l_s 2^(m_s - M), M = max_s m_s,
-// the splits in order. rows: the tile's rows (r = row_base + i), at most 64.
+// the splits in order. rows: the tile's rows (r = row_base + i), at most 64; splits: those
+// that hold keys (the first ones; the rest wrote nothing).
 template <int D>
-__device__ __forceinline__ void combine_splits(const AttnParams& p, int row_base, int rows, int group, int head) {
+__device__ __forceinline__ void combine_splits(const AttnParams& p, int splits, int row_base, int rows, int group,
+                                               int head) {
     __shared__ float big_m[64], inv_w[64];
-    const int splits = gridDim.z;
     const size_t all_rows = (size_t)p.n * p.hq;
     // Partial row of tile row i: token (row_base + i) / group, query head h * group + i % group.
     auto prow = [&](int i) {
@@ -145,6 +149,26 @@ __device__ __forceinline__ void attention_body(const AttnParams& p) {
     const int row_base = blockIdx.x * nw * 16;
     if (row_base >= rows_total) return;  // uniform over the block
 
+    // The cache's extent: fixed at launch, or read here (a CUDA graph's launch serves
+    // every length), then the keys per split for it when the launcher left them open.
+    int start = p.start, kv_len = p.kv_len, kps = p.keys_per_split, splits = gridDim.z;
+    if (MODE != MODE_VARLEN) {
+        if (p.len_at) {
+            start = *p.len_at;
+            kv_len = start + p.n;
+        }
+        if (kps <= 0) {
+            kps = max(ATTN_BC, (kv_len + (int)gridDim.z - 1) / (int)gridDim.z + ATTN_BC - 1) / ATTN_BC * ATTN_BC;
+            splits = min((int)gridDim.z, (kv_len + kps - 1) / kps);
+        }
+    }
+    const bool split = MODE != MODE_VARLEN && gridDim.z > 1;
+    if (split && (int)blockIdx.z >= splits) {  // past the cache: no partials, only counted in
+        if (last_split_arrived(p.counters, blockIdx.y * gridDim.x + blockIdx.x, gridDim.z))
+            combine_splits<D>(p, splits, row_base, min(rows_total - row_base, nw * 16), group, head);
+        return;
+    }
+
     // Key range of this block.
     int lo, hi;
     if (MODE == MODE_VARLEN) {
@@ -154,15 +178,15 @@ __device__ __forceinline__ void attention_body(const AttnParams& p) {
         const int t_first = row_base / group;
         const int t_last = min(rows_total - 1, row_base + nw * 16 - 1) / group;
         if (MODE == MODE_CAUSAL) {
-            hi = min(p.kv_len, p.start + t_last + 1);
-            lo = p.window > 0 ? max(0, p.start + t_first + 1 - p.window) : 0;
+            hi = min(kv_len, start + t_last + 1);
+            lo = p.window > 0 ? max(0, start + t_first + 1 - p.window) : 0;
         } else {
-            hi = min(p.kv_len, p.start + p.n);
+            hi = min(kv_len, start + p.n);
             lo = 0;
         }
-        const int s_lo = blockIdx.z * p.keys_per_split;
+        const int s_lo = blockIdx.z * kps;
         lo = max(lo, s_lo);
-        hi = min(hi, s_lo + p.keys_per_split);
+        hi = min(hi, s_lo + kps);
     }
 
     // This lane's two rows: r[0] = tile row g, r[1] = g + 8.
@@ -238,10 +262,10 @@ __device__ __forceinline__ void attention_body(const AttnParams& p) {
                 const int key = key0 + j * 8 + tig * 2 + (c & 1);
                 bool vis = key < hi;
                 if (MODE == MODE_CAUSAL) {
-                    const int last = p.start + tok[h];
+                    const int last = start + tok[h];
                     vis = vis && key <= last && (p.window <= 0 || key > last - p.window);
                 } else if (MODE == MODE_MASKED) {
-                    const int jb = key - p.mask_start, span = p.start + p.n - p.mask_start;
+                    const int jb = key - p.mask_start, span = start + p.n - p.mask_start;
                     vis = vis && (jb < 0 || (jb < span && valid[h] && p.mask[(size_t)tok[h] * span + jb] != 0));
                 }
                 s[j][c] = vis ? s[j][c] * p.scale_log2 : -INFINITY;
@@ -299,7 +323,6 @@ __device__ __forceinline__ void attention_body(const AttnParams& p) {
         l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
         l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
     }
-    const bool split = MODE != MODE_VARLEN && gridDim.z > 1;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         if (!valid[h]) continue;
@@ -323,7 +346,7 @@ __device__ __forceinline__ void attention_body(const AttnParams& p) {
         }
     }
     if (split && last_split_arrived(p.counters, blockIdx.y * gridDim.x + blockIdx.x, gridDim.z))
-        combine_splits<D>(p, row_base, min(rows_total - row_base, nw * 16), group, head);
+        combine_splits<D>(p, splits, row_base, min(rows_total - row_base, nw * 16), group, head);
 }
 
 #define ATTN_ENTRY(NAME, MODE, D)                                                                                      \

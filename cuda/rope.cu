@@ -91,8 +91,10 @@ extern "C" __global__ void rope_vision(bf16* __restrict__ x, const int32_t* __re
 extern "C" __global__ void rope_kv_append(const bf16* __restrict__ qkv, const int32_t* __restrict__ positions,
                                           int tokens, int hq, int hkv, int head_dim, float theta, int s0, int s1,
                                           bf16* __restrict__ q_out, bf16* __restrict__ k_cache,
-                                          bf16* __restrict__ v_cache, int len) {
+                                          bf16* __restrict__ v_cache, int len,
+                                          const int32_t* __restrict__ len_at) {
     __shared__ float sn[MAX_PAIRS], cs[MAX_PAIRS];
+    if (len_at) len = *len_at;  // read at run time: a CUDA graph's launch serves every length
     const int half = head_dim / 2;
     const int t = blockIdx.x;
     mrope_angles(positions, tokens, t, head_dim, theta, s0, s1, sn, cs);

@@ -1758,11 +1758,21 @@ fn bench_model() {
         time_chain(&drafter, &mut dcache, one[0], false),
         chain_bytes,
     );
-    let draft_chain = b.row(
-        &format!("0.5B drafter chain γ={BENCH_GAMMA}, draft_chain (1 sync)"),
+    drafter.set_graphs(false);
+    b.row(
+        &format!("0.5B drafter chain γ={BENCH_GAMMA}, draft_chain, no graph"),
         time_chain(&drafter, &mut dcache, one[0], true),
         chain_bytes,
     );
+    drafter.set_graphs(true);
+    let draft_chain = b.row(
+        &format!("0.5B drafter chain γ={BENCH_GAMMA}, draft_chain (1 sync, graph)"),
+        time_chain(&drafter, &mut dcache, one[0], true),
+        chain_bytes,
+    );
+    if let Err(why) = drafter.graph_status() {
+        println!("drafter chains ran without a CUDA graph: {why}");
+    }
     let mut pcache = target.new_cache(ctx).unwrap();
     let prefill = b.row_flops(
         &format!("{t} prefill (TTFT) {ctx} tokens"),
@@ -2209,6 +2219,90 @@ fn chain_drafting_picks_on_the_device_and_copies_back_once() {
     let e = message(m.draft_chain(Input::Tokens(&[v as u32]), &mut c, 2, ChainPick::Argmax));
     assert!(e.contains(&v.to_string()), "{e}");
     assert_eq!(c.len(), len, "a refused chain leaves the cache as it was");
+}
+
+/// A drafted chain's passes after its first replay as one CUDA graph, which reads the
+/// cache length on the device: successive chains (the cache growing across key tiles and
+/// attention splits) draft bit for bit what the passes launched one by one draft, with
+/// the same q rows and caches, at T = 0 and T > 0, across a change of γ and of sampling
+/// parameters (each recaptured). On the emulator: one graph launch a chain.
+#[test]
+fn chain_graphs_draft_what_passes_one_by_one_draft() {
+    use massv::model::cuda_qwen2::ChainPick;
+    let dev = dev_or_skip!();
+    let (_t, dir) = make(&engine_drafter_spec());
+    let m = CudaQwen2::load(dev.clone(), &dir).unwrap();
+    let (v, layers) = (m.cfg.vocab_size, m.cfg.num_hidden_layers);
+    assert_eq!(m.graph_status(), Ok(()), "graphs serve this drafter");
+    let mut rng = Rng::new(21);
+    let prompt = random_tokens(&mut rng, 100, v);
+    let sp = [
+        SamplingParams {
+            temperature: 0.9,
+            top_k: 0,
+            top_p: 0.95,
+        },
+        SamplingParams {
+            temperature: 1.2,
+            top_k: 20,
+            top_p: 1.0,
+        },
+    ];
+    let graph_launches = || massv_cuda_emu::loaded().then(|| massv_cuda_emu::stats().unwrap().graph_launches);
+    // Chains of γ (5, then 3 for the last two) from the prompt, each fed the last draft
+    // of the one before; at T > 0 with fresh uniforms a chain and the sampling
+    // parameters switching halfway. Returns the drafts, q rows and the final cache.
+    let run = |graphs: bool, sampled: bool| {
+        m.set_graphs(graphs);
+        let mut rng = Rng::new(5);
+        let mut cache = m.new_cache(400).unwrap();
+        m.forward_tokens(&prompt, &mut cache, Logits::Last).unwrap();
+        let mut q = dev.alloc_zeros::<f32>(5 * v).unwrap();
+        let mut uniforms = dev.alloc_zeros::<f64>(5).unwrap();
+        let (mut last, mut drafts, mut rows) = (prompt[0], vec![], vec![]);
+        let before = graph_launches();
+        for i in 0..12 {
+            let gamma = if i < 10 { 5 } else { 3 };
+            let u: Vec<f64> = (0..5).map(|_| rng.uniform()).collect();
+            dev.upload_into(&u, &mut uniforms.as_view_mut()).unwrap();
+            let pick = if sampled {
+                ChainPick::Sample {
+                    params: &sp[i / 6],
+                    q: &mut q,
+                    uniforms: &uniforms,
+                }
+            } else {
+                ChainPick::Argmax
+            };
+            let ids = m.draft_chain(Input::Tokens(&[last]), &mut cache, gamma, pick).unwrap();
+            last = ids[gamma - 1];
+            drafts.push(ids);
+            if sampled {
+                rows.push(dev.download(&q.slice(..gamma * v)).unwrap());
+            }
+        }
+        let launched = graph_launches().zip(before).map(|(a, b)| a - b);
+        (drafts, rows, cache, launched)
+    };
+    for sampled in [false, true] {
+        let (want, want_q, a, plain) = run(false, sampled);
+        let (got, got_q, b, graphed) = run(true, sampled);
+        assert_eq!(m.graph_status(), Ok(()), "sampled {sampled}: no capture failed");
+        assert!(a.len() > 2 * 64, "the chains cross a key tile: {}", a.len());
+        assert_eq!(got, want, "sampled {sampled}: the drafts");
+        assert!(got_q == want_q, "sampled {sampled}: the q rows");
+        assert_eq!(a.len(), b.len(), "sampled {sampled}: cache lengths");
+        for l in 0..layers {
+            assert!(
+                a.layer_to_host(l).unwrap() == b.layer_to_host(l).unwrap(),
+                "sampled {sampled}: layer {l}'s cache"
+            );
+        }
+        if let (Some(plain), Some(graphed)) = (plain, graphed) {
+            assert_eq!(plain, 0, "sampled {sampled}: no graph with graphs off");
+            assert_eq!(graphed, 12, "sampled {sampled}: one graph launch a chain");
+        }
+    }
 }
 
 /// Four requests drafting chains on one device drafter at once (the C ABI shares a loaded

@@ -20,7 +20,7 @@
 
 mod common;
 
-use massv::backend::cuda::{bf16, AttnShape, CudaDevice, GemvFuse, ATTN_HEAD_DIMS, MAX_TOP_K};
+use massv::backend::cuda::{bf16, AttnShape, CudaDevice, DeviceLen, GemvFuse, ATTN_HEAD_DIMS, MAX_TOP_K};
 use massv::reference as r;
 use massv::sampling::{Rng, SamplingParams};
 use massv::spec::tree::{verify_tree_greedy, verify_tree_sampled, Proposal, QRow, TokenTree, TreeVerdict};
@@ -255,6 +255,7 @@ fn rope_kv_append_is_rope_then_kv_append() {
             shape,
             theta,
             section,
+            None,
         )
         .unwrap();
         let (got_q, got_k, got_v) = (
@@ -262,6 +263,32 @@ fn rope_kv_append_is_rope_then_kv_append() {
             down_bf16(&dev, &dk, cap * kvr),
             down_bf16(&dev, &dv, cap * kvr),
         );
+
+        // The start read on the device (as a CUDA graph's launch does; `start` unused):
+        // the same bits.
+        let at = dev.upload(&[len as i32]).unwrap();
+        let mut dq2 = dev.alloc_zeros::<bf16>(n * qr).unwrap();
+        let (mut dk2, mut dv2) = (dev.upload(&kc_b).unwrap(), dev.upload(&vc_b).unwrap());
+        let ignored = AttnShape { start: cap, ..shape };
+        let len_at = DeviceLen {
+            at: &at.as_view(),
+            capacity: cap,
+        };
+        dev.rope_kv_append(
+            &dx.as_view(),
+            &dp.as_view(),
+            &mut dq2.as_view_mut(),
+            &mut dk2.as_view_mut(),
+            &mut dv2.as_view_mut(),
+            ignored,
+            theta,
+            section,
+            Some(len_at),
+        )
+        .unwrap();
+        assert_eq!(down_bf16(&dev, &dq2, n * qr), got_q, "{what}: q with the start on the device");
+        assert_eq!(down_bf16(&dev, &dk2, cap * kvr), got_k, "{what}: k with the start on the device");
+        assert_eq!(down_bf16(&dev, &dv2, cap * kvr), got_v, "{what}: v with the start on the device");
 
         // Against the twin: the rotated rows within the bf16 rule, the rest exact.
         let mut want_q = vec![0.0; n * qr];
@@ -344,6 +371,7 @@ fn rope_kv_append_is_rope_then_kv_append() {
             shape,
             1e4,
             section,
+            None,
         )
         .unwrap_err()
         .to_string()
@@ -1058,6 +1086,56 @@ fn attention_decode_split_k() {
             r::attention_decode(&t.q.1, &t.k.1, &t.v.1, &mut want, hq, hkv, d);
             let lo = attention_lo(&t.q.1, &t.k.1, &t.v.1, 1, hq, hkv, d, len, |_, _| true);
             let what = format!("attention_decode hq={hq} hkv={hkv} d={d} len={len}");
+            check_bf16(&what, &down_bf16(&dev, &dout, hq * d), &want, &lo);
+        }
+    }
+}
+
+/// Decode attention with the cache length read on the device (a CUDA graph's launch): one
+/// launch configuration, split for the capacity, serves every length; the keys past the
+/// length are NaN, so a split that reads past it fails the comparison.
+#[test]
+fn attention_decode_at_reads_the_length_on_the_device() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(12);
+    let mut scratch = dev.attn_scratch(28, 256, 128).unwrap();
+    let cap = 4096;
+    for &(hq, hkv, d) in &[(28, 4, 128), (14, 2, 64), (4, 2, 16)] {
+        for &len in &[1, 2, 63, 64, 65, 1000, cap] {
+            let t = qkv(&mut rng, 1, len, hq, hkv, d);
+            let row = hkv * d;
+            let pad = |x: &[bf16]| -> Vec<bf16> {
+                let mut full = x.to_vec();
+                full.resize(cap * row, bf16::NAN);
+                full
+            };
+            let (dq, dk, dv) = (
+                dev.upload(&t.q.0).unwrap(),
+                dev.upload(&pad(&t.k.0)).unwrap(),
+                dev.upload(&pad(&t.v.0)).unwrap(),
+            );
+            let at = dev.upload(&[len as i32 - 1]).unwrap();
+            let mut dout = dev.alloc_zeros::<bf16>(hq * d).unwrap();
+            let len_at = DeviceLen {
+                at: &at.as_view(),
+                capacity: cap,
+            };
+            dev.attention_decode_at(
+                &dq.as_view(),
+                &dk.as_view(),
+                &dv.as_view(),
+                &mut dout.as_view_mut(),
+                len_at,
+                hq,
+                hkv,
+                d,
+                &mut scratch,
+            )
+            .unwrap();
+            let mut want = vec![0.0; hq * d];
+            r::attention_decode(&t.q.1, &t.k.1, &t.v.1, &mut want, hq, hkv, d);
+            let lo = attention_lo(&t.q.1, &t.k.1, &t.v.1, 1, hq, hkv, d, len, |_, _| true);
+            let what = format!("attention_decode_at hq={hq} hkv={hkv} d={d} len={len} capacity={cap}");
             check_bf16(&what, &down_bf16(&dev, &dout, hq * d), &want, &lo);
         }
     }
@@ -2841,4 +2919,44 @@ fn bench_kernels() {
         std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
         println!("wrote {path}");
     }
+}
+
+/// `CudaDevice::capture` records launches into a graph without running them, and
+/// `launch_graph` replays them reading device memory as it is then, with the arguments
+/// fixed at capture. What a graph cannot hold (a host copy, an allocation) fails the
+/// capture, as does a capture inside one or one that launches nothing; launches run at
+/// once again after each.
+#[test]
+fn device_graphs_replay_what_was_captured() {
+    let dev = dev_or_skip!();
+    let mut src = dev.upload(&[1.0f32, 2.0, 3.0, 4.0]).unwrap();
+    let mut dst = dev.alloc_zeros::<bf16>(4).unwrap();
+    let graph = dev
+        .capture(|| dev.f32_to_bf16(&src.slice(..3), &mut dst.as_view_mut(), 3))
+        .unwrap();
+    assert_eq!(down_bf16(&dev, &dst, 4), [0.0; 4], "nothing runs while capturing");
+    dev.launch_graph(&graph).unwrap();
+    assert_eq!(down_bf16(&dev, &dst, 4), [1.0, 2.0, 3.0, 0.0]);
+    dev.upload_into(&[5.0f32, 6.0, 7.0, 8.0], &mut src.as_view_mut()).unwrap();
+    dev.launch_graph(&graph).unwrap();
+    assert_eq!(
+        down_bf16(&dev, &dst, 4),
+        [5.0, 6.0, 7.0, 0.0],
+        "the replay reads the new input, over the 3 elements captured"
+    );
+
+    let message = |r: massv::Result<massv::backend::cuda::DeviceGraph>| match r {
+        Ok(_) => panic!("the capture should fail"),
+        Err(e) => e.to_string(),
+    };
+    let e = message(dev.capture(|| dev.upload(&[1i32]).map(|_| ())));
+    assert!(e.contains("host-to-device") && e.contains("captured"), "{e}");
+    let e = message(dev.capture(|| dev.alloc_zeros::<f32>(4).map(|_| ())));
+    assert!(e.contains("allocation") && e.contains("captured"), "{e}");
+    let e = message(dev.capture(|| dev.capture(|| Ok(())).map(|_| ())));
+    assert!(e.contains("already capturing"), "{e}");
+    let e = message(dev.capture(|| Ok(())));
+    assert!(e.contains("nothing was launched"), "{e}");
+    dev.f32_to_bf16(&src.slice(1..4), &mut dst.as_view_mut(), 3).unwrap();
+    assert_eq!(down_bf16(&dev, &dst, 4), [6.0, 7.0, 8.0, 0.0], "launches run at once again");
 }

@@ -6,7 +6,8 @@
 //!
 //! The kernels a .cu file defines are found by preprocessing it with `__global__` marked
 //! (MASSV_EMU_SCAN) and reading the `extern "C"` names, macro-generated ones included; a
-//! generated unit per file then registers each by name with a typed trampoline.
+//! generated unit per file then registers each by name with a typed trampoline and its
+//! parameters' sizes.
 
 use std::env;
 use std::fs;
@@ -111,7 +112,7 @@ fn main() {
             "namespace {{\nstruct Register {{\n    Register() {{\n        const massv_emu::SharedMemory shared{{__start_{section}, __stop_{section}}};\n"
         );
         for n in &names {
-            unit += &format!("        massv_emu::register_kernel(\"{n}\", &massv_emu::invoke<&{n}>, shared);\n");
+            unit += &format!("        massv_emu::register_kernel<&{n}>(\"{n}\", shared);\n");
         }
         unit += "    }\n} registered;\n}  // namespace\n";
         let path = out.join(format!("{stem}.emu.cpp"));

@@ -18,13 +18,16 @@
 //! with unit weights (rmsnorm / rmsnorm_residual with `ones`) before its GEMMs.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr};
 use half::{bf16, f16};
 
 use super::qwen2::{expected_tensors, Logits, Names, Positions, TreeMask};
-use crate::backend::cuda::{AttnScratch, AttnShape, CudaDevice, GemvFuse, ATTN_HEAD_DIMS, GEMV_MAX_ROWS, MAX_TOP_K};
+use crate::backend::cuda::{
+    AttnScratch, AttnShape, CudaDevice, DeviceGraph, DeviceLen, GemvFuse, ATTN_HEAD_DIMS, GEMV_MAX_ROWS, MAX_TOP_K,
+};
 use crate::config::{self, TextConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::Extent;
@@ -48,6 +51,8 @@ pub const MAX_TREE_BLOCK: usize = 64;
 const GEMV_SPLITS: usize = 8;
 /// Splits of the keys the attention scratch allows (long contexts, few row tiles).
 const ATTN_SPLITS: usize = 16;
+/// Captured chains a model keeps ([`CudaQwen2::draft_chain`]).
+const CHAIN_GRAPHS: usize = 4;
 
 fn err(op: &str, msg: impl std::fmt::Display) -> Error {
     Error::Cuda {
@@ -71,6 +76,28 @@ pub enum Input<'a> {
 enum Feed<'a> {
     Host(Input<'a>),
     Drafted(usize),
+}
+
+/// Where a pass's tokens start in the cache.
+#[derive(Clone, Copy)]
+enum At {
+    /// Known on the host: the block's positions are at the head of `step_in`.
+    Host(usize),
+    /// Read on the device when the kernels run (a chain's captured pass): `chain_at[i]`,
+    /// also the token's 1-D position.
+    Device(usize),
+}
+
+/// What a captured chain baked in: it replays only while all of it is unchanged.
+#[derive(PartialEq)]
+struct ChainKey {
+    gamma: usize,
+    /// The cache: its keys' address, capacity (the attention's splits) and values' address.
+    cache: (u64, usize, u64),
+    /// The scratch's ids and starts.
+    ids: (u64, u64),
+    /// A sampled chain's q rows and uniforms (addresses, lengths) and parameters' bits.
+    sample: Option<(u64, usize, u64, usize, u32, usize, u32)>,
 }
 
 /// How [`CudaQwen2::draft_chain`] picks each draft on the device.
@@ -131,6 +158,12 @@ struct Scratch {
     /// [γ] the ids of the chain being drafted ([`CudaQwen2::draft_chain`]); grows with
     /// the first chain longer than it.
     chain: CudaSlice<i32>,
+    /// [γ] the starts (= 1-D positions) of a chain's passes after its first, which the
+    /// captured passes read on the device; one upload a chain.
+    chain_at: CudaSlice<i32>,
+    /// Chains' passes after their first, each captured as one CUDA graph with what it
+    /// baked in; the last few kept (a request's γ shrinks by its last tokens).
+    chain_graphs: Vec<(ChainKey, DeviceGraph)>,
     /// Tree mask; starts at [T, T], T = MAX_TREE_BLOCK (a target's tree) and grows only
     /// for a wider one (a drafter whose earlier depths are cached).
     mask: CudaSlice<u8>,
@@ -164,6 +197,8 @@ impl Scratch {
             top_ids: dev.alloc_zeros(b * MAX_TOP_K)?,
             top_probs: dev.alloc_zeros(b * MAX_TOP_K)?,
             chain: dev.alloc_zeros(8)?,
+            chain_at: dev.alloc_zeros(8)?,
+            chain_graphs: Vec::new(),
             mask: dev.alloc_zeros(t * t)?,
             gemv: dev.alloc_zeros(GEMV_SPLITS * GEMV_MAX_ROWS * widest)?,
             attn_split: dev.attn_scratch(split_rows, ATTN_SPLITS, c.head_dim)?,
@@ -212,6 +247,11 @@ pub struct CudaQwen2 {
     lm_head: Option<CudaSlice<bf16>>, // [V, D]; None when tied to `embed`
     /// Behind a lock so the model is shared read-only, as the CPU model is.
     scratch: Mutex<Scratch>,
+    /// Whether a drafted chain's passes after the first replay as one CUDA graph
+    /// ([`Self::set_graphs`]); off for models whose passes a graph cannot serve.
+    graphs: AtomicBool,
+    /// Why a capture failed, when one did (graphs are then off).
+    graph_failure: Mutex<Option<String>>,
 }
 
 impl Drop for CudaQwen2 {
@@ -282,9 +322,32 @@ impl CudaQwen2 {
             },
             layers,
             scratch: Mutex::new(Scratch::new(&dev, &cfg, PREFILL_BLOCK)?),
+            graphs: AtomicBool::new(graphs_serve(&cfg) && std::env::var("MASSV_CUDA_GRAPHS").map_or(true, |v| v != "0")),
+            graph_failure: Mutex::new(None),
             cfg,
             dev,
         })
+    }
+
+    /// Turns the CUDA graph of drafted chains on or off (on by default where it serves:
+    /// 1-D RoPE, no sliding window; MASSV_CUDA_GRAPHS=0 starts it off). Either way the
+    /// drafts are the same.
+    pub fn set_graphs(&self, on: bool) {
+        self.graphs.store(on && graphs_serve(&self.cfg), Ordering::Relaxed);
+    }
+
+    /// Whether drafted chains replay as a CUDA graph, or why not.
+    pub fn graph_status(&self) -> std::result::Result<(), String> {
+        if let Some(why) = self.graph_failure.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return Err(format!("capturing a chain failed: {why}"));
+        }
+        if !graphs_serve(&self.cfg) {
+            return Err("M-RoPE or sliding-window models draft without graphs".into());
+        }
+        if !self.graphs.load(Ordering::Relaxed) {
+            return Err("turned off (MASSV_CUDA_GRAPHS=0 or set_graphs)".into());
+        }
+        Ok(())
     }
 
     pub fn device(&self) -> &Arc<CudaDevice> {
@@ -487,7 +550,25 @@ impl CudaQwen2 {
             s.chain = self.dev.alloc_zeros(gamma)?;
         }
         let mut feed = Feed::Host(first);
-        for slot in 0..gamma {
+        let mut plain = 0..gamma;
+        if gamma > 1 && self.graphs.load(Ordering::Relaxed) {
+            let positions = next_positions(cache, self.rows(feed)?);
+            let head = Head::Chain {
+                pick: pick.reborrow(),
+                slot: 0,
+            };
+            self.run_in(s, feed, Positions::Seq(&positions), cache, Logits::Last, None, head)?;
+            match self.chain_graph(s, cache, gamma, pick.reborrow()) {
+                Ok(true) => plain = 0..0,
+                Ok(false) => {
+                    // Not captured (nothing ran): the passes run one by one.
+                    plain = 1..gamma;
+                    feed = Feed::Drafted(0);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        for slot in plain {
             let positions = next_positions(cache, self.rows(feed)?);
             let head = Head::Chain {
                 pick: pick.reborrow(),
@@ -498,6 +579,77 @@ impl CudaQwen2 {
         }
         let ids = self.dev.download(&s.chain.slice(..gamma))?;
         Ok(ids.into_iter().map(|id| id as u32).collect())
+    }
+
+    /// Passes 1..γ of a chain (after its first, run): one token each, fed the previous
+    /// draft, at the next positions, committed; replayed as one CUDA graph, captured on
+    /// the first chain and again when what it baked in changes ([`ChainKey`]). Ok(false):
+    /// the capture failed (graphs are then off for this model, the reason kept for
+    /// [`Self::graph_status`]) and nothing ran.
+    fn chain_graph(&self, s: &mut Scratch, cache: &mut CudaKvCache, gamma: usize, pick: ChainPick) -> Result<bool> {
+        let n = gamma - 1;
+        cache.reserve(n)?;
+        if s.chain_at.len() < n {
+            s.chain_at = self.dev.alloc_zeros(n)?;
+        }
+        let base = i32::try_from(cache.len()).map_err(|_| err("draft_chain", "cache length exceeds i32"))?;
+        let starts: Vec<i32> = (base..base + n as i32).collect();
+        self.dev.upload_into(&starts, &mut s.chain_at.as_view_mut())?;
+        let stream = self.dev.stream();
+        let addr = |p: (u64, _)| p.0;
+        let key = ChainKey {
+            gamma,
+            cache: (addr(cache.k.device_ptr(stream)), cache.capacity(), addr(cache.v.device_ptr(stream))),
+            ids: (addr(s.chain.device_ptr(stream)), addr(s.chain_at.device_ptr(stream))),
+            sample: match &pick {
+                ChainPick::Argmax => None,
+                ChainPick::Sample { params, q, uniforms } => Some((
+                    addr(q.device_ptr(stream)),
+                    q.len(),
+                    addr(uniforms.device_ptr(stream)),
+                    uniforms.len(),
+                    params.temperature.to_bits(),
+                    params.top_k,
+                    params.top_p.to_bits(),
+                )),
+            },
+        };
+        let found = s.chain_graphs.iter().position(|(k, _)| *k == key);
+        if found.is_none() {
+            if s.chain_graphs.len() == CHAIN_GRAPHS {
+                s.chain_graphs.remove(0);
+            }
+            let mut pick = pick;
+            let captured = self.dev.capture(|| {
+                for slot in 1..gamma {
+                    self.pass_at(s, cache, slot, pick.reborrow())?;
+                }
+                Ok(())
+            });
+            match captured {
+                Ok(graph) => s.chain_graphs.push((key, graph)),
+                Err(e) => {
+                    self.graphs.store(false, Ordering::Relaxed);
+                    *self.graph_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                    return Ok(false);
+                }
+            }
+        }
+        let at = found.unwrap_or(s.chain_graphs.len() - 1);
+        self.dev.launch_graph(&s.chain_graphs[at].1)?;
+        cache.commit(n)?;
+        Ok(true)
+    }
+
+    /// Pass `slot` of a chain as a graph holds it: the draft of slot − 1 at the start
+    /// `chain_at[slot − 1]` (read on the device), its draft into slot `slot`.
+    fn pass_at(&self, s: &mut Scratch, cache: &mut CudaKvCache, slot: usize, pick: ChainPick) -> Result<()> {
+        let d = self.cfg.hidden_size;
+        let ids = s.chain.slice(slot - 1..slot);
+        self.dev
+            .embedding(&ids, &self.embed.as_view(), &mut s.hidden.as_view_mut(), 1, d)?;
+        self.layers(s, cache, At::Device(slot - 1), 1, None)?;
+        self.head(s, 1, 0..1, &mut Head::Chain { pick, slot })
     }
 
     /// The tokens `input` holds.
@@ -627,7 +779,7 @@ impl CudaQwen2 {
                         .f32_to_bf16(&s.embeds.as_view(), &mut s.hidden.as_view_mut(), m * d)?;
                 }
             }
-            self.layers(s, cache, start + b0, m, mask.map(|m| m.start))?;
+            self.layers(s, cache, At::Host(start + b0), m, mask.map(|m| m.start))?;
             if matches!(head, Head::Skip) {
                 continue;
             }
@@ -644,18 +796,25 @@ impl CudaQwen2 {
 
     /// The decoder layers on the block of n tokens in `s.hidden`, at cache positions
     /// start.. (their keys and values written there), rotary positions at the head of
-    /// `s.step_in`. A GEMV block (n ≤ GEMV_MAX_ROWS) leaves the residual stream whole in
+    /// `s.step_in` (or, for [`At::Device`], one token at the start read on the device,
+    /// also its position). A GEMV block (n ≤ GEMV_MAX_ROWS) leaves the residual stream whole in
     /// `s.hidden`; a GEMM block leaves the last layer's down_proj output in `s.proj`, not
     /// yet added ([`Self::head`] takes either).
     fn layers(
         &self,
         s: &mut Scratch,
         cache: &mut CudaKvCache,
-        start: usize,
+        at: At,
         n: usize,
         mask_start: Option<usize>,
     ) -> Result<()> {
         let (dev, c) = (&*self.dev, &self.cfg);
+        let (start, on_device) = match at {
+            At::Host(start) => (start, None),
+            At::Device(i) if n == 1 && mask_start.is_none() && graphs_serve(c) => (0, Some(i)),
+            At::Device(_) => return Err(err("forward", "a start on the device serves one 1-D causal token")),
+        };
+        let capacity = cache.capacity();
         let (d, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let (hq, hkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let (eps, theta) = (c.rms_norm_eps as f32, c.rope_theta as f32);
@@ -689,21 +848,36 @@ impl CudaQwen2 {
             }
             {
                 let (mut kc, mut vc) = cache.layer_mut(l);
-                let (qkv, pos) = (s.qkv.slice(..n * qkv_width), s.step_in.slice(..pos_len));
+                let qkv = s.qkv.slice(..n * qkv_width);
                 let mut q = s.q.slice_mut(..n * qd);
-                dev.rope_kv_append(&qkv, &pos, &mut q, &mut kc, &mut vc, shape, theta, c.mrope_section)?;
+                match on_device {
+                    None => {
+                        let pos = s.step_in.slice(..pos_len);
+                        dev.rope_kv_append(&qkv, &pos, &mut q, &mut kc, &mut vc, shape, theta, c.mrope_section, None)?
+                    }
+                    Some(i) => {
+                        let at = s.chain_at.slice(i..i + 1);
+                        let len = DeviceLen { at: &at, capacity };
+                        dev.rope_kv_append(&qkv, &at, &mut q, &mut kc, &mut vc, shape, theta, None, Some(len))?
+                    }
+                }
             }
             let (kc, vc) = cache.layer(l);
             let q = s.q.slice(..n * qd);
             let mut out = s.attn.slice_mut(..n * qd);
-            match (mask_start, c.layer_window(l)) {
-                (Some(ms), _) => {
+            match (mask_start, c.layer_window(l), on_device) {
+                (None, None, Some(i)) => {
+                    let at = s.chain_at.slice(i..i + 1);
+                    let len = DeviceLen { at: &at, capacity };
+                    dev.attention_decode_at(&q, &kc, &vc, &mut out, len, hq, hkv, hd, &mut s.attn_split)?
+                }
+                (Some(ms), _, _) => {
                     dev.attention_verify(&q, &kc, &vc, &mut out, &s.mask.as_view(), ms, shape, &mut s.attn_split)?
                 }
-                (None, None) if n == 1 => {
+                (None, None, _) if n == 1 => {
                     dev.attention_decode(&q, &kc, &vc, &mut out, start + 1, hq, hkv, hd, &mut s.attn_split)?
                 }
-                (None, window) => {
+                (None, window, _) => {
                     dev.attention_prefill(&q, &kc, &vc, &mut out, shape, window, Some(&mut s.attn_split))?
                 }
             }
@@ -838,6 +1012,13 @@ impl CudaQwen2 {
         }
         Ok(())
     }
+}
+
+/// Whether a drafted chain's passes can replay as one CUDA graph: each reads its start
+/// on the device as its one 1-D position (not M-RoPE's three), and no layer's window
+/// moves with the length.
+fn graphs_serve(c: &TextConfig) -> bool {
+    c.mrope_section.is_none() && (0..c.num_hidden_layers).all(|l| c.layer_window(l).is_none())
 }
 
 /// Whether a block of n tokens takes the GEMV kernels (which leave the residual stream

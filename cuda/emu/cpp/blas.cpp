@@ -7,13 +7,21 @@ enum { OK = 0, INVALID_VALUE = 7, NOT_SUPPORTED = 15 };
 
 extern "C" {
 
-static int handle_tag;
+struct Handle {
+    void* stream;
+};
 cublasStatus_t cublasCreate_v2(void** h) {
-    *h = &handle_tag;
+    *h = new Handle{nullptr};
     return OK;
 }
-cublasStatus_t cublasDestroy_v2(void*) { return OK; }
-cublasStatus_t cublasSetStream_v2(void*, void*) { return OK; }
+cublasStatus_t cublasDestroy_v2(void* h) {
+    delete static_cast<Handle*>(h);
+    return OK;
+}
+cublasStatus_t cublasSetStream_v2(void* h, void* stream) {
+    static_cast<Handle*>(h)->stream = stream;
+    return OK;
+}
 cublasStatus_t cublasSetMathMode(void*, int) { return OK; }
 cublasStatus_t cublasSetWorkspace_v2(void*, void*, size_t) { return OK; }
 static int pointer_mode = 0;
@@ -30,13 +38,14 @@ const char* cublasGetStatusString(cublasStatus_t s) {
 }
 
 // transa / transb: 0 = N, 1 = T. Compute type must be CUBLAS_COMPUTE_32F (68), scalars f32.
-cublasStatus_t cublasGemmEx(void*, int transa, int transb, int m, int n, int k, const void* alpha, const void* a,
+cublasStatus_t cublasGemmEx(void* h, int transa, int transb, int m, int n, int k, const void* alpha, const void* a,
                             int at, int lda, const void* b, int bt, int ldb, const void* beta, void* c, int ct, int ldc,
                             int compute, int) {
     using namespace massv_emu;
     if (compute != 68 || pointer_mode != 0 || !gemm_type_ok(at) || !gemm_type_ok(bt) || !gemm_type_ok(ct))
         return NOT_SUPPORTED;
     if (transa > 1 || transb > 1 || m < 0 || n < 0 || k < 0) return INVALID_VALUE;
+    if (stream_refused(static_cast<Handle*>(h)->stream, "cublasGemmEx")) return NOT_SUPPORTED;
     gemm(transa == 1, transb == 1, m, n, k, *static_cast<const float*>(alpha), a, at, lda, b, bt, ldb,
          *static_cast<const float*>(beta), c, ct, ldc, c, ct, ldc, nullptr, 0);
     return OK;

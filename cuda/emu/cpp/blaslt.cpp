@@ -119,7 +119,7 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(void*, void*, void*, void*, void*,
 
 cublasStatus_t cublasLtMatmul(void*, void* dp, const void* alpha, const void* a, void* al, const void* b, void* bl,
                               const void* beta, const void* c, void* cl, void* d, void* dl, const void*, void*, size_t,
-                              void*) {
+                              void* stream) {
     using namespace massv_emu;
     const Desc* desc = static_cast<const Desc*>(dp);
     const Layout *A = static_cast<Layout*>(al), *B = static_cast<Layout*>(bl), *C = static_cast<Layout*>(cl),
@@ -134,6 +134,7 @@ cublasStatus_t cublasLtMatmul(void*, void* dp, const void* alpha, const void* a,
         C->rows != m || C->cols != n)
         return INVALID_VALUE;
     if (desc->epilogue == 4 && !desc->bias) return INVALID_VALUE;
+    if (stream_refused(stream, "cublasLtMatmul")) return NOT_SUPPORTED;
     gemm(ta, tb, (int64_t)m, (int64_t)n, (int64_t)k, *static_cast<const float*>(alpha), a, A->type, A->ld, b, B->type,
          B->ld, *static_cast<const float*>(beta), c, C->type, C->ld, d, D->type, D->ld,
          desc->epilogue == 4 ? desc->bias : nullptr, D->type);

@@ -305,13 +305,7 @@ void set_reverse_order(bool reverse) {
     reverse_order = reverse;
 }
 
-bool run_grid(const Kernel& k, void** args, uint3 grid, uint3 block, std::string& err) {
-    if (!order_from_env_read) {
-        const char* o = getenv("MASSV_EMU_ORDER");
-        reverse_order = o && std::string(o) == "reverse";
-        order_from_env_read = true;
-    }
-    reverse = reverse_order;
+bool launch_shape_ok(uint3 grid, uint3 block, std::string& err) {
     const unsigned long long n = (unsigned long long)block.x * block.y * block.z;
     if (n == 0 || n > MAX_THREADS) {
         err = "block of " + std::to_string(n) + " threads (1..1024)";
@@ -322,6 +316,18 @@ bool run_grid(const Kernel& k, void** args, uint3 grid, uint3 block, std::string
               ") out of range";
         return false;
     }
+    return true;
+}
+
+bool run_grid(const Kernel& k, void** args, uint3 grid, uint3 block, std::string& err) {
+    if (!order_from_env_read) {
+        const char* o = getenv("MASSV_EMU_ORDER");
+        reverse_order = o && std::string(o) == "reverse";
+        order_from_env_read = true;
+    }
+    reverse = reverse_order;
+    if (!launch_shape_ok(grid, block, err)) return false;
+    const unsigned long long n = (unsigned long long)block.x * block.y * block.z;
     if (!allocate_stacks(err)) return false;
     entry = k.entry;
     entry_args = args;

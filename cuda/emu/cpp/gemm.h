@@ -8,9 +8,17 @@
 
 #include "cuda_bf16.h"
 
+// The emulated driver's (libcuda.so, loaded first): nonzero when a GEMM may not run on
+// `stream` now, i.e. it captures (cuBLAS work is not recorded into graphs).
+extern "C" int massv_emu_refuse_capture(void* stream, const char* what) __attribute__((weak));
+
 namespace massv_emu {
 
 enum { R_32F = 0, R_16BF = 14 };
+
+inline bool stream_refused(void* stream, const char* what) {
+    return massv_emu_refuse_capture && massv_emu_refuse_capture(stream, what) != 0;
+}
 
 inline bool gemm_type_ok(int t) { return t == R_32F || t == R_16BF; }
 

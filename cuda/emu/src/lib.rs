@@ -66,6 +66,8 @@ pub struct Stats {
     pub dtod_bytes: u64,
     /// Memory calls and launches refused because no context was current on the thread.
     pub no_context: u64,
+    /// cuGraphLaunch calls that ran their graph (its kernels count in `launches`).
+    pub graph_launches: u64,
 }
 
 /// Whether [`load`] succeeded in this process (the CUDA the backend sees is the emulator).

@@ -40,6 +40,16 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
+/// A cache length the kernels read on the device when they run (`at[0]`: the cached
+/// tokens before this pass, its start), so that a CUDA graph can replay one launch at
+/// every length. The kernels trust it: the caller keeps `at[0] + n ≤ capacity`.
+#[derive(Clone, Copy)]
+pub struct DeviceLen<'a> {
+    pub at: &'a CudaView<'a, i32>,
+    /// Rows the cache holds (bounds the launch: its splits and the buffers' sizes).
+    pub capacity: usize,
+}
+
 /// Mirror of `struct AttnParams` in cuda/attention.cu (field for field, C layout).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
@@ -53,6 +63,7 @@ struct AttnParams {
     mask: u64,
     cu_seqlens: u64,
     counters: u64,
+    len_at: u64,
     n: i32,
     start: i32,
     mask_start: i32,
@@ -120,7 +131,7 @@ impl CudaDevice {
         scratch: Option<&mut AttnScratch>,
     ) -> Result<()> {
         let kv_len = shape.start + shape.n;
-        self.attention(AttnMode::Prefill, q, k, v, out, shape, kv_len, window, None, scratch)
+        self.attention(AttnMode::Prefill, q, k, v, out, shape, kv_len, window, None, scratch, None)
     }
 
     /// One new query per sequence (q: [q_heads, d]) against the `len` cached keys (the new
@@ -151,7 +162,36 @@ impl CudaDevice {
             kv_heads,
             head_dim,
         };
-        self.attention(AttnMode::Decode, q, k, v, out, shape, len, None, None, Some(scratch))
+        self.attention(AttnMode::Decode, q, k, v, out, shape, len, None, None, Some(scratch), None)
+    }
+
+    /// [`Self::attention_decode`] with the cache length read on the device: `len.at[0]`
+    /// keys before the new one, which is written. The keys are split for `len.capacity`
+    /// (the splits past the length idle), so one launch serves every length.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode_at(
+        &self,
+        q: &CudaView<'_, bf16>,
+        k: &CudaView<'_, bf16>,
+        v: &CudaView<'_, bf16>,
+        out: &mut CudaViewMut<'_, bf16>,
+        len: DeviceLen<'_>,
+        q_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        scratch: &mut AttnScratch,
+    ) -> Result<()> {
+        need("attention_decode", "len", len.at.len(), 1)?;
+        let shape = AttnShape {
+            n: 1,
+            start: 0,
+            q_heads,
+            kv_heads,
+            head_dim,
+        };
+        let at = self.rptr(len.at);
+        let cap = len.capacity;
+        self.attention(AttnMode::Decode, q, k, v, out, shape, cap, None, None, Some(scratch), Some(at))
     }
 
     /// A block of n = γ + 1 (or tree) queries at positions start..start + n: every cached
@@ -192,6 +232,7 @@ impl CudaDevice {
             None,
             Some((mp, mask_start)),
             Some(scratch),
+            None,
         )
     }
 
@@ -266,7 +307,9 @@ impl CudaDevice {
         window: Option<usize>,
         mask: Option<(u64, usize)>,
         scratch: Option<&mut AttnScratch>,
+        len_at: Option<u64>,
     ) -> Result<()> {
+        // With `len_at`, kv_len is the capacity: it bounds the buffers and the splits.
         let op = match mode {
             AttnMode::Prefill => "attention_prefill",
             AttnMode::Decode => "attention_decode",
@@ -309,8 +352,15 @@ impl CudaDevice {
                 }
             }
         }
-        let keys_per_split = kv_len.div_ceil(splits).div_ceil(ATTN_TILE) * ATTN_TILE;
-        let splits = kv_len.div_ceil(keys_per_split).max(1);
+        // The kernel spreads a length read on the device over the splits itself (0).
+        let keys_per_split = match len_at {
+            Some(_) => 0,
+            None => kv_len.div_ceil(splits).div_ceil(ATTN_TILE) * ATTN_TILE,
+        };
+        let splits = match len_at {
+            Some(_) => splits,
+            None => kv_len.div_ceil(keys_per_split).max(1),
+        };
         let params = AttnParams {
             q: self.rptr(q),
             k: self.rptr(k),
@@ -321,6 +371,7 @@ impl CudaDevice {
             mask: mask.map_or(0, |m| m.0),
             cu_seqlens: 0,
             counters: if splits > 1 { self.counters_ptr() } else { 0 },
+            len_at: len_at.unwrap_or(0),
             n: i32_arg(op, "n", s.n)?,
             start: i32_arg(op, "start", s.start)?,
             mask_start: i32_arg(op, "mask_start", mask.map_or(s.start, |m| m.1))?,

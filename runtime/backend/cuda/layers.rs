@@ -3,7 +3,9 @@
 
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
 
-use super::{aligned16, bf16, elementwise_cfg, i32_arg, need, row_cfg, shape_err, threads_for, AttnShape, CudaDevice};
+use super::{
+    aligned16, bf16, elementwise_cfg, i32_arg, need, row_cfg, shape_err, threads_for, AttnShape, CudaDevice, DeviceLen,
+};
 use crate::error::Result;
 
 impl CudaDevice {
@@ -159,7 +161,8 @@ impl CudaDevice {
     /// head_dim]) and of the keys into cache positions `s.start`.., the values copied
     /// beside them (caches: [capacity, kv_heads · head_dim]). qkv: [n, (q_heads + 2 ·
     /// kv_heads) · head_dim], each token's q heads, k heads, v heads; positions: [n], or
-    /// [3, n] under M-RoPE.
+    /// [3, n] under M-RoPE. With `len_at` the cache rows start at its value on the device
+    /// when the kernel runs (`s.start` unused).
     #[allow(clippy::too_many_arguments)]
     pub fn rope_kv_append(
         &self,
@@ -171,6 +174,7 @@ impl CudaDevice {
         s: AttnShape,
         theta: f32,
         section: Option<[usize; 3]>,
+        len_at: Option<DeviceLen<'_>>,
     ) -> Result<()> {
         const OP: &str = "rope_kv_append";
         let (n, hd) = (s.n, s.head_dim);
@@ -179,8 +183,16 @@ impl CudaDevice {
         let axes = if section.is_some() { 3 } else { 1 };
         need(OP, "positions", positions.len(), axes * n)?;
         need(OP, "q_out", q_out.len(), n * s.q_heads * hd)?;
-        need(OP, "k_cache", k_cache.len(), (s.start + n) * row)?;
-        need(OP, "v_cache", v_cache.len(), (s.start + n) * row)?;
+        // Rows written: start.. (start read on the device with len_at, below capacity).
+        let end = match len_at {
+            Some(l) => {
+                need(OP, "len", l.at.len(), 1)?;
+                l.capacity
+            }
+            None => s.start + n,
+        };
+        need(OP, "k_cache", k_cache.len(), end * row)?;
+        need(OP, "v_cache", v_cache.len(), end * row)?;
         let (s0, s1) = match section {
             Some(sec) if sec.iter().sum::<usize>() != hd / 2 => {
                 return Err(shape_err(OP, format!("section {sec:?} does not sum to head_dim / 2")));
@@ -211,6 +223,7 @@ impl CudaDevice {
                 &kp,
                 &vp,
                 &i32_arg(OP, "len", s.start)?,
+                &len_at.map_or(0, |l| self.rptr(l.at)),
             ],
         )
     }

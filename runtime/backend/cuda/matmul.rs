@@ -200,6 +200,7 @@ impl CudaDevice {
         need(OP, "x", x.len(), m * k)?;
         need(OP, "w", w.len(), n * k)?;
         need(OP, "y", y.len(), m * n)?;
+        self.uncaptured(OP)?;
         let blas = self.blas.as_ref().map_err(|e| cuda_err(OP, e))?;
         if m * n == 0 {
             return Ok(());
@@ -256,6 +257,7 @@ impl CudaDevice {
         if n % 8 != 0 || k % 8 != 0 {
             return gemm_then_bias(y);
         }
+        self.uncaptured(OP)?;
         let lt = self.blas_lt.as_ref().map_err(|e| cuda_err(OP, e))?;
         if m * n == 0 {
             return Ok(());

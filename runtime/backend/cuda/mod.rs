@@ -20,6 +20,7 @@
 //! swiglu, rope, projector, embedding, kv_cache, convert), `matmul.rs` (gemv, cuBLAS /
 //! cuBLASLt), `attention.rs` and `sampling.rs`; this file holds the device itself.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt::Display;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -27,10 +28,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::cublaslt::CudaBlasLT;
-use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUresult};
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUgraphInstantiate_flags, CUresult, CUstreamCaptureMode};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
-    DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
+    DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 pub use half::bf16;
 
@@ -42,7 +43,7 @@ mod layers;
 mod matmul;
 mod sampling;
 
-pub use attention::{AttnScratch, AttnShape, ATTN_HEAD_DIMS};
+pub use attention::{AttnScratch, AttnShape, DeviceLen, ATTN_HEAD_DIMS};
 use matmul::SPLIT_COUNTERS;
 pub use matmul::{GemvFuse, GEMV_MAX_ROWS};
 pub use sampling::{MAX_TOP_K, SAMPLE_MAX_N};
@@ -189,6 +190,32 @@ fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     })
 }
 
+/// A capture in progress on this thread ([`CudaDevice::capture`]).
+struct Capture {
+    /// The device whose launches are recorded (its address).
+    dev: usize,
+    /// Where they go.
+    stream: Arc<CudaStream>,
+    /// How many were queued.
+    queued: usize,
+}
+
+thread_local! {
+    static CAPTURING: RefCell<Option<Capture>> = const { RefCell::new(None) };
+}
+
+/// Launches recorded once and replayed as one ([`CudaDevice::capture`],
+/// [`CudaDevice::launch_graph`]): a small model's decode pass is mostly launch time, a
+/// graph's replay pays it once. Arguments, pointers and grids are fixed at capture; the
+/// kernels read what changes (a cache length, ids) from device memory.
+pub struct DeviceGraph {
+    graph: CudaGraph,
+}
+
+// SAFETY: a CUDA graph may move between threads; it must not be used from two at once,
+// which the owner's `&mut` / lock ensures (DeviceGraph is not Sync).
+unsafe impl Send for DeviceGraph {}
+
 /// One CUDA device with the massv kernels loaded.
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
@@ -312,19 +339,94 @@ impl CudaDevice {
 
     /// Waits for all work queued on the stream.
     pub fn synchronize(&self) -> Result<()> {
+        self.uncaptured("synchronize")?;
         self.stream.synchronize().map_err(|e| cuda_err("synchronize", e))
+    }
+
+    // ---------------------------------------------------------------------------------
+    // CUDA graphs
+
+    /// Records the kernels `f` launches on this device (from this thread) into a graph
+    /// instead of running them. Inside `f` only launches and device-to-device copies may
+    /// happen: host copies, allocations, cuBLAS and synchronisation are errors (a graph
+    /// cannot hold them), and nothing `f` launches runs until [`Self::launch_graph`].
+    /// If `f` fails, so does the capture, and nothing was queued.
+    pub fn capture(&self, f: impl FnOnce() -> Result<()>) -> Result<DeviceGraph> {
+        const OP: &str = "graph capture";
+        if CAPTURING.with_borrow(Option::is_some) {
+            return Err(cuda_err(OP, "this thread is already capturing a graph"));
+        }
+        // A stream of its own: another thread's launches on `stream` meanwhile run
+        // rather than land in the graph, and two threads can capture at once.
+        let stream = self.ctx.new_stream().map_err(|e| cuda_err(OP, e))?;
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| cuda_err(OP, e))?;
+        CAPTURING.set(Some(Capture {
+            dev: self as *const Self as usize,
+            stream: stream.clone(),
+            queued: 0,
+        }));
+        let recorded = guard(OP, f);
+        let queued = CAPTURING.take().map_or(0, |c| c.queued);
+        let ended = stream.end_capture(CUgraphInstantiate_flags(0));
+        recorded?;
+        match ended {
+            Ok(Some(graph)) if queued > 0 => Ok(DeviceGraph { graph }),
+            Ok(_) => Err(cuda_err(OP, "nothing was launched")),
+            Err(e) => Err(cuda_err(OP, e)),
+        }
+    }
+
+    /// Queues a captured graph on the stream, after the work queued before it.
+    pub fn launch_graph(&self, g: &DeviceGraph) -> Result<()> {
+        self.uncaptured("launch_graph")?;
+        self.bind()?;
+        // SAFETY: the graph is alive (borrowed) and was captured from this device's
+        // context; its buffers are the owner's, kept alive with it.
+        unsafe { cudarc::driver::result::graph::launch(g.graph.cu_graph_exec(), self.stream.cu_stream()) }
+            .map_err(|e| cuda_err("launching a graph", e))
+    }
+
+    /// Whether this thread records this device's launches into a graph.
+    fn capturing(&self) -> bool {
+        let me = self as *const Self as usize;
+        CAPTURING.with_borrow(|c| c.as_ref().is_some_and(|c| c.dev == me))
+    }
+
+    /// An error for `op` (a host copy, an allocation, cuBLAS, a wait) while capturing.
+    fn uncaptured(&self, op: &str) -> Result<()> {
+        if self.capturing() {
+            return Err(cuda_err(op, "not allowed while a CUDA graph is being captured"));
+        }
+        Ok(())
+    }
+
+    /// The stream work goes to: the capture's while capturing (counted there).
+    fn queue(&self) -> Arc<CudaStream> {
+        let me = self as *const Self as usize;
+        CAPTURING
+            .with_borrow_mut(|c| {
+                c.as_mut().filter(|c| c.dev == me).map(|c| {
+                    c.queued += 1;
+                    c.stream.clone()
+                })
+            })
+            .unwrap_or_else(|| self.stream.clone())
     }
 
     // ---------------------------------------------------------------------------------
     // Memory
 
     pub fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        self.uncaptured("allocation")?;
         self.stream
             .alloc_zeros(len.max(1))
             .map_err(|e| cuda_err(&format!("allocating {len} elements"), e))
     }
 
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.uncaptured("host-to-device copy")?;
         if host.is_empty() {
             // SAFETY: a one-element allocation never read before it is written.
             return unsafe { self.stream.alloc(1) }.map_err(|e| cuda_err("allocation", e));
@@ -337,6 +439,7 @@ impl CudaDevice {
     /// Copies `host` into the start of `dst` (nothing for an empty `host`).
     pub fn upload_into<T: DeviceRepr>(&self, host: &[T], dst: &mut CudaViewMut<'_, T>) -> Result<()> {
         need("upload_into", "dst", dst.len(), host.len())?;
+        self.uncaptured("host-to-device copy")?;
         if host.is_empty() {
             return Ok(());
         }
@@ -348,6 +451,7 @@ impl CudaDevice {
 
     /// Copies a device buffer back (waits for the stream).
     pub fn download<T: DeviceRepr>(&self, src: &CudaView<'_, T>) -> Result<Vec<T>> {
+        self.uncaptured("device-to-host copy")?;
         self.stream
             .clone_dtoh(src)
             .map_err(|e| cuda_err("device-to-host copy", e))
@@ -357,13 +461,14 @@ impl CudaDevice {
     pub fn copy<T: DeviceRepr>(&self, src: &CudaView<'_, T>, dst: &mut CudaViewMut<'_, T>) -> Result<()> {
         need("copy", "dst", dst.len(), src.len())?;
         let mut dst = dst.slice_mut(..src.len());
-        self.stream
+        self.queue()
             .memcpy_dtod(src, &mut dst)
             .map_err(|e| cuda_err("device-to-device copy", e))
     }
 
     /// Milliseconds `f` takes on the stream (events around it; `f` only queues work).
     pub fn time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f32> {
+        self.uncaptured("timing")?;
         let start = self
             .ctx
             .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
@@ -402,7 +507,8 @@ impl CudaDevice {
 
     fn launch(&self, module: &'static str, name: &'static str, cfg: LaunchConfig, args: &[&dyn Arg]) -> Result<()> {
         let f = self.func(module, name)?;
-        let mut b = self.stream.launch_builder(&f);
+        let queue = self.queue();
+        let mut b = queue.launch_builder(&f);
         for a in args {
             a.push(&mut b);
         }
