@@ -286,9 +286,21 @@ fn rope_kv_append_is_rope_then_kv_append() {
             Some(len_at),
         )
         .unwrap();
-        assert_eq!(down_bf16(&dev, &dq2, n * qr), got_q, "{what}: q with the start on the device");
-        assert_eq!(down_bf16(&dev, &dk2, cap * kvr), got_k, "{what}: k with the start on the device");
-        assert_eq!(down_bf16(&dev, &dv2, cap * kvr), got_v, "{what}: v with the start on the device");
+        assert_eq!(
+            down_bf16(&dev, &dq2, n * qr),
+            got_q,
+            "{what}: q with the start on the device"
+        );
+        assert_eq!(
+            down_bf16(&dev, &dk2, cap * kvr),
+            got_k,
+            "{what}: k with the start on the device"
+        );
+        assert_eq!(
+            down_bf16(&dev, &dv2, cap * kvr),
+            got_v,
+            "{what}: v with the start on the device"
+        );
 
         // Against the twin: the rotated rows within the bf16 rule, the rest exact.
         let mut want_q = vec![0.0; n * qr];
@@ -2937,7 +2949,8 @@ fn device_graphs_replay_what_was_captured() {
     assert_eq!(down_bf16(&dev, &dst, 4), [0.0; 4], "nothing runs while capturing");
     dev.launch_graph(&graph).unwrap();
     assert_eq!(down_bf16(&dev, &dst, 4), [1.0, 2.0, 3.0, 0.0]);
-    dev.upload_into(&[5.0f32, 6.0, 7.0, 8.0], &mut src.as_view_mut()).unwrap();
+    dev.upload_into(&[5.0f32, 6.0, 7.0, 8.0], &mut src.as_view_mut())
+        .unwrap();
     dev.launch_graph(&graph).unwrap();
     assert_eq!(
         down_bf16(&dev, &dst, 4),
@@ -2958,5 +2971,9 @@ fn device_graphs_replay_what_was_captured() {
     let e = message(dev.capture(|| Ok(())));
     assert!(e.contains("nothing was launched"), "{e}");
     dev.f32_to_bf16(&src.slice(1..4), &mut dst.as_view_mut(), 3).unwrap();
-    assert_eq!(down_bf16(&dev, &dst, 4), [6.0, 7.0, 8.0, 0.0], "launches run at once again");
+    assert_eq!(
+        down_bf16(&dev, &dst, 4),
+        [6.0, 7.0, 8.0, 0.0],
+        "launches run at once again"
+    );
 }

@@ -164,6 +164,10 @@ struct Scratch {
     /// Chains' passes after their first, each captured as one CUDA graph with what it
     /// baked in; the last few kept (a request's γ shrinks by its last tokens).
     chain_graphs: Vec<(ChainKey, DeviceGraph)>,
+    /// Whether a chain picking by argmax [0] / by sampling [1] ran pass by pass: its
+    /// kernels are then loaded (CUDA loads a module's kernels lazily, at their first
+    /// launch), so that a capture holds launches only.
+    chain_warm: [bool; 2],
     /// Tree mask; starts at [T, T], T = MAX_TREE_BLOCK (a target's tree) and grows only
     /// for a wider one (a drafter whose earlier depths are cached).
     mask: CudaSlice<u8>,
@@ -199,6 +203,7 @@ impl Scratch {
             chain: dev.alloc_zeros(8)?,
             chain_at: dev.alloc_zeros(8)?,
             chain_graphs: Vec::new(),
+            chain_warm: [false; 2],
             mask: dev.alloc_zeros(t * t)?,
             gemv: dev.alloc_zeros(GEMV_SPLITS * GEMV_MAX_ROWS * widest)?,
             attn_split: dev.attn_scratch(split_rows, ATTN_SPLITS, c.head_dim)?,
@@ -322,7 +327,9 @@ impl CudaQwen2 {
             },
             layers,
             scratch: Mutex::new(Scratch::new(&dev, &cfg, PREFILL_BLOCK)?),
-            graphs: AtomicBool::new(graphs_serve(&cfg) && std::env::var("MASSV_CUDA_GRAPHS").map_or(true, |v| v != "0")),
+            graphs: AtomicBool::new(
+                graphs_serve(&cfg) && std::env::var("MASSV_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            ),
             graph_failure: Mutex::new(None),
             cfg,
             dev,
@@ -516,7 +523,8 @@ impl CudaQwen2 {
     /// embedding reads, so the host queues all γ passes without waiting for one and a
     /// single copy brings the γ ids back (a pass-by-pass loop waits γ times, and the
     /// GPU idles while the host queues each next pass: a small drafter's step is mostly
-    /// launch time).
+    /// launch time). Passes 1..γ replay as one CUDA graph where graphs serve
+    /// ([`Self::set_graphs`]): one launch instead of about 6 a layer each.
     pub fn draft_chain(
         &self,
         first: Input,
@@ -551,7 +559,8 @@ impl CudaQwen2 {
         }
         let mut feed = Feed::Host(first);
         let mut plain = 0..gamma;
-        if gamma > 1 && self.graphs.load(Ordering::Relaxed) {
+        let kind = usize::from(matches!(pick, ChainPick::Sample { .. }));
+        if gamma > 1 && s.chain_warm[kind] && self.graphs.load(Ordering::Relaxed) {
             let positions = next_positions(cache, self.rows(feed)?);
             let head = Head::Chain {
                 pick: pick.reborrow(),
@@ -576,6 +585,7 @@ impl CudaQwen2 {
             };
             self.run_in(s, feed, Positions::Seq(&positions), cache, Logits::Last, None, head)?;
             feed = Feed::Drafted(slot);
+            s.chain_warm[kind] |= slot > 0;
         }
         let ids = self.dev.download(&s.chain.slice(..gamma))?;
         Ok(ids.into_iter().map(|id| id as u32).collect())
@@ -583,7 +593,8 @@ impl CudaQwen2 {
 
     /// Passes 1..γ of a chain (after its first, run): one token each, fed the previous
     /// draft, at the next positions, committed; replayed as one CUDA graph, captured on
-    /// the first chain and again when what it baked in changes ([`ChainKey`]). Ok(false):
+    /// the first chain after one that ran pass by pass (with the same kind of pick) and
+    /// again when what it baked in changes ([`ChainKey`]). Ok(false):
     /// the capture failed (graphs are then off for this model, the reason kept for
     /// [`Self::graph_status`]) and nothing ran.
     fn chain_graph(&self, s: &mut Scratch, cache: &mut CudaKvCache, gamma: usize, pick: ChainPick) -> Result<bool> {
@@ -599,7 +610,11 @@ impl CudaQwen2 {
         let addr = |p: (u64, _)| p.0;
         let key = ChainKey {
             gamma,
-            cache: (addr(cache.k.device_ptr(stream)), cache.capacity(), addr(cache.v.device_ptr(stream))),
+            cache: (
+                addr(cache.k.device_ptr(stream)),
+                cache.capacity(),
+                addr(cache.v.device_ptr(stream)),
+            ),
             ids: (addr(s.chain.device_ptr(stream)), addr(s.chain_at.device_ptr(stream))),
             sample: match &pick {
                 ChainPick::Argmax => None,
@@ -853,7 +868,17 @@ impl CudaQwen2 {
                 match on_device {
                     None => {
                         let pos = s.step_in.slice(..pos_len);
-                        dev.rope_kv_append(&qkv, &pos, &mut q, &mut kc, &mut vc, shape, theta, c.mrope_section, None)?
+                        dev.rope_kv_append(
+                            &qkv,
+                            &pos,
+                            &mut q,
+                            &mut kc,
+                            &mut vc,
+                            shape,
+                            theta,
+                            c.mrope_section,
+                            None,
+                        )?
                     }
                     Some(i) => {
                         let at = s.chain_at.slice(i..i + 1);

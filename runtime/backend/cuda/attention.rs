@@ -131,7 +131,19 @@ impl CudaDevice {
         scratch: Option<&mut AttnScratch>,
     ) -> Result<()> {
         let kv_len = shape.start + shape.n;
-        self.attention(AttnMode::Prefill, q, k, v, out, shape, kv_len, window, None, scratch, None)
+        self.attention(
+            AttnMode::Prefill,
+            q,
+            k,
+            v,
+            out,
+            shape,
+            kv_len,
+            window,
+            None,
+            scratch,
+            None,
+        )
     }
 
     /// One new query per sequence (q: [q_heads, d]) against the `len` cached keys (the new
@@ -162,7 +174,19 @@ impl CudaDevice {
             kv_heads,
             head_dim,
         };
-        self.attention(AttnMode::Decode, q, k, v, out, shape, len, None, None, Some(scratch), None)
+        self.attention(
+            AttnMode::Decode,
+            q,
+            k,
+            v,
+            out,
+            shape,
+            len,
+            None,
+            None,
+            Some(scratch),
+            None,
+        )
     }
 
     /// [`Self::attention_decode`] with the cache length read on the device: `len.at[0]`
@@ -191,7 +215,19 @@ impl CudaDevice {
         };
         let at = self.rptr(len.at);
         let cap = len.capacity;
-        self.attention(AttnMode::Decode, q, k, v, out, shape, cap, None, None, Some(scratch), Some(at))
+        self.attention(
+            AttnMode::Decode,
+            q,
+            k,
+            v,
+            out,
+            shape,
+            cap,
+            None,
+            None,
+            Some(scratch),
+            Some(at),
+        )
     }
 
     /// A block of n = γ + 1 (or tree) queries at positions start..start + n: every cached
