@@ -2221,11 +2221,12 @@ fn chain_drafting_picks_on_the_device_and_copies_back_once() {
     assert_eq!(c.len(), len, "a refused chain leaves the cache as it was");
 }
 
-/// A drafted chain's passes after its first replay as one CUDA graph, which reads the
-/// cache length on the device: successive chains (the cache growing across key tiles and
-/// attention splits) draft bit for bit what the passes launched one by one draft, with
-/// the same q rows and caches, at T = 0 and T > 0, across a change of γ and of sampling
-/// parameters (each recaptured). On the emulator: one graph launch a chain.
+/// A drafted chain's passes replay as one CUDA graph, which reads the cache length and
+/// the token fed on the device (with two tokens fed, the first pass runs before the
+/// graph): successive chains (the cache growing across key tiles and attention splits)
+/// draft bit for bit what the passes launched one by one draft, with the same q rows and
+/// caches, at T = 0 and T > 0, across a change of γ and of sampling parameters (each
+/// recaptured). On the emulator: one graph launch a chain.
 #[test]
 fn chain_graphs_draft_what_passes_one_by_one_draft() {
     use massv::model::cuda_qwen2::ChainPick;
@@ -2274,7 +2275,8 @@ fn chain_graphs_draft_what_passes_one_by_one_draft() {
             } else {
                 ChainPick::Argmax
             };
-            let ids = m.draft_chain(Input::Tokens(&[last]), &mut cache, gamma, pick).unwrap();
+            let feed = if i % 3 == 2 { vec![last, 7] } else { vec![last] };
+            let ids = m.draft_chain(Input::Tokens(&feed), &mut cache, gamma, pick).unwrap();
             last = ids[gamma - 1];
             drafts.push(ids);
             if sampled {

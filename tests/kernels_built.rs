@@ -294,7 +294,7 @@ fn attn_params_mirror_the_kernels_struct() {
             (name.trim().to_string(), ty.trim().to_string())
         })
         .collect();
-    assert_eq!(c_fields.len(), 21, "{c_fields:?}");
+    assert_eq!(c_fields.len(), 22, "{c_fields:?}");
     let c: Vec<(String, String)> = c_fields.into_iter().map(|(n, k)| (n, k.to_string())).collect();
     assert_eq!(rust_fields, c);
 }

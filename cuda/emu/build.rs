@@ -141,7 +141,7 @@ fn main() {
             .collect()
     };
 
-    let driver_srcs = [cpp.join("fiber.cpp"), cpp.join("driver.cpp")];
+    let driver_srcs = [cpp.join("fiber.cpp"), cpp.join("driver.cpp"), cpp.join("capture.cpp")];
     let mut jobs: Vec<_> = driver_srcs.iter().map(|s| compile(s)).collect();
     jobs.extend(units.iter().map(|(s, _)| compile(s)));
     let driver_objs = wait(jobs);

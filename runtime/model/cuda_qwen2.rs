@@ -51,8 +51,9 @@ pub const MAX_TREE_BLOCK: usize = 64;
 const GEMV_SPLITS: usize = 8;
 /// Splits of the keys the attention scratch allows (long contexts, few row tiles).
 const ATTN_SPLITS: usize = 16;
-/// Captured chains a model keeps ([`CudaQwen2::draft_chain`]).
-const CHAIN_GRAPHS: usize = 4;
+/// Captured chains a model keeps ([`CudaQwen2::draft_chain`]): one and several tokens
+/// fed, each at a few γ.
+const CHAIN_GRAPHS: usize = 8;
 
 fn err(op: &str, msg: impl std::fmt::Display) -> Error {
     Error::Cuda {
@@ -92,6 +93,8 @@ enum At {
 #[derive(PartialEq)]
 struct ChainKey {
     gamma: usize,
+    /// The first pass in the graph: 0, or 1 after a first pass of several tokens.
+    from: usize,
     /// The cache: its keys' address, capacity (the attention's splits) and values' address.
     cache: (u64, usize, u64),
     /// The scratch's ids and starts.
@@ -158,8 +161,9 @@ struct Scratch {
     /// [γ] the ids of the chain being drafted ([`CudaQwen2::draft_chain`]); grows with
     /// the first chain longer than it.
     chain: CudaSlice<i32>,
-    /// [γ] the starts (= 1-D positions) of a chain's passes after its first, which the
-    /// captured passes read on the device; one upload a chain.
+    /// [γ + 1] the starts (= 1-D positions) of a chain's passes, then the token its
+    /// first pass is fed, which the captured passes read on the device; one upload a
+    /// chain.
     chain_at: CudaSlice<i32>,
     /// Chains' passes after their first, each captured as one CUDA graph with what it
     /// baked in; the last few kept (a request's γ shrinks by its last tokens).
@@ -560,21 +564,27 @@ impl CudaQwen2 {
         let mut feed = Feed::Host(first);
         let mut plain = 0..gamma;
         let kind = usize::from(matches!(pick, ChainPick::Sample { .. }));
-        if gamma > 1 && s.chain_warm[kind] && self.graphs.load(Ordering::Relaxed) {
-            let positions = next_positions(cache, self.rows(feed)?);
-            let head = Head::Chain {
-                pick: pick.reborrow(),
-                slot: 0,
+        if s.chain_warm[kind] && self.graphs.load(Ordering::Relaxed) {
+            // One token fed (the usual case) is read on the device with the drafts, so
+            // the graph holds every pass; else the first runs here, the rest in a graph.
+            let one = match first {
+                Input::Tokens(&[id]) if (id as usize) < v => Some(id),
+                _ => None,
             };
-            self.run_in(s, feed, Positions::Seq(&positions), cache, Logits::Last, None, head)?;
-            match self.chain_graph(s, cache, gamma, pick.reborrow()) {
-                Ok(true) => plain = 0..0,
-                Ok(false) => {
-                    // Not captured (nothing ran): the passes run one by one.
+            if one.is_some() || gamma > 1 {
+                if one.is_none() {
+                    let positions = next_positions(cache, self.rows(feed)?);
+                    let head = Head::Chain {
+                        pick: pick.reborrow(),
+                        slot: 0,
+                    };
+                    self.run_in(s, feed, Positions::Seq(&positions), cache, Logits::Last, None, head)?;
                     plain = 1..gamma;
                     feed = Feed::Drafted(0);
                 }
-                Err(e) => return Err(e),
+                if self.chain_graph(s, cache, gamma, one, pick.reborrow())? {
+                    plain = 0..0;
+                }
             }
         }
         for slot in plain {
@@ -591,25 +601,36 @@ impl CudaQwen2 {
         Ok(ids.into_iter().map(|id| id as u32).collect())
     }
 
-    /// Passes 1..γ of a chain (after its first, run): one token each, fed the previous
-    /// draft, at the next positions, committed; replayed as one CUDA graph, captured on
-    /// the first chain after one that ran pass by pass (with the same kind of pick) and
-    /// again when what it baked in changes ([`ChainKey`]). Ok(false):
-    /// the capture failed (graphs are then off for this model, the reason kept for
-    /// [`Self::graph_status`]) and nothing ran.
-    fn chain_graph(&self, s: &mut Scratch, cache: &mut CudaKvCache, gamma: usize, pick: ChainPick) -> Result<bool> {
-        let n = gamma - 1;
+    /// The passes of a chain from `from` on (0: all, fed the token `first`; 1: those
+    /// after its first, run): one token each, fed the previous draft, at the next
+    /// positions, committed; replayed as one CUDA graph, captured on the first such chain
+    /// after one ran pass by pass (with the same kind of pick) and again when what it
+    /// baked in changes ([`ChainKey`]). Ok(false): the capture failed (graphs are then
+    /// off for this model, the reason kept for [`Self::graph_status`]) and nothing ran.
+    fn chain_graph(
+        &self,
+        s: &mut Scratch,
+        cache: &mut CudaKvCache,
+        gamma: usize,
+        first: Option<u32>,
+        pick: ChainPick,
+    ) -> Result<bool> {
+        let from = usize::from(first.is_none());
+        let n = gamma - from;
         cache.reserve(n)?;
-        if s.chain_at.len() < n {
-            s.chain_at = self.dev.alloc_zeros(n)?;
+        if s.chain_at.len() < gamma + 1 {
+            s.chain_at = self.dev.alloc_zeros(gamma + 1)?;
         }
+        // chain_at: pass i's start at [i], the token fed at [γ]; one upload.
         let base = i32::try_from(cache.len()).map_err(|_| err("draft_chain", "cache length exceeds i32"))?;
-        let starts: Vec<i32> = (base..base + n as i32).collect();
-        self.dev.upload_into(&starts, &mut s.chain_at.as_view_mut())?;
+        let mut chain_in: Vec<i32> = (0..gamma as i32).map(|i| base + i - from as i32).collect();
+        chain_in.push(first.map_or(0, |id| id as i32));
+        self.dev.upload_into(&chain_in, &mut s.chain_at.as_view_mut())?;
         let stream = self.dev.stream();
         let addr = |p: (u64, _)| p.0;
         let key = ChainKey {
             gamma,
+            from,
             cache: (
                 addr(cache.k.device_ptr(stream)),
                 cache.capacity(),
@@ -636,8 +657,8 @@ impl CudaQwen2 {
             }
             let mut pick = pick;
             let captured = self.dev.capture(|| {
-                for slot in 1..gamma {
-                    self.pass_at(s, cache, slot, pick.reborrow())?;
+                for slot in from..gamma {
+                    self.pass_at(s, cache, gamma, slot, pick.reborrow())?;
                 }
                 Ok(())
             });
@@ -656,14 +677,25 @@ impl CudaQwen2 {
         Ok(true)
     }
 
-    /// Pass `slot` of a chain as a graph holds it: the draft of slot − 1 at the start
-    /// `chain_at[slot − 1]` (read on the device), its draft into slot `slot`.
-    fn pass_at(&self, s: &mut Scratch, cache: &mut CudaKvCache, slot: usize, pick: ChainPick) -> Result<()> {
+    /// Pass `slot` of a chain as a graph holds it: the draft of slot − 1 (the token fed,
+    /// `chain_at[γ]`, for slot 0) at the start `chain_at[slot]` (read on the device),
+    /// its draft into slot `slot`.
+    fn pass_at(
+        &self,
+        s: &mut Scratch,
+        cache: &mut CudaKvCache,
+        gamma: usize,
+        slot: usize,
+        pick: ChainPick,
+    ) -> Result<()> {
         let d = self.cfg.hidden_size;
-        let ids = s.chain.slice(slot - 1..slot);
+        let ids = match slot {
+            0 => s.chain_at.slice(gamma..gamma + 1),
+            _ => s.chain.slice(slot - 1..slot),
+        };
         self.dev
             .embedding(&ids, &self.embed.as_view(), &mut s.hidden.as_view_mut(), 1, d)?;
-        self.layers(s, cache, At::Device(slot - 1), 1, None)?;
+        self.layers(s, cache, At::Device(slot), 1, None)?;
         self.head(s, 1, 0..1, &mut Head::Chain { pick, slot })
     }
 

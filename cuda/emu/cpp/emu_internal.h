@@ -1,6 +1,10 @@
-// What the emulator's pieces share: the kernel registry and the grid runner.
+// What the emulator's pieces share: the kernel registry, the grid runner, and the driver
+// API's two halves (driver.cpp, capture.cpp).
 #pragma once
+#include <chrono>
 #include <cstddef>
+#include <functional>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -65,5 +69,62 @@ void register_kernel(const char* name, SharedMemory shared) {
 bool launch_shape_ok(uint3 grid, uint3 block, std::string& err);
 bool run_grid(const Kernel& k, void** args, uint3 grid, uint3 block, std::string& err);
 void set_reverse_order(bool reverse);
+
+// ------------------------------------------------------------------------------------
+// driver.cpp and capture.cpp. The streams, their captures and the graphs are capture.cpp's
+// alone, so that the capture rules live in one file: driver.cpp's calls that take a stream
+// ask it where their work goes (target) and hand it what they would have run (record).
+
+typedef int CUresult;
+enum : CUresult {
+    CUDA_SUCCESS = 0,
+    CUDA_ERROR_INVALID_VALUE = 1,
+    CUDA_ERROR_OUT_OF_MEMORY = 2,
+    CUDA_ERROR_INVALID_DEVICE = 101,
+    CUDA_ERROR_INVALID_CONTEXT = 201,
+    CUDA_ERROR_INVALID_HANDLE = 400,
+    CUDA_ERROR_ILLEGAL_STATE = 401,
+    CUDA_ERROR_NOT_FOUND = 500,
+    CUDA_ERROR_LAUNCH_FAILED = 719,
+    CUDA_ERROR_NOT_SUPPORTED = 801,
+    CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED = 900,
+    CUDA_ERROR_STREAM_CAPTURE_INVALIDATED = 901,
+    CUDA_ERROR_STREAM_CAPTURE_MERGE = 902,
+    CUDA_ERROR_STREAM_CAPTURE_ISOLATION = 905,
+    CUDA_ERROR_STREAM_CAPTURE_IMPLICIT = 906,
+    CUDA_ERROR_CAPTURED_EVENT = 907,
+    CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD = 908,
+};
+
+// Every driver call holds it, in either file: one launch runs at a time (fiber.cpp), and
+// the allocations, streams and captures are every host thread's.
+std::mutex& lock();
+
+// driver.cpp's, so that capture.cpp's calls fail (cuGetErrorString's reason), refuse to
+// run without a context and count in massv_emu_stats as the other calls do.
+CUresult fail(CUresult code, const std::string& msg);
+CUresult need_context(const char* call);
+void count_graph_launch();
+
+// One operation a capture recorded; false and why when it fails at replay. driver.cpp
+// makes them (it knows how to copy, set and launch), capture.cpp keeps and replays them.
+struct Node {
+    std::function<bool(std::string&)> run;
+};
+struct Capture;  // only capture.cpp looks inside
+CUresult target(void* stream, const char* what, Capture** into);
+CUresult fail_capture(Capture* c, CUresult code, const std::string& msg);
+void record(Capture* c, Node node);
+unsigned long long capture_id(const Capture* c);  // 0 for none, as EmuEvent::capture
+CUresult unsafe_call(const char* what);
+
+// driver.cpp creates and records events; capture.cpp's cuStreamWaitEvent keeps their
+// capture rules.
+struct EmuEvent {
+    std::chrono::steady_clock::time_point t;
+    bool recorded;
+    unsigned long long capture;  // the capture it was last recorded in; 0: none
+};
+CUresult captured_event(const EmuEvent* e, const char* what);
 
 }  // namespace massv_emu

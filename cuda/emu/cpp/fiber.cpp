@@ -1,6 +1,6 @@
 // Runs a kernel launch on the CPU: blocks one after another, each block's threads as
 // fibers on the launching host thread, switched only at barriers. One launch runs at a
-// time (driver.cpp holds its lock): the state here and the kernels' __shared__ arrays are
+// time (under the driver's lock()): the state here and the kernels' __shared__ arrays are
 // the process's. (Thread-local state let launches run side by side, but a dlopen'ed
 // library's thread-locals cost more than the second core gave back.) __syncthreads releases
 // when every live thread of the block waits at it; a warp barrier (shuffle, ballot, mma)
