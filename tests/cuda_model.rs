@@ -1765,14 +1765,20 @@ fn bench_model() {
         chain_bytes,
     );
     drafter.set_graphs(true);
+    let graphed = time_chain(&drafter, &mut dcache, one[0], true);
+    // The row says when the graph failed (its reason printed): then it timed no graph.
+    let how = match drafter.graph_status() {
+        Ok(()) => "graph",
+        Err(why) => {
+            println!("drafter chains ran without a CUDA graph: {why}");
+            "GRAPH FAILED"
+        }
+    };
     let draft_chain = b.row(
-        &format!("0.5B drafter chain γ={BENCH_GAMMA}, draft_chain (1 sync, graph)"),
-        time_chain(&drafter, &mut dcache, one[0], true),
+        &format!("0.5B drafter chain γ={BENCH_GAMMA}, draft_chain (1 sync, {how})"),
+        graphed,
         chain_bytes,
     );
-    if let Err(why) = drafter.graph_status() {
-        println!("drafter chains ran without a CUDA graph: {why}");
-    }
     let mut pcache = target.new_cache(ctx).unwrap();
     let prefill = b.row_flops(
         &format!("{t} prefill (TTFT) {ctx} tokens"),
