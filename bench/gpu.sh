@@ -267,12 +267,14 @@ PY
             argmax probabilities top_k sample_is_exact verify_sampled_exact rmsnorm kv_append \
             rope_kv_append gemv
         # memcheck on the model level: the device rejection sampling (chains and trees),
-        # one VL target pass with its vision tower, and the projector, which drive the
+        # one VL target pass with its vision tower, the drafter's chains replayed as CUDA
+        # graphs (their kernels trust a cache length read on the device), and the
+        # projector, which drive the
         # kernels through the runtime's own buffers (the full model tests take too long
         # under memcheck).
         step memcheck-model 150 "$san" --tool memcheck --error-exitcode 1 --leak-check no \
             "$gpu_dir/cuda_model" --test-threads=1 device_rejection_sampling device_tree_rejection_sampling \
-            vision_tower_on_the_device_matches_the_cpu
+            vision_tower_on_the_device_matches_the_cpu chain_graphs
         step memcheck-projector 60 "$san" --tool memcheck --error-exitcode 1 --leak-check no \
             "$gpu_dir/cuda_projector" --test-threads=1 fixture_projector
     else

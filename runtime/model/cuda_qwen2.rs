@@ -527,8 +527,9 @@ impl CudaQwen2 {
     /// embedding reads, so the host queues all γ passes without waiting for one and a
     /// single copy brings the γ ids back (a pass-by-pass loop waits γ times, and the
     /// GPU idles while the host queues each next pass: a small drafter's step is mostly
-    /// launch time). Passes 1..γ replay as one CUDA graph where graphs serve
-    /// ([`Self::set_graphs`]): one launch instead of about 6 a layer each.
+    /// launch time). Where graphs serve ([`Self::set_graphs`]) the passes replay as one
+    /// CUDA graph, one launch instead of about 6 a layer each: all of them when one token
+    /// is fed, those after the first when several are.
     pub fn draft_chain(
         &self,
         first: Input,
