@@ -2095,6 +2095,17 @@ fn device_rejection_sampling_makes_the_host_paths_choices() {
     println!("device rejection sampling: {accepted} drafts accepted over 24 passes");
 }
 
+/// Two device caches hold the same tokens, bit for bit.
+fn same_caches(a: &CudaKvCache, b: &CudaKvCache, layers: usize, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: cache lengths");
+    for l in 0..layers {
+        assert!(
+            a.layer_to_host(l).unwrap() == b.layer_to_host(l).unwrap(),
+            "{what}: layer {l}'s cache"
+        );
+    }
+}
+
 /// Chain drafting on the device (`CudaQwen2::draft_chain`): each draft is picked there
 /// and read by the next pass's embedding, and the γ ids come back in one copy. It drafts
 /// what pass-by-pass drafting drafts (each argmax at T = 0; at T > 0 the same q rows and
@@ -2115,15 +2126,6 @@ fn chain_drafting_picks_on_the_device_and_copies_back_once() {
         let mut c = m.new_cache(64).unwrap();
         m.forward_tokens(&prompt, &mut c, Logits::Last).unwrap();
         c
-    };
-    let same_caches = |a: &CudaKvCache, b: &CudaKvCache, what: &str| {
-        assert_eq!(a.len(), b.len(), "{what}: cache lengths");
-        for l in 0..layers {
-            assert!(
-                a.layer_to_host(l).unwrap() == b.layer_to_host(l).unwrap(),
-                "{what}: layer {l}'s cache"
-            );
-        }
     };
     let dtoh = || massv_cuda_emu::loaded().then(|| massv_cuda_emu::stats().unwrap().dtoh_copies);
     let sp = SamplingParams {
@@ -2148,7 +2150,7 @@ fn chain_drafting_picks_on_the_device_and_copies_back_once() {
             .unwrap();
         let copies = dtoh().zip(before).map(|(a, b)| a - b);
         assert_eq!(got, want, "T = 0 after {feed:?}");
-        same_caches(&a, &b, "T = 0");
+        same_caches(&a, &b, layers, "T = 0");
         if let Some(c) = copies {
             assert_eq!(c, 1, "T = 0: device→host copies of a γ = {gamma} chain");
         }
@@ -2199,7 +2201,7 @@ fn chain_drafting_picks_on_the_device_and_copies_back_once() {
             dev.download(&q_got.slice(..)).unwrap(),
         );
         assert!(qa == qb, "T > 0: the chain's q rows");
-        same_caches(&a, &b, "T > 0");
+        same_caches(&a, &b, layers, "T > 0");
         if let Some(c) = copies {
             assert_eq!(c, 1, "T > 0: device→host copies of a γ = {gamma} chain");
         }
@@ -2299,13 +2301,7 @@ fn chain_graphs_draft_what_passes_one_by_one_draft() {
         assert!(a.len() > 2 * 64, "the chains cross a key tile: {}", a.len());
         assert_eq!(got, want, "sampled {sampled}: the drafts");
         assert!(got_q == want_q, "sampled {sampled}: the q rows");
-        assert_eq!(a.len(), b.len(), "sampled {sampled}: cache lengths");
-        for l in 0..layers {
-            assert!(
-                a.layer_to_host(l).unwrap() == b.layer_to_host(l).unwrap(),
-                "sampled {sampled}: layer {l}'s cache"
-            );
-        }
+        same_caches(&a, &b, layers, &format!("sampled {sampled}"));
         if let (Some(plain), Some(graphed)) = (plain, graphed) {
             assert_eq!(plain, 0, "sampled {sampled}: no graph with graphs off");
             assert_eq!(graphed, 12, "sampled {sampled}: one graph launch a chain");

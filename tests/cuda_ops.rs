@@ -1060,11 +1060,16 @@ fn attention_prefill_causal_gqa_and_window() {
     }
 }
 
+/// Decode attention split over the keys, against its twin: with the length given at
+/// launch, and read on the device (a CUDA graph's launch: one configuration, split for a
+/// capacity of 4096, serves every length; the keys past the length are NaN, so a split
+/// that reads past it fails the comparison).
 #[test]
 fn attention_decode_split_k() {
     let dev = dev_or_skip!();
     let mut rng = Rng::new(11);
     let mut scratch = dev.attn_scratch(28, 256, 128).unwrap();
+    let cap = 4096;
     for &(hq, hkv, d) in &[
         (28, 4, 128),
         (14, 2, 64),
@@ -1074,81 +1079,36 @@ fn attention_decode_split_k() {
         (4, 2, 32),
         (4, 2, 16),
     ] {
-        for &len in &[1, 2, 63, 64, 65, 1000, 4096] {
-            let t = qkv(&mut rng, 1, len, hq, hkv, d);
-            let (dq, dk, dv) = (
-                dev.upload(&t.q.0).unwrap(),
-                dev.upload(&t.k.0).unwrap(),
-                dev.upload(&t.v.0).unwrap(),
-            );
-            let mut dout = dev.alloc_zeros::<bf16>(hq * d).unwrap();
-            dev.attention_decode(
-                &dq.as_view(),
-                &dk.as_view(),
-                &dv.as_view(),
-                &mut dout.as_view_mut(),
-                len,
-                hq,
-                hkv,
-                d,
-                &mut scratch,
-            )
-            .unwrap();
-            let mut want = vec![0.0; hq * d];
-            r::attention_decode(&t.q.1, &t.k.1, &t.v.1, &mut want, hq, hkv, d);
-            let lo = attention_lo(&t.q.1, &t.k.1, &t.v.1, 1, hq, hkv, d, len, |_, _| true);
-            let what = format!("attention_decode hq={hq} hkv={hkv} d={d} len={len}");
-            check_bf16(&what, &down_bf16(&dev, &dout, hq * d), &want, &lo);
-        }
-    }
-}
-
-/// Decode attention with the cache length read on the device (a CUDA graph's launch): one
-/// launch configuration, split for the capacity, serves every length; the keys past the
-/// length are NaN, so a split that reads past it fails the comparison.
-#[test]
-fn attention_decode_at_reads_the_length_on_the_device() {
-    let dev = dev_or_skip!();
-    let mut rng = Rng::new(12);
-    let mut scratch = dev.attn_scratch(28, 256, 128).unwrap();
-    let cap = 4096;
-    for &(hq, hkv, d) in &[(28, 4, 128), (14, 2, 64), (4, 2, 16)] {
         for &len in &[1, 2, 63, 64, 65, 1000, cap] {
             let t = qkv(&mut rng, 1, len, hq, hkv, d);
-            let row = hkv * d;
-            let pad = |x: &[bf16]| -> Vec<bf16> {
-                let mut full = x.to_vec();
-                full.resize(cap * row, bf16::NAN);
-                full
-            };
-            let (dq, dk, dv) = (
-                dev.upload(&t.q.0).unwrap(),
-                dev.upload(&pad(&t.k.0)).unwrap(),
-                dev.upload(&pad(&t.v.0)).unwrap(),
-            );
-            let at = dev.upload(&[len as i32 - 1]).unwrap();
-            let mut dout = dev.alloc_zeros::<bf16>(hq * d).unwrap();
-            let len_at = DeviceLen {
-                at: &at.as_view(),
-                capacity: cap,
-            };
-            dev.attention_decode_at(
-                &dq.as_view(),
-                &dk.as_view(),
-                &dv.as_view(),
-                &mut dout.as_view_mut(),
-                len_at,
-                hq,
-                hkv,
-                d,
-                &mut scratch,
-            )
-            .unwrap();
             let mut want = vec![0.0; hq * d];
             r::attention_decode(&t.q.1, &t.k.1, &t.v.1, &mut want, hq, hkv, d);
             let lo = attention_lo(&t.q.1, &t.k.1, &t.v.1, 1, hq, hkv, d, len, |_, _| true);
-            let what = format!("attention_decode_at hq={hq} hkv={hkv} d={d} len={len} capacity={cap}");
-            check_bf16(&what, &down_bf16(&dev, &dout, hq * d), &want, &lo);
+            let dq = dev.upload(&t.q.0).unwrap();
+            for on_device in [false, true] {
+                let keys = if on_device { cap } else { len };
+                let pad = |x: &[bf16]| -> Vec<bf16> {
+                    let mut full = x.to_vec();
+                    full.resize(keys * hkv * d, bf16::NAN);
+                    full
+                };
+                let (dk, dv) = (dev.upload(&pad(&t.k.0)).unwrap(), dev.upload(&pad(&t.v.0)).unwrap());
+                let at = dev.upload(&[len as i32 - 1]).unwrap();
+                let mut dout = dev.alloc_zeros::<bf16>(hq * d).unwrap();
+                let (q, k, v, mut out) = (dq.as_view(), dk.as_view(), dv.as_view(), dout.as_view_mut());
+                if on_device {
+                    let len_at = DeviceLen {
+                        at: &at.as_view(),
+                        capacity: cap,
+                    };
+                    dev.attention_decode_at(&q, &k, &v, &mut out, len_at, hq, hkv, d, &mut scratch)
+                } else {
+                    dev.attention_decode(&q, &k, &v, &mut out, len, hq, hkv, d, &mut scratch)
+                }
+                .unwrap();
+                let what = format!("attention_decode hq={hq} hkv={hkv} d={d} len={len} on_device={on_device}");
+                check_bf16(&what, &down_bf16(&dev, &dout, hq * d), &want, &lo);
+            }
         }
     }
 }
