@@ -165,8 +165,9 @@ struct Scratch {
     /// first pass is fed, which the captured passes read on the device; one upload a
     /// chain.
     chain_at: CudaSlice<i32>,
-    /// Chains' passes after their first, each captured as one CUDA graph with what it
-    /// baked in; the last few kept (a request's γ shrinks by its last tokens).
+    /// Chains' passes (all, or those after a first pass of several tokens), each set
+    /// captured as one CUDA graph with what it baked in; the last few kept (a request's
+    /// γ shrinks by its last tokens).
     chain_graphs: Vec<(ChainKey, DeviceGraph)>,
     /// Whether a chain picking by argmax [0] / by sampling [1] ran pass by pass: its
     /// kernels are then loaded (CUDA loads a module's kernels lazily, at their first
@@ -256,8 +257,8 @@ pub struct CudaQwen2 {
     lm_head: Option<CudaSlice<bf16>>, // [V, D]; None when tied to `embed`
     /// Behind a lock so the model is shared read-only, as the CPU model is.
     scratch: Mutex<Scratch>,
-    /// Whether a drafted chain's passes after the first replay as one CUDA graph
-    /// ([`Self::set_graphs`]); off for models whose passes a graph cannot serve.
+    /// Whether a drafted chain's passes replay as one CUDA graph ([`Self::set_graphs`]);
+    /// off for models whose passes a graph cannot serve.
     graphs: AtomicBool,
     /// Why a capture failed, when one did (graphs are then off).
     graph_failure: Mutex<Option<String>>,

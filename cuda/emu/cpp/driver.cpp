@@ -289,16 +289,22 @@ static CUresult free_bytes(CUdeviceptr p) {
     return CUDA_SUCCESS;
 }
 
-// cuMemAllocAsync / cuMemFreeAsync: stream-ordered, so allowed during a capture, except on
-// the capturing stream itself, where the driver records graph memory nodes.
-static CUresult async_memory_call(void* stream, const char* what) {
-    if (CUresult r = need_context(what)) return r;
+// Work on `stream` that the driver would record but the emulator cannot (`unrecorded`
+// says what): refused while the stream captures, the capture invalidated.
+static CUresult refuse_if_capturing(void* stream, const char* what, const char* unrecorded) {
     Capture* c;
     if (CUresult r = target(stream, what, &c)) return r;
     if (c)
         return fail_capture(c, CUDA_ERROR_NOT_SUPPORTED,
-                            std::string(what) + " on a capturing stream: graph memory nodes are not emulated");
+                            std::string(what) + " on a capturing stream: " + unrecorded + " not emulated");
     return CUDA_SUCCESS;
+}
+
+// cuMemAllocAsync / cuMemFreeAsync: stream-ordered, so allowed during a capture, except on
+// the capturing stream itself, where the driver records graph memory nodes.
+static CUresult async_memory_call(void* stream, const char* what) {
+    if (CUresult r = need_context(what)) return r;
+    return refuse_if_capturing(stream, what, "graph memory nodes are");
 }
 
 extern "C" {
@@ -324,12 +330,7 @@ int massv_emu_is_emulator() { return 1; }
 // (a CUresult, the capture invalidated) when `stream` may not take work now.
 int massv_emu_refuse_capture(void* stream, const char* what) {
     std::lock_guard<std::mutex> g(lock());
-    Capture* c;
-    if (CUresult r = target(stream, what, &c)) return r;
-    if (c)
-        return fail_capture(c, CUDA_ERROR_NOT_SUPPORTED,
-                            std::string(what) + " on a capturing stream: cuBLAS work in graphs is not emulated");
-    return CUDA_SUCCESS;
+    return refuse_if_capturing(stream, what, "cuBLAS work in graphs is");
 }
 
 // ------------------------------------------------------------------------------------

@@ -389,13 +389,12 @@ impl CudaDevice {
             }
         }
         // The kernel spreads a length read on the device over the splits itself (0).
-        let keys_per_split = match len_at {
-            Some(_) => 0,
-            None => kv_len.div_ceil(splits).div_ceil(ATTN_TILE) * ATTN_TILE,
-        };
-        let splits = match len_at {
-            Some(_) => splits,
-            None => kv_len.div_ceil(keys_per_split).max(1),
+        let (keys_per_split, splits) = match len_at {
+            Some(_) => (0, splits),
+            None => {
+                let keys = kv_len.div_ceil(splits).div_ceil(ATTN_TILE) * ATTN_TILE;
+                (keys, kv_len.div_ceil(keys).max(1))
+            }
         };
         let params = AttnParams {
             q: self.rptr(q),

@@ -205,8 +205,8 @@ thread_local! {
 }
 
 /// Launches recorded once and replayed as one ([`CudaDevice::capture`],
-/// [`CudaDevice::launch_graph`]): a small model's decode pass is mostly launch time, a
-/// graph's replay pays it once. Arguments, pointers and grids are fixed at capture; the
+/// [`CudaDevice::launch_graph`]): a small model's decode pass can take as long to launch
+/// as to run, and a graph's replay pays the launches once. Arguments, pointers and grids are fixed at capture; the
 /// kernels read what changes (a cache length, ids) from device memory.
 pub struct DeviceGraph {
     graph: CudaGraph,
