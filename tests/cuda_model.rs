@@ -1553,18 +1553,18 @@ fn time_pass(
 }
 
 /// Median (events, wall) ms of drafting a chain of [`BENCH_GAMMA`] greedy drafts after
-/// `first`: with `draft_chain` (picked on the device, one copy back), or pass by pass
+/// `feed`: with `draft_chain` (picked on the device, one copy back), or pass by pass
 /// (`argmax_last`: each draft copied back before the next pass is queued). Rolled back
 /// after every run.
-fn time_chain(m: &CudaQwen2, cache: &mut CudaKvCache, first: u32, on_device: bool) -> (f64, f64) {
+fn time_chain(m: &CudaQwen2, cache: &mut CudaKvCache, feed: &[u32], on_device: bool) -> (f64, f64) {
     use massv::model::cuda_qwen2::ChainPick;
     let ctx = cache.len();
     median_ms(m.device(), || {
         if on_device {
-            m.draft_chain(Input::Tokens(&[first]), cache, BENCH_GAMMA, ChainPick::Argmax)?;
+            m.draft_chain(Input::Tokens(feed), cache, BENCH_GAMMA, ChainPick::Argmax)?;
         } else {
-            let mut t = first;
-            for _ in 0..BENCH_GAMMA {
+            let mut t = m.argmax_last(feed, cache)?;
+            for _ in 1..BENCH_GAMMA {
                 t = m.argmax_last(&[t], cache)?;
             }
         }
@@ -1755,17 +1755,22 @@ fn bench_model() {
     let chain_bytes = BENCH_GAMMA as f64 * step_bytes(&dc, dl, ctx, 1, true);
     b.row(
         &format!("0.5B drafter chain γ={BENCH_GAMMA}, pass by pass (γ syncs)"),
-        time_chain(&drafter, &mut dcache, one[0], false),
+        time_chain(&drafter, &mut dcache, &one, false),
         chain_bytes,
     );
     drafter.set_graphs(false);
     b.row(
         &format!("0.5B drafter chain γ={BENCH_GAMMA}, draft_chain, no graph"),
-        time_chain(&drafter, &mut dcache, one[0], true),
+        time_chain(&drafter, &mut dcache, &one, true),
         chain_bytes,
     );
+    // Fed two tokens (the last draft and the bonus, after a chain accepted whole): a
+    // first pass of two rows, then the graph holds it too.
+    let pair = [one[0], one[0]];
+    let pair_plain = time_chain(&drafter, &mut dcache, &pair, true);
     drafter.set_graphs(true);
-    let graphed = time_chain(&drafter, &mut dcache, one[0], true);
+    let graphed = time_chain(&drafter, &mut dcache, &one, true);
+    let pair_graphed = time_chain(&drafter, &mut dcache, &pair, true);
     // The row says when the graph failed (its reason printed): then it timed no graph.
     let how = match drafter.graph_status() {
         Ok(()) => "graph",
@@ -1777,6 +1782,16 @@ fn bench_model() {
     let draft_chain = b.row(
         &format!("0.5B drafter chain γ={BENCH_GAMMA}, draft_chain (1 sync, {how})"),
         graphed,
+        chain_bytes,
+    );
+    b.row(
+        &format!("0.5B drafter chain γ={BENCH_GAMMA} fed 2, draft_chain, no graph"),
+        pair_plain,
+        chain_bytes,
+    );
+    b.row(
+        &format!("0.5B drafter chain γ={BENCH_GAMMA} fed 2, draft_chain (1 sync, {how})"),
+        pair_graphed,
         chain_bytes,
     );
     let mut pcache = target.new_cache(ctx).unwrap();
@@ -2234,7 +2249,9 @@ fn chain_drafting_picks_on_the_device_and_copies_back_once() {
 /// graph): successive chains (the cache growing across key tiles and attention splits)
 /// draft bit for bit what the passes launched one by one draft, with the same q rows and
 /// caches, at T = 0 and T > 0, across a change of γ and of sampling parameters (each
-/// recaptured). On the emulator: one graph launch a chain.
+/// recaptured), fed one, two (a chain accepted whole: its last draft and the bonus) or
+/// three tokens. On the emulator: one graph launch a chain, and one upload for a chain
+/// fed one or two tokens (the graph holds every pass).
 #[test]
 fn chain_graphs_draft_what_passes_one_by_one_draft() {
     use massv::model::cuda_qwen2::ChainPick;
@@ -2257,7 +2274,7 @@ fn chain_graphs_draft_what_passes_one_by_one_draft() {
             top_p: 1.0,
         },
     ];
-    let graph_launches = || massv_cuda_emu::loaded().then(|| massv_cuda_emu::stats().unwrap().graph_launches);
+    let emu_stats = || massv_cuda_emu::loaded().then(|| massv_cuda_emu::stats().unwrap());
     // Chains of γ (5, then 3 for the last two) from the prompt, each fed the last draft
     // of the one before; at T > 0 with fresh uniforms a chain and the sampling
     // parameters switching halfway. Returns the drafts, q rows and the final cache.
@@ -2268,8 +2285,8 @@ fn chain_graphs_draft_what_passes_one_by_one_draft() {
         m.forward_tokens(&prompt, &mut cache, Logits::Last).unwrap();
         let mut q = dev.alloc_zeros::<f32>(5 * v).unwrap();
         let mut uniforms = dev.alloc_zeros::<f64>(5).unwrap();
-        let (mut last, mut drafts, mut rows) = (prompt[0], vec![], vec![]);
-        let before = graph_launches();
+        let (mut last, mut drafts, mut rows, mut uploads) = (prompt[0], vec![], vec![], vec![]);
+        let before = emu_stats();
         for i in 0..12 {
             let gamma = if i < 10 { 5 } else { 3 };
             let u: Vec<f64> = (0..5).map(|_| rng.uniform()).collect();
@@ -2283,20 +2300,25 @@ fn chain_graphs_draft_what_passes_one_by_one_draft() {
             } else {
                 ChainPick::Argmax
             };
-            let feed = if i % 3 == 2 { vec![last, 7] } else { vec![last] };
+            let feed = [last, 7, 9][..[1, 2, 1, 3][i % 4]].to_vec();
+            let copies = || emu_stats().map(|s| s.htod_copies);
+            let copied = copies();
             let ids = m.draft_chain(Input::Tokens(&feed), &mut cache, gamma, pick).unwrap();
+            uploads.push((feed.len(), copies().zip(copied).map(|(a, b)| a - b)));
             last = ids[gamma - 1];
             drafts.push(ids);
             if sampled {
                 rows.push(dev.download(&q.slice(..gamma * v)).unwrap());
             }
         }
-        let launched = graph_launches().zip(before).map(|(a, b)| a - b);
-        (drafts, rows, cache, launched)
+        let launched = emu_stats()
+            .zip(before)
+            .map(|(a, b)| a.graph_launches - b.graph_launches);
+        (drafts, rows, cache, (launched, uploads))
     };
     for sampled in [false, true] {
-        let (want, want_q, a, plain) = run(false, sampled);
-        let (got, got_q, b, graphed) = run(true, sampled);
+        let (want, want_q, a, (plain, _)) = run(false, sampled);
+        let (got, got_q, b, (graphed, uploads)) = run(true, sampled);
         assert_eq!(m.graph_status(), Ok(()), "sampled {sampled}: no capture failed");
         assert!(a.len() > 2 * 64, "the chains cross a key tile: {}", a.len());
         assert_eq!(got, want, "sampled {sampled}: the drafts");
@@ -2305,6 +2327,10 @@ fn chain_graphs_draft_what_passes_one_by_one_draft() {
         if let (Some(plain), Some(graphed)) = (plain, graphed) {
             assert_eq!(plain, 0, "sampled {sampled}: no graph with graphs off");
             assert_eq!(graphed, 12, "sampled {sampled}: one graph launch a chain");
+            for (fed, copies) in uploads {
+                let want = if fed <= 2 { 1 } else { 2 };
+                assert_eq!(copies, Some(want), "sampled {sampled}: uploads of a chain fed {fed}");
+            }
         }
     }
 }

@@ -1113,6 +1113,72 @@ fn attention_decode_split_k() {
     }
 }
 
+/// Causal attention of a few queries with their start read on the device (a CUDA graph's
+/// pass fed several tokens): one launch configuration, split for the capacity, at every
+/// start; the keys past the block are NaN, so reading past it fails the comparison.
+#[test]
+fn attention_prefill_at_every_start() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(12);
+    let mut scratch = dev.attn_scratch(8 * 28, 256, 128).unwrap();
+    let cap = 2048;
+    for &(hq, hkv, d) in &[(28, 4, 128), (14, 2, 64), (8, 8, 80), (4, 2, 16)] {
+        for &(n, start) in &[(2, 0), (2, 1), (2, 62), (3, 64), (8, 1000), (2, cap - 2)] {
+            let keys = start + n;
+            let t = qkv(&mut rng, n, keys, hq, hkv, d);
+            let mut want = vec![0.0; n * hq * d];
+            r::attention_prefill(&t.q.1, &t.k.1, &t.v.1, &mut want, start, hq, hkv, d, None);
+            let lo = attention_lo(&t.q.1, &t.k.1, &t.v.1, n, hq, hkv, d, keys, |tq, j| j <= start + tq);
+            let pad = |x: &[bf16]| -> Vec<bf16> {
+                let mut full = x.to_vec();
+                full.resize(cap * hkv * d, bf16::NAN);
+                full
+            };
+            let (dq, dk, dv) = (
+                dev.upload(&t.q.0).unwrap(),
+                dev.upload(&pad(&t.k.0)).unwrap(),
+                dev.upload(&pad(&t.v.0)).unwrap(),
+            );
+            let at = dev.upload(&[start as i32]).unwrap();
+            let len = DeviceLen {
+                at: &at.as_view(),
+                capacity: cap,
+            };
+            let mut dout = dev.alloc_zeros::<bf16>(n * hq * d).unwrap();
+            let (q, k, v, mut out) = (dq.as_view(), dk.as_view(), dv.as_view(), dout.as_view_mut());
+            dev.attention_prefill_at(&q, &k, &v, &mut out, len, n, hq, hkv, d, &mut scratch)
+                .unwrap();
+            let what = format!("attention_prefill_at hq={hq} hkv={hkv} d={d} n={n} start={start}");
+            check_bf16(&what, &down_bf16(&dev, &dout, n * hq * d), &want, &lo);
+        }
+    }
+    let at = dev.upload(&[0i32]).unwrap();
+    let (q, kv) = (
+        dev.alloc_zeros::<bf16>(3 * 4 * 16).unwrap(),
+        dev.alloc_zeros::<bf16>(2 * 2 * 16).unwrap(),
+    );
+    let mut out = dev.alloc_zeros::<bf16>(3 * 4 * 16).unwrap();
+    let len = DeviceLen {
+        at: &at.as_view(),
+        capacity: 2,
+    };
+    let e = dev
+        .attention_prefill_at(
+            &q.as_view(),
+            &kv.as_view(),
+            &kv.as_view(),
+            &mut out.as_view_mut(),
+            len,
+            3,
+            4,
+            2,
+            16,
+            &mut scratch,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("3 queries exceed a cache of 2"), "{e}");
+}
+
 /// A random tree over n nodes (node 0 the root, parents before children) as an ancestor
 /// mask (self included); `chain` gives the causal mask.
 fn tree_mask(rng: &mut Rng, n: usize, chain: bool) -> Vec<u8> {

@@ -85,7 +85,7 @@ enum At {
     /// Known on the host: the block's positions are at the head of `step_in`.
     Host(usize),
     /// Read on the device when the kernels run (a chain's captured pass): `chain_at[i]`,
-    /// also the token's 1-D position.
+    /// the pass's first 1-D position, its n positions at `chain_at[i..i + n]`.
     Device(usize),
 }
 
@@ -93,8 +93,10 @@ enum At {
 #[derive(PartialEq)]
 struct ChainKey {
     gamma: usize,
-    /// The first pass in the graph: 0, or 1 after a first pass of several tokens.
+    /// The first pass in the graph: 0, or 1 after a first pass run outside it.
     from: usize,
+    /// The tokens the graph's first pass is fed (1 or 2; 1 from pass 1 on).
+    fed: usize,
     /// The cache: its keys' address, capacity (the attention's splits) and values' address.
     cache: (u64, usize, u64),
     /// The scratch's ids and starts.
@@ -161,9 +163,10 @@ struct Scratch {
     /// [γ] the ids of the chain being drafted ([`CudaQwen2::draft_chain`]); grows with
     /// the first chain longer than it.
     chain: CudaSlice<i32>,
-    /// [γ + 1] the starts (= 1-D positions) of a chain's passes, then the token its
-    /// first pass is fed, which the captured passes read on the device; one upload a
-    /// chain.
+    /// [γ + 2·f − 1] for a chain whose first pass is fed f tokens: the 1-D positions of
+    /// its passes' tokens (pass 0's f, then one a pass; a pass starts in the cache at its
+    /// first), then the f tokens fed, all read on the device by the captured passes; one
+    /// upload a chain.
     chain_at: CudaSlice<i32>,
     /// Chains' passes (all, or those after a first pass of several tokens), each set
     /// captured as one CUDA graph with what it baked in; the last few kept (a request's
@@ -173,6 +176,9 @@ struct Scratch {
     /// kernels are then loaded (CUDA loads a module's kernels lazily, at their first
     /// launch), so that a capture holds launches only.
     chain_warm: [bool; 2],
+    /// Whether a chain's first pass of two tokens ran (its GEMV and attention entries
+    /// differ from one token's): a graph may then hold it.
+    pair_warm: bool,
     /// Tree mask; starts at [T, T], T = MAX_TREE_BLOCK (a target's tree) and grows only
     /// for a wider one (a drafter whose earlier depths are cached).
     mask: CudaSlice<u8>,
@@ -209,6 +215,7 @@ impl Scratch {
             chain_at: dev.alloc_zeros(8)?,
             chain_graphs: Vec::new(),
             chain_warm: [false; 2],
+            pair_warm: false,
             mask: dev.alloc_zeros(t * t)?,
             gemv: dev.alloc_zeros(GEMV_SPLITS * GEMV_MAX_ROWS * widest)?,
             attn_split: dev.attn_scratch(split_rows, ATTN_SPLITS, c.head_dim)?,
@@ -529,8 +536,9 @@ impl CudaQwen2 {
     /// single copy brings the γ ids back (a pass-by-pass loop waits γ times, and the
     /// GPU idles while the host queues each next pass: a small drafter's step is mostly
     /// launch time). Where graphs serve ([`Self::set_graphs`]) the passes replay as one
-    /// CUDA graph, one launch instead of about 6 a layer each: all of them when one token
-    /// is fed, those after the first when several are.
+    /// CUDA graph, one launch instead of about 6 a layer each: all of them when one or two
+    /// tokens are fed (a correction, or the last draft and the bonus after a chain was
+    /// accepted whole), those after the first when more are.
     pub fn draft_chain(
         &self,
         first: Input,
@@ -566,73 +574,87 @@ impl CudaQwen2 {
         let mut feed = Feed::Host(first);
         let mut plain = 0..gamma;
         let kind = usize::from(matches!(pick, ChainPick::Sample { .. }));
-        if s.chain_warm[kind] && self.graphs.load(Ordering::Relaxed) {
-            // One token fed (the usual case) is read on the device with the drafts, so
-            // the graph holds every pass; else the first runs here, the rest in a graph.
-            let one = match first {
-                Input::Tokens(&[id]) if (id as usize) < v => Some(id),
-                _ => None,
-            };
-            if one.is_some() || gamma > 1 {
-                if one.is_none() {
-                    let positions = next_positions(cache, self.rows(feed)?);
-                    let head = Head::Chain {
-                        pick: pick.reborrow(),
-                        slot: 0,
-                    };
-                    self.run_in(s, feed, Positions::Seq(&positions), cache, Logits::Last, None, head)?;
-                    plain = 1..gamma;
-                    feed = Feed::Drafted(0);
-                }
-                if self.chain_graph(s, cache, gamma, one, pick.reborrow())? {
-                    plain = 0..0;
-                }
+        // One or two tokens fed (the usual cases) are read on the device with the drafts,
+        // so the graph holds every pass; else the first runs here, the rest in a graph.
+        let fed = match first {
+            Input::Tokens(t) if t.len() <= 2 && t.iter().all(|&id| (id as usize) < v) => t,
+            _ => &[],
+        };
+        let whole = !fed.is_empty() && (fed.len() == 1 || s.pair_warm);
+        if s.chain_warm[kind] && self.graphs.load(Ordering::Relaxed) && (whole || gamma > 1) {
+            if !whole {
+                self.chain_pass(s, feed, cache, 0, pick.reborrow())?;
+                plain = 1..gamma;
+                feed = Feed::Drafted(0);
+            }
+            if self.chain_graph(s, cache, gamma, whole.then_some(fed), pick.reborrow())? {
+                plain = 0..0;
             }
         }
         for slot in plain {
-            let positions = next_positions(cache, self.rows(feed)?);
-            let head = Head::Chain {
-                pick: pick.reborrow(),
-                slot,
-            };
-            self.run_in(s, feed, Positions::Seq(&positions), cache, Logits::Last, None, head)?;
+            self.chain_pass(s, feed, cache, slot, pick.reborrow())?;
             feed = Feed::Drafted(slot);
-            s.chain_warm[kind] |= slot > 0;
         }
         let ids = self.dev.download(&s.chain.slice(..gamma))?;
         Ok(ids.into_iter().map(|id| id as u32).collect())
     }
 
-    /// The passes of a chain from `from` on (0: all, fed the token `first`; 1: those
-    /// after its first, run): one token each, fed the previous draft, at the next
+    /// Pass `slot` of a chain launched here (not from a graph), fed `feed`; marks the
+    /// kernels it loaded as warm for a capture.
+    fn chain_pass(
+        &self,
+        s: &mut Scratch,
+        feed: Feed,
+        cache: &mut CudaKvCache,
+        slot: usize,
+        pick: ChainPick,
+    ) -> Result<()> {
+        let n = self.rows(feed)?;
+        let kind = usize::from(matches!(pick, ChainPick::Sample { .. }));
+        let positions = next_positions(cache, n);
+        let head = Head::Chain { pick, slot };
+        self.run_in(s, feed, Positions::Seq(&positions), cache, Logits::Last, None, head)?;
+        s.chain_warm[kind] |= slot > 0;
+        s.pair_warm |= n == 2 && matches!(feed, Feed::Host(Input::Tokens(_)));
+        Ok(())
+    }
+
+    /// The passes of a chain from its first (fed `first`, one or two tokens) or, with
+    /// `first` None, from its second (the first ran): fed the previous draft, at the next
     /// positions, committed; replayed as one CUDA graph, captured on the first such chain
-    /// after one ran pass by pass (with the same kind of pick) and again when what it
-    /// baked in changes ([`ChainKey`]). Ok(false): the capture failed (graphs are then
-    /// off for this model, the reason kept for [`Self::graph_status`]) and nothing ran.
+    /// after one ran pass by pass (with the same kind of pick and first pass) and again
+    /// when what it baked in changes ([`ChainKey`]). Ok(false): the capture failed (graphs
+    /// are then off for this model, the reason kept for [`Self::graph_status`]) and
+    /// nothing ran.
     fn chain_graph(
         &self,
         s: &mut Scratch,
         cache: &mut CudaKvCache,
         gamma: usize,
-        first: Option<u32>,
+        first: Option<&[u32]>,
         pick: ChainPick,
     ) -> Result<bool> {
         let from = usize::from(first.is_none());
-        let n = gamma - from;
+        let fed = first.map_or(1, <[u32]>::len);
+        let n = gamma - from + fed - 1;
         cache.reserve(n)?;
-        if s.chain_at.len() < gamma + 1 {
-            s.chain_at = self.dev.alloc_zeros(gamma + 1)?;
+        let at_len = gamma + 2 * fed - 1;
+        if s.chain_at.len() < at_len {
+            s.chain_at = self.dev.alloc_zeros(at_len)?;
         }
-        // chain_at: pass i's start at [i], the token fed at [γ]; one upload.
+        // chain_at ([`Scratch::chain_at`]): token j's position base + j (pass 0 of a chain
+        // run whole at base = the cache's length), then the tokens fed; one upload.
         let base = i32::try_from(cache.len()).map_err(|_| err("draft_chain", "cache length exceeds i32"))?;
-        let mut chain_in: Vec<i32> = (0..gamma as i32).map(|i| base + i - from as i32).collect();
-        chain_in.push(first.map_or(0, |id| id as i32));
-        self.dev.upload_into(&chain_in, &mut s.chain_at.as_view_mut())?;
+        let mut chain_in: Vec<i32> = (0..(gamma + fed - 1) as i32).map(|j| base + j - from as i32).collect();
+        chain_in.extend(first.unwrap_or(&[0]).iter().map(|&id| id as i32));
+        self.dev
+            .upload_into(&chain_in, &mut s.chain_at.slice_mut(..chain_in.len()))?;
         let stream = self.dev.stream();
         let addr = |p: (u64, _)| p.0;
         let key = ChainKey {
             gamma,
             from,
+            fed,
             cache: (
                 addr(cache.k.device_ptr(stream)),
                 cache.capacity(),
@@ -660,7 +682,7 @@ impl CudaQwen2 {
             let mut pick = pick;
             let captured = self.dev.capture(|| {
                 for slot in from..gamma {
-                    self.pass_at(s, cache, gamma, slot, pick.reborrow())?;
+                    self.pass_at(s, cache, gamma, fed, slot, pick.reborrow())?;
                 }
                 Ok(())
             });
@@ -679,26 +701,27 @@ impl CudaQwen2 {
         Ok(true)
     }
 
-    /// Pass `slot` of a chain as a graph holds it: the draft of slot − 1 (the token fed,
-    /// `chain_at[γ]`, for slot 0) at the start `chain_at[slot]` (read on the device),
-    /// its draft into slot `slot`.
+    /// Pass `slot` of a chain as a graph holds it, its positions read on the device
+    /// ([`Scratch::chain_at`]): the draft of slot − 1, or for slot 0 the `fed` tokens
+    /// uploaded; its draft into slot `slot`.
     fn pass_at(
         &self,
         s: &mut Scratch,
         cache: &mut CudaKvCache,
         gamma: usize,
+        fed: usize,
         slot: usize,
         pick: ChainPick,
     ) -> Result<()> {
         let d = self.cfg.hidden_size;
-        let ids = match slot {
-            0 => s.chain_at.slice(gamma..gamma + 1),
-            _ => s.chain.slice(slot - 1..slot),
+        let (ids, n, at) = match slot {
+            0 => (s.chain_at.slice(gamma + fed - 1..gamma + 2 * fed - 1), fed, 0),
+            _ => (s.chain.slice(slot - 1..slot), 1, slot + fed - 1),
         };
         self.dev
-            .embedding(&ids, &self.embed.as_view(), &mut s.hidden.as_view_mut(), 1, d)?;
-        self.layers(s, cache, At::Device(slot), 1, None)?;
-        self.head(s, 1, 0..1, &mut Head::Chain { pick, slot })
+            .embedding(&ids, &self.embed.as_view(), &mut s.hidden.as_view_mut(), n, d)?;
+        self.layers(s, cache, At::Device(at), n, None)?;
+        self.head(s, n, n - 1..n, &mut Head::Chain { pick, slot })
     }
 
     /// The tokens `input` holds.
@@ -845,8 +868,8 @@ impl CudaQwen2 {
 
     /// The decoder layers on the block of n tokens in `s.hidden`, at cache positions
     /// start.. (their keys and values written there), rotary positions at the head of
-    /// `s.step_in` (or, for [`At::Device`], one token at the start read on the device,
-    /// also its position). A GEMV block (n ≤ GEMV_MAX_ROWS) leaves the residual stream whole in
+    /// `s.step_in` (or, for [`At::Device`], a few tokens whose start and positions are
+    /// read on the device). A GEMV block (n ≤ GEMV_MAX_ROWS) leaves the residual stream whole in
     /// `s.hidden`; a GEMM block leaves the last layer's down_proj output in `s.proj`, not
     /// yet added ([`Self::head`] takes either).
     fn layers(
@@ -860,8 +883,8 @@ impl CudaQwen2 {
         let (dev, c) = (&*self.dev, &self.cfg);
         let (start, on_device) = match at {
             At::Host(start) => (start, None),
-            At::Device(i) if n == 1 && mask_start.is_none() && graphs_serve(c) => (0, Some(i)),
-            At::Device(_) => return Err(err("forward", "a start on the device serves one 1-D causal token")),
+            At::Device(i) if gemv_block(n) && mask_start.is_none() && graphs_serve(c) => (0, Some(i)),
+            At::Device(_) => return Err(err("forward", "a start on the device serves a few 1-D causal tokens")),
         };
         let capacity = cache.capacity();
         let (d, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
@@ -915,9 +938,9 @@ impl CudaQwen2 {
                         )?
                     }
                     Some(i) => {
-                        let at = s.chain_at.slice(i..i + 1);
+                        let (pos, at) = (s.chain_at.slice(i..i + n), s.chain_at.slice(i..i + 1));
                         let len = DeviceLen { at: &at, capacity };
-                        dev.rope_kv_append(&qkv, &at, &mut q, &mut kc, &mut vc, shape, theta, None, Some(len))?
+                        dev.rope_kv_append(&qkv, &pos, &mut q, &mut kc, &mut vc, shape, theta, None, Some(len))?
                     }
                 }
             }
@@ -928,7 +951,12 @@ impl CudaQwen2 {
                 (None, None, Some(i)) => {
                     let at = s.chain_at.slice(i..i + 1);
                     let len = DeviceLen { at: &at, capacity };
-                    dev.attention_decode_at(&q, &kc, &vc, &mut out, len, hq, hkv, hd, &mut s.attn_split)?
+                    let sc = &mut s.attn_split;
+                    if n == 1 {
+                        dev.attention_decode_at(&q, &kc, &vc, &mut out, len, hq, hkv, hd, sc)?
+                    } else {
+                        dev.attention_prefill_at(&q, &kc, &vc, &mut out, len, n, hq, hkv, hd, sc)?
+                    }
                 }
                 (Some(ms), _, _) => {
                     dev.attention_verify(&q, &kc, &vc, &mut out, &s.mask.as_view(), ms, shape, &mut s.attn_split)?

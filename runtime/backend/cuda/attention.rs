@@ -230,6 +230,54 @@ impl CudaDevice {
         )
     }
 
+    /// [`Self::attention_prefill`] (no window) of n queries with their start read on the
+    /// device: `len.at[0]` keys cached before them, theirs written after. As in
+    /// [`Self::attention_decode_at`], the keys are split for `len.capacity`, so one launch
+    /// serves every start (a CUDA graph's pass of several tokens).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_prefill_at(
+        &self,
+        q: &CudaView<'_, bf16>,
+        k: &CudaView<'_, bf16>,
+        v: &CudaView<'_, bf16>,
+        out: &mut CudaViewMut<'_, bf16>,
+        len: DeviceLen<'_>,
+        n: usize,
+        q_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        scratch: &mut AttnScratch,
+    ) -> Result<()> {
+        need("attention_prefill", "len", len.at.len(), 1)?;
+        if n > len.capacity {
+            return Err(shape_err(
+                "attention_prefill",
+                format!("{n} queries exceed a cache of {}", len.capacity),
+            ));
+        }
+        let shape = AttnShape {
+            n,
+            start: 0,
+            q_heads,
+            kv_heads,
+            head_dim,
+        };
+        let at = self.rptr(len.at);
+        self.attention(
+            AttnMode::Prefill,
+            q,
+            k,
+            v,
+            out,
+            shape,
+            len.capacity,
+            None,
+            None,
+            Some(scratch),
+            Some(at),
+        )
+    }
+
     /// A block of n = γ + 1 (or tree) queries at positions start..start + n: every cached
     /// key before `mask_start` plus key mask_start + j for query t iff
     /// mask[t · span + j] != 0, span = start + n − mask_start (mask: [n, span] u8 on the
