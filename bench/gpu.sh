@@ -263,7 +263,7 @@ PY
             "$gpu_dir/cuda_ops" --test-threads=1
         # racecheck: the kernels that share memory between threads.
         step racecheck 90 "$san" --tool racecheck --error-exitcode 1 \
-            "$gpu_dir/cuda_ops" --test-threads=1 attention_decode attention_verify attention_varlen \
+            "$gpu_dir/cuda_ops" --test-threads=1 attention_decode attention_prefill_at attention_verify attention_varlen \
             argmax probabilities top_k sample_is_exact verify_sampled_exact rmsnorm kv_append \
             rope_kv_append gemv
         # memcheck on the model level: the device rejection sampling (chains and trees),
