@@ -2042,23 +2042,39 @@ fn engine_with_the_vision_tower_on_the_device_reproduces_the_cpu_engine() {
     println!("{steps} tokens compared over {runs} generations");
 }
 
-/// T > 0 chains with both LMs on the device (`DeviceSampling`: q and p stay there, the
-/// `sample` and `verify_sampled` kernels choose) make the host path's choices from the same
-/// device models and the same RNG stream: drafts, verdicts and the RNG's state equal step
-/// by step, over a drafter whose vocabulary (432) is smaller than the target's (448).
+/// T > 0 chains with the target's LM on the device (`DeviceSampling`: p stays there, the
+/// `verify_sampled` kernel chooses) make the host path's choices from the same models and
+/// the same RNG stream: drafts, verdicts and the RNG's state equal step by step, over a
+/// drafter whose vocabulary (432) is smaller than the target's (448). The drafter runs on
+/// the device (q stays there, the `sample` kernel draws) and on the CPU (the host draws
+/// and its q rows go up in one copy, counted on the emulator).
 #[test]
 fn device_rejection_sampling_makes_the_host_paths_choices() {
-    use massv::sampling::{probabilities, SamplingParams};
-    use massv::spec::device_sampling::DeviceSampling;
-    use massv::spec::draft::{DraftMode, DraftState, VisionTokens};
-    use massv::spec::verify::{residual, verify_sampled};
-
+    use massv::spec::draft::Drafter;
     let _dev = dev_or_skip!();
     let (_t1, target_dir) = make_model_dir(&engine_text_spec(), "qwen2-tiny-gqa4-tied");
     let (_t2, drafter_dir) = make_model_dir(&engine_drafter_spec(), "qwen2-tiny-gqa4-tied");
     let e = Engine::load_on(&target_dir, Some(&drafter_dir), Device::Cuda).unwrap();
-    let d = e.drafter.as_ref().unwrap();
-    assert_eq!(d.device(), Device::Cuda, "the drafter's shapes are served");
+    assert_eq!(
+        e.drafter.as_ref().unwrap().device(),
+        Device::Cuda,
+        "the drafter's shapes are served"
+    );
+    let on_cpu = Drafter::load(&drafter_dir).unwrap();
+    assert_eq!(on_cpu.device(), Device::Cpu);
+    for d in [e.drafter.as_ref().unwrap(), &on_cpu] {
+        rejection_sampling_steps(&e, d);
+    }
+}
+
+/// Four seeds of 6 chain steps of γ = 5 at T = 1 by `d` for `e`'s target, on the device
+/// and on the host ([`device_rejection_sampling_makes_the_host_paths_choices`]).
+fn rejection_sampling_steps(e: &Engine, d: &massv::spec::draft::Drafter) {
+    use massv::sampling::{probabilities, SamplingParams};
+    use massv::spec::device_sampling::DeviceSampling;
+    use massv::spec::draft::{DraftMode, DraftState, VisionTokens};
+    use massv::spec::verify::{residual, verify_sampled};
+    let where_ = d.device();
     let sp = SamplingParams {
         temperature: 1.0,
         top_k: 0,
@@ -2074,7 +2090,7 @@ fn device_rejection_sampling_makes_the_host_paths_choices() {
     let state = DraftState::prefill(d, prompt, 7, 64).unwrap();
     let mut on_device = DeviceSampling::new(&e.target, Some(d), 5)
         .unwrap()
-        .expect("both LMs on the device");
+        .expect("the target's LM on the device");
     let mut accepted = 0;
     for seed in 0..4 {
         let (mut hs, mut hd, mut hr) = (session.try_clone().unwrap(), state.try_clone().unwrap(), Rng::new(seed));
@@ -2082,8 +2098,18 @@ fn device_rejection_sampling_makes_the_host_paths_choices() {
         let mut last = 7u32;
         for step in 0..6 {
             let (drafts, qs) = hd.draft(d, 5, &sp, &mut hr).unwrap();
+            let before = massv_cuda_emu::loaded().then(|| massv_cuda_emu::stats().unwrap());
             let got = on_device.draft(d, &mut gd, 5, &sp, &mut gr).unwrap();
-            assert_eq!(got, drafts, "seed {seed} step {step}: drafts");
+            assert_eq!(got, drafts, "{where_:?} drafter, seed {seed} step {step}: drafts");
+            if let (Some(before), Device::Cpu) = (before, where_) {
+                let after = massv_cuda_emu::stats().unwrap();
+                let up = (
+                    after.htod_copies - before.htod_copies,
+                    after.htod_bytes - before.htod_bytes,
+                );
+                let q_rows = (5 * d.lm.cfg.vocab_size * 4) as u64;
+                assert_eq!(up, (1, q_rows), "seed {seed} step {step}: the q rows in one copy");
+            }
             let block: Vec<u32> = std::iter::once(last).chain(drafts.iter().copied()).collect();
             let base = hs.cache.len();
             let logits = e.target.decode(&block, &mut hs, Logits::All).unwrap();
@@ -2093,11 +2119,11 @@ fn device_rejection_sampling_makes_the_host_paths_choices() {
             let got = on_device
                 .verify(&e.target, &mut gs, &block, &drafts, &sp, &mut gr)
                 .unwrap();
-            assert_eq!(got, want, "seed {seed} step {step}: verdict");
+            assert_eq!(got, want, "{where_:?} drafter, seed {seed} step {step}: verdict");
             assert_eq!(
                 gr.clone().next_u64(),
                 hr.clone().next_u64(),
-                "seed {seed} step {step}: RNG"
+                "{where_:?} drafter, seed {seed} step {step}: RNG"
             );
             for (s, st) in [(&mut hs, &mut hd), (&mut gs, &mut gd)] {
                 s.cache.rollback_to(base + 1 + want.accepted).unwrap();
@@ -2107,7 +2133,7 @@ fn device_rejection_sampling_makes_the_host_paths_choices() {
             last = want.next;
         }
     }
-    println!("device rejection sampling: {accepted} drafts accepted over 24 passes");
+    println!("device rejection sampling, {where_:?} drafter: {accepted} drafts accepted over 24 passes");
 }
 
 /// Two device caches hold the same tokens, bit for bit.

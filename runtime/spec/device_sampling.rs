@@ -2,7 +2,10 @@
 //! both run on CUDA, a chain step keeps the drafter's q rows and the target's p rows in
 //! device buffers (the `probabilities` kernel behind the LM head), draws each draft with
 //! the `sample` kernel and verifies with `verify_sampled`: per step only draft ids and the
-//! verdict come back, and the uniforms go the other way ([`DeviceSampling`]).
+//! verdict come back, and the uniforms go the other way ([`DeviceSampling`]). A drafter
+//! on the CPU (one the GPU had no room for) drafts on the host and its γ q rows go up in
+//! one copy: the target's p rows still never come back, nor are they normalised on the
+//! host.
 //!
 //! Token trees ([`DeviceTreeSampling`], whenever the target's LM runs on CUDA): the
 //! target's p rows of every node stay on the device and `verify_tree_sampled` walks the
@@ -42,6 +45,9 @@ pub struct DeviceSampling {
     /// Drafter and target vocabularies (rows of q and p).
     nq: usize,
     np: usize,
+    /// Whether the drafter's LM runs on the device: drafts and their q rows are made
+    /// there; else on the host, the q rows uploaded.
+    drafts_here: bool,
     q: CudaSlice<f32>,        // [γ, nq]
     p: CudaSlice<f32>,        // [γ + 1, np]
     drafts: CudaSlice<i32>,   // [γ]
@@ -50,18 +56,15 @@ pub struct DeviceSampling {
 }
 
 impl DeviceSampling {
-    /// Buffers for chains of up to `gamma` drafts when both LMs run on the CUDA device,
-    /// or, without a drafter, for plain decoding's draws from the target's p row (γ = 0);
-    /// None when either LM runs on the CPU (the host path then verifies).
+    /// Buffers for chains of up to `gamma` drafts when the target's LM runs on the CUDA
+    /// device (the drafter's anywhere), or, without a drafter, for plain decoding's draws
+    /// from the target's p row (γ = 0); None when the target's runs on the CPU (the host
+    /// path then verifies).
     pub fn new(target: &Target, drafter: Option<&Drafter>, gamma: usize) -> Result<Option<Self>> {
         let Lm::Cuda(t) = target.lm() else {
             return Ok(None);
         };
-        let nq = match drafter.map(|d| (d.lm.lm(), d.lm.cfg.vocab_size)) {
-            Some((Lm::Cuda(_), nq)) => nq,
-            Some(_) => return Ok(None),
-            None => 0,
-        };
+        let nq = drafter.map_or(0, |d| d.lm.cfg.vocab_size);
         let dev = Arc::clone(t.device());
         let np = target.text_config().vocab_size;
         let g = gamma.max(1);
@@ -71,6 +74,7 @@ impl DeviceSampling {
             drafts: dev.alloc_zeros(g)?,
             uniforms: dev.alloc_zeros(g + 1)?,
             out: dev.alloc_zeros(2)?,
+            drafts_here: drafter.is_some_and(|d| matches!(d.lm.lm(), Lm::Cuda(_))),
             dev,
             gamma,
             nq,
@@ -79,7 +83,8 @@ impl DeviceSampling {
     }
 
     /// [`DraftState::draft`] at T > 0 with q on the device: each draft drawn there from
-    /// its row of q with the RNG's next uniform.
+    /// its row of q with the RNG's next uniform; from a drafter on the CPU, drawn on the
+    /// host and the q rows uploaded in one copy.
     pub fn draft(
         &mut self,
         drafter: &Drafter,
@@ -91,6 +96,20 @@ impl DeviceSampling {
         self.check_gamma(gamma)?;
         if gamma == 0 {
             return Ok(Vec::new());
+        }
+        if !self.drafts_here {
+            let (drafts, qs) = state.draft(drafter, gamma, params, rng)?;
+            let nq = self.nq;
+            if drafts.len() != gamma || qs.len() != gamma || qs.iter().any(|q| q.len() != nq) {
+                return Err(Error::InvalidArgument(format!(
+                    "host drafting gave {} drafts and {} q rows for γ = {gamma} over a {nq}-token vocabulary",
+                    drafts.len(),
+                    qs.len()
+                )));
+            }
+            self.dev
+                .upload_into(&qs.concat(), &mut self.q.slice_mut(..gamma * nq))?;
+            return Ok(drafts);
         }
         let (q, uniforms) = (&mut self.q, &mut self.uniforms);
         // One uniform a draft, drawn in the host path's order and uploaded in one copy.

@@ -11,9 +11,9 @@
 //! kernel), so a step copies ids, not vocabulary rows. At T > 0 a chain whose two LMs
 //! both run on the device is drawn and verified there ([`DeviceSampling`]: ids and the
 //! verdict cross, q and p stay), and so is a token tree ([`DeviceTreeSampling`]: the
-//! drafter's rows are ranked and drawn from there, the target's verified there); a tree
-//! whose target alone runs on the device is verified there, the drafter's q rows going up
-//! from the host; plain decoding on the device draws from the target's p row there (only
+//! drafter's rows are ranked and drawn from there, the target's verified there); a chain
+//! or tree whose target alone runs on the device is verified there, the drafter's q rows
+//! going up from the host; plain decoding on the device draws from the target's p row there (only
 //! the drawn id crosses); with the target on the CPU the rejection sampling runs on the
 //! host on f32 logit rows.
 
@@ -268,9 +268,9 @@ impl Engine {
             }
             _ => None,
         };
-        // T > 0 chains with both LMs on the device verify there (q and p never cross),
-        // trees with the target there (its p rows never cross), and plain decoding with
-        // the target there draws from its p row there.
+        // T > 0 chains and trees with the target on the device verify there (its p rows
+        // never cross; a drafter there keeps its q rows there too), and plain decoding
+        // with the target there draws from its p row there.
         let (mut on_device, mut tree_on_device) = match (&draft_state, tree) {
             _ if sp.is_greedy() => (None, None),
             (None, _) => (DeviceSampling::new(&self.target, None, 0)?, None),
