@@ -2,8 +2,8 @@
 //! token trees with `--tree`) on the same inputs, one table (MAL, drafted tokens per
 //! pass, tokens/s, ms per token, per-stage ms, speedup), and the decode step of a model
 //! next to its memory-bandwidth floor. The target's LM runs where `--device` puts it,
-//! each drafter's beside it where the kernels serve the drafter (else on the CPU); the
-//! floor model runs on the CPU.
+//! each drafter's beside it where the kernels serve the drafter (else on the CPU), and
+//! the floor model's where `--device` puts it.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -14,7 +14,7 @@ use crate::backend::{cuda, Device, DeviceRequest};
 use crate::error::Result;
 use crate::image::ImageInput;
 use crate::model::qwen2::Logits;
-use crate::model::Target;
+use crate::model::{Lm, Target};
 use crate::spec::engine::{Engine, GenerateParams, Hooks};
 use crate::spec::tree::TreeSpec;
 
@@ -167,6 +167,8 @@ pub fn print_table(rows: &[Row]) {
 #[derive(Debug, Clone, Serialize)]
 pub struct Floor {
     pub model: String,
+    /// Where the step ran ([`device_name`]).
+    pub device: String,
     pub weight_bytes: usize,
     pub copy_gb_per_s: f64,
     pub floor_ms: f64,
@@ -174,29 +176,38 @@ pub struct Floor {
     pub ratio_to_floor: f64,
 }
 
-/// Decode-step time of the LM in `dir` on the CPU (mean over `steps` after a short
-/// prompt) and its floor: the bytes of f32 weights a CPU step reads / measured copy
-/// bandwidth.
-pub fn decode_floor(dir: &Path, steps: usize) -> Result<Floor> {
-    let target = Target::load(dir)?;
+/// Decode-step time of the LM in `dir` where `req` puts it, as [`Target::load_for`]
+/// does (mean over `steps` greedy steps after a short prompt, each ending in its argmax
+/// on the host, as decoding waits for it), and its floor: the bytes of weights a step
+/// reads (f32 on the CPU, bf16 on a GPU) / that device's measured copy bandwidth.
+pub fn decode_floor(dir: &Path, steps: usize, req: DeviceRequest) -> Result<Floor> {
+    let target = Target::load_for(dir, req)?;
     let cfg = target.text_config().clone();
     let (d, i, l) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers);
     let per_layer = (cfg.q_dim() + 2 * cfg.kv_dim()) * d + d * cfg.q_dim() + 3 * d * i + 2 * d;
     // A step reads every layer plus the head (the embedding table when tied); the
     // embedding lookup itself touches one row.
-    let weight_bytes = 4 * (l * per_layer + cfg.vocab_size * d + d);
+    let elem = match target.device() {
+        Device::Cpu => 4,
+        Device::Cuda => 2,
+    };
+    let weight_bytes = elem * (l * per_layer + cfg.vocab_size * d + d);
     let prompt: Vec<u32> = (0..16).map(|t| t % cfg.vocab_size as u32).collect();
-    let (_, mut s) = target.prefill(&prompt, &[], &[], steps + 1, Logits::Last)?;
-    target.decode(&[1], &mut s, Logits::Last)?; // warm-up
+    let (_, mut s) = target.prefill(&prompt, &[], &[], steps + 2, Logits::Last)?;
+    target.decode_argmax(&[1], &mut s)?; // warm-up
     let t0 = Instant::now();
     for k in 0..steps {
-        target.decode(&[(k % 100) as u32], &mut s, Logits::Last)?;
+        target.decode_argmax(&[(k % 100) as u32], &mut s)?;
     }
     let decode_step_ms = t0.elapsed().as_secs_f64() * 1e3 / steps as f64;
-    let copy = copy_bandwidth();
+    let copy = match target.lm() {
+        Lm::Cuda(m) => m.device().copy_bandwidth()? / 1e9,
+        Lm::Cpu(_) => copy_bandwidth(),
+    };
     let floor_ms = weight_bytes as f64 / (copy * 1e9) * 1e3;
     Ok(Floor {
         model: dir.display().to_string(),
+        device: device_name(target.device()),
         weight_bytes,
         copy_gb_per_s: copy,
         floor_ms,

@@ -125,7 +125,7 @@ enum Command {
         floor_model: Option<PathBuf>,
         #[arg(long, default_value_t = 8)]
         floor_steps: usize,
-        /// Where the target's LM runs, as for `generate` (the floor model runs on the CPU).
+        /// Where the target's LM runs, as for `generate` (and the floor model's).
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceRequest,
         /// Write the results as JSON.
@@ -368,18 +368,20 @@ fn run(cli: Cli) -> Result<()> {
                 max_new_tokens,
                 draft_mode: None,
             };
+            let device_req = device;
             let (rows, device) = bench::compare_on(&target, &setups, &inputs, &params, device)?;
             bench::print_table(&rows);
             for (i, t) in tree.iter().enumerate() {
                 println!("tree#{} = {t}", i + 1);
             }
             let floor = floor_model
-                .map(|m| bench::decode_floor(&m, floor_steps.max(1)))
+                .map(|m| bench::decode_floor(&m, floor_steps.max(1), device_req))
                 .transpose()?;
             if let Some(f) = &floor {
                 println!(
-                    "decode step of {}: {:.2} ms; floor {:.2} ms ({:.2} GB of f32 weights at {:.1} GB/s copy) → {:.2}× the floor",
+                    "decode step of {} on {}: {:.2} ms; floor {:.2} ms ({:.2} GB of weights at {:.1} GB/s copy) → {:.2}× the floor",
                     f.model,
+                    f.device,
                     f.decode_step_ms,
                     f.floor_ms,
                     f.weight_bytes as f64 / 1e9,

@@ -357,6 +357,11 @@ fn bench_prints_a_table_and_writes_json() {
     assert!(rows[1]["mal"].as_f64().unwrap() > 3.0, "{}", rows[1]);
     assert!(v["device"].as_str().unwrap().starts_with("cpu"));
     assert!(v["floor"]["ratio_to_floor"].as_f64().unwrap() > 0.0);
+    assert!(
+        v["floor"]["device"].as_str().unwrap().starts_with("cpu"),
+        "{}",
+        v["floor"]
+    );
 }
 
 /// `--device auto` on the CPU (no GPU here; with one, a model whose head dim the kernels

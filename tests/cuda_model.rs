@@ -1465,6 +1465,25 @@ const BENCH_CONTEXT: usize = 1024;
 const BENCH_GAMMA: usize = 5;
 const BENCH_TREE_NODES: usize = 32;
 
+/// `massv bench --floor-model` on the device: the step runs there and its floor counts the
+/// weights in bf16, half the bytes the CPU's f32 floor counts for the same model.
+#[test]
+fn decode_floor_runs_on_the_device_in_bf16() {
+    let _dev = dev_or_skip!();
+    let (_t, dir) = make_model_dir(&engine_text_spec(), "qwen2-tiny-gqa4-tied");
+    let gpu = massv::bench::decode_floor(&dir, 2, DeviceRequest::Cuda).unwrap();
+    let cpu = massv::bench::decode_floor(&dir, 2, DeviceRequest::Cpu).unwrap();
+    assert!(gpu.device.starts_with("cuda: "), "{}", gpu.device);
+    assert!(cpu.device.starts_with("cpu: "), "{}", cpu.device);
+    assert_eq!(2 * gpu.weight_bytes, cpu.weight_bytes);
+    for f in [&gpu, &cpu] {
+        assert!(
+            f.copy_gb_per_s > 0.0 && f.decode_step_ms > 0.0 && f.ratio_to_floor > 0.0,
+            "{f:?}"
+        );
+    }
+}
+
 /// Writes a bf16 `massv synth` checkpoint of `config` (only `layers` LM layers when given)
 /// under `tmp`.
 fn synth_bench(tmp: &Path, name: &str, config: &serde_json::Value, layers: Option<usize>) -> PathBuf {
@@ -1481,21 +1500,6 @@ fn synth_bench(tmp: &Path, name: &str, config: &serde_json::Value, layers: Optio
     synth(&cfg, &dir, &opts).unwrap();
     println!("synth {name}: {:.1} s", t0.elapsed().as_secs_f64());
     dir
-}
-
-/// Device-to-device copy bandwidth, bytes read + written per second: the best of 5
-/// copies of 1 GiB.
-fn copy_bandwidth(dev: &CudaDevice) -> f64 {
-    let bytes = 1usize << 30;
-    let a = dev.alloc_zeros::<u8>(bytes).unwrap();
-    let mut b = dev.alloc_zeros::<u8>(bytes).unwrap();
-    dev.copy(&a.as_view(), &mut b.as_view_mut()).unwrap();
-    let mut best = f64::INFINITY;
-    for _ in 0..5 {
-        let ms = dev.time_ms(|| dev.copy(&a.as_view(), &mut b.as_view_mut())).unwrap();
-        best = best.min(ms as f64);
-    }
-    2.0 * bytes as f64 / (best * 1e-3)
 }
 
 /// Bytes of one decoder layer's bf16 weights: q, k, v (with biases), o, gate, up, down
@@ -1632,7 +1636,7 @@ fn bench_model() {
         info.multiprocessors,
         info.total_memory as f64 / (1u64 << 30) as f64
     );
-    let bw = copy_bandwidth(&dev);
+    let bw = dev.copy_bandwidth().unwrap();
     println!(
         "device-to-device copy bandwidth: {:.0} GB/s (best of 5, 1 GiB)",
         bw / 1e9

@@ -466,6 +466,27 @@ impl CudaDevice {
             .map_err(|e| cuda_err("device-to-device copy", e))
     }
 
+    /// Device-to-device copy bandwidth in bytes read + written per second: the best of 5
+    /// copies of 512 MiB (less where the device has no room for two such buffers), the
+    /// floor a memory-bound kernel is measured against.
+    pub fn copy_bandwidth(&self) -> Result<f64> {
+        let mut bytes = 512usize << 20;
+        let (a, mut b) = loop {
+            match (self.alloc_zeros::<u8>(bytes), self.alloc_zeros::<u8>(bytes)) {
+                (Ok(a), Ok(b)) => break (a, b),
+                (Err(e), _) | (_, Err(e)) if bytes <= 32 << 20 => return Err(e),
+                _ => bytes /= 4,
+            }
+        };
+        self.copy(&a.as_view(), &mut b.as_view_mut())?;
+        let mut best = f64::INFINITY;
+        for _ in 0..5 {
+            let ms = self.time_ms(|| self.copy(&a.as_view(), &mut b.as_view_mut()))?;
+            best = best.min(f64::from(ms));
+        }
+        Ok(2.0 * bytes as f64 / (best * 1e-3))
+    }
+
     /// Milliseconds `f` takes on the stream (events around it; `f` only queues work).
     pub fn time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f32> {
         self.uncaptured("timing")?;
