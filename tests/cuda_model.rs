@@ -1462,6 +1462,36 @@ const DRAFTER_CONFIG: &str = include_str!(concat!(
 
 /// Cached tokens every decode and verify step follows; also the prefill (TTFT) length.
 const BENCH_CONTEXT: usize = 1024;
+/// [`BENCH_CONTEXT`] of a smoke run ([`bench_smoke`]).
+const SMOKE_CONTEXT: usize = 80;
+
+/// MASSV_BENCH_SMOKE=1: [`bench_model`] on the models scaled down (head dim 64, a few
+/// hundred wide, vocabulary 1024) and a short context, to run its code end to end on the
+/// CPU emulator before a GPU's minutes go into it; its figures mean nothing and it
+/// writes no JSON.
+fn bench_smoke() -> bool {
+    std::env::var("MASSV_BENCH_SMOKE").is_ok_and(|v| v == "1")
+}
+
+/// `cfg` scaled down for a smoke run: `heads` of 64 (`kv_heads` of them for keys and
+/// values), hidden `heads · 64`, twice that in the MLP, a vocabulary of 1024, M-RoPE
+/// sections for head dim 64.
+fn smoke_config(cfg: &mut serde_json::Value, heads: usize, kv_heads: usize) {
+    if let Some(o) = cfg.as_object_mut() {
+        o.insert("hidden_size".into(), json!(heads * 64));
+        o.insert("intermediate_size".into(), json!(heads * 128));
+        o.insert("num_attention_heads".into(), json!(heads));
+        o.insert("num_key_value_heads".into(), json!(kv_heads));
+        o.insert("vocab_size".into(), json!(1024));
+        o.insert("num_hidden_layers".into(), json!(2));
+        if o.contains_key("rope_scaling") {
+            o.insert(
+                "rope_scaling".into(),
+                json!({"type": "mrope", "mrope_section": [8, 12, 12]}),
+            );
+        }
+    }
+}
 const BENCH_GAMMA: usize = 5;
 const BENCH_TREE_NODES: usize = 32;
 
@@ -1638,13 +1668,20 @@ fn bench_model() {
     );
     let bw = dev.copy_bandwidth().unwrap();
     println!(
-        "device-to-device copy bandwidth: {:.0} GB/s (best of 5, 1 GiB)",
+        "device-to-device copy bandwidth: {:.0} GB/s (best of 5 copies)",
         bw / 1e9
     );
 
     // The target's LM: the real Qwen2.5-VL-7B config as a qwen2 text model (its M-RoPE
     // kept), with `layers` of its layers; the drafter: the real 0.5B config, all layers.
     let mut target_cfg: serde_json::Value = serde_json::from_str(TARGET_CONFIG).unwrap();
+    let mut drafter_cfg: serde_json::Value = serde_json::from_str(DRAFTER_CONFIG).unwrap();
+    let smoke = bench_smoke();
+    if smoke {
+        println!("SMOKE RUN (MASSV_BENCH_SMOKE=1): models scaled down, {SMOKE_CONTEXT} tokens of context; the figures mean nothing");
+        smoke_config(&mut target_cfg, 7, 1);
+        smoke_config(&mut drafter_cfg, 2, 1);
+    }
     let full_depth = target_cfg["num_hidden_layers"].as_u64().unwrap() as usize;
     let layers = match std::env::var("MASSV_BENCH_LAYERS") {
         Ok(s) => s.parse::<usize>().expect("MASSV_BENCH_LAYERS is a number of layers"),
@@ -1655,7 +1692,6 @@ fn bench_model() {
         o.remove("vision_config");
         o.insert("model_type".into(), json!("qwen2"));
     }
-    let drafter_cfg: serde_json::Value = serde_json::from_str(DRAFTER_CONFIG).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let target_dir = synth_bench(tmp.path(), "target-7b", &target_cfg, Some(layers));
     let drafter_dir = synth_bench(tmp.path(), "drafter-0.5b", &drafter_cfg, None);
@@ -1682,7 +1718,7 @@ fn bench_model() {
     );
 
     // Both caches hold the same 1024-token context; every step below is rolled back.
-    let ctx = BENCH_CONTEXT;
+    let ctx = if smoke { SMOKE_CONTEXT } else { BENCH_CONTEXT };
     let mut rng = Rng::new(31);
     // Token ids both vocabularies hold.
     let vocab = tc.vocab_size.min(dc.vocab_size);
@@ -1888,35 +1924,39 @@ fn bench_model() {
         })
         .collect();
 
-    if let Ok(path) = std::env::var("MASSV_BENCH_JSON") {
-        let doc = json!({
-            "device": info.name,
-            "date": std::env::var("MASSV_BENCH_DATE").unwrap_or_default(),
-            "commit": std::env::var("MASSV_COMMIT").unwrap_or_default(),
-            "copy_bandwidth_gbs": bw / 1e9,
-            "runs": BENCH_RUNS,
-            "context": ctx,
-            "target": {"model": "Qwen2.5-VL-7B-Instruct LM (synth, bf16)", "layers": layers, "full_layers": full_depth},
-            "drafter": {"model": "Qwen2.5-0.5B-Instruct (synth, bf16)", "layers": dl},
-            "tree": {"nodes": BENCH_TREE_NODES, "shape": "binary tree, parent (i - 1) / 2, depths 0..5"},
-            "measured": b.rows,
-            "tree_over_chain": {"tree_ms": tree, "chain_ms": verify, "ratio": tree_over_chain, "target_max": 1.15},
-            "derived": {
-                "note": format!(
-                    "derived from the measured steps, not measured end to end: target at {full_depth} layers = \
-                     (step - head part) / {layers} * {full_depth} + head part, head part = step - the same pass \
-                     without the head; speculative tokens/s = (a + 1) / ({BENCH_GAMMA} * drafter decode + verify at \
-                     {full_depth} layers), target-only = 1 / decode at {full_depth} layers"
-                ),
-                "target_full_depth": derived,
-                "tree_over_chain": tree28 / verify28,
-                "gamma": BENCH_GAMMA,
-                "target_only_tokens_per_s": target_only,
-                "speculative": speculative,
-            },
-        });
-        std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
-        println!("wrote {path}");
+    let doc = json!({
+        "device": info.name,
+        "date": std::env::var("MASSV_BENCH_DATE").unwrap_or_default(),
+        "commit": std::env::var("MASSV_COMMIT").unwrap_or_default(),
+        "copy_bandwidth_gbs": bw / 1e9,
+        "runs": BENCH_RUNS,
+        "context": ctx,
+        "target": {"model": "Qwen2.5-VL-7B-Instruct LM (synth, bf16)", "layers": layers, "full_layers": full_depth},
+        "drafter": {"model": "Qwen2.5-0.5B-Instruct (synth, bf16)", "layers": dl},
+        "tree": {"nodes": BENCH_TREE_NODES, "shape": "binary tree, parent (i - 1) / 2, depths 0..5"},
+        "measured": b.rows,
+        "tree_over_chain": {"tree_ms": tree, "chain_ms": verify, "ratio": tree_over_chain, "target_max": 1.15},
+        "derived": {
+            "note": format!(
+                "derived from the measured steps, not measured end to end: target at {full_depth} layers = \
+                 (step - head part) / {layers} * {full_depth} + head part, head part = step - the same pass \
+                 without the head; speculative tokens/s = (a + 1) / ({BENCH_GAMMA} * drafter decode + verify at \
+                 {full_depth} layers), target-only = 1 / decode at {full_depth} layers"
+            ),
+            "target_full_depth": derived,
+            "tree_over_chain": tree28 / verify28,
+            "gamma": BENCH_GAMMA,
+            "target_only_tokens_per_s": target_only,
+            "speculative": speculative,
+        },
+    });
+    match std::env::var("MASSV_BENCH_JSON") {
+        Ok(_) if smoke => println!("smoke run: no JSON written"),
+        Ok(path) => {
+            std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
+            println!("wrote {path}");
+        }
+        Err(_) => {}
     }
 }
 
