@@ -205,7 +205,6 @@ impl CudaDevice {
         head_dim: usize,
         scratch: &mut AttnScratch,
     ) -> Result<()> {
-        need("attention_decode", "len", len.at.len(), 1)?;
         let shape = AttnShape {
             n: 1,
             start: 0,
@@ -213,21 +212,7 @@ impl CudaDevice {
             kv_heads,
             head_dim,
         };
-        let at = self.rptr(len.at);
-        let cap = len.capacity;
-        self.attention(
-            AttnMode::Decode,
-            q,
-            k,
-            v,
-            out,
-            shape,
-            cap,
-            None,
-            None,
-            Some(scratch),
-            Some(at),
-        )
+        self.attention_at(AttnMode::Decode, q, k, v, out, len, shape, scratch)
     }
 
     /// [`Self::attention_prefill`] (no window) of n queries with their start read on the
@@ -248,13 +233,6 @@ impl CudaDevice {
         head_dim: usize,
         scratch: &mut AttnScratch,
     ) -> Result<()> {
-        need("attention_prefill", "len", len.at.len(), 1)?;
-        if n > len.capacity {
-            return Err(shape_err(
-                "attention_prefill",
-                format!("{n} queries exceed a cache of {}", len.capacity),
-            ));
-        }
         let shape = AttnShape {
             n,
             start: 0,
@@ -262,9 +240,34 @@ impl CudaDevice {
             kv_heads,
             head_dim,
         };
+        self.attention_at(AttnMode::Prefill, q, k, v, out, len, shape, scratch)
+    }
+
+    /// Causal attention of `shape.n` queries (its start unused) at the start `len.at[0]`
+    /// read on the device, split for `len.capacity`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_at(
+        &self,
+        mode: AttnMode,
+        q: &CudaView<'_, bf16>,
+        k: &CudaView<'_, bf16>,
+        v: &CudaView<'_, bf16>,
+        out: &mut CudaViewMut<'_, bf16>,
+        len: DeviceLen<'_>,
+        shape: AttnShape,
+        scratch: &mut AttnScratch,
+    ) -> Result<()> {
+        let op = attn_op(mode);
+        need(op, "len", len.at.len(), 1)?;
+        if shape.n > len.capacity {
+            return Err(shape_err(
+                op,
+                format!("{} queries exceed a cache of {}", shape.n, len.capacity),
+            ));
+        }
         let at = self.rptr(len.at);
         self.attention(
-            AttnMode::Prefill,
+            mode,
             q,
             k,
             v,
@@ -394,12 +397,7 @@ impl CudaDevice {
         len_at: Option<u64>,
     ) -> Result<()> {
         // With `len_at`, kv_len is the capacity: it bounds the buffers and the splits.
-        let op = match mode {
-            AttnMode::Prefill => "attention_prefill",
-            AttnMode::Decode => "attention_decode",
-            AttnMode::Verify => "attention_verify",
-            AttnMode::Varlen => "attention_varlen",
-        };
+        let op = attn_op(mode);
         check_head_dim(op, s.head_dim)?;
         if s.kv_heads == 0 || s.q_heads % s.kv_heads != 0 {
             return Err(shape_err(
@@ -475,6 +473,16 @@ impl CudaDevice {
             shared_mem_bytes: 0,
         };
         self.launch("attention", attn_name(mode, s.head_dim), cfg, &[&params])
+    }
+}
+
+/// The launcher's name, for errors.
+fn attn_op(mode: AttnMode) -> &'static str {
+    match mode {
+        AttnMode::Prefill => "attention_prefill",
+        AttnMode::Decode => "attention_decode",
+        AttnMode::Verify => "attention_verify",
+        AttnMode::Varlen => "attention_varlen",
     }
 }
 
