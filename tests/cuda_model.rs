@@ -2880,6 +2880,71 @@ fn decode_steps_allocate_nothing_and_copy_only_a_few_tokens() {
     }
 }
 
+/// T > 0 chains with the target on the device and the drafter on the CPU (the GPU had no
+/// room for it): each step sends the drafter's γ q rows up in one copy, and nothing the
+/// size of a vocabulary row comes back (the target's p rows stay on the device, where
+/// `verify_sampled` chooses). Counted by the emulator, as above.
+#[test]
+fn a_cpu_drafter_sends_its_q_rows_up_and_no_logits_come_back() {
+    use massv::spec::draft::Drafter;
+    let _dev = dev_or_skip!();
+    if !massv_cuda_emu::loaded() {
+        println!("skipped: copies are counted by the CUDA emulator only (MASSV_CUDA_EMU=1)");
+        return;
+    }
+    let vocab = 16_384;
+    let (_t1, target) = make_model_dir(
+        &counting_spec("target-vocab-16384", 128, 2, vocab),
+        "qwen2-tiny-gqa4-tied",
+    );
+    let (_t2, drafter) = make_model_dir(
+        &counting_spec("drafter-vocab-16384", 128, 1, vocab),
+        "qwen2-tiny-gqa4-tied",
+    );
+    let mut engine = Engine::load_on(&target, Some(&drafter), Device::Cuda).unwrap();
+    engine.drafter = Some(Drafter::load(&drafter).unwrap());
+    let gamma = 5;
+    let p = GenerateParams {
+        gamma,
+        max_new_tokens: 24,
+        sampling: SamplingParams {
+            temperature: 0.8,
+            top_k: 0,
+            top_p: 0.95,
+        },
+        seed: 5,
+        ..Default::default()
+    };
+    let mut per_token = vec![];
+    let mut on_token = |_: u32, _: &str| {
+        per_token.push(massv_cuda_emu::stats().unwrap());
+        massv_cuda_emu::reset_stats().unwrap();
+        true
+    };
+    massv_cuda_emu::reset_stats().unwrap();
+    let hooks = Hooks {
+        trace: None,
+        on_token: Some(&mut on_token),
+    };
+    let out = engine.generate("Describe the image.", None, &p, hooks).unwrap();
+    assert!(out.metrics.target_passes > 2, "{:?}", out.metrics);
+    // Skips the first token's entry (the target's prefill).
+    let steps: Vec<_> = per_token[1..].iter().filter(|s| s.launches > 0).collect();
+    assert!(steps.len() > 2, "{per_token:?}");
+    let q_rows = (gamma * vocab * 4) as u64;
+    for s in &steps {
+        assert!(
+            s.dtoh_largest <= STEP_COPY_BOUND,
+            "a step copied a vocabulary row back: {s:?}"
+        );
+        assert!(s.htod_largest <= q_rows, "a step sent more than its q rows: {s:?}");
+    }
+    assert!(
+        steps.iter().any(|s| s.htod_largest > STEP_COPY_BOUND),
+        "the q rows went up (γ shrinks only near the end): {steps:?}"
+    );
+}
+
 /// The kernels a decoder layer launches per step, counted by the emulator: a decode step
 /// (one token) and a verify block (γ + 1 = 6 tokens, on the GEMVs too) each launch 6 a
 /// layer: the QKV GEMV (scaling its input rows: the input RMSNorm, its weight folded into
