@@ -2779,6 +2779,29 @@ fn counting_spec(name: &'static str, inter: usize, layers: usize, vocab: usize) 
 /// probabilities here is 16 384 × 4 bytes, 16× more (and 8× more in bf16).
 const STEP_COPY_BOUND: u64 = 4096;
 
+/// `engine` answers "Describe the image." under `p`, with what the emulator counted per
+/// token: what the device did since the previous token (the tokens a step emits after
+/// its first see nothing).
+fn generate_counted(
+    engine: &Engine,
+    image: Option<&ImageInput>,
+    p: &GenerateParams,
+) -> (massv::spec::engine::Output, Vec<massv_cuda_emu::Stats>) {
+    let mut per_token = vec![];
+    let mut on_token = |_: u32, _: &str| {
+        per_token.push(massv_cuda_emu::stats().unwrap());
+        massv_cuda_emu::reset_stats().unwrap();
+        true
+    };
+    massv_cuda_emu::reset_stats().unwrap();
+    let hooks = Hooks {
+        trace: None,
+        on_token: Some(&mut on_token),
+    };
+    let out = engine.generate("Describe the image.", image, p, hooks).unwrap();
+    (out, per_token)
+}
+
 /// Issue #5's "no allocation in the decode loop" and "no host↔device copy larger than a
 /// few tokens per step", held on every step after the first token: greedy and sampled,
 /// plain decoding, chains of γ = 5 and dynamic trees, with a vocabulary large enough that
@@ -2830,28 +2853,9 @@ fn decode_steps_allocate_nothing_and_copy_only_a_few_tokens() {
             seed: 5,
             ..Default::default()
         };
-        // One entry per token: what the device did since the previous token. The tokens
-        // a step emits after its first see nothing. The first token's entry holds the
-        // target's prefill and the second's the drafter's (the first speculative step
-        // prefills it), so both are left out.
-        let mut per_token = vec![];
-        let mut on_token = |_: u32, _: &str| {
-            per_token.push(massv_cuda_emu::stats().unwrap());
-            massv_cuda_emu::reset_stats().unwrap();
-            true
-        };
-        massv_cuda_emu::reset_stats().unwrap();
-        let out = engine
-            .generate(
-                "Describe the image.",
-                image,
-                &p,
-                Hooks {
-                    trace: None,
-                    on_token: Some(&mut on_token),
-                },
-            )
-            .unwrap();
+        // The first token's entry holds the target's prefill and the second's the
+        // drafter's (the first speculative step prefills it), so both are left out.
+        let (out, per_token) = generate_counted(&engine, image, &p);
         assert!(per_token.len() >= 8, "{what}: {} tokens", per_token.len());
         let steps: Vec<_> = per_token[2..].iter().filter(|s| s.launches > 0).collect();
         assert!(
@@ -2915,18 +2919,7 @@ fn a_cpu_drafter_sends_its_q_rows_up_and_no_logits_come_back() {
         seed: 5,
         ..Default::default()
     };
-    let mut per_token = vec![];
-    let mut on_token = |_: u32, _: &str| {
-        per_token.push(massv_cuda_emu::stats().unwrap());
-        massv_cuda_emu::reset_stats().unwrap();
-        true
-    };
-    massv_cuda_emu::reset_stats().unwrap();
-    let hooks = Hooks {
-        trace: None,
-        on_token: Some(&mut on_token),
-    };
-    let out = engine.generate("Describe the image.", None, &p, hooks).unwrap();
+    let (out, per_token) = generate_counted(&engine, None, &p);
     assert!(out.metrics.target_passes > 2, "{:?}", out.metrics);
     // Skips the first token's entry (the target's prefill).
     let steps: Vec<_> = per_token[1..].iter().filter(|s| s.launches > 0).collect();
