@@ -81,8 +81,8 @@ macro_rules! dev_or_skip {
 }
 
 use common::{
-    assert_close, assert_close_lo, bf16_rounded_copy, check_close, fixture, median_ms, rms, unserved_model_dir, Golden,
-    BENCH_RUNS, ROW_TOL, UNSERVED_HEAD_DIM,
+    assert_close, assert_close_lo, bench_runs, bench_smoke, bf16_rounded_copy, check_close, fixture, median_ms, rms,
+    unserved_model_dir, Golden, ROW_TOL, UNSERVED_HEAD_DIM,
 };
 
 struct Spec {
@@ -1465,15 +1465,7 @@ const BENCH_CONTEXT: usize = 1024;
 /// [`BENCH_CONTEXT`] of a smoke run ([`bench_smoke`]).
 const SMOKE_CONTEXT: usize = 80;
 
-/// MASSV_BENCH_SMOKE=1: [`bench_model`] on the models scaled down (head dim 64, a few
-/// hundred wide, vocabulary 1024) and a short context, to run its code end to end on the
-/// CPU emulator before a GPU's minutes go into it; its figures mean nothing and it
-/// writes no JSON.
-fn bench_smoke() -> bool {
-    std::env::var("MASSV_BENCH_SMOKE").is_ok_and(|v| v == "1")
-}
-
-/// `cfg` scaled down for a smoke run: `heads` of 64 (`kv_heads` of them for keys and
+/// `cfg` scaled down for [`bench_model`]'s smoke run ([`common::bench_smoke`]): `heads` of 64 (`kv_heads` of them for keys and
 /// values), hidden `heads · 64`, twice that in the MLP, a vocabulary of 1024, M-RoPE
 /// sections for head dim 64.
 fn smoke_config(cfg: &mut serde_json::Value, heads: usize, kv_heads: usize) {
@@ -1747,7 +1739,8 @@ fn bench_model() {
     let mut b = ModelBench { bw, rows: Vec::new() };
     let t = format!("7B target ({layers} layers)");
     b.header(&format!(
-        "measured: median of {BENCH_RUNS} runs each (CUDA events; wall clock beside), after {ctx} cached tokens"
+        "measured: median of {} runs each (CUDA events; wall clock beside), after {ctx} cached tokens",
+        bench_runs().1
     ));
     let last = Some((Logits::Last, None));
     let all = Some((Logits::All, None));
@@ -1929,7 +1922,7 @@ fn bench_model() {
         "date": std::env::var("MASSV_BENCH_DATE").unwrap_or_default(),
         "commit": std::env::var("MASSV_COMMIT").unwrap_or_default(),
         "copy_bandwidth_gbs": bw / 1e9,
-        "runs": BENCH_RUNS,
+        "runs": bench_runs().1,
         "context": ctx,
         "target": {"model": "Qwen2.5-VL-7B-Instruct LM (synth, bf16)", "layers": layers, "full_layers": full_depth},
         "drafter": {"model": "Qwen2.5-0.5B-Instruct (synth, bf16)", "layers": dl},

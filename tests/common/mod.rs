@@ -328,6 +328,23 @@ pub fn write_random_projector(dir: &Path, dv: usize, m: usize, dh: usize, d: usi
 pub const BENCH_RUNS: usize = 30;
 pub const BENCH_WARMUP: usize = 3;
 
+/// MASSV_BENCH_SMOKE=1: a benchmark runs on models scaled down, to run its code end to
+/// end on the CPU emulator before a GPU's minutes go into it; its figures mean nothing,
+/// it times each step [`bench_runs`] times only and writes no JSON.
+pub fn bench_smoke() -> bool {
+    std::env::var("MASSV_BENCH_SMOKE").is_ok_and(|v| v == "1")
+}
+
+/// (warm-up, timed) runs per benchmark step: [`BENCH_WARMUP`], [`BENCH_RUNS`]; 1, 2 for
+/// a smoke run.
+pub fn bench_runs() -> (usize, usize) {
+    if bench_smoke() {
+        (1, 2)
+    } else {
+        (BENCH_WARMUP, BENCH_RUNS)
+    }
+}
+
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let m = v.len() / 2;
@@ -338,15 +355,17 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Median ms of `f` over BENCH_RUNS runs after BENCH_WARMUP, each run timed on its own
-/// with CUDA events on the stream (`CudaDevice::time_ms`) after the device is
-/// synchronised; and the median wall-clock ms of the same runs (host work included).
+/// Median ms of `f` over the timed runs of [`bench_runs`] after its warm-up runs, each
+/// run timed on its own with CUDA events on the stream (`CudaDevice::time_ms`) after the
+/// device is synchronised; and the median wall-clock ms of the same runs (host work
+/// included).
 pub fn median_ms(dev: &massv::backend::cuda::CudaDevice, mut f: impl FnMut() -> massv::Result<()>) -> (f64, f64) {
-    for _ in 0..BENCH_WARMUP {
+    let (warmup, runs) = bench_runs();
+    for _ in 0..warmup {
         f().unwrap();
     }
     let (mut events, mut wall) = (Vec::new(), Vec::new());
-    for _ in 0..BENCH_RUNS {
+    for _ in 0..runs {
         dev.synchronize().unwrap();
         let t0 = std::time::Instant::now();
         events.push(dev.time_ms(&mut f).unwrap() as f64);
