@@ -98,6 +98,8 @@ __device__ __forceinline__ void bf16x8_to_f32(const uint4 u, float f[8]) {
 }
 
 // Streaming 16-byte load that does not pollute L1 (weights are read once per step).
+// Non-coherent and not volatile: only for data no kernel writes while it runs (weights,
+// a step's inputs), never for what another block of the same launch writes.
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
 #ifdef MASSV_EMU
     return *p;

@@ -100,7 +100,9 @@ __device__ int block_argmax(const float* __restrict__ x, int n) {
 }
 
 // x: [rows, n] f32; out: [rows] int32. One block per row.
-extern "C" __global__ void argmax(const float* __restrict__ x, int32_t* __restrict__ out, int n) {
+// Launched with 1024 threads: the bound keeps ptxas within 64 registers a thread.
+extern "C" __global__ void __launch_bounds__(1024)
+argmax(const float* __restrict__ x, int32_t* __restrict__ out, int n) {
     const int r = block_argmax(x + (size_t)blockIdx.x * n, n);
     if (threadIdx.x == 0) out[blockIdx.x] = r;
 }

@@ -2940,7 +2940,9 @@ fn a_cpu_drafter_sends_its_q_rows_up_and_no_logits_come_back() {
 /// attention RMSNorm) and down_proj (adding), whose K (1024) is split here and summed by
 /// its last split in the same launch. Launch overhead is most of a small drafter's step,
 /// so a kernel that creeps back in fails here. Counted as the difference between models
-/// of 3 and 1 layers (the embedding and the head are the same).
+/// of 3 and 1 layers (the embedding and the head are the same). An untied head (the 7B
+/// target's) has the final norm's weight folded in too and scales its rows itself: one
+/// launch fewer than a tied head, which norms first.
 #[test]
 fn a_layer_launches_6_kernels_a_step() {
     let dev = dev_or_skip!();
@@ -2955,6 +2957,9 @@ fn a_layer_launches_6_kernels_a_step() {
     );
     let (_t1, one) = make(&spec("layers-1", 1));
     let (_t3, three) = make(&spec("layers-3", 3));
+    let mut untied_spec = spec("layers-1-untied", 1);
+    untied_spec.config = with(untied_spec.config, json!({"tie_word_embeddings": false}));
+    let (_tu, untied) = make(&untied_spec);
     let launches = |dir: &Path, block: usize, context: usize| -> u64 {
         let model = CudaQwen2::load(dev.clone(), dir).unwrap();
         let mut cache = model.new_cache(context + block).unwrap();
@@ -2984,6 +2989,12 @@ fn a_layer_launches_6_kernels_a_step() {
         assert_eq!(
             per_layer, 6,
             "{what}: launches a layer (6: qkv, rope_kv_append, attention, o, gemv_swiglu, down)"
+        );
+        let lu = launches(&untied, block, context);
+        assert_eq!(
+            l1,
+            lu + 1,
+            "{what}: an untied head launches no RMSNorm ({l1} tied, {lu} untied)"
         );
     }
 }

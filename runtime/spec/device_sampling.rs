@@ -48,6 +48,8 @@ pub struct DeviceSampling {
     /// Whether the drafter's LM runs on the device: drafts and their q rows are made
     /// there; else on the host, the q rows uploaded.
     drafts_here: bool,
+    /// A CPU drafter's q rows, gathered for their one upload (reused: no allocation a step).
+    host_q: Vec<f32>,
     q: CudaSlice<f32>,        // [γ, nq]
     p: CudaSlice<f32>,        // [γ + 1, np]
     drafts: CudaSlice<i32>,   // [γ]
@@ -68,13 +70,20 @@ impl DeviceSampling {
         let dev = Arc::clone(t.device());
         let np = target.text_config().vocab_size;
         let g = gamma.max(1);
+        let drafts_here = drafter.is_some_and(|d| matches!(d.lm.lm(), Lm::Cuda(_)));
+        let host_q = if drafts_here {
+            Vec::new()
+        } else {
+            Vec::with_capacity(gamma * nq)
+        };
         Ok(Some(DeviceSampling {
             q: dev.alloc_zeros((g * nq).max(1))?,
             p: dev.alloc_zeros((g + 1) * np)?,
             drafts: dev.alloc_zeros(g)?,
             uniforms: dev.alloc_zeros(g + 1)?,
             out: dev.alloc_zeros(2)?,
-            drafts_here: drafter.is_some_and(|d| matches!(d.lm.lm(), Lm::Cuda(_))),
+            drafts_here,
+            host_q,
             dev,
             gamma,
             nq,
@@ -107,8 +116,10 @@ impl DeviceSampling {
                     qs.len()
                 )));
             }
-            self.dev
-                .upload_into(&qs.concat(), &mut self.q.slice_mut(..gamma * nq))?;
+            let host = &mut self.host_q;
+            host.clear();
+            qs.iter().for_each(|q| host.extend_from_slice(q));
+            self.dev.upload_into(host, &mut self.q.slice_mut(..gamma * nq))?;
             return Ok(drafts);
         }
         let (q, uniforms) = (&mut self.q, &mut self.uniforms);
@@ -200,6 +211,8 @@ pub struct DeviceTreeSampling {
     /// Whether the drafter's LM runs on the device too: then T > 0 trees are drafted
     /// there ([`DeviceTreeSampling::score_tokens`], [`DeviceTreeSampling::draw`]).
     drafts_here: bool,
+    /// A CPU drafter's q rows of a tree, gathered for their one upload (reused).
+    host_q: Vec<f32>,
     /// Rows of `q` the tree being drafted holds.
     q_rows: usize,
     p: CudaSlice<f32>,        // [nodes, np]
@@ -236,6 +249,7 @@ impl DeviceTreeSampling {
             top_ids: dev.alloc_zeros(n * MAX_TOP_K)?,
             top_q: dev.alloc_zeros(n * MAX_TOP_K)?,
             drafts_here: matches!(drafter.lm.lm(), Lm::Cuda(_)),
+            host_q: Vec::new(),
             q_rows: 0,
             dev,
             nodes: n,
@@ -293,7 +307,8 @@ impl DeviceTreeSampling {
         target.decode_tree_probs(&tree.tokens, &tree.depths, &tree.mask(), session, params, &mut self.p)?;
 
         let mut q_row = vec![-1i32; n];
-        let mut rows: Vec<f32> = Vec::new();
+        let mut rows = std::mem::take(&mut self.host_q);
+        rows.clear();
         let on_device = tree.q.iter().any(|q| matches!(q, Some(QRow::Device(_))));
         for (node, q) in tree.q.iter().enumerate() {
             match q {
@@ -329,6 +344,7 @@ impl DeviceTreeSampling {
             dev.upload_into(&rows, &mut self.q.slice_mut(..rows.len()))?;
             rows.len() / nq
         };
+        self.host_q = rows;
         let tree_in: Vec<i32> = (tree.tokens.iter().map(|&t| t as i32))
             .chain(tree.parents.iter().map(|&p| p as i32))
             .chain(q_row)

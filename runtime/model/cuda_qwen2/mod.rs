@@ -14,8 +14,10 @@
 //! matrices' columns at load (w' = w · diag(norm), rounded to bf16 once), so a norm is
 //! only its row scale. A GEMV step then launches no norm at all: the QKV and gate/up
 //! GEMVs scale their input rows themselves and the o and down GEMVs add into the
-//! residual stream (cuda/gemv.cu's fusions), six launches a layer. A GEMM block norms
-//! with unit weights (rmsnorm / rmsnorm_residual with `ones`) before its GEMMs.
+//! residual stream (cuda/gemv.cu's fusions), six launches a layer. An untied LM head
+//! takes the final norm's weight the same way (a tied one shares the embedding matrix and
+//! norms first). A GEMM block norms with unit weights (rmsnorm / rmsnorm_residual with
+//! `ones`) before its GEMMs.
 
 mod cache;
 mod chain;
@@ -194,9 +196,8 @@ pub struct CudaQwen2 {
     dev: Arc<CudaDevice>,
     embed: CudaSlice<bf16>, // [V, D]
     layers: Vec<Layer>,
-    norm: CudaSlice<bf16>,            // [D]
-    ones: CudaSlice<bf16>,            // [D] the folded norms' weight in a GEMM block
-    lm_head: Option<CudaSlice<bf16>>, // [V, D]; None when tied to `embed`
+    ones: CudaSlice<bf16>, // [D] the folded norms' weight in a GEMM block
+    lm_head: LmHead,
     /// Behind a lock so the model is shared read-only, as the CPU model is.
     scratch: Mutex<Scratch>,
     /// Whether a drafted chain's passes replay as one CUDA graph ([`Self::set_graphs`]);
@@ -204,6 +205,16 @@ pub struct CudaQwen2 {
     graphs: AtomicBool,
     /// Why a capture failed, when one did (graphs are then off).
     graph_failure: Mutex<Option<String>>,
+}
+
+/// The final norm and the LM head.
+enum LmHead {
+    /// The head is `embed` (which the token gather reads too): the final norm keeps its
+    /// own weight and runs before the head.
+    Tied { norm: CudaSlice<bf16> }, // [D]
+    /// The head's own [V, D] matrix with the final norm's weight folded in: a GEMV
+    /// block's head scales the residual rows on the way in and launches no norm.
+    Folded(CudaSlice<bf16>),
 }
 
 impl Drop for CudaQwen2 {
@@ -265,12 +276,14 @@ impl CudaQwen2 {
             .collect::<Result<Vec<_>>>()?;
         Ok(CudaQwen2 {
             embed: up(host(&format!("{}embed_tokens.weight", names.prefix))?)?,
-            norm: up(host(&format!("{}norm.weight", names.prefix))?)?,
             ones: up(vec![bf16::ONE; cfg.hidden_size])?,
-            lm_head: if cfg.tie_word_embeddings {
-                None
-            } else {
-                Some(up(host("lm_head.weight")?)?)
+            lm_head: {
+                let norm = host(&format!("{}norm.weight", names.prefix))?;
+                if cfg.tie_word_embeddings {
+                    LmHead::Tied { norm: up(norm)? }
+                } else {
+                    LmHead::Folded(up(fold_norm(host("lm_head.weight")?, &norm))?)
+                }
             },
             layers,
             scratch: Mutex::new(Scratch::new(&dev, &cfg, PREFILL_BLOCK)?),

@@ -6,7 +6,7 @@ use crate::backend::cuda::{AttnShape, DeviceLen, GemvFuse, GEMV_MAX_ROWS};
 use crate::error::Result;
 use crate::sampling::SamplingParams;
 
-use super::{err, gemv_block, graphs_serve, At, ChainPick, CudaKvCache, CudaQwen2, Scratch};
+use super::{err, gemv_block, graphs_serve, At, ChainPick, CudaKvCache, CudaQwen2, LmHead, Scratch};
 
 /// Where the head's rows go.
 pub(super) enum Head<'a> {
@@ -190,13 +190,19 @@ impl CudaQwen2 {
 
     /// Final norm of `rows` of a block of n (after the pending residual add of a GEMM
     /// block, see [`Self::layers`]), then the LM head on them in groups of GEMV rows:
-    /// logits copied back, or their argmax.
+    /// logits copied back, or their argmax. A folded head on a GEMV block norms its input
+    /// rows itself.
     pub(super) fn head(&self, s: &mut Scratch, n: usize, rows: std::ops::Range<usize>, out: &mut Head) -> Result<()> {
         let (dev, c) = (&*self.dev, &self.cfg);
         let (d, v, eps) = (c.hidden_size, c.vocab_size, c.rms_norm_eps as f32);
         let (r0, r1) = (rows.start, rows.end);
-        {
-            let (norm, span) = (self.norm.as_view(), r0 * d..r1 * d);
+        let (w, norm) = match &self.lm_head {
+            LmHead::Tied { norm } => (&self.embed, norm),
+            LmHead::Folded(w) => (w, &self.ones),
+        };
+        let fused = matches!(self.lm_head, LmHead::Folded(_)) && gemv_block(n);
+        if !fused {
+            let (norm, span) = (norm.as_view(), r0 * d..r1 * d);
             let mut normed = s.normed.slice_mut(span.clone());
             if gemv_block(n) {
                 dev.rmsnorm(&s.hidden.slice(span), &norm, &mut normed, r1 - r0, d, eps)?;
@@ -205,14 +211,18 @@ impl CudaQwen2 {
                 dev.rmsnorm_residual(&s.proj.slice(span), &mut hidden, &norm, &mut normed, r1 - r0, d, eps)?;
             }
         }
-        let w = self.lm_head.as_ref().unwrap_or(&self.embed).as_view();
+        let w = w.as_view();
         for g0 in (r0..r1).step_by(GEMV_MAX_ROWS) {
             let g1 = (g0 + GEMV_MAX_ROWS).min(r1);
             let g = g1 - g0;
-            let x = s.normed.slice(g0 * d..g1 * d);
+            let (x, fuse) = if fused {
+                (s.hidden.slice(g0 * d..g1 * d), GemvFuse::rms(eps))
+            } else {
+                (s.normed.slice(g0 * d..g1 * d), GemvFuse::NONE)
+            };
             let mut y = s.logits.slice_mut(..g * v);
             let mut sv = s.gemv.as_view_mut();
-            dev.gemv_bf16_f32(&x, &w, None, &mut y, Some(&mut sv), g, v, d, GemvFuse::NONE)?;
+            dev.gemv_bf16_f32(&x, &w, None, &mut y, Some(&mut sv), g, v, d, fuse)?;
             match out {
                 Head::Logits(o) => o.extend(dev.download(&s.logits.slice(..g * v))?),
                 Head::Argmax(_) => dev.argmax(&s.logits.slice(..g * v), &mut s.argmax.slice_mut(g0..g1), g, v)?,
