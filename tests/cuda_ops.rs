@@ -1113,6 +1113,113 @@ fn attention_decode_split_k() {
     }
 }
 
+/// `launch` (writing `y`) gives the same bits every time, `repeats` times directly and
+/// `repeats` times replayed from a graph of it, with y poisoned (NaN) before each, and
+/// leaves no split-K counter set.
+fn same_every_launch(
+    dev: &CudaDevice,
+    what: &str,
+    repeats: usize,
+    y: &mut cudarc::driver::CudaSlice<bf16>,
+    mut launch: impl FnMut(&mut cudarc::driver::CudaViewMut<'_, bf16>) -> massv::Result<()>,
+) {
+    use cudarc::driver::CudaSlice;
+    let poison = vec![bf16::NAN; y.len()];
+    let run = |y: &mut CudaSlice<bf16>, f: &mut dyn FnMut(&mut CudaSlice<bf16>)| -> Vec<u16> {
+        dev.upload_into(&poison, &mut y.as_view_mut()).unwrap();
+        f(y);
+        dev.download(&y.as_view())
+            .unwrap()
+            .iter()
+            .map(|b| b.to_bits())
+            .collect()
+    };
+    let first = run(y, &mut |y| launch(&mut y.as_view_mut()).unwrap());
+    assert!(
+        first.iter().all(|&b| bf16::from_bits(b).is_finite()),
+        "{what}: the first launch wrote every output"
+    );
+    for i in 1..repeats {
+        let again = run(y, &mut |y| launch(&mut y.as_view_mut()).unwrap());
+        assert!(again == first, "{what}: launch {i} differs from the first");
+    }
+    assert_eq!(dev.split_counters_set().unwrap(), 0, "{what}: counters left set");
+    let graph = dev.capture(|| launch(&mut y.as_view_mut())).unwrap();
+    for i in 0..repeats {
+        let again = run(y, &mut |_| dev.launch_graph(&graph).unwrap());
+        assert!(again == first, "{what}: replay {i} differs from the first launch");
+    }
+    assert_eq!(
+        dev.split_counters_set().unwrap(),
+        0,
+        "{what}: counters left set by the replays"
+    );
+}
+
+/// The split-K merges (a GEMV's or decode attention's last split to arrive sums what the
+/// others left in the scratch, then resets its counter) give the same bits at every
+/// launch, direct or replayed from a graph, and leave every counter at zero. The emulator
+/// runs a grid's blocks one at a time; a GPU runs them at once, so a merge that reads a
+/// partial before it is visible, or a counter left set, shows here. On a GPU: the real
+/// shapes that split (the 7B target's o and down projections, the drafter's down
+/// projection; decode attention after 4000 keys), 200 launches each way; on the emulator
+/// short matrices that split at its 4 multiprocessors, twice.
+#[test]
+fn split_k_merges_the_same_every_launch() {
+    let dev = dev_or_skip!();
+    let emu = massv_cuda_emu::loaded();
+    let repeats = if emu { 2 } else { 200 };
+    let mut rng = Rng::new(21);
+    let mut scratch = dev.alloc_zeros::<f32>(64 * 8 * 4608).unwrap();
+    // The emulator's 4 multiprocessors split only short matrices.
+    let gemvs: &[(usize, usize, usize)] = if emu {
+        &[(1, 100, 4096), (6, 100, 4096)]
+    } else {
+        &[
+            (1, 896, 4864),
+            (6, 896, 4864),
+            (1, 3584, 3584),
+            (6, 3584, 3584),
+            (1, 3584, 18944),
+            (6, 3584, 18944),
+        ]
+    };
+    let mut split = 0;
+    for &(rows, n, k) in gemvs {
+        let splits = dev.gemv_splits(rows, n, k, scratch.len());
+        let what = format!("gemv_bf16 rows={rows} n={n} k={k} splits={splits}");
+        if splits == 1 {
+            println!("{what}: not split on this device");
+            continue;
+        }
+        split += 1;
+        let (dw, dx) = (
+            dev.upload(&rand_bf16(&mut rng, n * k, 1.0).0).unwrap(),
+            dev.upload(&rand_bf16(&mut rng, rows * k, 1.0).0).unwrap(),
+        );
+        let mut y = dev.alloc_zeros::<bf16>(rows * n).unwrap();
+        same_every_launch(&dev, &what, repeats, &mut y, |y| {
+            let (x, w, mut sv) = (dx.as_view(), dw.as_view(), scratch.as_view_mut());
+            dev.gemv_bf16(&x, &w, None, y, Some(&mut sv), rows, n, k, GemvFuse::rms(1e-6))
+        });
+    }
+    assert!(split > 0, "no GEMV shape split K on this device");
+    let (hq, hkv, d, len) = if emu { (14, 2, 64, 1000) } else { (28, 4, 128, 4000) };
+    let t = qkv(&mut rng, 1, len, hq, hkv, d);
+    let (dq, dk, dv) = (
+        dev.upload(&t.q.0).unwrap(),
+        dev.upload(&t.k.0).unwrap(),
+        dev.upload(&t.v.0).unwrap(),
+    );
+    let mut attn_scratch = dev.attn_scratch(hq, 256, d).unwrap();
+    let mut y = dev.alloc_zeros::<bf16>(hq * d).unwrap();
+    let what = format!("attention_decode hq={hq} hkv={hkv} d={d} len={len}");
+    same_every_launch(&dev, &what, repeats, &mut y, |y| {
+        let (q, k, v) = (dq.as_view(), dk.as_view(), dv.as_view());
+        dev.attention_decode(&q, &k, &v, y, len, hq, hkv, d, &mut attn_scratch)
+    });
+}
+
 /// Causal attention of a few queries with their start read on the device (a CUDA graph's
 /// pass fed several tokens): one launch configuration, split for the capacity, at every
 /// start; the keys past the block are NaN, so reading past it fails the comparison.

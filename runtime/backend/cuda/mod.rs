@@ -487,6 +487,14 @@ impl CudaDevice {
         Ok(2.0 * bytes as f64 / (best * 1e-3))
     }
 
+    /// How many split-K arrival counters are not zero now. Between launches every one is
+    /// (each launch's last split resets its own), so anything else means a merge that
+    /// did not run or ran early: a diagnostic for the split-K tests.
+    pub fn split_counters_set(&self) -> Result<usize> {
+        let counters = self.download(&self.split_counters.as_view())?;
+        Ok(counters.iter().filter(|&&c| c != 0).count())
+    }
+
     /// Milliseconds `f` takes on the stream (events around it; `f` only queues work).
     pub fn time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f32> {
         self.uncaptured("timing")?;
