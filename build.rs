@@ -46,6 +46,52 @@ fn main() {
     write_module_table(&out_dir, &modules, &archs, release);
 }
 
+/// One kernel's resources for one SASS architecture, from ptxas's `-v` report.
+#[derive(Debug, Default)]
+struct Resources {
+    kernel: String,
+    arch: String,
+    registers: u32,
+    spill_stores: u32,
+    spill_loads: u32,
+    stack: u32,
+    shared: u32,
+}
+
+/// The whitespace-separated number just before `unit` in `line`.
+fn number_before(line: &str, unit: &str) -> Option<u32> {
+    let head = &line[..line.find(unit)?];
+    head.split_whitespace().last()?.parse().ok()
+}
+
+/// ptxas's `-v` lines (nvcc's stderr): "Compiling entry function 'K' for 'sm_90'", then
+/// its stack frame and spills, then "Used N registers, ..., M bytes smem".
+fn ptxas_report(stderr: &str) -> Vec<Resources> {
+    let mut out: Vec<Resources> = Vec::new();
+    for line in stderr.lines() {
+        if let Some(i) = line.find("Compiling entry function '") {
+            let mut quoted = line[i..].split('\'').skip(1).step_by(2);
+            if let (Some(kernel), Some(arch)) = (quoted.next(), quoted.next()) {
+                out.push(Resources {
+                    kernel: kernel.to_string(),
+                    arch: arch.to_string(),
+                    ..Resources::default()
+                });
+            }
+        } else if let Some(r) = out.last_mut() {
+            if line.contains("bytes stack frame") {
+                r.stack = number_before(line, " bytes stack frame").unwrap_or(0);
+                r.spill_stores = number_before(line, " bytes spill stores").unwrap_or(0);
+                r.spill_loads = number_before(line, " bytes spill loads").unwrap_or(0);
+            } else if line.contains(" registers") && line.contains("Used ") {
+                r.registers = number_before(line, " registers").unwrap_or(0);
+                r.shared = number_before(line, " bytes smem").unwrap_or(0);
+            }
+        }
+    }
+    out
+}
+
 /// The CUDA release of `nvcc` as (major, minor), from `nvcc --version`'s "release 13.0,".
 fn nvcc_release(nvcc: &Path) -> Option<(u32, u32)> {
     let out = Command::new(nvcc).arg("--version").output().ok()?;
@@ -105,8 +151,15 @@ fn gencode_flags(archs: &str) -> Vec<String> {
     flags
 }
 
-/// Compiles each source in its own nvcc process, in parallel; returns (module name, fatbin path).
-fn compile_all(nvcc: &Path, sources: &[PathBuf], archs: &str, out_dir: &Path) -> Vec<(String, PathBuf)> {
+/// A compiled module: its name (the .cu file's stem), fatbin and ptxas's report.
+struct Module {
+    name: String,
+    fatbin: PathBuf,
+    resources: Vec<Resources>,
+}
+
+/// Compiles each source in its own nvcc process, in parallel.
+fn compile_all(nvcc: &Path, sources: &[PathBuf], archs: &str, out_dir: &Path) -> Vec<Module> {
     let gencode = gencode_flags(archs);
     let jobs: Vec<_> = sources
         .iter()
@@ -118,7 +171,8 @@ fn compile_all(nvcc: &Path, sources: &[PathBuf], archs: &str, out_dir: &Path) ->
                 .into_owned();
             let out = out_dir.join(format!("{name}.fatbin"));
             let mut cmd = Command::new(nvcc);
-            cmd.arg("--fatbin").args(["-O3", "-std=c++17", "-Icuda"]);
+            // -Xptxas=-v: each kernel's registers and spills, for kernels::RESOURCES.
+            cmd.arg("--fatbin").args(["-O3", "-std=c++17", "-Icuda", "-Xptxas=-v"]);
             // Sampling decides which token a request gets: its softmax takes the full-range
             // expf (fast math's ex2.approx.ftz is ulps off and flushes the tail's
             // probabilities below 1.2e-38 to 0). It streams one vocabulary row, so the
@@ -135,7 +189,11 @@ fn compile_all(nvcc: &Path, sources: &[PathBuf], archs: &str, out_dir: &Path) ->
     for job in jobs {
         let (name, out, result) = job.join().expect("nvcc thread");
         match result {
-            Ok(o) if o.status.success() => modules.push((name, out)),
+            Ok(o) if o.status.success() => modules.push(Module {
+                resources: ptxas_report(&String::from_utf8_lossy(&o.stderr)),
+                name,
+                fatbin: out,
+            }),
             Ok(o) => {
                 let _ = writeln!(failures, "cuda/{name}.cu:\n{}", String::from_utf8_lossy(&o.stderr));
             }
@@ -150,7 +208,7 @@ fn compile_all(nvcc: &Path, sources: &[PathBuf], archs: &str, out_dir: &Path) ->
     modules
 }
 
-fn write_module_table(out_dir: &Path, modules: &[(String, PathBuf)], archs: &str, release: Option<(u32, u32)>) {
+fn write_module_table(out_dir: &Path, modules: &[Module], archs: &str, release: Option<(u32, u32)>) {
     let mut s = String::new();
     let _ = writeln!(s, "/// True when build.rs found nvcc and compiled every kernel.");
     let _ = writeln!(s, "pub const COMPILED: bool = {};", !modules.is_empty());
@@ -163,8 +221,29 @@ fn write_module_table(out_dir: &Path, modules: &[(String, PathBuf)], archs: &str
     let _ = writeln!(s, "pub const NVCC_RELEASE: Option<(u32, u32)> = {release:?};");
     let _ = writeln!(s, "/// (module name = the .cu file's stem, fatbin image).");
     let _ = writeln!(s, "pub static MODULES: &[(&str, &[u8])] = &[");
-    for (name, path) in modules {
-        let _ = writeln!(s, "    ({name:?}, include_bytes!({:?})),", path.display().to_string());
+    for m in modules {
+        let _ = writeln!(
+            s,
+            "    ({:?}, include_bytes!({:?})),",
+            m.name,
+            m.fatbin.display().to_string()
+        );
+    }
+    let _ = writeln!(s, "];");
+    let _ = writeln!(
+        s,
+        "/// ptxas's report of every kernel for each SASS architecture built."
+    );
+    let _ = writeln!(s, "pub static RESOURCES: &[Resources] = &[");
+    for m in modules {
+        for r in &m.resources {
+            let _ = writeln!(
+                s,
+                "    Resources {{ module: {:?}, kernel: {:?}, arch: {:?}, registers: {}, spill_stores: {}, \
+                 spill_loads: {}, stack: {}, shared: {} }},",
+                m.name, r.kernel, r.arch, r.registers, r.spill_stores, r.spill_loads, r.stack, r.shared
+            );
+        }
     }
     let _ = writeln!(s, "];");
     fs::write(out_dir.join("kernels.rs"), s).expect("write kernels.rs");

@@ -6,8 +6,29 @@ pub mod cuda;
 
 use crate::error::Result;
 
-/// The fatbins build.rs compiled from `cuda/*.cu` (empty when built without nvcc).
+/// The fatbins build.rs compiled from `cuda/*.cu` (empty when built without nvcc), and
+/// what ptxas said of each kernel.
 pub mod kernels {
+    /// One kernel's resources on one SASS architecture, as ptxas reported them when
+    /// build.rs compiled it (`-Xptxas=-v`): what decides its occupancy, and whether it
+    /// spills registers to local memory.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Resources {
+        /// The .cu file's stem.
+        pub module: &'static str,
+        pub kernel: &'static str,
+        /// "sm_90", ...
+        pub arch: &'static str,
+        pub registers: u32,
+        /// Bytes a thread spills to local memory, and loads back.
+        pub spill_stores: u32,
+        pub spill_loads: u32,
+        /// Bytes of stack frame a thread has.
+        pub stack: u32,
+        /// Bytes of static shared memory a block has.
+        pub shared: u32,
+    }
+
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
 
