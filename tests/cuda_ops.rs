@@ -3051,6 +3051,21 @@ fn bench_kernels() {
     }
 
     if let Ok(path) = std::env::var("MASSV_BENCH_JSON") {
+        // What ptxas gave each kernel for this device's architecture (none where the
+        // device JIT-compiles the PTX instead), beside the timings.
+        let arch = format!("sm_{}{}", info.compute_capability.0, info.compute_capability.1);
+        let ptxas: Vec<_> = (massv::backend::kernels::RESOURCES.iter())
+            .filter(|r| r.arch == arch)
+            .map(|r| {
+                serde_json::json!({
+                    "kernel": r.kernel,
+                    "registers": r.registers,
+                    "spill_stores": r.spill_stores,
+                    "spill_loads": r.spill_loads,
+                    "shared_bytes": r.shared,
+                })
+            })
+            .collect();
         let doc = serde_json::json!({
             "device": info.name,
             "compute_capability": format!("{}.{}", info.compute_capability.0, info.compute_capability.1),
@@ -3060,6 +3075,8 @@ fn bench_kernels() {
             "kernel_archs": massv::backend::kernels::ARCHS,
             "copy_bandwidth_gbs": bench.bw / 1e9,
             "results": bench.results,
+            "ptxas_arch": arch,
+            "ptxas": ptxas,
         });
         std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
         println!("wrote {path}");
