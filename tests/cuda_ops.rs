@@ -854,7 +854,31 @@ fn gemm_cublas_and_linear_cublaslt() {
             &round(&want),
         );
         c.linear_checked(&dev, &format!("linear {m}x{n}x{k}"));
+        // f32 out (a tree's logits): within the k·ε·Σ|x||w| bound of the f32 result.
+        let mut dy = dev.alloc_zeros::<f32>(m * n).unwrap();
+        dev.gemm_bf16_f32(&c.dx.as_view(), &c.dw.as_view(), &mut dy.as_view_mut(), m, n, k)
+            .unwrap();
+        let got = dev.download(&dy.as_view()).unwrap();
+        for (i, (g, w_)) in got.iter().zip(&want).enumerate() {
+            let (row, col) = (i / n, i % n);
+            let s: f32 = (c.x[row * k..][..k].iter())
+                .zip(&c.w[col * k..][..k])
+                .map(|(a, b)| (a * b).abs())
+                .sum();
+            let bound = (k as f32 + 2.0) * f32::EPSILON * s;
+            assert!(
+                (g - w_).abs() <= bound,
+                "gemm_bf16_f32 {m}x{n}x{k} [{i}]: {g} vs {w_} (bound {bound:e})"
+            );
+        }
     }
+    let mut y = dev.alloc_zeros::<f32>(4).unwrap();
+    let x = dev.alloc_zeros::<bf16>(8).unwrap();
+    let e = dev
+        .gemm_bf16_f32(&x.as_view(), &x.as_view(), &mut y.as_view_mut(), 2, 3, 4)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("gemm_bf16_f32") && e.contains('y'), "{e}");
 }
 
 /// A `linear` problem: inputs on the host and the device, the f32 result and the bf16

@@ -1,6 +1,8 @@
 //! Launchers of cuda/gemv.cu (decode) and the cuBLAS / cuBLASLt GEMMs (prefill).
 
-use cudarc::cublas::{Gemm, GemmConfig};
+use std::ffi::c_void;
+
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::cublaslt::result::CublasError;
 use cudarc::cublaslt::sys::cublasStatus_t;
 use cudarc::cublaslt::{Matmul, MatmulConfig};
@@ -196,32 +198,83 @@ impl CudaDevice {
         n: usize,
         k: usize,
     ) -> Result<()> {
-        const OP: &str = "gemm_bf16";
-        need(OP, "x", x.len(), m * k)?;
-        need(OP, "w", w.len(), n * k)?;
-        need(OP, "y", y.len(), m * n)?;
-        self.uncaptured(OP)?;
-        let blas = self.blas.as_ref().map_err(|e| cuda_err(OP, e))?;
+        need("gemm_bf16", "y", y.len(), m * n)?;
+        let yp = self.wptr(y);
+        self.gemm_ex("gemm_bf16", x, w, yp, cudaDataType_t::CUDA_R_16BF, m, n, k)
+    }
+
+    /// As [`Self::gemm_bf16`] with f32 output: the LM head over more rows than the GEMVs
+    /// take (a tree's), its matrix streamed once for them all.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_bf16_f32(
+        &self,
+        x: &CudaView<'_, bf16>,
+        w: &CudaView<'_, bf16>,
+        y: &mut CudaViewMut<'_, f32>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        need("gemm_bf16_f32", "y", y.len(), m * n)?;
+        let yp = self.wptr(y);
+        self.gemm_ex("gemm_bf16_f32", x, w, yp, cudaDataType_t::CUDA_R_32F, m, n, k)
+    }
+
+    /// cublasGemmEx of bf16 x and w into y (`y_type`, its m · n checked by the caller),
+    /// f32 accumulation.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_ex(
+        &self,
+        op: &str,
+        x: &CudaView<'_, bf16>,
+        w: &CudaView<'_, bf16>,
+        yp: u64,
+        y_type: cudaDataType_t,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        need(op, "x", x.len(), m * k)?;
+        need(op, "w", w.len(), n * k)?;
+        self.uncaptured(op)?;
+        let blas = self.blas.as_ref().map_err(|e| cuda_err(op, e))?;
         if m * n == 0 {
             return Ok(());
         }
+        let (mi, ni, ki) = (i32_arg(op, "m", m)?, i32_arg(op, "n", n)?, i32_arg(op, "k", k)?);
+        let ld = ki.max(1);
         self.bind()?;
+        let (xp, wp) = (self.rptr(x), self.rptr(w));
+        let (alpha, beta) = (1.0f32, 0.0f32);
         // Row-major y = x wᵀ is column-major yᵀ = w xᵀ: A = w (k × n col-major, transposed),
         // B = x (k × m col-major), C = yᵀ (n × m).
-        let cfg = GemmConfig {
-            transa: cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T,
-            transb: cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
-            m: i32_arg(OP, "n", n)?,
-            n: i32_arg(OP, "m", m)?,
-            k: i32_arg(OP, "k", k)?,
-            alpha: bf16::ONE,
-            lda: k.max(1) as i32,
-            ldb: k.max(1) as i32,
-            beta: bf16::ZERO,
-            ldc: n as i32,
-        };
-        // SAFETY: sizes checked above against the config's m, n, k and leading dimensions.
-        unsafe { blas.gemm(cfg, w, x, y) }.map_err(|e| cuda_err(OP, e))
+        // SAFETY: x, w and y hold m·k, n·k and m·n elements (checked); the handle is bound
+        // to this device's stream, on which the buffers live; alpha and beta outlive the
+        // call (cuBLAS reads host scalars before it returns).
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                ni,
+                mi,
+                ki,
+                (&alpha as *const f32).cast(),
+                wp as *const c_void,
+                cudaDataType_t::CUDA_R_16BF,
+                ld,
+                xp as *const c_void,
+                cudaDataType_t::CUDA_R_16BF,
+                ld,
+                (&beta as *const f32).cast(),
+                yp as *mut c_void,
+                y_type,
+                ni,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| cuda_err(op, e))
     }
 
     /// y = x · wᵀ + bias with cuBLASLt, the bias fused as the GEMM's epilogue. Shapes as

@@ -6,7 +6,7 @@ use crate::backend::cuda::{AttnShape, DeviceLen, GemvFuse, GEMV_MAX_ROWS};
 use crate::error::Result;
 use crate::sampling::SamplingParams;
 
-use super::{err, gemv_block, graphs_serve, At, ChainPick, CudaKvCache, CudaQwen2, LmHead, Scratch};
+use super::{err, gemv_block, graphs_serve, At, ChainPick, CudaKvCache, CudaQwen2, LmHead, Scratch, HEAD_ROWS};
 
 /// Where the head's rows go.
 pub(super) enum Head<'a> {
@@ -189,9 +189,10 @@ impl CudaQwen2 {
     }
 
     /// Final norm of `rows` of a block of n (after the pending residual add of a GEMM
-    /// block, see [`Self::layers`]), then the LM head on them in groups of GEMV rows:
-    /// logits copied back, or their argmax. A folded head on a GEMV block norms its input
-    /// rows itself.
+    /// block, see [`Self::layers`]), then the LM head on them: logits copied back in
+    /// groups of GEMV rows, or what the device makes of them in groups of [`HEAD_ROWS`]
+    /// (a GEMM over more than a GEMV's rows). A folded head on a GEMV block norms its
+    /// input rows itself.
     pub(super) fn head(&self, s: &mut Scratch, n: usize, rows: std::ops::Range<usize>, out: &mut Head) -> Result<()> {
         let (dev, c) = (&*self.dev, &self.cfg);
         let (d, v, eps) = (c.hidden_size, c.vocab_size, c.rms_norm_eps as f32);
@@ -212,17 +213,26 @@ impl CudaQwen2 {
             }
         }
         let w = w.as_view();
-        for g0 in (r0..r1).step_by(GEMV_MAX_ROWS) {
-            let g1 = (g0 + GEMV_MAX_ROWS).min(r1);
+        let group = match out {
+            Head::Logits(_) | Head::HostProbs { .. } => GEMV_MAX_ROWS,
+            _ => HEAD_ROWS,
+        };
+        for g0 in (r0..r1).step_by(group) {
+            let g1 = (g0 + group).min(r1);
             let g = g1 - g0;
-            let (x, fuse) = if fused {
-                (s.hidden.slice(g0 * d..g1 * d), GemvFuse::rms(eps))
-            } else {
-                (s.normed.slice(g0 * d..g1 * d), GemvFuse::NONE)
-            };
             let mut y = s.logits.slice_mut(..g * v);
-            let mut sv = s.gemv.as_view_mut();
-            dev.gemv_bf16_f32(&x, &w, None, &mut y, Some(&mut sv), g, v, d, fuse)?;
+            if g > GEMV_MAX_ROWS {
+                // More rows than a GEMV block (n > g): normed above.
+                dev.gemm_bf16_f32(&s.normed.slice(g0 * d..g1 * d), &w, &mut y, g, v, d)?;
+            } else {
+                let (x, fuse) = if fused {
+                    (s.hidden.slice(g0 * d..g1 * d), GemvFuse::rms(eps))
+                } else {
+                    (s.normed.slice(g0 * d..g1 * d), GemvFuse::NONE)
+                };
+                let mut sv = s.gemv.as_view_mut();
+                dev.gemv_bf16_f32(&x, &w, None, &mut y, Some(&mut sv), g, v, d, fuse)?;
+            }
             match out {
                 Head::Logits(o) => o.extend(dev.download(&s.logits.slice(..g * v))?),
                 Head::Argmax(_) => dev.argmax(&s.logits.slice(..g * v), &mut s.argmax.slice_mut(g0..g1), g, v)?,
