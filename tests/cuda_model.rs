@@ -2966,18 +2966,7 @@ fn a_layer_launches_6_kernels_a_step() {
         let prompt: Vec<u32> = (0..context as u32).map(|i| 5 + i % 200).collect();
         model.argmax_last(&prompt, &mut cache).unwrap();
         let tokens: Vec<u32> = (10..10 + block as u32).collect();
-        let positions: Vec<i32> = (context as i32..).take(block).collect();
-        massv_cuda_emu::reset_stats().unwrap();
-        model
-            .forward_argmax(
-                Input::Tokens(&tokens),
-                Positions::Seq(&positions),
-                &mut cache,
-                Logits::All,
-                None,
-            )
-            .unwrap();
-        massv_cuda_emu::stats().unwrap().launches
+        argmax_counted(&model, &mut cache, &tokens).1
     };
     // After 4 cached tokens attention runs whole; after 300 it splits over the keys.
     for (block, context) in [(1, 4), (6, 4), (1, 300), (6, 300)] {
@@ -2999,6 +2988,16 @@ fn a_layer_launches_6_kernels_a_step() {
     }
 }
 
+/// `forward_argmax` of `tokens` (every row) after the cache's tokens, with the kernels
+/// the emulator counted it launch.
+fn argmax_counted(model: &CudaQwen2, cache: &mut CudaKvCache, tokens: &[u32]) -> (Vec<u32>, u64) {
+    let positions: Vec<i32> = (cache.len() as i32..).take(tokens.len()).collect();
+    massv_cuda_emu::reset_stats().unwrap();
+    let (input, pos) = (Input::Tokens(tokens), Positions::Seq(&positions));
+    let ids = model.forward_argmax(input, pos, cache, Logits::All, None).unwrap();
+    (ids, massv_cuda_emu::stats().unwrap().launches)
+}
+
 /// A block of more rows than a GEMV takes (a tree's, up to MAX_TREE_BLOCK) whose head
 /// rows stay on the device (argmax here) runs its LM head as one GEMM: the head's matrix
 /// streamed once, not once per 8 rows. Counted by the emulator: a block of 20 rows
@@ -3014,20 +3013,8 @@ fn a_trees_head_rows_take_one_gemm() {
     let (_t, dir) = make(&counting_spec("head-gemm", 256, 1, 4096));
     let model = CudaQwen2::load(dev.clone(), &dir).unwrap();
     let argmax_launches = |n: usize| {
-        let mut cache = model.new_cache(80).unwrap();
         let tokens: Vec<u32> = (0..n as u32).map(|i| 5 + (i * 37) % 4000).collect();
-        let positions: Vec<i32> = (0..n as i32).collect();
-        massv_cuda_emu::reset_stats().unwrap();
-        let ids = model
-            .forward_argmax(
-                Input::Tokens(&tokens),
-                Positions::Seq(&positions),
-                &mut cache,
-                Logits::All,
-                None,
-            )
-            .unwrap();
-        let launches = massv_cuda_emu::stats().unwrap().launches;
+        let (ids, launches) = argmax_counted(&model, &mut model.new_cache(80).unwrap(), &tokens);
         let mut cache = model.new_cache(80).unwrap();
         let logits = model.forward_tokens(&tokens, &mut cache, Logits::All).unwrap();
         (ids, logits, launches)
