@@ -307,7 +307,7 @@ impl DeviceTreeSampling {
         target.decode_tree_probs(&tree.tokens, &tree.depths, &tree.mask(), session, params, &mut self.p)?;
 
         let mut q_row = vec![-1i32; n];
-        let mut rows = std::mem::take(&mut self.host_q);
+        let rows = &mut self.host_q;
         rows.clear();
         let on_device = tree.q.iter().any(|q| matches!(q, Some(QRow::Device(_))));
         for (node, q) in tree.q.iter().enumerate() {
@@ -341,10 +341,9 @@ impl DeviceTreeSampling {
             self.q_rows
         } else {
             // The host path's rows go up in one copy.
-            dev.upload_into(&rows, &mut self.q.slice_mut(..rows.len()))?;
+            dev.upload_into(rows, &mut self.q.slice_mut(..rows.len()))?;
             rows.len() / nq
         };
-        self.host_q = rows;
         let tree_in: Vec<i32> = (tree.tokens.iter().map(|&t| t as i32))
             .chain(tree.parents.iter().map(|&p| p as i32))
             .chain(q_row)

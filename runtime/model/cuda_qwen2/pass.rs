@@ -197,11 +197,11 @@ impl CudaQwen2 {
         let (dev, c) = (&*self.dev, &self.cfg);
         let (d, v, eps) = (c.hidden_size, c.vocab_size, c.rms_norm_eps as f32);
         let (r0, r1) = (rows.start, rows.end);
-        let (w, norm) = match &self.lm_head {
-            LmHead::Tied { norm } => (&self.embed, norm),
-            LmHead::Folded(w) => (w, &self.ones),
+        let (w, norm, folded) = match &self.lm_head {
+            LmHead::Tied { norm } => (&self.embed, norm, false),
+            LmHead::Folded(w) => (w, &self.ones, true),
         };
-        let fused = matches!(self.lm_head, LmHead::Folded(_)) && gemv_block(n);
+        let fused = folded && gemv_block(n);
         if !fused {
             let (norm, span) = (norm.as_view(), r0 * d..r1 * d);
             let mut normed = s.normed.slice_mut(span.clone());
