@@ -351,6 +351,7 @@ __device__ __forceinline__ void attention_body(const AttnParams& p) {
 
 #define ATTN_ENTRY(NAME, MODE, D)                                                                                      \
     extern "C" __global__ void __launch_bounds__(128) attention_##NAME##_d##D(const AttnParams p) {                   \
+        pdl_wait();                                                                                                    \
         attention_body<D, MODE>(p);                                                                                    \
     }
 #define ATTN_ENTRIES(NAME, MODE)                                                              \

@@ -114,6 +114,34 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
 
 __host__ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// Programmatic dependent launch (sm_90+; CudaDevice::set_pdl): a kernel launched with it
+// may start while the kernel before it on the stream still runs, so that its launch and
+// first weight fetches overlap that kernel's tail. Every kernel therefore calls
+// pdl_wait() before it touches memory that earlier work writes or reads (only weights,
+// which nothing writes, may be prefetched before it): it returns once the kernel before
+// has finished and its writes are visible (at once when the launch was not programmatic).
+// Then it lets the next kernel start launching: that one waits in turn, so a chain of
+// them stays in order. The emulator fails a programmatic launch in which a thread exits
+// without calling it.
+__device__ __forceinline__ void pdl_wait() {
+#ifdef MASSV_EMU
+    massv_emu::pdl_wait();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Asks L2 for the 128-byte line holding p ahead of its load: for weights, before
+// pdl_wait. A hint: it never faults and nothing waits for it.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#ifndef MASSV_EMU
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#else
+    (void)p;
+#endif
+}
+
 // Split-K in one launch (gemv.cu, attention.cu): a grid's `splits` blocks of one work item
 // each store their partial result, then count themselves in on counters[idx]; the block
 // that counts last sees every partial in memory (read them with __ldcg) and merges them,

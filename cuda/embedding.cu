@@ -6,6 +6,7 @@
 // Grid: one block per token.
 extern "C" __global__ void embedding(const int32_t* __restrict__ ids, const bf16* __restrict__ table,
                                      bf16* __restrict__ out, int vocab, int dim) {
+    pdl_wait();
     const int id = ids[blockIdx.x];
     bf16* o = out + (size_t)blockIdx.x * dim;
     const bool ok = id >= 0 && id < vocab;
@@ -24,6 +25,7 @@ extern "C" __global__ void embedding(const int32_t* __restrict__ ids, const bf16
 // dst: [dst_rows, dim]. Grid: one block per source row.
 extern "C" __global__ void scatter_rows(const bf16* __restrict__ src, const int32_t* __restrict__ positions,
                                         bf16* __restrict__ dst, int dst_rows, int dim) {
+    pdl_wait();
     const int p = positions[blockIdx.x];
     if (p < 0 || p >= dst_rows) return;
     const bf16* s = src + (size_t)blockIdx.x * dim;

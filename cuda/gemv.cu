@@ -11,6 +11,9 @@
 // partial[split, b, n], and the block of a column range that finishes last (a counter per
 // range, counters[blockIdx.x], zero before and after the launch) adds them up in split
 // order, so a split GEMV is still one launch. K % 8 == 0.
+// Under programmatic dependent launch (common.cuh's pdl_wait) each lane asks L2 for its
+// first weights before it waits for the kernel before: weights are never written, so
+// their stream can start while that kernel finishes.
 //
 // Two fusions spare a decoder layer the two RMSNorm launches between its sublayers:
 // - rms_eps >= 0: x is the residual stream and each of its rows is RMS-normalised on the
@@ -128,6 +131,32 @@ __device__ __forceinline__ const float* rms_row_scales(const bf16* __restrict__ 
 
 __device__ __forceinline__ float scale_of(const float* row_scale, int b) { return row_scale ? row_scale[b] : 1.0f; }
 
+// Row r of a warp's GEMV_ROWS weight rows: output n0 + r of gemv_bf16, or for gemv_swiglu
+// (swiglu = true, n0 = the warp's first output j0) gate row j0 + r for r < SWIGLU_COLS,
+// then the matching up rows. Clamped to the last row: no out-of-bounds reads.
+#define SWIGLU_COLS (GEMV_ROWS / 2)
+__device__ __forceinline__ const uint4* weight_row(const bf16* w, bool swiglu, int n0, int r, int N, int K8) {
+    const uint4* w4 = reinterpret_cast<const uint4*>(w);
+    if (!swiglu) return w4 + (size_t)min(n0 + r, N - 1) * K8;
+    const int j = min(n0 + r % SWIGLU_COLS, N - 1);  // N = inter here
+    return w4 + ((size_t)(r / SWIGLU_COLS) * N + j) * K8;
+}
+
+// Before pdl_wait: L2 prefetches of the weights this lane loads first (its warp's rows
+// over this block's K range), which no kernel writes, so that under programmatic
+// dependent launch the stream starts while the kernel before still runs. Then the wait.
+__device__ __forceinline__ void prefetch_then_wait(const bf16* w, bool swiglu, int n0, int N, int K8) {
+    const int lane = threadIdx.x & 31;
+    const int k8 = blockIdx.y * ceil_div(K8, gridDim.y) + lane;
+    const int k8_end = min(K8, k8 - lane + ceil_div(K8, gridDim.y));
+#pragma unroll
+    for (int u = 0; u < GEMV_UNROLL; ++u)
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; ++r)
+            if (n0 < N && k8 + 32 * u < k8_end) prefetch_l2(weight_row(w, swiglu, n0, r, N, K8) + k8 + 32 * u);
+    pdl_wait();
+}
+
 // One warp's GEMV_ROWS outputs n0.. over this block's K range: to y (+ bias) or, split
 // over K, to the partial sums partial[blockIdx.y, b, n].
 template <int B, typename OutT>
@@ -138,8 +167,7 @@ __device__ __forceinline__ void gemv_warp(const bf16* __restrict__ x, const bf16
     const int K8 = K / 8;
     const uint4* wrow[GEMV_ROWS];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; ++r)  // clamped: no out-of-bounds reads
-        wrow[r] = reinterpret_cast<const uint4*>(w) + (size_t)min(n0 + r, N - 1) * K8;
+    for (int r = 0; r < GEMV_ROWS; ++r) wrow[r] = weight_row(w, false, n0, r, N, K8);
     float acc[GEMV_ROWS][B];
     gemv_accumulate<B>(reinterpret_cast<const uint4*>(x), wrow, K8, acc);
     // Lane (r * B + b) % 32 stores output (r, b): spreads the stores over the warp.
@@ -168,10 +196,11 @@ __device__ __forceinline__ void gemv_body(const bf16* __restrict__ x, const bf16
                                           const bf16* __restrict__ bias, OutT* __restrict__ y,
                                           float* __restrict__ partial, unsigned* __restrict__ counters, int N,
                                           int K, float rms_eps, bool add) {
-    __shared__ float scales[GEMV_MAX_B];
-    const float* row_scale = rms_row_scales<B>(x, K, rms_eps, scales);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
+    prefetch_then_wait(w, false, n0, N, K / 8);
+    __shared__ float scales[GEMV_MAX_B];
+    const float* row_scale = rms_row_scales<B>(x, K, rms_eps, scales);
     // No early return: a split's warps all meet at last_split_arrived's barriers.
     if (n0 < N) gemv_warp<B>(x, w, bias, y, partial, row_scale, add, N, K, n0, lane);
     if (gridDim.y == 1 || !last_split_arrived(counters, blockIdx.x, gridDim.y)) return;
@@ -214,8 +243,6 @@ GEMV_ENTRY(8)
 // the f32 partial sums of both go to partial[split, b, 2 * inter] (the gate/up column
 // order) and the last split finishes. rms_eps >= 0 normalises x's rows on the way in,
 // as gemv_bf16 does. CPU twin: reference::gemv_swiglu.
-#define SWIGLU_COLS (GEMV_ROWS / 2)
-
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
 
 template <int B>
@@ -223,13 +250,9 @@ __device__ __forceinline__ void gemv_swiglu_warp(const bf16* __restrict__ x, con
                                                  bf16* __restrict__ y, float* __restrict__ partial,
                                                  const float* row_scale, int inter, int K, int j0, int lane) {
     const int K8 = K / 8;
-    // Rows r < SWIGLU_COLS are gate rows j0 + r, the others the matching up rows.
     const uint4* wrow[GEMV_ROWS];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; ++r) {
-        const int j = min(j0 + r % SWIGLU_COLS, inter - 1);  // clamped: no out-of-bounds reads
-        wrow[r] = reinterpret_cast<const uint4*>(w) + ((size_t)(r / SWIGLU_COLS) * inter + j) * K8;
-    }
+    for (int r = 0; r < GEMV_ROWS; ++r) wrow[r] = weight_row(w, true, j0, r, inter, K8);
     float acc[GEMV_ROWS][B];
     gemv_accumulate<B>(reinterpret_cast<const uint4*>(x), wrow, K8, acc);
 #pragma unroll
@@ -257,10 +280,11 @@ __device__ __forceinline__ void gemv_swiglu_body(const bf16* __restrict__ x, con
                                                  bf16* __restrict__ y, float* __restrict__ partial,
                                                  unsigned* __restrict__ counters, int inter, int K,
                                                  float rms_eps) {
-    __shared__ float scales[GEMV_MAX_B];
-    const float* row_scale = rms_row_scales<B>(x, K, rms_eps, scales);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int j0 = (blockIdx.x * GEMV_WARPS + warp) * SWIGLU_COLS;
+    prefetch_then_wait(w, true, j0, inter, K / 8);
+    __shared__ float scales[GEMV_MAX_B];
+    const float* row_scale = rms_row_scales<B>(x, K, rms_eps, scales);
     if (j0 < inter) gemv_swiglu_warp<B>(x, w, y, partial, row_scale, inter, K, j0, lane);
     if (gridDim.y == 1 || !last_split_arrived(counters, blockIdx.x, gridDim.y)) return;
     const int c0 = blockIdx.x * GEMV_WARPS * SWIGLU_COLS, cols = min(GEMV_WARPS * SWIGLU_COLS, inter - c0);

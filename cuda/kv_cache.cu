@@ -7,6 +7,7 @@
 // elements; caches: [capacity, row], new: [n, row]. Grid: (n, 2): y = 0 keys, 1 values.
 extern "C" __global__ void kv_append(const bf16* __restrict__ k_new, const bf16* __restrict__ v_new,
                                      bf16* __restrict__ k_cache, bf16* __restrict__ v_cache, int len, int row) {
+    pdl_wait();
     const bf16* src = (blockIdx.y == 0 ? k_new : v_new) + (size_t)blockIdx.x * row;
     bf16* dst = (blockIdx.y == 0 ? k_cache : v_cache) + (size_t)(len + blockIdx.x) * row;
     if ((row & 7) == 0) {
@@ -24,6 +25,7 @@ extern "C" __global__ void kv_append(const bf16* __restrict__ k_new, const bf16*
 // per buffer; the rows of a buffer are copied one after another.
 extern "C" __global__ void kv_compact(bf16* cache, const int32_t* __restrict__ path, int m, int dst, int row,
                                       long long buffer_stride) {
+    pdl_wait();
     bf16* c = cache + (size_t)blockIdx.x * buffer_stride;
     for (int i = 0; i < m; ++i) {
         const int from = path[i];

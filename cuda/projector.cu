@@ -11,12 +11,14 @@ __device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.0f + e
 
 // y = gelu(x), element-wise over n values; y may equal x.
 extern "C" __global__ void gelu(const bf16* x, bf16* y, long long n) {
+    pdl_wait();
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         y[i] = to_bf16(gelu_erf(to_f32(x[i])));
 }
 
 // x[r, c] = gelu(x[r, c] + bias[c]) in place; x: [rows, cols].
 extern "C" __global__ void bias_gelu(bf16* x, const bf16* __restrict__ bias, int rows, int cols) {
+    pdl_wait();
     const long long n = (long long)rows * cols;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         x[i] = to_bf16(gelu_erf(to_f32(x[i]) + to_f32(bias[i % cols])));
@@ -24,6 +26,7 @@ extern "C" __global__ void bias_gelu(bf16* x, const bf16* __restrict__ bias, int
 
 // x[r, c] += bias[c] in place; x: [rows, cols].
 extern "C" __global__ void bias_add(bf16* x, const bf16* __restrict__ bias, int rows, int cols) {
+    pdl_wait();
     const long long n = (long long)rows * cols;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         x[i] = to_bf16(to_f32(x[i]) + to_f32(bias[i % cols]));
@@ -35,6 +38,7 @@ extern "C" __global__ void bias_add(bf16* x, const bf16* __restrict__ bias, int 
 // the kernel is one RMSNorm per patch. One block per patch.
 extern "C" __global__ void projector_norm_gather(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                                  bf16* __restrict__ y, int dv, float eps) {
+    pdl_wait();
     const bf16* xr = x + (size_t)blockIdx.x * dv;
     bf16* yr = y + (size_t)blockIdx.x * dv;  // row p / m2, column (p % m2) * dv
     float ss = 0.0f;

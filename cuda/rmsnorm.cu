@@ -5,6 +5,7 @@
 // One block per row. x, w, y: [rows, dim] / [dim] / [rows, dim].
 extern "C" __global__ void rmsnorm(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                    bf16* __restrict__ y, int dim, float eps) {
+    pdl_wait();
     const bf16* xr = x + (size_t)blockIdx.x * dim;
     bf16* yr = y + (size_t)blockIdx.x * dim;
     float ss = 0.0f;
@@ -22,6 +23,7 @@ extern "C" __global__ void rmsnorm(const bf16* __restrict__ x, const bf16* __res
 extern "C" __global__ void rmsnorm_residual(const bf16* __restrict__ x, bf16* __restrict__ residual,
                                             const bf16* __restrict__ w, bf16* __restrict__ y, int dim,
                                             float eps) {
+    pdl_wait();
     const bf16* xr = x + (size_t)blockIdx.x * dim;
     bf16* rr = residual + (size_t)blockIdx.x * dim;
     bf16* yr = y + (size_t)blockIdx.x * dim;

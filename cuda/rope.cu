@@ -32,6 +32,7 @@ __device__ __forceinline__ void rotate_heads(bf16* __restrict__ xt, const float*
 // rotates (x[i], x[i + head_dim/2]) by positions[t] * theta^(-2i/head_dim).
 extern "C" __global__ void rope(bf16* __restrict__ x, const int32_t* __restrict__ positions, int heads,
                                 int head_dim, float theta) {
+    pdl_wait();
     __shared__ float sn[MAX_PAIRS], cs[MAX_PAIRS];
     const int half = head_dim / 2;
     const float pos = (float)positions[blockIdx.x];
@@ -56,6 +57,7 @@ __device__ __forceinline__ void mrope_angles(const int32_t* __restrict__ positio
 // Multimodal RoPE (mrope_angles) in place on x: [tokens, heads, head_dim].
 extern "C" __global__ void mrope(bf16* __restrict__ x, const int32_t* __restrict__ positions, int tokens, int heads,
                                  int head_dim, float theta, int s0, int s1) {
+    pdl_wait();
     __shared__ float sn[MAX_PAIRS], cs[MAX_PAIRS];
     const int t = blockIdx.x;
     mrope_angles(positions, tokens, t, head_dim, theta, s0, s1, sn, cs);
@@ -68,6 +70,7 @@ extern "C" __global__ void mrope(bf16* __restrict__ x, const int32_t* __restrict
 // rows, cols: [tokens].
 extern "C" __global__ void rope_vision(bf16* __restrict__ x, const int32_t* __restrict__ rows,
                                        const int32_t* __restrict__ cols, int heads, int head_dim, float theta) {
+    pdl_wait();
     __shared__ float sn[MAX_PAIRS], cs[MAX_PAIRS];
     const int half = head_dim / 2, quarter = head_dim / 4;
     const int t = blockIdx.x;
@@ -93,6 +96,7 @@ extern "C" __global__ void rope_kv_append(const bf16* __restrict__ qkv, const in
                                           bf16* __restrict__ q_out, bf16* __restrict__ k_cache,
                                           bf16* __restrict__ v_cache, int len,
                                           const int32_t* __restrict__ len_at) {
+    pdl_wait();
     __shared__ float sn[MAX_PAIRS], cs[MAX_PAIRS];
     if (len_at) len = *len_at;  // read at run time: a CUDA graph's launch serves every length
     const int half = head_dim / 2;

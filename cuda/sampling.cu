@@ -103,6 +103,7 @@ __device__ int block_argmax(const float* __restrict__ x, int n) {
 // Launched with 1024 threads: the bound keeps ptxas within 64 registers a thread.
 extern "C" __global__ void __launch_bounds__(1024)
 argmax(const float* __restrict__ x, int32_t* __restrict__ out, int n) {
+    pdl_wait();
     const int r = block_argmax(x + (size_t)blockIdx.x * n, n);
     if (threadIdx.x == 0) out[blockIdx.x] = r;
 }
@@ -122,6 +123,7 @@ __device__ __forceinline__ unsigned long long to_fixed(float p) {
 extern "C" __global__ void __launch_bounds__(1024)
     probabilities(const float* __restrict__ logits, float* __restrict__ out, int n, float temperature, int top_k,
                   float top_p) {
+    pdl_wait();
     const float* x = logits + (size_t)blockIdx.x * n;
     float* p = out + (size_t)blockIdx.x * n;
     if (temperature == 0.0f) {
@@ -321,6 +323,7 @@ __device__ void top_k_body(const float* __restrict__ rows, int32_t* __restrict__
 
 extern "C" __global__ void __launch_bounds__(1024)
     top_k(const float* __restrict__ logits, int32_t* __restrict__ ids, float* __restrict__ probs, int n, int k) {
+    pdl_wait();
     top_k_body<false>(logits, ids, probs, n, k);
 }
 
@@ -328,6 +331,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 // top_k, ranked by the values themselves.
 extern "C" __global__ void __launch_bounds__(1024)
     top_k_probs(const float* __restrict__ q, int32_t* __restrict__ ids, float* __restrict__ probs, int n, int k) {
+    pdl_wait();
     top_k_body<true>(q, ids, probs, n, k);
 }
 
@@ -478,6 +482,7 @@ __device__ int blocked_sample(const Weights& w, double u01, bool* any = nullptr)
 // per row (the drafter's draws at temperature > 0).
 extern "C" __global__ void __launch_bounds__(1024)
     sample(const float* __restrict__ w, const double* __restrict__ uniforms, int32_t* __restrict__ out, int n) {
+    pdl_wait();
     Weights wt = {w + (size_t)blockIdx.x * n, nullptr, n, 0, 1.0};
     const int r = blocked_sample(wt, uniforms[blockIdx.x]);
     if (threadIdx.x == 0) out[blockIdx.x] = r;
@@ -497,6 +502,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     sample_without_replacement(const float* q, const int32_t* __restrict__ counts, const double* __restrict__ uniforms,
                                float* work, int32_t* __restrict__ out, float* __restrict__ out_q, int m, int row0,
                                int n) {
+    pdl_wait();
     __shared__ double tile_sum[MAX_TILES];
     __shared__ int s_last;
     __shared__ double s_sum;
@@ -545,6 +551,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 // drafts: [gamma]; target_argmax: [gamma + 1]; out: (accepted, next). One thread.
 extern "C" __global__ void verify_greedy(const int32_t* __restrict__ drafts, const int32_t* __restrict__ target_argmax,
                                          int32_t* __restrict__ out, int gamma) {
+    pdl_wait();
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
     int a = 0;
     while (a < gamma && drafts[a] == target_argmax[a]) ++a;
@@ -567,6 +574,7 @@ __device__ __forceinline__ double accept_probability(float p, float q) {
 extern "C" __global__ void __launch_bounds__(1024)
     verify_sampled(const int32_t* __restrict__ drafts, const float* __restrict__ q, const float* __restrict__ p,
                    const double* __restrict__ uniforms, int32_t* __restrict__ out, int gamma, int nq, int np) {
+    pdl_wait();
     __shared__ int s_accepted;
     __shared__ double s_norm;
     if (threadIdx.x == 0) {
@@ -617,6 +625,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 // One warp.
 extern "C" __global__ void verify_tree_greedy(const int32_t* __restrict__ tokens, const int32_t* __restrict__ parents,
                                               const int32_t* __restrict__ argmax, int32_t* __restrict__ out, int n) {
+    pdl_wait();
     if (blockIdx.x != 0 || threadIdx.x >= 32) return;
     const int lane = threadIdx.x;
     int node = 0, m = 0;
@@ -658,6 +667,7 @@ extern "C" __global__ void __launch_bounds__(1024)
                         const int32_t* __restrict__ q_row, const float* q, const float* p,
                         const double* __restrict__ uniforms, float* work, int32_t* __restrict__ out, int n, int sampled,
                         int q_rows, int nq, int np) {
+    pdl_wait();
     __shared__ double tile_sum[MAX_TILES];
     __shared__ int s_last, s_accept;
     __shared__ double s_sum_p, s_sum_q;

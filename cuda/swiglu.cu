@@ -5,6 +5,7 @@
 // second (the layout of a fused gate/up projection); out: [rows, inter].
 extern "C" __global__ void swiglu(const bf16* __restrict__ gate_up, bf16* __restrict__ out, int rows,
                                   int inter) {
+    pdl_wait();
     const size_t n = (size_t)rows * inter;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         const size_t r = i / inter, c = i % inter;

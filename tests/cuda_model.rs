@@ -1827,6 +1827,36 @@ fn bench_model() {
         pair_graphed,
         chain_bytes,
     );
+    // The same steps with programmatic dependent launch (`CudaDevice::set_pdl`, sm_90+):
+    // each kernel's launch and first weight fetches overlap the kernel before it.
+    let mut pdl = serde_json::Map::new();
+    if dev.set_pdl(true) {
+        let mut both = |name: &str, off: f64, on: (f64, f64), bytes: f64| {
+            let on = b.row(&format!("{name}, PDL"), on, bytes);
+            pdl.insert(
+                name.to_string(),
+                json!({"ms_off": off, "ms_on": on, "on_over_off": on / off}),
+            );
+        };
+        let steps = [
+            (format!("{t} decode, 1 token"), decode, last, 1, &one),
+            (format!("{t} verify chain γ+1={verify_n}"), verify, all, verify_n, &six),
+        ];
+        for (name, off, head, n, tokens) in steps {
+            let on = time_pass(&target, &mut cache, tokens, &chain(n), head);
+            both(&name, off, on, step_bytes(&tc, layers, ctx, n, true));
+        }
+        let name = format!("0.5B drafter chain γ={BENCH_GAMMA}, draft_chain (1 sync, {how})");
+        both(
+            &name,
+            draft_chain,
+            time_chain(&drafter, &mut dcache, &one, true),
+            chain_bytes,
+        );
+        dev.set_pdl(false);
+    } else {
+        println!("programmatic dependent launch: not on this GPU (sm_90 or later)");
+    }
     let mut pcache = target.new_cache(ctx).unwrap();
     let prefill = b.row_flops(
         &format!("{t} prefill (TTFT) {ctx} tokens"),
@@ -1929,6 +1959,7 @@ fn bench_model() {
         "tree": {"nodes": BENCH_TREE_NODES, "shape": "binary tree, parent (i - 1) / 2, depths 0..5"},
         "measured": b.rows,
         "tree_over_chain": {"tree_ms": tree, "chain_ms": verify, "ratio": tree_over_chain, "target_max": 1.15},
+        "programmatic_launch": pdl,
         "derived": {
             "note": format!(
                 "derived from the measured steps, not measured end to end: target at {full_depth} layers = \
@@ -2395,6 +2426,104 @@ fn chain_graphs_draft_what_passes_one_by_one_draft() {
                 assert_eq!(copies, Some(want), "sampled {sampled}: uploads of a chain fed {fed}");
             }
         }
+    }
+}
+
+/// Programmatic dependent launch (`CudaDevice::set_pdl`): a kernel may start while the
+/// one before it runs, and waits for it (`pdl_wait`) before touching memory. A kernel
+/// that read its input before the wait would give other bits on a GPU: a prefill, a
+/// decode step, a 6-token verify block, a tree block and graphed chains (argmax and
+/// sampled) give the same logits, drafts, q rows and caches with it off and on. On the
+/// emulator, which runs launches in order, every launch (the graphs' replays included)
+/// went out programmatic, and every thread of each called pdl_wait (the emulator fails a
+/// launch otherwise).
+#[test]
+fn programmatic_launches_change_no_bit() {
+    use massv::model::cuda_qwen2::ChainPick;
+    let dev = dev_or_skip!();
+    if !dev.set_pdl(true) {
+        let (major, minor) = dev.info().compute_capability;
+        println!("skipped: programmatic dependent launch needs sm_90 or later (this GPU is sm_{major}{minor})");
+        return;
+    }
+    dev.set_pdl(false);
+    let (_t, dir) = make(&engine_drafter_spec());
+    let m = CudaQwen2::load(dev.clone(), &dir).unwrap();
+    let (v, layers) = (m.cfg.vocab_size, m.cfg.num_hidden_layers);
+    let mut rng = Rng::new(31);
+    let prompt = random_tokens(&mut rng, 90, v);
+    let block = random_tokens(&mut rng, 6, v);
+    let tree = random_tokens(&mut rng, 5, v);
+    let emu_stats = || massv_cuda_emu::loaded().then(|| massv_cuda_emu::stats().unwrap());
+    let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    let run = |pdl: bool| {
+        assert_eq!(dev.set_pdl(pdl), pdl);
+        let before = emu_stats();
+        let mut cache = m.new_cache(300).unwrap();
+        let mut logits = m.forward_tokens(&prompt, &mut cache, Logits::All).unwrap();
+        logits.extend(m.forward_tokens(&block[..1], &mut cache, Logits::All).unwrap());
+        logits.extend(m.forward_tokens(&block, &mut cache, Logits::All).unwrap());
+        let start = cache.len();
+        let parents = [None, Some(0), Some(0), Some(1), Some(2)];
+        let allow = tree_mask(&parents);
+        let positions: Vec<i32> = [0, 1, 1, 2, 2].iter().map(|&d| (start + d) as i32).collect();
+        let mask = TreeMask { start, allow: &allow };
+        let input = Input::Tokens(&tree);
+        logits.extend(
+            m.forward(input, Positions::Seq(&positions), &mut cache, Logits::All, Some(mask))
+                .unwrap(),
+        );
+        cache.rollback_to(start).unwrap();
+        // Three chains of each kind: the second is captured, the third replays it.
+        let mut q = dev.alloc_zeros::<f32>(5 * v).unwrap();
+        let uniforms = dev.upload(&[0.1, 0.5, 0.9, 0.3, 0.7]).unwrap();
+        let params = SamplingParams {
+            temperature: 0.9,
+            top_k: 0,
+            top_p: 0.95,
+        };
+        let (mut last, mut drafts) = (block[5], vec![]);
+        for i in 0..6 {
+            let pick = if i < 3 {
+                ChainPick::Argmax
+            } else {
+                ChainPick::Sample {
+                    params: &params,
+                    q: &mut q,
+                    uniforms: &uniforms,
+                }
+            };
+            let ids = m.draft_chain(Input::Tokens(&[last]), &mut cache, 5, pick).unwrap();
+            last = ids[4];
+            drafts.push(ids);
+        }
+        let q = dev.download(&q.as_view()).unwrap();
+        let launched = emu_stats().zip(before).map(|(a, b)| {
+            (
+                a.launches - b.launches,
+                a.pdl_launches - b.pdl_launches,
+                a.graph_launches - b.graph_launches,
+            )
+        });
+        dev.set_pdl(false);
+        (bits(&logits), drafts, bits(&q), cache, launched)
+    };
+    let (want_logits, want_drafts, want_q, a, off) = run(false);
+    let (got_logits, got_drafts, got_q, b, on) = run(true);
+    assert_eq!(m.graph_status(), Ok(()), "no capture failed");
+    assert!(
+        got_logits == want_logits,
+        "the logits of the prefill, decode, verify and tree blocks"
+    );
+    assert_eq!(got_drafts, want_drafts, "the chains' drafts");
+    assert!(got_q == want_q, "the sampled chain's q rows");
+    same_caches(&a, &b, layers, "programmatic launches");
+    if let (Some(off), Some(on)) = (off, on) {
+        assert_eq!(off.1, 0, "no programmatic launch with it off");
+        assert_eq!(on.0, off.0, "as many launches either way");
+        assert_eq!(on.1, on.0, "every launch programmatic with it on");
+        assert!(on.2 >= 2, "graphs replayed: {}", on.2);
+        println!("{} launches, all programmatic, {} graph replays among them", on.1, on.2);
     }
 }
 

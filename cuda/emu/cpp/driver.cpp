@@ -128,6 +128,7 @@ struct MassvEmuStats {
     unsigned long long dtod_bytes;
     unsigned long long no_context;      // calls refused: no context current on the thread
     unsigned long long graph_launches;  // their kernels count in launches
+    unsigned long long pdl_launches;    // launches with programmatic stream serialisation (in launches too)
 };
 static thread_local MassvEmuStats stats;
 
@@ -191,10 +192,11 @@ static bool set_bytes(CUdeviceptr p, unsigned char v, size_t n, const char* what
     return true;
 }
 
-static bool run_kernel(const Kernel& k, void** params, uint3 grid, uint3 block, std::string& err) {
+static bool run_kernel(const Kernel& k, void** params, uint3 grid, uint3 block, bool pdl, std::string& err) {
     stats.launches++;
+    if (pdl) stats.pdl_launches++;
     running_kernel = k.name;
-    const bool ok = run_grid(k, params, grid, block, err);
+    const bool ok = run_grid(k, params, grid, block, pdl, err);
     running_kernel = nullptr;
     if (!ok) err = std::string(k.name) + ": " + err;
     return ok;
@@ -209,7 +211,7 @@ static CUresult sync_call(const char* what) {
 }
 
 // Recorded instead of run: the kernel and a copy of its arguments' bytes, taken now.
-static Node kernel_node(const Kernel& k, uint3 grid, uint3 block, void** params) {
+static Node kernel_node(const Kernel& k, uint3 grid, uint3 block, bool pdl, void** params) {
     struct alignas(std::max_align_t) Word {
         unsigned char bytes[alignof(std::max_align_t)];
     };
@@ -221,10 +223,10 @@ static Node kernel_node(const Kernel& k, uint3 grid, uint3 block, void** params)
     }
     std::vector<Word> args(words);
     for (size_t i = 0; i < k.params; ++i) memcpy(&args[at[i]], params[i], k.param_sizes[i]);
-    return Node{[&k, grid, block, at, args](std::string& err) mutable {
+    return Node{[&k, grid, block, pdl, at, args](std::string& err) mutable {
         std::vector<void*> argv(at.size());
         for (size_t i = 0; i < at.size(); ++i) argv[i] = &args[at[i]];
-        return run_kernel(k, argv.data(), grid, block, err);
+        return run_kernel(k, argv.data(), grid, block, pdl, err);
     }};
 }
 
@@ -488,8 +490,9 @@ CUresult cuFuncGetAttribute(int* v, int, void*) {
     return CUDA_SUCCESS;
 }
 
-CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                        unsigned shared_bytes, void* stream, void** params, void** extra) {
+// cuLaunchKernel, and cuLaunchKernelEx with `pdl` its programmatic stream serialisation.
+static CUresult launch(void* f, uint3 grid, uint3 block, unsigned shared_bytes, void* stream, void** params,
+                       void** extra, bool pdl) {
     std::lock_guard<std::mutex> g(lock());  // one launch at a time (fiber.cpp)
     const Kernel* k = static_cast<const Kernel*>(f);
     if (!k) return CUDA_ERROR_INVALID_HANDLE;
@@ -501,17 +504,54 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
                             std::string(k->name) + ": dynamic shared memory / extra launch arguments are not emulated");
     if (k->params != 0 && params == nullptr)
         return fail_capture(c, CUDA_ERROR_INVALID_VALUE, std::string(k->name) + ": no kernelParams");
-    const uint3 grid{gx, gy, gz}, block{bx, by, bz};
     if (c) {
         // The driver checks the shape at the launch, captured or not.
         std::string err;
         if (!launch_shape_ok(grid, block, err))
             return fail_capture(c, CUDA_ERROR_INVALID_VALUE, std::string(k->name) + ": " + err);
-        record(c, kernel_node(*k, grid, block, params));
+        record(c, kernel_node(*k, grid, block, pdl, params));
         return CUDA_SUCCESS;
     }
     std::string err;
-    return run_kernel(*k, params, grid, block, err) ? CUDA_SUCCESS : fail(CUDA_ERROR_LAUNCH_FAILED, err);
+    return run_kernel(*k, params, grid, block, pdl, err) ? CUDA_SUCCESS : fail(CUDA_ERROR_LAUNCH_FAILED, err);
+}
+
+CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                        unsigned shared_bytes, void* stream, void** params, void** extra) {
+    return launch(f, uint3{gx, gy, gz}, uint3{bx, by, bz}, shared_bytes, stream, params, extra, false);
+}
+
+// CUlaunchConfig and CUlaunchAttribute as cuda.h lays them out (CUDA 12 / 13).
+struct LaunchAttribute {
+    int id;
+    char pad[4];
+    union {
+        char bytes[64];
+        int value;
+    };
+};
+struct LaunchConfig {
+    unsigned grid_x, grid_y, grid_z, block_x, block_y, block_z, shared_bytes;
+    void* stream;
+    LaunchAttribute* attrs;
+    unsigned num_attrs;
+};
+enum { LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6 };
+
+CUresult cuLaunchKernelEx(const LaunchConfig* cfg, void* f, void** params, void** extra) {
+    if (!cfg || (cfg->num_attrs > 0 && !cfg->attrs)) return CUDA_ERROR_INVALID_VALUE;
+    bool pdl = false;
+    for (unsigned i = 0; i < cfg->num_attrs; ++i) {
+        const LaunchAttribute& a = cfg->attrs[i];
+        if (a.id != LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION) {
+            std::lock_guard<std::mutex> g(lock());
+            return fail(CUDA_ERROR_INVALID_VALUE, "cuLaunchKernelEx: launch attribute " + std::to_string(a.id) +
+                                                      " is not emulated (only programmatic stream serialisation)");
+        }
+        pdl = a.value != 0;
+    }
+    return launch(f, uint3{cfg->grid_x, cfg->grid_y, cfg->grid_z}, uint3{cfg->block_x, cfg->block_y, cfg->block_z},
+                  cfg->shared_bytes, cfg->stream, params, extra, pdl);
 }
 
 CUresult cuEventCreate(void** e, unsigned) {

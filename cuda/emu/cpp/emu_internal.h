@@ -67,7 +67,10 @@ void register_kernel(const char* name, SharedMemory shared) {
 
 // Whether the driver takes this grid and block; else why not.
 bool launch_shape_ok(uint3 grid, uint3 block, std::string& err);
-bool run_grid(const Kernel& k, void** args, uint3 grid, uint3 block, std::string& err);
+// pdl: a programmatic dependent launch (cuLaunchKernelEx's programmatic stream
+// serialisation); it runs in stream order as any other, and fails if a thread never
+// calls pdl_wait.
+bool run_grid(const Kernel& k, void** args, uint3 grid, uint3 block, bool pdl, std::string& err);
 void set_reverse_order(bool reverse);
 
 // ------------------------------------------------------------------------------------

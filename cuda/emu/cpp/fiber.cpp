@@ -84,6 +84,7 @@ struct Fiber {
     State state;
     unsigned wait_mask;
     uint3 tid;
+    bool pdl_waited;  // called pdl_wait (griddepcontrol.wait)
 };
 
 constexpr size_t STACK = 256 * 1024;
@@ -107,6 +108,10 @@ static_assert(MAX_THREADS / 32 == sizeof warp_words / sizeof warp_words[0], "a W
 unsigned warp_live[MAX_THREADS / 32];     // lanes not exited
 unsigned warp_waiting[MAX_THREADS / 32];  // lanes at a warp barrier
 std::atomic<bool> order_from_env_read{false};
+// A programmatic dependent launch: each thread must call pdl_wait before it exits, and
+// the first one that did not (linear id in its block; -1: none) fails the launch.
+bool pdl_launch = false;
+int pdl_missing = -1;
 
 void switch_context(Context& save, Context& next) {
 #if defined(__x86_64__)
@@ -185,6 +190,7 @@ void leave(Fiber& f) {
 
 [[noreturn]] void fiber_main() {
     entry(entry_args);
+    if (pdl_launch && !fibers[current].pdl_waited && pdl_missing < 0) pdl_missing = current;
     fibers[current].state = DONE;
     ++done_count;
     warp_live[current / 32] &= ~(1u << (current & 31));
@@ -259,6 +265,7 @@ bool run_block(std::string& err) {
         start_fiber(f, stacks + i * slot + page);
         f.state = RUNNABLE;
         f.wait_mask = 0;
+        f.pdl_waited = false;
         f.tid = uint3{i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
     }
     done_count = 0;
@@ -277,7 +284,17 @@ bool run_block(std::string& err) {
             threadIdx = fibers[first].tid;
             switch_context(scheduler, fibers[first].ctx);
         }
-        if (done_count == nthreads) return true;
+        if (done_count == nthreads) {
+            if (pdl_missing < 0) return true;
+            const uint3 t = fibers[pdl_missing].tid;
+            char buf[256];
+            snprintf(buf, sizeof buf,
+                     "thread (%u, %u, %u) of block (%u, %u, %u) exited without pdl_wait (griddepcontrol.wait) in "
+                     "a programmatic dependent launch: it may have run beside the kernel before it",
+                     t.x, t.y, t.z, blockIdx.x, blockIdx.y, blockIdx.z);
+            err = buf;
+            return false;
+        }
         if (!release() && !ran) {
             unsigned at_block = 0, at_warp = 0, finished = 0;
             for (unsigned i = 0; i < nthreads; ++i) {
@@ -298,6 +315,7 @@ bool run_block(std::string& err) {
 }  // namespace
 
 void block_barrier() { wait(AT_BLOCK_BARRIER, 0); }
+void pdl_wait() { fibers[current].pdl_waited = true; }
 void warp_barrier(unsigned mask) { wait(AT_WARP_BARRIER, mask); }
 
 void set_reverse_order(bool reverse) {
@@ -319,7 +337,7 @@ bool launch_shape_ok(uint3 grid, uint3 block, std::string& err) {
     return true;
 }
 
-bool run_grid(const Kernel& k, void** args, uint3 grid, uint3 block, std::string& err) {
+bool run_grid(const Kernel& k, void** args, uint3 grid, uint3 block, bool pdl, std::string& err) {
     if (!order_from_env_read) {
         const char* o = getenv("MASSV_EMU_ORDER");
         reverse_order = o && std::string(o) == "reverse";
@@ -331,6 +349,8 @@ bool run_grid(const Kernel& k, void** args, uint3 grid, uint3 block, std::string
     if (!allocate_stacks(err)) return false;
     entry = k.entry;
     entry_args = args;
+    pdl_launch = pdl;
+    pdl_missing = -1;
     shared = k.shared;
     nthreads = (unsigned)n;
     blockDim = block;

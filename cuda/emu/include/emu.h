@@ -53,6 +53,9 @@ extern uint3 threadIdx, blockIdx, blockDim, gridDim;
 namespace massv_emu {
 void block_barrier();
 void warp_barrier(unsigned mask);
+// griddepcontrol.wait: launches run one after another here, so it only notes that the
+// thread called it (a programmatic launch fails where a thread never does).
+void pdl_wait();
 
 // A warp's exchange words (shuffles, ballots, mma fragments). A lane writes its own in
 // `warp_words`, then waits at a warp barrier; the barrier's release copies the warp's

@@ -68,6 +68,9 @@ pub struct Stats {
     pub no_context: u64,
     /// cuGraphLaunch calls that ran their graph (its kernels count in `launches`).
     pub graph_launches: u64,
+    /// Kernels launched with programmatic stream serialisation (programmatic dependent
+    /// launch; they count in `launches` too), replayed from graphs or not.
+    pub pdl_launches: u64,
 }
 
 /// Whether [`load`] succeeded in this process (the CUDA the backend sees is the emulator).

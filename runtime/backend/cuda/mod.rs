@@ -24,11 +24,15 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt::Display;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::cublaslt::CudaBlasLT;
-use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUgraphInstantiate_flags, CUresult, CUstreamCaptureMode};
+use cudarc::driver::sys::{
+    CUdevice_attribute, CUevent_flags, CUgraphInstantiate_flags, CUlaunchAttribute, CUlaunchAttributeID,
+    CUlaunchConfig, CUresult, CUstreamCaptureMode,
+};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
     DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
@@ -229,6 +233,8 @@ pub struct CudaDevice {
     /// per row tile and KV head), zero between launches: the last split resets its own.
     /// Kernels on the one stream never overlap, so one set serves every launch.
     split_counters: CudaSlice<u32>,
+    /// Launch kernels with programmatic dependent launch ([`Self::set_pdl`]).
+    pdl: AtomicBool,
 }
 
 impl Drop for CudaDevice {
@@ -299,9 +305,29 @@ impl CudaDevice {
             funcs: Mutex::new(HashMap::new()),
             blas,
             blas_lt,
+            pdl: AtomicBool::new(pdl_serves(&info) && std::env::var("MASSV_CUDA_PDL").as_deref() == Ok("1")),
             info,
             split_counters,
         })
+    }
+
+    /// Turns programmatic dependent launch on or off; returns whether it is on (never
+    /// before sm_90, where the driver has no such launch). On, each kernel is launched
+    /// with programmatic stream serialisation: it may start while the kernel before it
+    /// still runs, its launch and the weights it prefetches overlapping that kernel's
+    /// tail, and waits for it (`pdl_wait` in cuda/common.cuh, which every kernel calls
+    /// first) before touching anything else. The results are the same bits either way.
+    /// Off by default until a GPU's benchmark shows the gain (MASSV_CUDA_PDL=1 starts it
+    /// on); graphs captured while on keep programmatic edges.
+    pub fn set_pdl(&self, on: bool) -> bool {
+        let on = on && pdl_serves(&self.info);
+        self.pdl.store(on, Ordering::Relaxed);
+        on
+    }
+
+    /// Whether kernels launch with programmatic dependent launch ([`Self::set_pdl`]).
+    pub fn pdl(&self) -> bool {
+        self.pdl.load(Ordering::Relaxed)
     }
 
     pub fn info(&self) -> &DeviceInfo {
@@ -537,6 +563,11 @@ impl CudaDevice {
     fn launch(&self, module: &'static str, name: &'static str, cfg: LaunchConfig, args: &[&dyn Arg]) -> Result<()> {
         let f = self.func(module, name)?;
         let queue = self.queue();
+        if self.pdl() {
+            return self
+                .launch_programmatic(&f, &queue, cfg, args)
+                .map_err(|e| cuda_err(&format!("launching {name} (programmatic dependent launch)"), e));
+        }
         let mut b = queue.launch_builder(&f);
         for a in args {
             a.push(&mut b);
@@ -545,6 +576,50 @@ impl CudaDevice {
         // and passes the arguments in the kernel's order and C types.
         unsafe { b.launch(cfg) }.map_err(|e| cuda_err(&format!("launching {name}"), e))?;
         Ok(())
+    }
+
+    /// cuLaunchKernelEx with programmatic stream serialisation (cudarc's builder has no
+    /// launch attributes). The arguments are plain values (pointers as u64): there are
+    /// no per-buffer events to record.
+    fn launch_programmatic(
+        &self,
+        f: &CudaFunction,
+        queue: &CudaStream,
+        cfg: LaunchConfig,
+        args: &[&dyn Arg],
+    ) -> std::result::Result<(), String> {
+        const MAX_ARGS: usize = 16;
+        if args.len() > MAX_ARGS {
+            return Err(format!("{} arguments, at most {MAX_ARGS}", args.len()));
+        }
+        let mut params = [std::ptr::null_mut::<std::ffi::c_void>(); MAX_ARGS];
+        for (p, a) in params.iter_mut().zip(args) {
+            *p = a.param();
+        }
+        // SAFETY: an all-zero launch attribute is a valid (empty) value of the union.
+        let mut attr: CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: queue.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        self.ctx.bind_to_thread().map_err(|e| e.to_string())?;
+        // SAFETY: as in `launch`; `params` points at the caller's argument values, alive
+        // for the call (the driver copies them), one per kernel parameter.
+        unsafe {
+            cudarc::driver::sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut())
+        }
+        .result()
+        .map_err(|e| e.to_string())
     }
 
     fn rptr<T>(&self, x: &CudaView<'_, T>) -> u64 {
@@ -559,12 +634,22 @@ impl CudaDevice {
 /// A kernel argument: anything the launch builder accepts by reference.
 trait Arg {
     fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);
+    /// The value's address, as cuLaunchKernel's kernelParams hold it.
+    fn param(&self) -> *mut std::ffi::c_void;
 }
 
 impl<T: DeviceRepr> Arg for T {
     fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
         b.arg(self);
     }
+    fn param(&self) -> *mut std::ffi::c_void {
+        self as *const T as *mut std::ffi::c_void
+    }
+}
+
+/// Programmatic dependent launch needs Hopper (sm_90) or later.
+fn pdl_serves(info: &DeviceInfo) -> bool {
+    info.compute_capability.0 >= 9
 }
 
 fn cublas_present() -> std::result::Result<(), String> {

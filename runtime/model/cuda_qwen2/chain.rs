@@ -26,6 +26,8 @@ pub(super) struct ChainKey {
     ids: (u64, u64),
     /// A sampled chain's q rows and uniforms (addresses, lengths) and parameters' bits.
     sample: Option<(u64, usize, u64, usize, u32, usize, u32)>,
+    /// Whether its kernels were captured as programmatic launches (`CudaDevice::set_pdl`).
+    pdl: bool,
 }
 
 /// How [`CudaQwen2::draft_chain`] picks each draft on the device.
@@ -218,6 +220,7 @@ impl CudaQwen2 {
                     params.top_p.to_bits(),
                 )),
             },
+            pdl: self.dev.pdl(),
         };
         let found = s.chain_graphs.iter().position(|(k, _)| *k == key);
         if found.is_none() {
