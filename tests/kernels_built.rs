@@ -365,3 +365,62 @@ fn attn_params_mirror_the_kernels_struct() {
     let c: Vec<(String, String)> = c_fields.into_iter().map(|(n, k)| (n, k.to_string())).collect();
     assert_eq!(rust_fields, c);
 }
+
+/// Under programmatic dependent launch (`CudaDevice::set_pdl`) a kernel may start while
+/// the kernel before it still runs, so nothing may touch memory before `pdl_wait`
+/// (cuda/common.cuh). The emulator runs launches in order and only catches a thread that
+/// never calls it; this holds the order in the sources: every `extern "C" __global__`
+/// body (macro-made ones included) starts with `pdl_wait();`, or is one call of a body
+/// function whose statements before its `prefetch_then_wait(` (the GEMVs: weight row
+/// arithmetic and L2 prefetches, which read nothing) index, dereference and load nothing.
+#[test]
+fn every_kernel_waits_for_the_one_before_first() {
+    fn first_statement(body: &str) -> &str {
+        let body = body.trim_start();
+        &body[..body.find(';').unwrap_or(body.len())]
+    }
+    let mut kernels = 0;
+    let mut bad = Vec::new();
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/cuda")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "cu") {
+            continue;
+        }
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        // Macro bodies: their line continuations out, so a body reads as plain code.
+        let text = std::fs::read_to_string(&path).unwrap().replace("\\\n", "\n");
+        for (at, _) in text.match_indices("extern \"C\" __global__") {
+            kernels += 1;
+            let line = text[..at].lines().count() + 1;
+            let body = &text[at + text[at..].find('{').unwrap() + 1..];
+            let first = first_statement(body);
+            if first == "pdl_wait()" {
+                continue;
+            }
+            // One call of a body function: `name<...>(...)`; its definition's opening.
+            let callee = first.split(['<', '(']).next().unwrap().trim();
+            let def = format!("void {callee}(");
+            let ok = !callee.is_empty()
+                && text.find(&def).is_some_and(|d| {
+                    let open = d + text[d..].find('{').unwrap() + 1;
+                    let before = text[open..].find("prefetch_then_wait(").map(|p| &text[open..open + p]);
+                    before.is_some_and(|pre| {
+                        !["[", "->", "__ldg", "ld_stream", "__ldcg", "atomic"]
+                            .iter()
+                            .any(|t| pre.contains(t))
+                            && !pre.contains("= *")
+                    })
+                });
+            if !ok {
+                bad.push(format!("{file}:{line}: starts with `{first}`"));
+            }
+        }
+    }
+    assert!(kernels >= 30, "found only {kernels} kernels");
+    assert!(
+        bad.is_empty(),
+        "kernels that may touch memory before pdl_wait:\n{}",
+        bad.join("\n")
+    );
+    println!("{kernels} kernel definitions start by waiting for the kernel before");
+}
