@@ -1646,6 +1646,9 @@ impl ModelBench {
 #[ignore = "benchmark: run by bench/gpu.sh on a lent GPU"]
 fn bench_model() {
     let dev = dev_or_skip!();
+    // The plain rows without programmatic dependent launch whatever MASSV_CUDA_PDL says;
+    // the rows marked PDL with it.
+    dev.set_pdl(false);
     if let Err(e) = dev.cublas_status() {
         panic!("bench_model needs cuBLAS (the prefill and the 32-token tree take cuBLASLt): {e}");
     }
@@ -2505,11 +2508,11 @@ fn programmatic_launches_change_no_bit() {
                 a.graph_launches - b.graph_launches,
             )
         });
-        dev.set_pdl(false);
         (bits(&logits), drafts, bits(&q), cache, launched)
     };
     let (want_logits, want_drafts, want_q, a, off) = run(false);
     let (got_logits, got_drafts, got_q, b, on) = run(true);
+    dev.set_pdl(false);
     assert_eq!(m.graph_status(), Ok(()), "no capture failed");
     assert!(
         got_logits == want_logits,

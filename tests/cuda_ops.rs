@@ -1178,6 +1178,31 @@ fn same_every_launch(
         0,
         "{what}: counters left set by the replays"
     );
+    // Back to back with no copy between, where under programmatic dependent launch each
+    // launch may start while the one before still merges: the last one's bits are the
+    // first's (every launch writes the same y).
+    let was = dev.pdl();
+    for pdl in [false, true] {
+        if dev.set_pdl(pdl) != pdl {
+            println!("{what}: programmatic dependent launch is not on this device");
+            continue;
+        }
+        let again = run(y, &mut |y| {
+            for _ in 0..repeats {
+                launch(&mut y.as_view_mut()).unwrap();
+            }
+        });
+        assert!(
+            again == first,
+            "{what}: {repeats} launches back to back (programmatic: {pdl}) end with other bits than the first"
+        );
+        assert_eq!(
+            dev.split_counters_set().unwrap(),
+            0,
+            "{what}: counters left set by launches back to back (programmatic: {pdl})"
+        );
+    }
+    dev.set_pdl(was);
 }
 
 /// The split-K merges (a GEMV's or decode attention's last split to arrive sums what the
@@ -1186,8 +1211,9 @@ fn same_every_launch(
 /// runs a grid's blocks one at a time; a GPU runs them at once, so a merge that reads a
 /// partial before it is visible, or a counter left set, shows here. On a GPU: the real
 /// shapes that split (the 7B target's o and down projections, the drafter's down
-/// projection; decode attention after 4000 keys), 200 launches each way; on the emulator
-/// short matrices that split at its 4 multiprocessors, twice.
+/// projection; decode attention after 4000 keys), 200 launches each way, and 200 back to
+/// back with programmatic dependent launch off and on; on the emulator short matrices that
+/// split at its 4 multiprocessors, twice.
 #[test]
 fn split_k_merges_the_same_every_launch() {
     let dev = dev_or_skip!();
