@@ -647,9 +647,13 @@ impl<T: DeviceRepr> Arg for T {
     }
 }
 
-/// Programmatic dependent launch needs Hopper (sm_90) or later.
+/// Programmatic dependent launch needs Hopper (sm_90) or later, and a driver with
+/// cuLaunchKernelEx (CUDA 11.8; cudarc would panic on a call to a missing symbol).
 fn pdl_serves(info: &DeviceInfo) -> bool {
-    info.compute_capability.0 >= 9
+    let mut v = 0;
+    // SAFETY: writes one int.
+    let driver_ok = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) } == CUresult::CUDA_SUCCESS && v >= 11080;
+    info.compute_capability.0 >= 9 && driver_ok
 }
 
 fn cublas_present() -> std::result::Result<(), String> {
