@@ -305,7 +305,13 @@ fn run(cli: Cli) -> Result<()> {
                 spans.write(&path)?;
             }
             if json {
-                let obj = serde_json::json!({"text": out.text, "tokens": out.tokens, "metrics": out.metrics});
+                let placement = serde_json::json!({
+                    "target": engine.target.lm().placement(),
+                    "drafter": engine.drafter.as_ref().map(|d| d.lm.lm().placement()),
+                });
+                let obj = serde_json::json!({
+                    "text": out.text, "tokens": out.tokens, "metrics": out.metrics, "placement": placement,
+                });
                 println!("{obj}");
             } else {
                 println!("{}", out.text);

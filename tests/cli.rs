@@ -57,6 +57,8 @@ fn generate_json_equals_transformers_greedy() {
     assert_eq!(tokens, want);
     assert!(v["text"].is_string());
     assert!(v["metrics"]["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["placement"]["target"]["device"], "cpu", "{}", v["placement"]);
+    assert!(v["placement"]["drafter"].is_null(), "no drafter: {}", v["placement"]);
 }
 
 #[test]
@@ -289,6 +291,20 @@ fn generate_parameter_errors_are_one_line() {
         "total",
     ] {
         assert!(m["timings_ms"][key].is_number(), "timings_ms.{key}");
+    }
+    // Where each model ran (auto: the CPU here, a GPU where one serves them).
+    let p = &v["placement"];
+    let device = p["target"]["device"].as_str().unwrap_or_default();
+    assert!(["cpu", "cuda"].contains(&device), "{p}");
+    assert_eq!(
+        p["drafter"]["device"], p["target"]["device"],
+        "the drafter runs beside the target: {p}"
+    );
+    if device == "cuda" {
+        assert!(
+            p["target"]["gpu"].is_string() && p["drafter"]["graphs"].is_boolean(),
+            "{p}"
+        );
     }
 }
 

@@ -2528,6 +2528,16 @@ fn programmatic_launches_change_no_bit() {
         assert!(on.2 >= 2, "graphs replayed: {}", on.2);
         println!("{} launches, all programmatic, {} graph replays among them", on.1, on.2);
     }
+    // What `massv generate --json` reports of it.
+    let lm = massv::model::Lm::Cuda(m);
+    for pdl in [true, false] {
+        dev.set_pdl(pdl);
+        let p = lm.placement();
+        assert_eq!(p["device"], "cuda", "{p}");
+        assert_eq!(p["gpu"], dev.info().name.as_str(), "{p}");
+        assert_eq!(p["graphs"], true, "{p}");
+        assert_eq!(p["pdl"], pdl, "{p}");
+    }
 }
 
 /// Four requests drafting chains on one device drafter at once (the C ABI shares a loaded

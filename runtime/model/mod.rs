@@ -198,6 +198,22 @@ impl Lm {
         }
     }
 
+    /// Where this LM runs and, on a GPU, how its kernels are launched: which GPU, whether
+    /// drafted chains replay as CUDA graphs (`graph_status`) and whether launches are
+    /// programmatic (`CudaDevice::set_pdl`). For reports such as `massv generate --json`,
+    /// so that timings can be told apart by launch mode.
+    pub fn placement(&self) -> serde_json::Value {
+        match self {
+            Lm::Cpu(_) => serde_json::json!({"device": "cpu"}),
+            Lm::Cuda(m) => serde_json::json!({
+                "device": "cuda",
+                "gpu": m.device().info().name,
+                "graphs": m.graph_status().is_ok(),
+                "pdl": m.device().pdl(),
+            }),
+        }
+    }
+
     pub fn device(&self) -> Device {
         match self {
             Lm::Cpu(_) => Device::Cpu,
