@@ -229,16 +229,24 @@ fn top_level_split(s: &str) -> (Vec<String>, &str) {
     (parts, "")
 }
 
+/// Every cuda/*.cu file: its name and text.
+fn cuda_sources() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/cuda")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "cu") {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            out.push((name, std::fs::read_to_string(&path).unwrap()));
+        }
+    }
+    out
+}
+
 /// The parameter list of every `extern "C" __global__` kernel written out by name in
 /// cuda/*.cu (macro-made entry points are skipped).
 fn kernel_params() -> std::collections::BTreeMap<String, Vec<String>> {
     let mut out = std::collections::BTreeMap::new();
-    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/cuda")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_none_or(|e| e != "cu") {
-            continue;
-        }
-        let text = std::fs::read_to_string(&path).unwrap();
+    for (_, text) in cuda_sources() {
         for (at, _) in text.match_indices("extern \"C\" __global__ void") {
             let mut rest = &text[at + "extern \"C\" __global__ void".len()..];
             if let Some(r) = rest.trim_start().strip_prefix("__launch_bounds__(") {
@@ -381,14 +389,9 @@ fn every_kernel_waits_for_the_one_before_first() {
     }
     let mut kernels = 0;
     let mut bad = Vec::new();
-    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/cuda")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_none_or(|e| e != "cu") {
-            continue;
-        }
-        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+    for (file, text) in cuda_sources() {
         // Macro bodies: their line continuations out, so a body reads as plain code.
-        let text = std::fs::read_to_string(&path).unwrap().replace("\\\n", "\n");
+        let text = text.replace("\\\n", "\n");
         for (at, _) in text.match_indices("extern \"C\" __global__") {
             kernels += 1;
             let line = text[..at].lines().count() + 1;

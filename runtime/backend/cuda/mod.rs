@@ -143,12 +143,9 @@ fn keep_alive(ctx: Arc<CudaContext>) {
 /// kernels, what to do: an old driver refuses newer kernels with an error that does not
 /// say so.
 fn driver_note() -> String {
-    let mut v = 0;
-    // SAFETY: writes one int.
-    if unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) } != CUresult::CUDA_SUCCESS {
+    let Some(driver) = driver_version() else {
         return String::new();
-    }
-    let driver = ((v / 1000) as u32, (v % 1000 / 10) as u32);
+    };
     let mut note = format!(", its driver supports CUDA {}.{}", driver.0, driver.1);
     if let Some(built) = kernels::NVCC_RELEASE.filter(|&b| driver < b) {
         note += &format!(
@@ -157,6 +154,16 @@ fn driver_note() -> String {
         );
     }
     note
+}
+
+/// The CUDA version the driver supports, as (major, minor); None if it does not say.
+fn driver_version() -> Option<(u32, u32)> {
+    let mut v = 0;
+    // SAFETY: writes one int.
+    if unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) } != CUresult::CUDA_SUCCESS {
+        return None;
+    }
+    Some(((v / 1000) as u32, (v % 1000 / 10) as u32))
 }
 
 /// Whether cuBLAS and cuBLASLt can be loaded: serving a model needs them (the prefill's
@@ -650,10 +657,7 @@ impl<T: DeviceRepr> Arg for T {
 /// Programmatic dependent launch needs Hopper (sm_90) or later, and a driver with
 /// cuLaunchKernelEx (CUDA 11.8; cudarc would panic on a call to a missing symbol).
 fn pdl_serves(info: &DeviceInfo) -> bool {
-    let mut v = 0;
-    // SAFETY: writes one int.
-    let driver_ok = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) } == CUresult::CUDA_SUCCESS && v >= 11080;
-    info.compute_capability.0 >= 9 && driver_ok
+    info.compute_capability.0 >= 9 && driver_version().is_some_and(|v| v >= (11, 8))
 }
 
 fn cublas_present() -> std::result::Result<(), String> {
