@@ -5,8 +5,9 @@
 // through L1 by every warp. CPU twin: runtime/reference/gemv.rs (= reference::linear).
 //
 // Layout of the work: a warp owns ROWS consecutive output columns n and walks K in
-// 8-element (16-byte) steps, lane l taking steps l, l + 32, ...; two steps are loaded
-// ahead so each lane keeps 2 * ROWS 16-byte weight loads in flight. A block is 4 warps.
+// 8-element (16-byte) steps, lane l taking steps l, l + 32, ...; the next two steps'
+// weights are loaded while the current two are multiplied, so each lane keeps 2 * ROWS
+// 16-byte weight loads in flight. A block is 4 warps.
 // gridDim.y > 1 splits K (split-K): each split writes f32 partial sums to
 // partial[split, b, n], and the block of a column range that finishes last (a counter per
 // range, counters[blockIdx.x], zero before and after the launch) adds them up in split
@@ -30,6 +31,24 @@
 #define GEMV_ROWS 4
 #define GEMV_UNROLL 2
 
+// acc[r][b] += x[b, 8 k8 ..] . w[r] for one 8-element step k8 whose weights w holds.
+template <int B>
+__device__ __forceinline__ void gemv_step(const uint4 w[GEMV_ROWS], const uint4* __restrict__ x4, int K8, int k8,
+                                          float acc[GEMV_ROWS][B]) {
+    float wf[GEMV_ROWS][8];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r) bf16x8_to_f32(w[r], wf[r]);
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+        float xf[8];
+        bf16x8_to_f32(__ldg(x4 + (size_t)b * K8 + k8), xf);
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; ++r)
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[r][b] = fmaf(wf[r][i], xf[i], acc[r][b]);
+    }
+}
+
 // acc[r][b] = x[b, ks] . wrow[r][ks] over this block's range ks of K (split blockIdx.y of
 // gridDim.y), in 8-element steps; K8 = K / 8.
 template <int B>
@@ -44,42 +63,42 @@ __device__ __forceinline__ void gemv_accumulate(const uint4* __restrict__ x4, co
 #pragma unroll
         for (int b = 0; b < B; ++b) acc[r][b] = 0.0f;
 
+    // Software-pipelined: the weights of the next GEMV_UNROLL steps are requested before
+    // those of these are multiplied, so one memory latency serves GEMV_UNROLL * GEMV_ROWS
+    // 16-byte loads. Written plainly (load, then multiply), nvcc issued half of them only
+    // once the first half had arrived: two latencies a step (tests/sass.rs holds it to one).
     int k8 = k8_begin + lane;
-    for (; k8 + 32 * (GEMV_UNROLL - 1) < k8_end; k8 += 32 * GEMV_UNROLL) {
-        uint4 wv[GEMV_UNROLL][GEMV_ROWS];
+    bool full = k8 + 32 * (GEMV_UNROLL - 1) < k8_end;
+    uint4 wv[GEMV_UNROLL][GEMV_ROWS];
+    if (full) {
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; ++u)
 #pragma unroll
             for (int r = 0; r < GEMV_ROWS; ++r) wv[u][r] = ld_stream(wrow[r] + k8 + 32 * u);
-#pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; ++u) {
-            float wf[GEMV_ROWS][8];
-#pragma unroll
-            for (int r = 0; r < GEMV_ROWS; ++r) bf16x8_to_f32(wv[u][r], wf[r]);
-#pragma unroll
-            for (int b = 0; b < B; ++b) {
-                float xf[8];
-                bf16x8_to_f32(__ldg(x4 + (size_t)b * K8 + k8 + 32 * u), xf);
-#pragma unroll
-                for (int r = 0; r < GEMV_ROWS; ++r)
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) acc[r][b] = fmaf(wf[r][i], xf[i], acc[r][b]);
-            }
-        }
     }
-    for (; k8 < k8_end; k8 += 32) {
-        float wf[GEMV_ROWS][8];
+    while (full) {
+        const int kn = k8 + 32 * GEMV_UNROLL;
+        const bool more = kn + 32 * (GEMV_UNROLL - 1) < k8_end;
+        uint4 next[GEMV_UNROLL][GEMV_ROWS];
 #pragma unroll
-        for (int r = 0; r < GEMV_ROWS; ++r) bf16x8_to_f32(ld_stream(wrow[r] + k8), wf[r]);
-#pragma unroll
-        for (int b = 0; b < B; ++b) {
-            float xf[8];
-            bf16x8_to_f32(__ldg(x4 + (size_t)b * K8 + k8), xf);
+        for (int u = 0; u < GEMV_UNROLL; ++u)
 #pragma unroll
             for (int r = 0; r < GEMV_ROWS; ++r)
+                next[u][r] = more ? ld_stream(wrow[r] + kn + 32 * u) : make_uint4(0, 0, 0, 0);
 #pragma unroll
-                for (int i = 0; i < 8; ++i) acc[r][b] = fmaf(wf[r][i], xf[i], acc[r][b]);
-        }
+        for (int u = 0; u < GEMV_UNROLL; ++u) gemv_step<B>(wv[u], x4, K8, k8 + 32 * u, acc);
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; ++u)
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; ++r) wv[u][r] = next[u][r];
+        k8 = kn;
+        full = more;
+    }
+    for (; k8 < k8_end; k8 += 32) {
+        uint4 w[GEMV_ROWS];
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; ++r) w[r] = ld_stream(wrow[r] + k8);
+        gemv_step<B>(w, x4, K8, k8, acc);
     }
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; ++r)

@@ -29,13 +29,15 @@ pub fn stop_tokens(dir: &Path, config_eos: &[u32], tokenizer: &Tokenizer) -> Res
     Ok(ids)
 }
 
-/// Index of the largest value; the first one on ties (as torch.argmax).
+/// Index of the largest value; the first one on ties (as torch.argmax). NaNs are skipped
+/// (0 when every value is one), as the device's argmax kernel skips them: a NaN first
+/// no longer hides the maximum after it.
 pub fn argmax(x: &[f32]) -> usize {
-    let mut best = 0;
+    let mut best: Option<usize> = None;
     for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
+        if !v.is_nan() && best.is_none_or(|b| v > x[b]) {
+            best = Some(i);
         }
     }
-    best
+    best.unwrap_or(0)
 }

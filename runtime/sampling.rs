@@ -173,6 +173,16 @@ mod tests {
     }
 
     #[test]
+    fn argmax_takes_the_first_maximum_and_skips_nans() {
+        use crate::generate::argmax;
+        assert_eq!(argmax(&[1.0, 3.0, 2.0, 3.0]), 1);
+        assert_eq!(argmax(&[f32::NAN, 1.0, 5.0, f32::NAN, 5.0]), 2);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NAN, f32::NEG_INFINITY]), 0);
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
+        assert_eq!(argmax(&[]), 0);
+    }
+
+    #[test]
     fn temperature_top_k_top_p() {
         let logits = [1.0f32, 2.0, 3.0, 4.0];
         let t1 = SamplingParams {

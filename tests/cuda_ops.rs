@@ -1662,6 +1662,53 @@ fn argmax_first_index_on_ties() {
     }
 }
 
+/// argmax reads a row in three parts: the floats before its first 16-byte boundary, then
+/// float4s, then the floats after the last whole one. The rows of an [rows, n] matrix
+/// with n odd start at every alignment. In turn every position of such rows holds the
+/// maximum, with a tie after it (the first must win) and NaNs (skipped) among the rest,
+/// a NaN first included.
+#[test]
+fn argmax_finds_the_max_at_every_position_and_alignment() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(41);
+    for n in [1usize, 2, 3, 5, 7, 8, 37, 4101] {
+        // 4 rows a position for the short rows (each position at each alignment); some
+        // positions of the long one: its ends and both sides of 16-byte boundaries.
+        let positions: Vec<usize> = if n < 64 {
+            (0..4 * n).map(|r| r % n).collect()
+        } else {
+            vec![0, 1, 2, 3, 4, 5, 15, 16, 17, 1000, 4095, 4096, 4097, 4098, 4099, 4100]
+        };
+        let rows = positions.len();
+        let mut x = rand_vec(&mut rng, rows * n, 10.0);
+        for (row, &p) in x.chunks_mut(n).zip(&positions) {
+            for (i, v) in row.iter_mut().enumerate() {
+                if i != p && (i == 0 || rng.uniform() < 0.1) {
+                    *v = f32::NAN;
+                }
+            }
+            row[p] = 11.0;
+            if p + 1 < n {
+                let tie = p + 1 + (rng.uniform() * (n - p - 1) as f64) as usize;
+                row[tie.min(n - 1)] = 11.0;
+            }
+        }
+        let dx = dev.upload(&x).unwrap();
+        let mut dout = dev.alloc_zeros::<i32>(rows).unwrap();
+        dev.argmax(&dx.as_view(), &mut dout.as_view_mut(), rows, n).unwrap();
+        let want: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+        let cpu: Vec<i32> = x.chunks(n).map(|row| r::argmax(row) as i32).collect();
+        assert_eq!(cpu, want, "the CPU twin, n = {n}");
+        assert_eq!(dev.download(&dout.as_view()).unwrap(), want, "argmax, n = {n}");
+    }
+    // Rows of NaNs alone give 0, as the twin does.
+    let x = vec![f32::NAN; 3 * 9];
+    let dx = dev.upload(&x).unwrap();
+    let mut dout = dev.upload(&[-7i32; 3]).unwrap();
+    dev.argmax(&dx.as_view(), &mut dout.as_view_mut(), 3, 9).unwrap();
+    assert_eq!(dev.download(&dout.as_view()).unwrap(), vec![0; 3]);
+}
+
 /// `top_k` against its twin (`spec::tree::top_tokens` on the plain softmax): the same
 /// ids in the same order, probabilities within `probabilities`' tolerance; ties ranked by
 /// lower id; rows whose non-zero probabilities are fewer than k padded with -1 / 0.

@@ -1,0 +1,521 @@
+//! What the compiled kernels do, read from their machine code: the sm_90 SASS of every
+//! embedded fatbin as cuobjdump disassembles it. These are properties that only a GPU
+//! would otherwise show, and the CPU emulator cannot see:
+//! - under programmatic dependent launch no kernel touches global memory before its
+//!   `griddepcontrol.wait` (SASS `ACQBULK`), on any path, after nvcc and ptxas have
+//!   scheduled it. tests/kernels_built.rs only reads the source;
+//! - no loop loads or stores local memory, where a spilled register is re-read on every
+//!   iteration;
+//! - each decode GEMV's hot loop has all its weight loads in flight together: by the
+//!   latency model of [`latencies_per_iteration`], one memory latency a step;
+//! - the attention kernels multiply on the tensor cores (`HMMA`) in their key loops.
+//!
+//! cuobjdump and nvdisasm come from PyPI (nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm),
+//! and .ci/run installs them beside nvcc. The tests look for them in $MASSV_CUDA_TOOLS,
+//! beside $NVCC, then on PATH. Without them each test prints that it skipped; under
+//! MASSV_REQUIRE_SASS=1 (CI) it fails instead.
+
+use massv::backend::kernels;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// One SASS instruction, e.g. `/*0c50*/ @P0 LDG.E.NA.128.CONSTANT R4, desc[UR10][R30.64] ;`.
+#[derive(Debug)]
+struct Insn {
+    addr: u32,
+    /// The guard predicate (`@P0`, `@!P1`, `@!UP0`), if any.
+    guard: Option<String>,
+    /// The opcode with its modifiers: `LDG.E.NA.128.CONSTANT`.
+    op: String,
+    operands: String,
+}
+
+impl Insn {
+    fn base(&self) -> &str {
+        self.op.split('.').next().unwrap_or("")
+    }
+
+    fn is(&self, base: &str) -> bool {
+        self.base() == base
+    }
+
+    fn guarded(&self) -> bool {
+        self.guard.as_deref().is_some_and(|g| g != "@PT")
+    }
+
+    /// A branch's or call's target: the operands' last hex literal.
+    fn target(&self) -> Option<u32> {
+        let hex = self.operands.rsplit("0x").next()?;
+        let digits: String = hex.chars().take_while(|c| c.is_ascii_hexdigit()).collect();
+        u32::from_str_radix(&digits, 16).ok()
+    }
+
+    /// The general-purpose registers it names, in operand order (`RZ`, uniform `UR` and
+    /// predicate registers are not). A 64-bit operand `R4.64` names R4 and R5.
+    fn registers(&self) -> Vec<u32> {
+        let s = self.operands.as_bytes();
+        let mut regs = Vec::new();
+        let mut i = 0;
+        while i < s.len() {
+            let starts = s[i] == b'R' && (i == 0 || !s[i - 1].is_ascii_alphanumeric());
+            if !starts {
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < s.len() && s[j].is_ascii_digit() {
+                j += 1;
+            }
+            if j > i + 1 {
+                let r: u32 = self.operands[i + 1..j].parse().unwrap_or(0);
+                regs.push(r);
+                if self.operands[j..].starts_with(".64") {
+                    regs.push(r + 1);
+                }
+            }
+            i = j;
+        }
+        regs
+    }
+
+    /// Loads, stores and atomics of global (or generic) memory. Prefetches to L2 are
+    /// not: they hand nothing back and change nothing.
+    fn touches_global_memory(&self) -> bool {
+        const GLOBAL: &[&str] = &[
+            "LDG", "STG", "LD", "ST", "ATOMG", "ATOM", "RED", "LDGSTS", "UBLKCP", "UBLKRED", "UTMALDG", "UTMASTG",
+            "UTMAREDG", "SULD", "SUST", "SUATOM", "SURED", "TLD", "TEX", "TLD4",
+        ];
+        GLOBAL.contains(&self.base()) || (self.is("CCTL") && !self.op.contains(".PF"))
+    }
+
+    /// A 16-byte load that streams past L1 (`ld.global.nc.L1::no_allocate.v4`:
+    /// common.cuh's ld_stream, the GEMVs' weights).
+    fn streams(&self) -> bool {
+        self.is("LDG") && self.op.contains(".NA") && self.op.contains(".128")
+    }
+}
+
+struct Function {
+    module: String,
+    name: String,
+    insns: Vec<Insn>,
+}
+
+impl Function {
+    fn index_of(&self, addr: u32) -> Option<usize> {
+        self.insns.binary_search_by_key(&addr, |i| i.addr).ok()
+    }
+
+    /// Where control may go after instruction `i`. A call continues both into its callee
+    /// and after it; a return ends the path (the call's continuation covers it).
+    fn successors(&self, i: usize) -> Result<Vec<usize>, String> {
+        let insn = &self.insns[i];
+        let next: Vec<usize> = (i + 1 < self.insns.len()).then_some(i + 1).into_iter().collect();
+        let jump = |insn: &Insn| {
+            insn.target().and_then(|t| self.index_of(t)).ok_or_else(|| {
+                format!(
+                    "{}: {} {} at {:#x}: no target",
+                    self.name, insn.op, insn.operands, insn.addr
+                )
+            })
+        };
+        Ok(match insn.base() {
+            // `BRA P1, 0x...` and `BRA.DIV UR4, 0x...` are conditional too.
+            "BRA" => {
+                let mut s = vec![jump(insn)?];
+                if insn.guarded() || insn.operands.contains(',') {
+                    s.extend(next);
+                }
+                s
+            }
+            "CALL" => {
+                let mut s = vec![jump(insn)?];
+                s.extend(next);
+                s
+            }
+            "EXIT" | "RET" => {
+                if insn.guarded() {
+                    next
+                } else {
+                    vec![]
+                }
+            }
+            "BRX" | "BRXU" | "JMX" | "JMXU" | "JMP" => {
+                return Err(format!(
+                    "{}: indirect branch {} at {:#x}: the walk cannot follow it",
+                    self.name, insn.op, insn.addr
+                ))
+            }
+            _ => next,
+        })
+    }
+
+    /// Every loop as the instructions between a backward branch's target and the branch.
+    fn loops(&self) -> Vec<&[Insn]> {
+        let mut loops = Vec::new();
+        for (i, insn) in self.insns.iter().enumerate() {
+            if insn.is("BRA") {
+                if let Some(t) = insn.target().filter(|&t| t <= insn.addr).and_then(|t| self.index_of(t)) {
+                    loops.push(&self.insns[t..=i]);
+                }
+            }
+        }
+        loops
+    }
+}
+
+/// cuobjdump's `-sass` listing into functions.
+fn parse(module: &str, sass: &str) -> Vec<Function> {
+    let mut functions: Vec<Function> = Vec::new();
+    for line in sass.lines() {
+        if let Some(name) = line.split("Function : ").nth(1) {
+            functions.push(Function {
+                module: module.to_string(),
+                name: name.trim().to_string(),
+                insns: Vec::new(),
+            });
+            continue;
+        }
+        // `/*0c50*/  @P0 OP operands ;  /* 0x... */`; the encoding's second line has a
+        // space after its `/*` and no address.
+        let Some(rest) = line.trim_start().strip_prefix("/*") else {
+            continue;
+        };
+        let Some((addr, body)) = rest.split_once("*/") else {
+            continue;
+        };
+        let Ok(addr) = u32::from_str_radix(addr, 16) else {
+            continue;
+        };
+        let Some(f) = functions.last_mut() else { continue };
+        let body = body.split(';').next().unwrap_or("").trim();
+        let (guard, body) = match body.strip_prefix('@') {
+            Some(g) => {
+                let (g, b) = g.split_once(char::is_whitespace).unwrap_or((g, ""));
+                (Some(format!("@{g}")), b.trim_start())
+            }
+            None => (None, body),
+        };
+        let (op, operands) = body.split_once(char::is_whitespace).unwrap_or((body, ""));
+        if op.is_empty() {
+            continue;
+        }
+        f.insns.push(Insn {
+            addr,
+            guard,
+            op: op.to_string(),
+            operands: operands.trim().to_string(),
+        });
+    }
+    functions
+}
+
+/// The folder that holds cuobjdump and nvdisasm, if any.
+fn tool_dir() -> Option<PathBuf> {
+    let both = |d: &Path| d.join("cuobjdump").is_file() && d.join("nvdisasm").is_file();
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(d) = std::env::var_os("MASSV_CUDA_TOOLS") {
+        dirs.push(d.into());
+    }
+    if let Some(nvcc) = std::env::var_os("NVCC") {
+        if let Some(d) = Path::new(&nvcc).parent() {
+            dirs.push(d.to_path_buf());
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    dirs.into_iter().find(|d| both(d))
+}
+
+/// Every kernel's sm_90 SASS, or why there is none (no kernels built, no sm_90, no tools).
+fn disassembly() -> &'static Result<Vec<Function>, String> {
+    static SASS: OnceLock<Result<Vec<Function>, String>> = OnceLock::new();
+    SASS.get_or_init(|| {
+        if !kernels::COMPILED {
+            return Err("built without nvcc, no kernels embedded".into());
+        }
+        if !kernels::ARCHS.split(',').any(|a| a.trim() == "sm_90") {
+            return Err(format!("not built for sm_90 (MASSV_CUDA_ARCHS={})", kernels::ARCHS));
+        }
+        let Some(dir) = tool_dir() else {
+            return Err(
+                "no cuobjdump and nvdisasm (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm; \
+                        set MASSV_CUDA_TOOLS to their folder)"
+                    .into(),
+            );
+        };
+        let tmp = std::env::temp_dir().join(format!("massv-sass-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        let path = std::env::join_paths(
+            std::iter::once(dir.clone()).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut functions = Vec::new();
+        for (module, image) in kernels::MODULES {
+            let file = tmp.join(format!("{module}.fatbin"));
+            std::fs::write(&file, image).map_err(|e| format!("{}: {e}", file.display()))?;
+            let out = Command::new(dir.join("cuobjdump"))
+                .args(["-sass", "-arch", "sm_90"])
+                .arg(&file)
+                .env("PATH", &path)
+                .output()
+                .map_err(|e| format!("cuobjdump: {e}"))?;
+            if !out.status.success() {
+                return Err(format!("cuobjdump {module}: {}", String::from_utf8_lossy(&out.stderr)));
+            }
+            functions.extend(parse(module, &String::from_utf8_lossy(&out.stdout)));
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+        Ok(functions)
+    })
+}
+
+/// The disassembly, or None after printing why the test skipped (a failure under
+/// MASSV_REQUIRE_SASS=1).
+fn sass_or_skip() -> Option<&'static [Function]> {
+    match disassembly() {
+        Ok(f) => Some(f),
+        Err(why) if std::env::var("MASSV_REQUIRE_SASS").is_ok_and(|v| v == "1") => {
+            panic!("MASSV_REQUIRE_SASS=1 but no SASS to read: {why}")
+        }
+        Err(why) => {
+            println!("skipped: {why}");
+            None
+        }
+    }
+}
+
+#[test]
+fn the_disassembly_holds_every_kernel() {
+    let Some(sass) = sass_or_skip() else { return };
+    let disassembled: HashSet<(&str, &str)> = sass.iter().map(|f| (f.module.as_str(), f.name.as_str())).collect();
+    let built: HashSet<(&str, &str)> = kernels::RESOURCES
+        .iter()
+        .filter(|r| r.arch == "sm_90")
+        .map(|r| (r.module, r.kernel))
+        .collect();
+    assert!(!built.is_empty(), "ptxas reported no sm_90 kernel");
+    assert_eq!(
+        disassembled, built,
+        "cuobjdump's functions against ptxas's sm_90 report"
+    );
+    for f in sass {
+        assert!(f.insns.len() > 4, "{}: {} instructions parsed", f.name, f.insns.len());
+    }
+}
+
+/// Under programmatic dependent launch a kernel may start while the one before it still
+/// runs; `pdl_wait` (common.cuh) waits for it, and before it a kernel may only prefetch
+/// weights. Walked over every path from the entry, nothing reaches a global load,
+/// store or atomic without passing `ACQBULK`, and every kernel has one.
+#[test]
+fn no_kernel_touches_global_memory_before_its_wait() {
+    let Some(sass) = sass_or_skip() else { return };
+    let mut failures = Vec::new();
+    for f in sass {
+        if !f.insns.iter().any(|i| i.is("ACQBULK")) {
+            failures.push(format!("{}: no griddepcontrol.wait (ACQBULK)", f.name));
+            continue;
+        }
+        let mut seen = vec![false; f.insns.len()];
+        let mut stack = vec![0usize];
+        while let Some(i) = stack.pop() {
+            if std::mem::replace(&mut seen[i], true) {
+                continue;
+            }
+            let insn = &f.insns[i];
+            if insn.is("ACQBULK") {
+                continue;
+            }
+            if insn.touches_global_memory() {
+                failures.push(format!(
+                    "{} ({}): {} {} at {:#x} can run before griddepcontrol.wait",
+                    f.name, f.module, insn.op, insn.operands, insn.addr
+                ));
+            }
+            match f.successors(i) {
+                Ok(s) => stack.extend(s),
+                Err(e) => failures.push(e),
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    println!(
+        "{} kernels: no global memory access before griddepcontrol.wait",
+        sass.len()
+    );
+}
+
+/// Loops that may touch local memory, with how many such instructions they hold: the
+/// RoPE kernels' double-precision `sincos` (common.cuh's rope_sincos) reduces a large
+/// argument by a loop over the bits of 2/π whose partial products go to a local array.
+/// Only large angles take that path.
+const LOCAL_MEMORY_LOOPS: &[(&str, usize)] = &[("rope", 1), ("mrope", 1), ("rope_vision", 1), ("rope_kv_append", 1)];
+
+/// A spilled register inside a loop is stored and loaded back every iteration; ptxas's
+/// spill counts (tests/kernels_built.rs) cannot say where a spill is. Outside loops a
+/// few bytes cost nothing measurable.
+#[test]
+fn no_loop_touches_local_memory() {
+    let Some(sass) = sass_or_skip() else { return };
+    let mut failures = Vec::new();
+    for f in sass {
+        let allowed = LOCAL_MEMORY_LOOPS.iter().find(|k| k.0 == f.name).map_or(0, |k| k.1);
+        for body in f.loops() {
+            let local: Vec<&Insn> = body.iter().filter(|i| i.is("LDL") || i.is("STL")).collect();
+            if local.len() > allowed {
+                failures.push(format!(
+                    "{} ({}): loop {:#x}..{:#x} has {} local-memory accesses ({allowed} allowed): {}",
+                    f.name,
+                    f.module,
+                    body[0].addr,
+                    body[body.len() - 1].addr,
+                    local.len(),
+                    local
+                        .iter()
+                        .map(|i| format!("{} at {:#x}", i.op, i.addr))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+    }
+    for (name, _) in LOCAL_MEMORY_LOOPS {
+        assert!(sass.iter().any(|f| f.name == *name), "{name}: no such kernel");
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A memory-bound loop's cost in memory latencies. Time advances only when the warp
+/// waits for a load that goes to memory (`slow`: the GEMVs' weights from HBM, argmax's
+/// logits from L2): an instruction naming a register such a load has yet to fill waits
+/// for it, and pays a new latency if that load was issued since the last wait (a load
+/// issued before it has arrived by then). Other loads (x through L1, a few KB every warp
+/// re-reads) count as free. Run over the body three times, the last pass is the steady
+/// state: (latencies an iteration, slow loads an iteration).
+fn latencies_per_iteration(body: &[Insn], slow: impl Fn(&Insn) -> bool) -> (usize, usize) {
+    let mut pending = std::collections::HashMap::<u32, usize>::new(); // register -> epoch of its load
+    let mut epoch = 0;
+    let mut per_pass = (0, 0);
+    for _ in 0..3 {
+        let start = epoch;
+        let mut loads = 0;
+        for insn in body {
+            let regs = insn.registers();
+            for r in &regs {
+                if let Some(e) = pending.remove(r) {
+                    if e == epoch {
+                        epoch += 1;
+                    }
+                }
+            }
+            if slow(insn) {
+                loads += 1;
+                if let Some(&dst) = regs.first() {
+                    let width = if insn.op.contains(".128") {
+                        4
+                    } else if insn.op.contains(".64") {
+                        2
+                    } else {
+                        1
+                    };
+                    for r in dst..dst + width {
+                        pending.insert(r, epoch);
+                    }
+                }
+            }
+        }
+        per_pass = (epoch - start, loads);
+    }
+    per_pass
+}
+
+/// cuda/gemv.cu: GEMV_UNROLL * GEMV_ROWS 16-byte weight loads a step of a warp.
+const GEMV_LOADS_PER_STEP: usize = 8;
+
+/// The decode GEMVs stream the weights, and HBM is only kept busy with enough loads in
+/// flight: each warp's hot loop (the loop with the most streamed loads) issues all
+/// GEMV_LOADS_PER_STEP of them within one latency. Written plainly (load a step, then
+/// multiply it), ptxas issued half of them after the first half had arrived.
+#[test]
+fn gemv_loops_pay_one_memory_latency_a_step() {
+    let Some(sass) = sass_or_skip() else { return };
+    let gemvs: Vec<&Function> = sass.iter().filter(|f| f.module == "gemv").collect();
+    assert!(gemvs.len() >= 24, "{} gemv kernels", gemvs.len());
+    let mut failures = Vec::new();
+    for f in gemvs {
+        let Some(body) = f
+            .loops()
+            .into_iter()
+            .max_by_key(|b| b.iter().filter(|i| i.streams()).count())
+        else {
+            failures.push(format!("{}: no loop", f.name));
+            continue;
+        };
+        let (latencies, loads) = latencies_per_iteration(body, Insn::streams);
+        println!(
+            "  {:<20} {latencies} latency, {loads} streamed 16-byte loads an iteration",
+            f.name
+        );
+        if loads != GEMV_LOADS_PER_STEP || latencies != 1 {
+            failures.push(format!(
+                "{}: hot loop {:#x}..{:#x}: {latencies} memory latencies for {loads} streamed loads an iteration \
+                 (want 1 for {GEMV_LOADS_PER_STEP})",
+                f.name,
+                body[0].addr,
+                body[body.len() - 1].addr
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// cuda/sampling.cu's argmax: the 16-byte loads a thread has in flight (block_argmax<4>).
+const ARGMAX_LOADS_IN_FLIGHT: usize = 4;
+
+/// argmax reads a logits row (600 KB for Qwen2's vocabulary) with one block: at one float
+/// a load its threads waited for a latency per float. Its row loop issues
+/// ARGMAX_LOADS_IN_FLIGHT 16-byte loads within one latency.
+#[test]
+fn argmax_keeps_its_row_loads_in_flight() {
+    let Some(sass) = sass_or_skip() else { return };
+    let Some(f) = sass.iter().find(|f| f.module == "sampling" && f.name == "argmax") else {
+        panic!("no argmax kernel in the disassembly")
+    };
+    let wide = |i: &Insn| i.is("LDG") && i.op.contains(".128");
+    let body = f
+        .loops()
+        .into_iter()
+        .max_by_key(|b| b.iter().filter(|i| wide(i)).count())
+        .expect("argmax has a loop");
+    let (latencies, loads) = latencies_per_iteration(body, wide);
+    println!("argmax: {latencies} latency, {loads} 16-byte loads an iteration");
+    assert_eq!(
+        (latencies, loads),
+        (1, ARGMAX_LOADS_IN_FLIGHT),
+        "argmax's row loop {:#x}..{:#x}: (latencies, 16-byte loads) an iteration",
+        body[0].addr,
+        body[body.len() - 1].addr
+    );
+}
+
+/// The attention kernels' key loops multiply with mma.sync m16n8k16 on bf16 (SASS
+/// `HMMA.16816.F32.BF16`), not with scalar FMAs.
+#[test]
+fn attention_multiplies_on_tensor_cores() {
+    let Some(sass) = sass_or_skip() else { return };
+    let attention: Vec<&Function> = sass.iter().filter(|f| f.name.starts_with("attention_")).collect();
+    assert!(attention.len() >= 20, "{} attention kernels", attention.len());
+    for f in attention {
+        assert!(
+            f.loops()
+                .iter()
+                .any(|b| b.iter().any(|i| i.op.starts_with("HMMA.16816.F32.BF16"))),
+            "{}: no HMMA.16816.F32.BF16 in a loop",
+            f.name
+        );
+    }
+}
