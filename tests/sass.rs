@@ -7,7 +7,8 @@
 //! - no loop loads or stores local memory, where a spilled register is re-read on every
 //!   iteration;
 //! - each decode GEMV's hot loop has all its weight loads in flight together: by the
-//!   latency model of [`latencies_per_iteration`], one memory latency a step;
+//!   latency model of [`latencies_per_iteration`], one memory latency a step; and the
+//!   sampling kernels' passes over vocabulary rows keep 4 loads in flight;
 //! - the attention kernels multiply on the tensor cores (`HMMA`) in their key loops.
 //!
 //! cuobjdump and nvdisasm come from PyPI (nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm),
@@ -473,33 +474,46 @@ fn gemv_loops_pay_one_memory_latency_a_step() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// cuda/sampling.cu's argmax: the 16-byte loads a thread has in flight (block_argmax<4>).
-const ARGMAX_LOADS_IN_FLIGHT: usize = 4;
+/// cuda/sampling.cu's ROW_LOADS: the loads a thread has in flight over a row (4-byte
+/// ones through for_row, argmax's 16-byte ones through block_argmax<4>).
+const ROW_LOADS: usize = 4;
 
-/// argmax reads a logits row (600 KB for Qwen2's vocabulary) with one block: at one float
-/// a load its threads waited for a latency per float. Its row loop issues
-/// ARGMAX_LOADS_IN_FLIGHT 16-byte loads within one latency.
+/// The kernels that read whole vocabulary rows (600 KB for Qwen2's) with one block each:
+/// at one float a load a pass waited for a memory latency per float it read, about 150
+/// latencies a pass in a row. Every loop of theirs that loads from global memory issues
+/// ROW_LOADS loads within one latency. Loops with a barrier are not row passes but
+/// rounds over them (top_k's picks, probabilities' radix digits) or the keep pass's
+/// tiles, each tile scanned block-wide before the next is read.
 #[test]
-fn argmax_keeps_its_row_loads_in_flight() {
+fn row_passes_keep_their_loads_in_flight() {
     let Some(sass) = sass_or_skip() else { return };
-    let Some(f) = sass.iter().find(|f| f.module == "sampling" && f.name == "argmax") else {
-        panic!("no argmax kernel in the disassembly")
-    };
-    let wide = |i: &Insn| i.is("LDG") && i.op.contains(".128");
-    let body = f
-        .loops()
-        .into_iter()
-        .max_by_key(|b| b.iter().filter(|i| wide(i)).count())
-        .expect("argmax has a loop");
-    let (latencies, loads) = latencies_per_iteration(body, wide);
-    println!("argmax: {latencies} latency, {loads} 16-byte loads an iteration");
-    assert_eq!(
-        (latencies, loads),
-        (1, ARGMAX_LOADS_IN_FLIGHT),
-        "argmax's row loop {:#x}..{:#x}: (latencies, 16-byte loads) an iteration",
-        body[0].addr,
-        body[body.len() - 1].addr
-    );
+    let mut failures = Vec::new();
+    for name in ["argmax", "probabilities", "top_k", "top_k_probs"] {
+        let Some(f) = sass.iter().find(|f| f.module == "sampling" && f.name == name) else {
+            panic!("no {name} kernel in the disassembly")
+        };
+        let mut passes = 0;
+        for body in f.loops() {
+            if !body.iter().any(|i| i.is("LDG")) || body.iter().any(|i| i.is("BAR")) {
+                continue;
+            }
+            passes += 1;
+            let (latencies, loads) = latencies_per_iteration(body, |i| i.is("LDG"));
+            if latencies != 1 || loads < ROW_LOADS {
+                failures.push(format!(
+                    "{name}: row loop {:#x}..{:#x}: {latencies} memory latencies for {loads} loads an iteration \
+                     (want 1 for {ROW_LOADS})",
+                    body[0].addr,
+                    body[body.len() - 1].addr
+                ));
+            }
+        }
+        println!("  {name:<14} {passes} row loops");
+        if passes == 0 {
+            failures.push(format!("{name}: no row loop found"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 /// The attention kernels' key loops multiply with mma.sync m16n8k16 on bf16 (SASS
