@@ -117,32 +117,57 @@ __device__ __forceinline__ void store_out(bf16* y, size_t i, float v, bool add) 
 // the whole block; the scales the epilogues read, or null with eps < 0 (scale 1: the
 // plain GEMV pays no pass and no barrier). Every thread of the block calls it. Two
 // barriers for any B: each warp sums its share of every row, then thread b adds the
-// warps' sums of row b in warp order (the same scale in every block).
+// warps' sums of row b in warp order (the same scale in every block). A thread loads two
+// steps of every row before it uses any (2B loads in flight: row after row, a verify
+// block's 6 rows waited for 6 to 12 L2 latencies in turn), each row's sum still taken
+// over its k8 in order.
 template <int B>
 __device__ __forceinline__ const float* rms_row_scales(const bf16* __restrict__ x, int K, float eps,
                                                        float* row_scale) {
     if (eps < 0.0f) return nullptr;
     __shared__ float warp_ss[GEMV_WARPS][GEMV_MAX_B];
+    constexpr int STEP = GEMV_WARPS * 32;
     const uint4* x4 = reinterpret_cast<const uint4*>(x);
     const int K8 = K / 8, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float ss[B];
+#pragma unroll
+    for (int b = 0; b < B; ++b) ss[b] = 0.0f;
+    auto add_squares = [&](const uint4 v, float& s) {
+        float f[8];
+        bf16x8_to_f32(v, f);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) s += f[i] * f[i];
+    };
+    int k8 = threadIdx.x;
+    for (; k8 + STEP < K8; k8 += 2 * STEP) {
+        uint4 v[2][B];
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int b = 0; b < B; ++b) v[h][b] = __ldg(x4 + (size_t)b * K8 + k8 + h * STEP);
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int b = 0; b < B; ++b) add_squares(v[h][b], ss[b]);
+    }
+    if (k8 < K8) {
+        uint4 v[B];
+#pragma unroll
+        for (int b = 0; b < B; ++b) v[b] = __ldg(x4 + (size_t)b * K8 + k8);
+#pragma unroll
+        for (int b = 0; b < B; ++b) add_squares(v[b], ss[b]);
+    }
 #pragma unroll
     for (int b = 0; b < B; ++b) {
-        float ss = 0.0f;
-        for (int k8 = threadIdx.x; k8 < K8; k8 += GEMV_WARPS * 32) {
-            float f[8];
-            bf16x8_to_f32(__ldg(x4 + (size_t)b * K8 + k8), f);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) ss += f[i] * f[i];
-        }
-        ss = warp_sum(ss);
-        if (lane == 0) warp_ss[warp][b] = ss;
+        const float w = warp_sum(ss[b]);
+        if (lane == 0) warp_ss[warp][b] = w;
     }
     __syncthreads();
     if (threadIdx.x < B) {
-        float ss = 0.0f;
+        float s = 0.0f;
 #pragma unroll
-        for (int w = 0; w < GEMV_WARPS; ++w) ss += warp_ss[w][threadIdx.x];
-        row_scale[threadIdx.x] = rsqrtf(ss / (float)K + eps);
+        for (int w = 0; w < GEMV_WARPS; ++w) s += warp_ss[w][threadIdx.x];
+        row_scale[threadIdx.x] = rsqrtf(s / (float)K + eps);
     }
     __syncthreads();
     return row_scale;

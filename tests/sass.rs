@@ -8,8 +8,9 @@
 //! - no loop loads or stores local memory, where a spilled register is re-read on every
 //!   iteration;
 //! - each decode GEMV's hot loop has all its weight loads in flight together: by the
-//!   latency model of [`latencies_per_iteration`], one memory latency a step; and the
-//!   sampling kernels' passes over vocabulary rows keep 4 loads in flight;
+//!   latency model of [`latencies_per_iteration`], one memory latency a step. Their
+//!   fused RMSNorm loads every row of x at once, and the sampling kernels' passes over
+//!   vocabulary rows keep 4 loads in flight;
 //! - the attention kernels multiply on the tensor cores (`HMMA`) in their key loops.
 //!
 //! cuobjdump and nvdisasm come from PyPI (nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm),
@@ -505,6 +506,36 @@ fn gemv_loops_pay_one_memory_latency_a_step() {
                 f.label(),
                 body[0].addr,
                 body[body.len() - 1].addr
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The fused RMSNorm of the QKV and gate/up GEMVs first sums every row's squares of x
+/// (rms_row_scales in cuda/gemv.cu). Row after row, a block waited for one or two L2
+/// latencies per row before its weight stream began: 6 to 12 for a verify block. It is
+/// one loop now that loads two steps of every row (x only, no weights) before it uses
+/// any: one latency for at least 2·B loads, B the kernel's rows (its `_bB` suffix).
+#[test]
+fn gemv_rms_prologue_loads_every_row_at_once() {
+    let Some(sass) = sass_or_skip() else { return };
+    let mut failures = Vec::new();
+    for f in sass.iter().filter(|f| f.module == "gemv") {
+        let rows: usize = f.name.rsplit("_b").next().and_then(|b| b.parse().ok()).unwrap_or(0);
+        assert!((1..=8).contains(&rows), "{}: no row count in the name", f.label());
+        let x_only = |i: &Insn| i.is("LDG") && i.op.contains(".128") && !i.op.contains(".NA");
+        let prologue: Vec<&[Insn]> = f
+            .loops()
+            .into_iter()
+            .filter(|b| b.iter().any(|i| i.is("LDG")) && b.iter().filter(|i| i.is("LDG")).all(x_only))
+            .collect();
+        let costs: Vec<(usize, usize)> = prologue.iter().map(|b| latencies_per_iteration(b, x_only)).collect();
+        if costs.len() != 1 || costs[0].0 != 1 || costs[0].1 < 2 * rows {
+            failures.push(format!(
+                "{}: x-only loops (latencies, loads an iteration) {costs:?}; want one loop, 1 latency for {} loads",
+                f.label(),
+                2 * rows
             ));
         }
     }
