@@ -294,35 +294,47 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
     __syncthreads();
     // Keep entries above the cut and the first s_tie_count entries equal to it (in id
-    // order: a block-wide exclusive scan of the tie flags, tile by tile).
+    // order: a block-wide exclusive scan of the tie flags, tile by tile). A thread loads
+    // its entries of ROW_LOADS tiles before the first tile's scan, as for_row does.
     __shared__ unsigned int warp_ties[32];
     __shared__ unsigned int s_tie_base;
     if (threadIdx.x == 0) s_tie_base = 0;
     const unsigned int tie_keep = s_tie_count;
     double kept = 0.0;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    for (int base = 0; base < n; base += blockDim.x) {
-        const int i = base + threadIdx.x;
-        const unsigned int b = i < n ? __float_as_uint(p[i]) : 0u;
-        const bool tie = i < n && b == cut_bits;
-        const unsigned int ballot = __ballot_sync(0xffffffffu, tie);
-        if (lane == 0) warp_ties[warp] = __popc(ballot);
-        __syncthreads();
-        unsigned int before = s_tie_base;
-        for (int w = 0; w < warp; ++w) before += warp_ties[w];
-        before += __popc(ballot & ((1u << lane) - 1u));
-        if (i < n) {
-            const bool keep = b > cut_bits || (tie && before < tie_keep);
-            if (keep) kept += (double)p[i];
-            else p[i] = 0.0f;
+    for (int base = 0; base < n; base += ROW_LOADS * blockDim.x) {
+        float v[ROW_LOADS];
+#pragma unroll
+        for (int u = 0; u < ROW_LOADS; ++u) {
+            const int i = base + u * blockDim.x + threadIdx.x;
+            v[u] = i < n ? p[i] : 0.0f;
         }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            unsigned int tot = 0;
-            for (int w = 0; w < nw; ++w) tot += warp_ties[w];
-            s_tie_base += tot;
+#pragma unroll
+        for (int u = 0; u < ROW_LOADS; ++u) {
+            const int tile = base + u * blockDim.x;
+            if (tile >= n) break;  // the same for every thread: no barrier is skipped by some
+            const int i = tile + threadIdx.x;
+            const unsigned int b = i < n ? __float_as_uint(v[u]) : 0u;
+            const bool tie = i < n && b == cut_bits;
+            const unsigned int ballot = __ballot_sync(0xffffffffu, tie);
+            if (lane == 0) warp_ties[warp] = __popc(ballot);
+            __syncthreads();
+            unsigned int before = s_tie_base;
+            for (int w = 0; w < warp; ++w) before += warp_ties[w];
+            before += __popc(ballot & ((1u << lane) - 1u));
+            if (i < n) {
+                const bool keep = b > cut_bits || (tie && before < tie_keep);
+                if (keep) kept += (double)v[u];
+                else p[i] = 0.0f;
+            }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                unsigned int tot = 0;
+                for (int w = 0; w < nw; ++w) tot += warp_ties[w];
+                s_tie_base += tot;
+            }
+            __syncthreads();
         }
-        __syncthreads();
     }
     kept = block_sum_f64(kept);
     for_row(p, n, [&](int i, float v) { p[i] = (float)((double)v / kept); });

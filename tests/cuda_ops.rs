@@ -1842,6 +1842,44 @@ fn probabilities_temperature_top_k_top_p() {
     }
 }
 
+/// probabilities' keep pass ranks the entries equal to the cut by id, tile after tile
+/// (several tiles loaded at once). Logits on 7 levels make runs of tied probabilities
+/// thousands of entries long, so the cut falls inside a run that spans many tiles; the
+/// kept ones must be exactly its lowest ids, as the CPU keeps them.
+#[test]
+fn probabilities_keep_the_lowest_ids_of_a_tie_across_tiles() {
+    let dev = dev_or_skip!();
+    for &(n, top_k, top_p) in &[
+        (151_936usize, 5000, 1.0f32),
+        (151_936, 0, 0.5),
+        (10_007, 700, 1.0),
+        (5000, 3, 1.0),
+    ] {
+        let logits: Vec<f32> = (0..n).map(|i| ((i * 5) % 7) as f32).collect();
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k,
+            top_p,
+        };
+        let dl = dev.upload(&logits).unwrap();
+        let mut dp = dev.alloc_zeros::<f32>(n).unwrap();
+        dev.probabilities(&dl.as_view(), &mut dp.as_view_mut(), 1, n, &p)
+            .unwrap();
+        let got = dev.download(&dp.as_view()).unwrap();
+        let want = r::probabilities(&logits, &p);
+        let kept = want.iter().filter(|&&w| w > 0.0).count();
+        let top = logits.iter().filter(|&&l| l == 6.0).count();
+        assert!(
+            kept > 1 && kept < top,
+            "{p:?} n={n}: the cut is inside the top run ({kept} of {top} kept)"
+        );
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(*a == 0.0, *b == 0.0, "{p:?} n={n}: support differs at {i} ({a} vs {b})");
+            assert!((a - b).abs() <= 2e-5 * b + 1e-7, "{p:?} n={n}: [{i}] {a} vs {b}");
+        }
+    }
+}
+
 #[test]
 fn sample_is_exact() {
     let dev = dev_or_skip!();
