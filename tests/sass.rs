@@ -251,8 +251,9 @@ fn tool_dir() -> Option<PathBuf> {
     dirs.into_iter().find(|d| both(d))
 }
 
-/// Every kernel's SASS for every architecture built, or why there is none (no kernels
-/// built, no tools).
+/// Every kernel's SASS for every architecture built, or why there is none to read (no
+/// kernels built, no tools). With the tools there, a failure to disassemble is a panic,
+/// not a skip.
 fn disassembly() -> &'static Result<Vec<Function>, String> {
     static SASS: OnceLock<Result<Vec<Function>, String>> = OnceLock::new();
     SASS.get_or_init(|| {
@@ -267,24 +268,26 @@ fn disassembly() -> &'static Result<Vec<Function>, String> {
             );
         };
         let tmp = std::env::temp_dir().join(format!("massv-sass-{}", std::process::id()));
-        std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::create_dir_all(&tmp).unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
         let path = std::env::join_paths(
             std::iter::once(dir.clone()).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
         )
-        .map_err(|e| e.to_string())?;
+        .unwrap_or_else(|e| panic!("PATH for cuobjdump: {e}"));
         let mut functions = Vec::new();
         for (module, image) in kernels::MODULES {
             let file = tmp.join(format!("{module}.fatbin"));
-            std::fs::write(&file, image).map_err(|e| format!("{}: {e}", file.display()))?;
+            std::fs::write(&file, image).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
             let out = Command::new(dir.join("cuobjdump"))
                 .arg("-sass")
                 .arg(&file)
                 .env("PATH", &path)
                 .output()
-                .map_err(|e| format!("cuobjdump: {e}"))?;
-            if !out.status.success() {
-                return Err(format!("cuobjdump {module}: {}", String::from_utf8_lossy(&out.stderr)));
-            }
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.join("cuobjdump").display()));
+            assert!(
+                out.status.success(),
+                "cuobjdump -sass {module}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             functions.extend(parse(module, &String::from_utf8_lossy(&out.stdout)));
         }
         let _ = std::fs::remove_dir_all(&tmp);
