@@ -130,6 +130,9 @@ __device__ __forceinline__ void attention_body(const AttnParams& p) {
     constexpr int KC = D / 16;
     constexpr int NT = D / 8;
     constexpr int NJ = ATTN_BC / 8;
+    // A thread's 16-byte chunks of K (and of V) in flight while a tile loads: up to 4,
+    // no more than a 4-warp block has per tile (more only costs registers: 1 for D = 16).
+    constexpr int TILE_LOADS = ATTN_BC * (D / 8) / 128 < 1 ? 1 : ATTN_BC * (D / 8) / 128 > 4 ? 4 : ATTN_BC * (D / 8) / 128;
     __shared__ __align__(16) bf16 ks[ATTN_BC * LD];
     __shared__ __align__(16) bf16 vs[ATTN_BC * LD];
 
@@ -224,18 +227,31 @@ __device__ __forceinline__ void attention_body(const AttnParams& p) {
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 
     for (int key0 = lo; key0 < hi; key0 += ATTN_BC) {
-        // K/V tile -> shared (zeros past hi so that masked products stay finite).
-        for (int c = threadIdx.x; c < ATTN_BC * (D / 8); c += blockDim.x) {
-            const int key = c / (D / 8), col = (c % (D / 8)) * 8;
-            const int gk = key0 + key;
-            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-            if (gk < hi) {
-                const size_t off = (size_t)gk * p.kv_stride + (size_t)head * D + col;
-                kv = *reinterpret_cast<const uint4*>(p.k + off);
-                vv = *reinterpret_cast<const uint4*>(p.v + off);
+        // K/V tile -> shared (zeros past hi so that masked products stay finite). A thread
+        // loads TILE_LOADS of its 16-byte chunks of K and of V before it stores any: one at
+        // a time, a tile of 64 keys cost 8 memory latencies (4 warps, D = 128), now 2.
+        for (int c0 = threadIdx.x; c0 < ATTN_BC * (D / 8); c0 += TILE_LOADS * blockDim.x) {
+            uint4 kv[TILE_LOADS], vv[TILE_LOADS];
+#pragma unroll
+            for (int u = 0; u < TILE_LOADS; ++u) {
+                const int c = c0 + u * blockDim.x;
+                const int gk = key0 + c / (D / 8);
+                kv[u] = vv[u] = make_uint4(0, 0, 0, 0);
+                if (c < ATTN_BC * (D / 8) && gk < hi) {
+                    const size_t off = (size_t)gk * p.kv_stride + (size_t)head * D + (c % (D / 8)) * 8;
+                    kv[u] = *reinterpret_cast<const uint4*>(p.k + off);
+                    vv[u] = *reinterpret_cast<const uint4*>(p.v + off);
+                }
             }
-            *reinterpret_cast<uint4*>(&ks[key * LD + col]) = kv;
-            *reinterpret_cast<uint4*>(&vs[key * LD + col]) = vv;
+#pragma unroll
+            for (int u = 0; u < TILE_LOADS; ++u) {
+                const int c = c0 + u * blockDim.x;
+                if (c < ATTN_BC * (D / 8)) {
+                    const int key = c / (D / 8), col = (c % (D / 8)) * 8;
+                    *reinterpret_cast<uint4*>(&ks[key * LD + col]) = kv[u];
+                    *reinterpret_cast<uint4*>(&vs[key * LD + col]) = vv[u];
+                }
+            }
         }
         __syncthreads();
 

@@ -132,7 +132,7 @@ const KNOWN_SPILLS: &[(&str, u32)] = &[
     ("attention_decode_d64", 24),
     ("attention_prefill_d64", 24),
     ("attention_verify_d32", 24),
-    ("attention_verify_d80", 48),
+    ("attention_verify_d80", 24),
 ];
 
 /// ptxas's report for Hopper (build.rs compiles with -Xptxas=-v: kernels::RESOURCES)

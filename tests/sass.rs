@@ -11,7 +11,8 @@
 //!   latency model of [`latencies_per_iteration`], one memory latency a step. Their
 //!   fused RMSNorm loads every row of x at once, and the sampling kernels' passes over
 //!   vocabulary rows keep 4 loads in flight;
-//! - the attention kernels multiply on the tensor cores (`HMMA`) in their key loops.
+//! - the attention kernels copy their K/V tiles with several chunks in flight, and
+//!   multiply on the tensor cores (`HMMA`) in their key loops.
 //!
 //! cuobjdump and nvdisasm come from PyPI (nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm),
 //! and .ci/run installs them beside nvcc. The tests look for them in $MASSV_CUDA_TOOLS,
@@ -595,6 +596,37 @@ fn row_passes_keep_their_loads_in_flight() {
             if passes == 0 {
                 failures.push(format!("{}: no row loop found", f.label()));
             }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The attention kernels copy each tile of 64 keys of K and V to shared memory before
+/// multiplying it. One 16-byte chunk at a time, a tile cost 8 memory latencies (4 warps,
+/// head dim 128); a thread now loads up to 4 chunks of K and 4 of V before it stores
+/// any (fewer where a 4-warp block has fewer a tile: D · 8 / 128 each, at least 1). Every
+/// innermost loop of theirs that loads only 16-byte chunks (the tile copy) pays one
+/// latency for them.
+#[test]
+fn attention_tiles_load_their_chunks_at_once() {
+    let Some(sass) = sass_or_skip() else { return };
+    let mut failures = Vec::new();
+    for f in sass.iter().filter(|f| f.module == "attention") {
+        let d: usize = f.name.rsplit("_d").next().and_then(|d| d.parse().ok()).unwrap_or(0);
+        assert!(d > 0, "{}: no head dim in the name", f.label());
+        let want = 2 * (64 * (d / 8) / 128).clamp(1, 4);
+        let chunk = |i: &Insn| i.is("LDG") && i.op.contains(".128");
+        let loops: Vec<&[Insn]> = f
+            .loops()
+            .into_iter()
+            .filter(|b| b.iter().any(|i| i.is("LDG")) && b.iter().filter(|i| i.is("LDG")).all(chunk))
+            .collect();
+        let costs: Vec<(usize, usize)> = loops.iter().map(|b| latencies_per_iteration(b, chunk)).collect();
+        if costs.is_empty() || costs.iter().any(|&(lat, loads)| lat != 1 || loads < want) {
+            failures.push(format!(
+                "{}: tile loops (latencies, 16-byte loads an iteration) {costs:?}; want 1 latency for {want}",
+                f.label()
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
