@@ -168,6 +168,22 @@ impl Function {
         })
     }
 
+    /// The number a kernel's name ends with after `sep`: the rows of `gemv_bf16_b6`
+    /// ("_b"), the head dim of `attention_decode_d128` ("_d").
+    fn name_number(&self, sep: &str) -> usize {
+        let n = self.name.rsplit(sep).next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        assert!(n > 0, "{}: no number after {sep:?} in the name", self.label());
+        n
+    }
+
+    /// The loops that load from global memory, and only with loads `only` accepts.
+    fn loops_loading_only(&self, only: impl Fn(&Insn) -> bool) -> Vec<&[Insn]> {
+        self.loops()
+            .into_iter()
+            .filter(|b| b.iter().any(|i| i.is("LDG")) && b.iter().filter(|i| i.is("LDG")).all(&only))
+            .collect()
+    }
+
     /// Every loop as the instructions between a backward branch's target and the branch.
     fn loops(&self) -> Vec<&[Insn]> {
         let mut loops = Vec::new();
@@ -526,15 +542,13 @@ fn gemv_rms_prologue_loads_every_row_at_once() {
     let Some(sass) = sass_or_skip() else { return };
     let mut failures = Vec::new();
     for f in sass.iter().filter(|f| f.module == "gemv") {
-        let rows: usize = f.name.rsplit("_b").next().and_then(|b| b.parse().ok()).unwrap_or(0);
-        assert!((1..=8).contains(&rows), "{}: no row count in the name", f.label());
+        let rows = f.name_number("_b");
         let x_only = |i: &Insn| i.is("LDG") && i.op.contains(".128") && !i.op.contains(".NA");
-        let prologue: Vec<&[Insn]> = f
-            .loops()
-            .into_iter()
-            .filter(|b| b.iter().any(|i| i.is("LDG")) && b.iter().filter(|i| i.is("LDG")).all(x_only))
+        let costs: Vec<(usize, usize)> = f
+            .loops_loading_only(x_only)
+            .iter()
+            .map(|b| latencies_per_iteration(b, x_only))
             .collect();
-        let costs: Vec<(usize, usize)> = prologue.iter().map(|b| latencies_per_iteration(b, x_only)).collect();
         if costs.len() != 1 || costs[0].0 != 1 || costs[0].1 < 2 * rows {
             failures.push(format!(
                 "{}: x-only loops (latencies, loads an iteration) {costs:?}; want one loop, 1 latency for {} loads",
@@ -604,7 +618,7 @@ fn row_passes_keep_their_loads_in_flight() {
 /// The attention kernels copy each tile of 64 keys of K and V to shared memory before
 /// multiplying it. One 16-byte chunk at a time, a tile cost 8 memory latencies (4 warps,
 /// head dim 128); a thread now loads up to 4 chunks of K and 4 of V before it stores
-/// any (fewer where a 4-warp block has fewer a tile: D · 8 / 128 each, at least 1). Every
+/// any (fewer for small head dims: 64 · (D / 8) / 128 of each, at least 1). Every
 /// innermost loop of theirs that loads only 16-byte chunks (the tile copy) pays one
 /// latency for them.
 #[test]
@@ -612,16 +626,13 @@ fn attention_tiles_load_their_chunks_at_once() {
     let Some(sass) = sass_or_skip() else { return };
     let mut failures = Vec::new();
     for f in sass.iter().filter(|f| f.module == "attention") {
-        let d: usize = f.name.rsplit("_d").next().and_then(|d| d.parse().ok()).unwrap_or(0);
-        assert!(d > 0, "{}: no head dim in the name", f.label());
-        let want = 2 * (64 * (d / 8) / 128).clamp(1, 4);
+        let want = 2 * (64 * (f.name_number("_d") / 8) / 128).clamp(1, 4);
         let chunk = |i: &Insn| i.is("LDG") && i.op.contains(".128");
-        let loops: Vec<&[Insn]> = f
-            .loops()
-            .into_iter()
-            .filter(|b| b.iter().any(|i| i.is("LDG")) && b.iter().filter(|i| i.is("LDG")).all(chunk))
+        let costs: Vec<(usize, usize)> = f
+            .loops_loading_only(chunk)
+            .iter()
+            .map(|b| latencies_per_iteration(b, chunk))
             .collect();
-        let costs: Vec<(usize, usize)> = loops.iter().map(|b| latencies_per_iteration(b, chunk)).collect();
         if costs.is_empty() || costs.iter().any(|&(lat, loads)| lat != 1 || loads < want) {
             failures.push(format!(
                 "{}: tile loops (latencies, 16-byte loads an iteration) {costs:?}; want 1 latency for {want}",
