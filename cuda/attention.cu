@@ -130,9 +130,10 @@ __device__ __forceinline__ void attention_body(const AttnParams& p) {
     constexpr int KC = D / 16;
     constexpr int NT = D / 8;
     constexpr int NJ = ATTN_BC / 8;
-    // A thread's 16-byte chunks of K (and of V) in flight while a tile loads: up to 4,
-    // no more than a 4-warp block has per tile (more only costs registers: 1 for D = 16).
-    constexpr int TILE_LOADS = ATTN_BC * (D / 8) / 128 < 1 ? 1 : ATTN_BC * (D / 8) / 128 > 4 ? 4 : ATTN_BC * (D / 8) / 128;
+    constexpr int CHUNKS = ATTN_BC * (D / 8);  // 16-byte chunks of K (and of V) in a tile
+    // A thread's chunks of each in flight while a tile loads: a 4-warp block's share of a
+    // tile (CHUNKS / 128 = D / 16, at least 1 since D >= 16), at most 4 (registers).
+    constexpr int TILE_LOADS = D / 16 < 4 ? D / 16 : 4;
     __shared__ __align__(16) bf16 ks[ATTN_BC * LD];
     __shared__ __align__(16) bf16 vs[ATTN_BC * LD];
 
@@ -230,14 +231,14 @@ __device__ __forceinline__ void attention_body(const AttnParams& p) {
         // K/V tile -> shared (zeros past hi so that masked products stay finite). A thread
         // loads TILE_LOADS of its 16-byte chunks of K and of V before it stores any: one at
         // a time, a tile of 64 keys cost 8 memory latencies (4 warps, D = 128), now 2.
-        for (int c0 = threadIdx.x; c0 < ATTN_BC * (D / 8); c0 += TILE_LOADS * blockDim.x) {
+        for (int c0 = threadIdx.x; c0 < CHUNKS; c0 += TILE_LOADS * blockDim.x) {
             uint4 kv[TILE_LOADS], vv[TILE_LOADS];
 #pragma unroll
             for (int u = 0; u < TILE_LOADS; ++u) {
                 const int c = c0 + u * blockDim.x;
                 const int gk = key0 + c / (D / 8);
                 kv[u] = vv[u] = make_uint4(0, 0, 0, 0);
-                if (c < ATTN_BC * (D / 8) && gk < hi) {
+                if (c < CHUNKS && gk < hi) {
                     const size_t off = (size_t)gk * p.kv_stride + (size_t)head * D + (c % (D / 8)) * 8;
                     kv[u] = *reinterpret_cast<const uint4*>(p.k + off);
                     vv[u] = *reinterpret_cast<const uint4*>(p.v + off);
@@ -246,7 +247,7 @@ __device__ __forceinline__ void attention_body(const AttnParams& p) {
 #pragma unroll
             for (int u = 0; u < TILE_LOADS; ++u) {
                 const int c = c0 + u * blockDim.x;
-                if (c < ATTN_BC * (D / 8)) {
+                if (c < CHUNKS) {
                     const int key = c / (D / 8), col = (c % (D / 8)) * 8;
                     *reinterpret_cast<uint4*>(&ks[key * LD + col]) = kv[u];
                     *reinterpret_cast<uint4*>(&vs[key * LD + col]) = vv[u];

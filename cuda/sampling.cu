@@ -120,13 +120,12 @@ __device__ ArgMax block_best(ArgMax best) {
 }
 
 // Block-wide first index of the max of x[0..n) (NaNs skipped; 0 if none). blockDim.x a
-// multiple of 32. A thread loads VECS float4s before it compares any of them: at one
-// float a load, a row cost n / blockDim.x memory latencies one after another (about 150
-// for Qwen2's vocabulary of 151,936), with VECS = 4 a sixteenth of that. Each thread
+// multiple of 32. A thread loads ROW_LOADS float4s before it compares any of them: at
+// one float a load, a row cost n / blockDim.x memory latencies one after another (about
+// 150 for Qwen2's vocabulary of 151,936), now a sixteenth of that. Each thread
 // sees its elements in index order (the leading ones before the first 16-byte boundary,
 // then its float4s, then the trailing ones), so the strict > keeps its first maximum,
 // and block_best the first of the block.
-template <int VECS>
 __device__ int block_argmax(const float* __restrict__ x, int n) {
     ArgMax best = {-INFINITY, INT_MAX};
     auto see = [&](float v, int i) {
@@ -136,15 +135,15 @@ __device__ int block_argmax(const float* __restrict__ x, int n) {
     const int vecs = (n - lead) / 4;
     const float4* x4 = reinterpret_cast<const float4*>(x + lead);
     if ((int)threadIdx.x < lead) see(x[threadIdx.x], threadIdx.x);
-    for (int j0 = threadIdx.x; j0 < vecs; j0 += VECS * blockDim.x) {
-        float4 v[VECS];
+    for (int j0 = threadIdx.x; j0 < vecs; j0 += ROW_LOADS * blockDim.x) {
+        float4 v[ROW_LOADS];
 #pragma unroll
-        for (int u = 0; u < VECS; ++u) {
+        for (int u = 0; u < ROW_LOADS; ++u) {
             const int j = j0 + u * blockDim.x;
             if (j < vecs) v[u] = __ldg(x4 + j);
         }
 #pragma unroll
-        for (int u = 0; u < VECS; ++u) {
+        for (int u = 0; u < ROW_LOADS; ++u) {
             const int j = j0 + u * blockDim.x;
             if (j < vecs) {
                 const int i = lead + 4 * j;
@@ -166,7 +165,7 @@ __device__ int block_argmax(const float* __restrict__ x, int n) {
 extern "C" __global__ void __launch_bounds__(1024)
 argmax(const float* __restrict__ x, int32_t* __restrict__ out, int n) {
     pdl_wait();
-    const int r = block_argmax<4>(x + (size_t)blockIdx.x * n, n);
+    const int r = block_argmax(x + (size_t)blockIdx.x * n, n);
     if (threadIdx.x == 0) out[blockIdx.x] = r;
 }
 
@@ -189,7 +188,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     const float* x = logits + (size_t)blockIdx.x * n;
     float* p = out + (size_t)blockIdx.x * n;
     if (temperature == 0.0f) {
-        const int am = block_argmax<4>(x, n);
+        const int am = block_argmax(x, n);
         for (int i = threadIdx.x; i < n; i += blockDim.x) p[i] = i == am ? 1.0f : 0.0f;
         return;
     }

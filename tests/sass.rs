@@ -561,7 +561,7 @@ fn gemv_rms_prologue_loads_every_row_at_once() {
 }
 
 /// cuda/sampling.cu's ROW_LOADS: the loads a thread has in flight over a row (4-byte
-/// ones through for_row, argmax's 16-byte ones through block_argmax<4>).
+/// ones through for_row, argmax's 16-byte ones through block_argmax).
 const ROW_LOADS: usize = 4;
 
 /// The kernels that read whole vocabulary rows (600 KB for Qwen2's) with one block each:
