@@ -347,10 +347,21 @@ extern "C" __global__ void __launch_bounds__(1024)
 // writes) that have a non-zero probability, best first, ties by lower id
 // (massv::spec::tree::top_tokens), and their probabilities; id -1 and probability 0 past
 // the last such token. What a T = 0 token tree needs of a drafter row, without the row.
-// One block per row (1024 threads); k rounds, each a block-wide pick of the best entry
-// ranked after the previous pick (probabilities recomputed per round: k passes of n
-// exponentials, far below the row's own read time for the small k of a tree).
-// PROBS: the rows are distributions already (top_k_probs): ranked as they are.
+// One block per row (1024 threads). The row is read three times (max, sum, selection),
+// not k + 2: in the selection pass each thread keeps its own TOP_K_LIST best entries in
+// registers, then k rounds each pick the block's best head and pop it from its thread's
+// list. A thread whose list runs dry while it had more entries rereads its own elements
+// for the next TOP_K_LIST ranked after its last pop: k picks spread over 1024 threads
+// rarely put more than one or two in a thread, so that is rare (the tests force it).
+// PROBS: the rows are distributions already (top_k_probs): ranked as they are, one read.
+#define TOP_K_LIST 4
+
+// a ranks before b: higher, or equal with a lower id (top_tokens' order). {-INFINITY,
+// INT_MAX} (no entry) ranks after every entry, which all have p > 0.
+__device__ __forceinline__ bool ranks_before(ArgMax a, ArgMax b) {
+    return a.v > b.v || (a.v == b.v && a.i < b.i);
+}
+
 template <bool PROBS>
 __device__ void top_k_body(const float* __restrict__ rows, int32_t* __restrict__ ids, float* __restrict__ probs, int n,
                            int k) {
@@ -367,24 +378,47 @@ __device__ void top_k_body(const float* __restrict__ rows, int32_t* __restrict__
         for_row(x, n, [&](int, float v) { sum += (double)expf(ieee_div(v - mx, 1.0f)); });
         sum = block_sum_f64(sum);
     }
-    ArgMax prev = {INFINITY, -1};  // ranks before every entry
+    const ArgMax none = {-INFINITY, INT_MAX};
+    ArgMax list[TOP_K_LIST];  // this thread's best entries ranked after `popped`, best first
+#pragma unroll
+    for (int s = 0; s < TOP_K_LIST; ++s) list[s] = none;
+    ArgMax popped = {INFINITY, -1};  // ranks before every entry
+    bool more = true;                // entries ranked after popped may lie outside list
     int j = 0;
     for (; j < k; ++j) {
-        ArgMax best = {-INFINITY, INT_MAX};
-        for_row(x, n, [&](int i, float v) {
-            const float p = PROBS ? v : (float)((double)expf(ieee_div(v - mx, 1.0f)) / sum);
-            if (!(p > 0.0f)) return;  // zero, or NaN
-            // Only entries ranked after the previous pick: lower, or equal with a higher id.
-            if (!(prev.v > p || (prev.v == p && prev.i < i))) return;
-            best = argmax_pick(best, ArgMax{p, i});
-        });
-        best = block_best(best);
+        if (list[0].i == INT_MAX && more) {
+            more = false;
+            for_row(x, n, [&](int i, float v) {
+                const float p = PROBS ? v : (float)((double)expf(ieee_div(v - mx, 1.0f)) / sum);
+                if (!(p > 0.0f)) return;  // zero, or NaN
+                ArgMax c = {p, i};
+                if (!ranks_before(popped, c)) return;
+                if (list[TOP_K_LIST - 1].i != INT_MAX) {
+                    more = true;  // c or the list's last falls out
+                    if (!ranks_before(c, list[TOP_K_LIST - 1])) return;
+                }
+#pragma unroll
+                for (int s = 0; s < TOP_K_LIST; ++s) {
+                    if (ranks_before(c, list[s])) {
+                        const ArgMax t = list[s];
+                        list[s] = c;
+                        c = t;
+                    }
+                }
+            });
+        }
+        const ArgMax best = block_best(list[0]);
         if (best.i == INT_MAX) break;  // every thread sees the same pick
         if (threadIdx.x == 0) {
             row_ids[j] = best.i;
             row_probs[j] = best.v;
         }
-        prev = best;
+        if (list[0].i == best.i) {  // each id is one thread's
+            popped = list[0];
+#pragma unroll
+            for (int s = 0; s + 1 < TOP_K_LIST; ++s) list[s] = list[s + 1];
+            list[TOP_K_LIST - 1] = none;
+        }
     }
     for (int r = j + threadIdx.x; r < k; r += blockDim.x) {
         row_ids[r] = -1;

@@ -2084,6 +2084,63 @@ fn sample_without_replacement_is_exact() {
     assert!(e.contains("sample_without_replacement") && e.contains("out"), "{e}");
 }
 
+/// The kernels keep each thread's few best entries and reread a thread's elements when
+/// its list runs dry: here a row's best entries all lie in one thread's stride (ids
+/// t, t + 1024, ...), some tied, with rivals from other threads between them, so that
+/// thread's list runs dry many times within k picks. Both kernels, against the host.
+#[test]
+fn top_k_ranks_many_winners_of_one_thread() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(41);
+    let (rows, n, k) = (2, 70_000, MAX_TOP_K);
+    let mut x = rand_vec(&mut rng, rows * n, 1.0);
+    for row in 0..rows {
+        let t = 7 + 300 * row;
+        for (m, i) in (t..n).step_by(1024).enumerate() {
+            // Levels 4.0, 3.9, ...: pairs share a level (a tie inside the thread), and
+            // every fifth level also goes to a rival one id below (a tie across threads).
+            let level = 4.0 - 0.1 * (m / 2) as f32;
+            x[row * n + i] = level;
+            if m % 5 == 0 {
+                x[row * n + i - 1] = level;
+            }
+        }
+    }
+    let (ids, probs) = device_top_k(&dev, &x, rows, n, k, false);
+    let q: Vec<f32> = x
+        .chunks(n)
+        .flat_map(|r| {
+            let mut q = r.to_vec();
+            let m = q.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            q.iter_mut().for_each(|v| *v = (*v - m).exp());
+            let s: f32 = q.iter().sum();
+            q.iter_mut().for_each(|v| *v /= s);
+            q
+        })
+        .collect();
+    let (qids, qprobs) = device_top_k(&dev, &q, rows, n, k, true);
+    for row in 0..rows {
+        let t = 7 + 300 * row;
+        let span = row * k..(row + 1) * k;
+        let want = r::top_k(&x[row * n..(row + 1) * n], k);
+        let got = pairs(&ids[span.clone()], &probs[span.clone()]);
+        let same_thread = got.iter().filter(|&&(i, _)| i as usize % 1024 == t % 1024).count();
+        assert!(
+            same_thread > 40,
+            "row {row}: the test puts {same_thread} picks in one thread"
+        );
+        let got_ids: Vec<u32> = got.iter().map(|&(i, _)| i).collect();
+        let want_ids: Vec<u32> = want.iter().map(|&(i, _)| i).collect();
+        assert_eq!(got_ids, want_ids, "top_k row {row}: ids");
+        for (j, (&(_, a), &(_, b))) in got.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() <= 2e-5 * b + 1e-7, "top_k row {row}: [{j}] {a} vs {b}");
+        }
+        let want = r::top_k_probs(&q[row * n..(row + 1) * n], k);
+        let got = pairs(&qids[span.clone()], &qprobs[span]);
+        assert_eq!(got, want, "top_k_probs row {row}: exactly the host ranking");
+    }
+}
+
 #[test]
 fn top_k_probs_is_the_cpu_tree_ranking() {
     let dev = dev_or_skip!();
@@ -3028,7 +3085,7 @@ fn bench_kernels() {
     });
     bench.row("argmax 1x152064", ms, row_bytes);
     // A T = 0 tree depth: 4 frontier rows, each its 4 best children (floor: the rows read
-    // once; the kernel reads them k + 2 times, mostly from L2).
+    // once; the kernel reads them 3 times, mostly from L2).
     let (mut top_ids, mut top_probs) = (
         bench.dev.alloc_zeros::<i32>(16).unwrap(),
         bench.dev.alloc_zeros::<f32>(16).unwrap(),
