@@ -266,8 +266,8 @@ PY
         # racecheck: the kernels that share memory between threads.
         step racecheck 90 "$san" --tool racecheck --error-exitcode 1 \
             "$gpu_dir/cuda_ops" --test-threads=1 attention_decode attention_prefill_at attention_verify attention_varlen \
-            argmax probabilities top_k sample_is_exact verify_sampled_exact rmsnorm kv_append \
-            rope_kv_append gemv
+            argmax probabilities top_k sample_is_exact sample_without_replacement draw_counts verify_sampled_exact \
+            rmsnorm kv_append rope_kv_append gemv
         # memcheck on the model level: the device rejection sampling (chains and trees),
         # one VL target pass with its vision tower, the drafter's chains replayed as CUDA
         # graphs (their kernels trust a cache length read on the device), and the

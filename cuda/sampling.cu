@@ -12,7 +12,9 @@
 //   sample_without_replacement
 //                   a token tree's children at T > 0: per node, draws from its row with
 //                   each drawn token removed and the rest renormalised
-//                   (spec::tree::draw_without_replacement), given the uniforms;
+//                   (spec::tree::draw_without_replacement), given the uniforms; the
+//                   nodes at once where draw_counts knows each one's draws beforehand;
+//   draw_counts     how many children each node draws, where its row tells beforehand;
 //   verify_greedy   longest prefix of drafts equal to the target's argmax + next token;
 //   verify_sampled  rejection sampling (accept with min(1, p/q), residual
 //                   max(0, p - q) renormalised, bonus from p), given the host's uniforms;
@@ -517,17 +519,16 @@ __device__ void blocked_tile_sums(const W& w, double* tile_sum, int* s_last, dou
     __syncthreads();
 }
 
-// One draw from w with the uniform u01, in the blocked order: find the tile, the chunk,
-// then the entry where the running remainder falls. Whole block; returns the index to
-// every thread (0 when no weight is positive; *any, when given, says whether one is).
-__device__ int blocked_sample(const Weights& w, double u01, bool* any = nullptr) {
-    __shared__ double tile_sum[MAX_TILES];
-    __shared__ int s_last, s_tile, s_result;
-    __shared__ double s_total, s_u;
-    blocked_tile_sums(w, tile_sum, &s_last, &s_total);
+// One draw from w with the uniform u01, in the blocked order, given w's tile sums, last
+// positive index and total (blocked_tile_sums): find the tile, the chunk, then the entry
+// where the running remainder falls. Whole block; returns the index to every thread (0
+// when no weight is positive, last < 0).
+__device__ int blocked_draw(const Weights& w, const double* tile_sum, int last_positive, double total, double u01) {
+    __shared__ int s_tile, s_result;
+    __shared__ double s_u;
     const int tiles = ceil_div(w.n, SAMPLE_TILE);
     if (threadIdx.x == 0) {
-        double u = __dmul_rn(u01, s_total);
+        double u = __dmul_rn(u01, total);
         int tile = -1;
         for (int t = 0; t < tiles; ++t) {
             if (u < tile_sum[t]) {
@@ -538,7 +539,7 @@ __device__ int blocked_sample(const Weights& w, double u01, bool* any = nullptr)
         }
         s_tile = tile;
         s_u = u;
-        s_result = s_last < 0 ? 0 : s_last;
+        s_result = last_positive < 0 ? 0 : last_positive;
     }
     __syncthreads();
     const int tile = s_tile;
@@ -578,9 +579,44 @@ __device__ int blocked_sample(const Weights& w, double u01, bool* any = nullptr)
     }
     __syncthreads();
     const int r = s_result;
-    if (any != nullptr) *any = s_last >= 0;
-    __syncthreads();
+    __syncthreads();  // s_result is rewritten by the next call
     return r;
+}
+
+// One draw from w with the uniform u01 in the blocked order (its tile sums, then the
+// draw). Whole block; returns the index to every thread (0 when no weight is positive).
+__device__ int blocked_sample(const Weights& w, double u01) {
+    __shared__ double tile_sum[MAX_TILES];
+    __shared__ int s_last;
+    __shared__ double s_total;
+    blocked_tile_sums(w, tile_sum, &s_last, &s_total);
+    return blocked_draw(w, tile_sum, s_last, s_total, u01);
+}
+
+// The blocked total of w with entry x as 0, given w's tile sums: x's tile is summed
+// again (its chunks as blocked_tile_sums sums them, x as 0) and the other tiles are w's,
+// so the result is the very total blocked_tile_sums gives of "w without x", from one tile
+// rather than the row. Whole block; returned to every thread.
+__device__ double blocked_total_without(const float* w, int n, int x, const double* tile_sum) {
+    __shared__ double s_total;
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x, tx = x / SAMPLE_TILE;
+        const TreeWeights r = {nullptr, w, n, n, x};
+        int last = -1;
+        const double c = chunk_sum(r, tx * (SAMPLE_TILE / SAMPLE_CHUNK) + lane, &last);
+        double t = 0.0;
+        for (int j = 0; j < 32; ++j) t = __dadd_rn(t, __shfl_sync(0xffffffffu, c, j));
+        if (lane == 0) {
+            double total = 0.0;
+            const int tiles = ceil_div(n, SAMPLE_TILE);
+            for (int i = 0; i < tiles; ++i) total = __dadd_rn(total, i == tx ? t : tile_sum[i]);
+            s_total = total;
+        }
+    }
+    __syncthreads();
+    const double total = s_total;
+    __syncthreads();  // s_total is rewritten by the next call
+    return total;
 }
 
 // w: [rows, n] non-negative weights; uniforms: [rows] in [0, 1); out: [rows]. One block
@@ -593,58 +629,125 @@ extern "C" __global__ void __launch_bounds__(1024)
     if (threadIdx.x == 0) out[blockIdx.x] = r;
 }
 
-// The children of m token-tree nodes at T > 0 (massv::spec::tree::draw_without_replacement
-// in the blocked order). Node j draws counts[j] tokens from q row row0 + j ([rows, n],
-// processed distributions): each draw takes the next uniform, and the drawn token is
-// removed and the rest renormalised (blocked sum, f64 division rounded to f32, as
-// verify_tree_sampled's "q without x") before the next; a node stops early when nothing
-// positive is left, and uses no uniform for a draw it does not make. Nodes in order, one
-// uniform stream: uniforms: [sum counts]. out: [sum counts + 1]: node j's draws at
-// offset counts[0] + ... + counts[j - 1] (-1 past its last), then the uniforms used.
-// out_q: [sum counts]: each drawn token's probability in its original row (0 past the
-// last). work: [n] scratch (the running row). One block of 1024 threads.
-extern "C" __global__ void __launch_bounds__(1024)
-    sample_without_replacement(const float* q, const int32_t* __restrict__ counts, const double* __restrict__ uniforms,
-                               float* work, int32_t* __restrict__ out, float* __restrict__ out_q, int m, int row0,
-                               int n) {
-    pdl_wait();
+// Up to k draws without replacement from row (n entries) with the uniforms u[0..]: each
+// drawn token is removed and the rest renormalised (the blocked total without it, f64
+// division rounded to f32, as verify_tree_sampled's "q without x") before the next; stops
+// early when nothing positive is left, and uses no uniform for a draw it does not make.
+// ids / probs [k]: the draws and their probabilities in row (-1 / 0 past the last);
+// work: [n], the running row. Returns the draws made. A draw costs two passes over the
+// row: the renormalisation and the next draw's tile sums (the total without the drawn
+// token comes from the tile sums already there, blocked_total_without). Whole block.
+__device__ int draw_node(const float* row, int k, const double* u, float* work, int32_t* ids, float* probs, int n) {
     __shared__ double tile_sum[MAX_TILES];
     __shared__ int s_last;
-    __shared__ double s_sum;
+    __shared__ double s_total;
+    const float* left = row;
+    int made = 0;
+    if (k > 0) blocked_tile_sums(Weights{left, nullptr, n, 0, 1.0}, tile_sum, &s_last, &s_total);
+    while (made < k) {
+        const int last = s_last;
+        if (last < 0) break;  // nothing positive left
+        const Weights w = {left, nullptr, n, 0, 1.0};
+        const int x = blocked_draw(w, tile_sum, last, s_total, u[made]);
+        if (threadIdx.x == 0) {
+            ids[made] = x;
+            probs[made] = row[x];
+        }
+        if (++made == k) break;  // the last draw: nothing to renormalise for
+        const double sum = blocked_total_without(left, n, x, tile_sum);
+        // Each thread reads its own entries before it writes them: work may be left.
+        for_row(left, n, [&](int i, float li) {
+            work[i] = i == x || !(sum > 0.0) ? 0.0f : f64_to_f32(__ddiv_rn(f32_to_f64(li), sum));
+        });
+        __syncthreads();
+        left = work;
+        blocked_tile_sums(Weights{left, nullptr, n, 0, 1.0}, tile_sum, &s_last, &s_total);
+    }
+    for (int r = made + threadIdx.x; r < k; r += blockDim.x) {
+        ids[r] = -1;
+        probs[r] = 0.0f;
+    }
+    return made;
+}
+
+// How many children sample_without_replacement's node j draws, when that is known
+// before drawing: min(counts[j], positive entries of q row row0 + j) into draws[j], or -1
+// when the row could stop the node earlier: an entry negative or not finite, or a total
+// of 1.5 or more. (A renormalisation divides every entry by the total without the drawn
+// token: below 2 that leaves each positive entry positive, and the renormalised row sums
+// to 1 within rounding, so every later total is below 2 too.) One block per node.
+extern "C" __global__ void __launch_bounds__(1024)
+    draw_counts(const float* __restrict__ q, const int32_t* __restrict__ counts, int32_t* __restrict__ draws,
+                int row0, int n) {
+    pdl_wait();
+    const float* row = q + (size_t)(row0 + blockIdx.x) * n;
+    const int k = counts[blockIdx.x];
+    double positive = 0.0, odd = 0.0, total = 0.0;
+    for_row(row, n, [&](int, float v) {
+        positive += v > 0.0f ? 1.0 : 0.0;
+        odd += v >= 0.0f && v < INFINITY ? 0.0 : 1.0;  // negative, infinite or NaN
+        total += (double)v;
+    });
+    positive = block_sum_f64(positive);
+    odd = block_sum_f64(odd);
+    total = block_sum_f64(total);
+    if (threadIdx.x == 0) {
+        draws[blockIdx.x] = odd > 0.0 || !(total < 1.5) ? -1 : (int)fmin((double)k, positive);
+    }
+}
+
+// The children of m token-tree nodes at T > 0 (massv::spec::tree::draw_without_replacement
+// in the blocked order): node j draws counts[j] tokens from q row row0 + j ([rows, n],
+// processed distributions) with draw_node. Nodes in order, one uniform stream:
+// uniforms: [sum counts]. out: [sum counts + 1]: node j's draws at offset counts[0] + ...
+// + counts[j - 1] (-1 past its last), then the uniforms used. out_q: [sum counts]: each
+// drawn token's probability in its original row (0 past the last).
+// draws: nullptr, or [m] from draw_counts. Where every node's count is known, node j's
+// uniforms start after the earlier nodes' draws, so the m nodes draw at once, one block
+// each (m blocks), node j in work row s: [s, n] scratch, s the nodes before j that draw
+// two or more (one draw needs no running row). Otherwise (nullptr, or a -1 in draws)
+// block 0 draws the nodes one after another in work row 0 and any other block returns.
+extern "C" __global__ void __launch_bounds__(1024)
+    sample_without_replacement(const float* q, const int32_t* __restrict__ counts, const int32_t* __restrict__ draws,
+                               const double* __restrict__ uniforms, float* work, int32_t* __restrict__ out,
+                               float* __restrict__ out_q, int m, int row0, int n) {
+    pdl_wait();
     // q and work are read through plain pointers: work is written here, and a row read
     // from work must not come through the read-only cache.
+    __shared__ int s_known, s_used, s_slot, s_work, s_used_all, s_slots_all;
+    if (threadIdx.x == 0) {
+        int known = draws != nullptr, used = 0, slot = 0, wrow = 0, used_all = 0, slots_all = 0;
+        for (int j = 0; j < m; ++j) {
+            const int d = known ? draws[j] : -1;
+            known = known && d >= 0;
+            if (j < (int)blockIdx.x) {
+                used += d;
+                slot += counts[j];
+                wrow += counts[j] >= 2;
+            }
+            used_all += d;
+            slots_all += counts[j];
+        }
+        s_known = known;
+        s_used = used;
+        s_slot = slot;
+        s_work = wrow;
+        s_used_all = used_all;
+        s_slots_all = slots_all;
+    }
+    __syncthreads();
+    if (s_known) {
+        const int j = blockIdx.x;
+        draw_node(q + (size_t)(row0 + j) * n, counts[j], uniforms + s_used, work + (size_t)s_work * n,
+                  out + s_slot, out_q + s_slot, n);
+        if (j == 0 && threadIdx.x == 0) out[s_slots_all] = s_used_all;
+        return;
+    }
+    if (blockIdx.x != 0) return;
     int used = 0, slot = 0;
     for (int j = 0; j < m; ++j) {
-        const float* row = q + (size_t)(row0 + j) * n;
-        const float* left = row;
         const int k = counts[j];
-        int made = 0;
-        while (made < k) {
-            const Weights w = {left, nullptr, n, 0, 1.0};
-            bool any;
-            const int x = blocked_sample(w, uniforms[used], &any);
-            if (!any) break;
-            ++used;
-            if (threadIdx.x == 0) {
-                out[slot + made] = x;
-                out_q[slot + made] = row[x];
-            }
-            if (++made == k) break;  // the last draw: nothing to renormalise for
-            // left <- left without x, renormalised: the sum, then one pass.
-            const TreeWeights r = {nullptr, left, n, n, x};
-            blocked_tile_sums(r, tile_sum, &s_last, &s_sum);
-            const double sum = s_sum;
-            for (int i = threadIdx.x; i < n; i += blockDim.x) {
-                const float li = left[i];  // read before writing: work may be the source
-                work[i] = i == x || !(sum > 0.0) ? 0.0f : f64_to_f32(__ddiv_rn(f32_to_f64(li), sum));
-            }
-            __syncthreads();
-            left = work;
-        }
-        for (int r = made + threadIdx.x; r < k; r += blockDim.x) {
-            out[slot + r] = -1;
-            out_q[slot + r] = 0.0f;
-        }
+        used += draw_node(q + (size_t)(row0 + j) * n, k, uniforms + used, work, out + slot, out_q + slot, n);
         slot += k;
     }
     if (threadIdx.x == 0) out[slot] = used;

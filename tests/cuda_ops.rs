@@ -1730,6 +1730,11 @@ fn device_top_k(dev: &CudaDevice, x: &[f32], rows: usize, n: usize, k: usize, of
     )
 }
 
+/// The bit patterns of f32s (bit-for-bit comparisons that print as numbers).
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|v| v.to_bits()).collect()
+}
+
 /// (id, probability) pairs of a kernel's padded output, up to its first id of -1.
 fn pairs(ids: &[i32], probs: &[f32]) -> Vec<(u32, f32)> {
     ids.iter()
@@ -2007,16 +2012,43 @@ fn twin_sample_without_replacement_is_the_cpu_tree_drafters() {
     assert_eq!((got[0].len(), used), (3, 3));
 }
 
+/// The device's children of a tree depth against the twin: the same draws, their
+/// probabilities and the uniforms used, bit for bit. Each case twice: with one work row
+/// (one block draws the nodes in turn) and with enough for the nodes to draw at once
+/// (draw_counts says how many uniforms each takes). Rows 1 and 5 fall short of what
+/// some nodes ask (they stop early); row 3 is scaled to sum to 3, which makes every
+/// depth that holds it draw in turn even with the rows to draw at once.
 #[test]
 fn sample_without_replacement_is_exact() {
     let dev = dev_or_skip!();
     let mut rng = Rng::new(32);
     for &n in &[7usize, 33, 1025, 151_936] {
-        let rows = 5;
-        let q = distribution_rows(&mut rng, rows, n);
+        let rows = 6;
+        let mut q = distribution_rows(&mut rng, rows, n);
+        for (i, v) in q[5 * n..6 * n].iter_mut().enumerate() {
+            *v = if i == 0 || i == n / 2 {
+                0.25
+            } else if i == n - 1 {
+                0.5
+            } else {
+                0.0
+            };
+        }
+        q[3 * n..4 * n].iter_mut().for_each(|v| *v *= 3.0);
+        // ... and holds the least subnormal, which its first renormalisation (a division
+        // by 2 or more) rounds to 0: node 0 of (3, [6, 2]) makes fewer draws than its
+        // row's positive entries at n = 7, and node 1's uniforms start earlier.
+        q[3 * n] = f32::from_bits(1);
         let dq = dev.upload(&q).unwrap();
-        let mut work = dev.alloc_zeros::<f32>(n).unwrap();
-        for (row0, counts) in [(0, vec![1, 4, 3, 2]), (1, vec![6, 0, 2, 3]), (4, vec![5])] {
+        let cases = [
+            (0, vec![1, 4, 3, 2]),
+            (1, vec![6, 0, 2, 3]),
+            (4, vec![5]),
+            (4, vec![2, 5]),
+            (0, vec![2, 1, 0]),
+            (3, vec![6, 2]),
+        ];
+        for (row0, counts) in cases {
             let m = counts.len();
             let total: usize = counts.iter().sum();
             let uniforms: Vec<f64> = (0..total).map(|_| rng.uniform()).collect();
@@ -2025,37 +2057,77 @@ fn sample_without_replacement_is_exact() {
                 .upload(&counts.iter().map(|&c| c as i32).collect::<Vec<_>>())
                 .unwrap();
             let du = dev.upload(&uniforms).unwrap();
-            let mut out = dev.alloc_zeros::<i32>(total + 1).unwrap();
-            let mut out_q = dev.alloc_zeros::<f32>(total).unwrap();
-            dev.sample_without_replacement(
-                &dq.as_view(),
-                &dc.as_view(),
-                &du.as_view(),
-                &mut work.as_view_mut(),
-                &mut out.as_view_mut(),
-                &mut out_q.as_view_mut(),
-                row0,
-                m,
-                total,
-                n,
-            )
-            .unwrap();
-            let (ids, probs) = (
-                dev.download(&out.as_view()).unwrap(),
-                dev.download(&out_q.as_view()).unwrap(),
-            );
-            let what = format!("sample_without_replacement n={n} rows {row0}.. counts {counts:?}");
-            assert_eq!(ids[total], want_used as i32, "{what}: uniforms used");
-            let mut at = 0;
-            for (j, &k) in counts.iter().enumerate() {
-                let w = &want[j];
-                let got = pairs(&ids[at..at + k], &probs[at..at + k]);
-                assert_eq!(&got, w, "{what}: node {j}");
-                assert!(
-                    ids[at + w.len()..at + k].iter().all(|&t| t == -1),
-                    "{what}: node {j} padding"
+            for work_rows in [1, (total / 2).max(1)] {
+                let mut work = dev.alloc_zeros::<f32>(work_rows * n).unwrap();
+                let mut draws = dev.alloc_zeros::<i32>(m).unwrap();
+                let mut out = dev.alloc_zeros::<i32>(total + 1).unwrap();
+                let mut out_q = dev.alloc_zeros::<f32>(total).unwrap();
+                dev.sample_without_replacement(
+                    &dq.as_view(),
+                    &dc.as_view(),
+                    &du.as_view(),
+                    &mut draws.as_view_mut(),
+                    &mut work.as_view_mut(),
+                    &mut out.as_view_mut(),
+                    &mut out_q.as_view_mut(),
+                    row0,
+                    m,
+                    total,
+                    n,
+                )
+                .unwrap();
+                let (ids, probs) = (
+                    dev.download(&out.as_view()).unwrap(),
+                    dev.download(&out_q.as_view()).unwrap(),
                 );
-                at += k;
+                let what =
+                    format!("sample_without_replacement n={n} rows {row0}.. counts {counts:?}, {work_rows} work rows");
+                assert_eq!(ids[total], want_used as i32, "{what}: uniforms used");
+                let mut at = 0;
+                for (j, &k) in counts.iter().enumerate() {
+                    let w = &want[j];
+                    let got = pairs(&ids[at..at + k], &probs[at..at + k]);
+                    assert_eq!(&got, w, "{what}: node {j}");
+                    assert!(
+                        ids[at + w.len()..at + k].iter().all(|&t| t == -1),
+                        "{what}: node {j} padding"
+                    );
+                    at += k;
+                }
+                // The running rows left in work: bit for bit the twin's renormalisations
+                // (drawing at once, node j's in the row after the earlier nodes that
+                // draw two or more; in turn, the last renormalised node's in row 0).
+                let at_once = m > 1
+                    && work_rows >= (total / 2).max(1)
+                    && r::draw_counts(&q, n, row0, &counts).iter().all(|&d| d >= 0);
+                let work = dev.download(&work.as_view()).unwrap();
+                let mut slot = 0;
+                let mut in_row0 = None;
+                for (j, &k) in counts.iter().enumerate() {
+                    let drawn = &want[j];
+                    let renorms = if drawn.len() < k {
+                        drawn.len()
+                    } else {
+                        drawn.len().saturating_sub(1)
+                    };
+                    let mut left = q[(row0 + j) * n..][..n].to_vec();
+                    for &(x, _) in &drawn[..renorms] {
+                        left[x as usize] = 0.0;
+                        let s = r::blocked_sum(&left);
+                        left.iter_mut()
+                            .for_each(|v| *v = if s > 0.0 { (*v as f64 / s) as f32 } else { 0.0 });
+                    }
+                    if at_once && k >= 2 {
+                        let got = &work[slot * n..(slot + 1) * n];
+                        assert_eq!(bits(got), bits(&left), "{what}: node {j}'s running row");
+                        slot += 1;
+                    } else if renorms > 0 {
+                        in_row0 = Some(left);
+                    }
+                }
+                if let (false, Some(left)) = (at_once, in_row0) {
+                    assert_eq!(bits(&work[..n]), bits(&left), "{what}: the last running row");
+                }
             }
         }
     }
@@ -2064,6 +2136,7 @@ fn sample_without_replacement_is_exact() {
     let dc = dev.upload(&[3i32]).unwrap();
     let du = dev.upload(&[0.1f64; 3]).unwrap();
     let mut work = dev.alloc_zeros::<f32>(2).unwrap();
+    let mut draws = dev.alloc_zeros::<i32>(1).unwrap();
     let mut out = dev.alloc_zeros::<i32>(3).unwrap();
     let mut out_q = dev.alloc_zeros::<f32>(3).unwrap();
     let e = dev
@@ -2071,6 +2144,7 @@ fn sample_without_replacement_is_exact() {
             &dq.as_view(),
             &dc.as_view(),
             &du.as_view(),
+            &mut draws.as_view_mut(),
             &mut work.as_view_mut(),
             &mut out.as_view_mut(),
             &mut out_q.as_view_mut(),
@@ -2082,6 +2156,42 @@ fn sample_without_replacement_is_exact() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("sample_without_replacement") && e.contains("out"), "{e}");
+}
+
+/// `draw_counts` against its twin: a node's draws are known from its row where the row
+/// is a distribution (sparse rows included), and unknown (-1) where it sums to 1.5 or
+/// more or holds a negative, infinite or NaN entry. Where known, the twin's serial draws
+/// make exactly that many.
+#[test]
+fn draw_counts_is_the_twins() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(35);
+    for &n in &[7usize, 1000, 151_936] {
+        let rows = 8;
+        let mut q = distribution_rows(&mut rng, rows, n);
+        q[3 * n..4 * n].iter_mut().for_each(|v| *v *= 1.6);
+        q[4 * n + n / 2] = -0.0; // not odd: -0 is no weight
+        q[5 * n + n - 1] = -1e-30;
+        q[6 * n] = f32::INFINITY;
+        q[7 * n + 1] = f32::NAN;
+        let counts = [1usize, 6, 3, 2, 2, 4, 2, 7];
+        let want = r::draw_counts(&q, n, 0, &counts);
+        assert_eq!(&want[3..], &[-1, 2, -1, -1, -1][..], "n={n}: the twin's unknown rows");
+        assert!(want[..3].iter().all(|&d| d >= 0), "n={n}: {want:?}");
+        let dq = dev.upload(&q).unwrap();
+        let dc = dev
+            .upload(&counts.iter().map(|&c| c as i32).collect::<Vec<_>>())
+            .unwrap();
+        let mut draws = dev.alloc_zeros::<i32>(rows).unwrap();
+        dev.draw_counts(&dq.as_view(), &dc.as_view(), &mut draws.as_view_mut(), 0, rows, n)
+            .unwrap();
+        assert_eq!(dev.download(&draws.as_view()).unwrap(), want, "n={n}");
+        for (j, &d) in want.iter().enumerate().filter(|&(_, &d)| d >= 0) {
+            let uniforms: Vec<f64> = (0..counts[j]).map(|_| rng.uniform()).collect();
+            let (_, used) = r::sample_without_replacement(&q, n, j, &counts[j..=j], &uniforms);
+            assert_eq!(used, d as usize, "n={n} row {j}: the serial draws");
+        }
+    }
 }
 
 /// The kernels keep each thread's few best entries and reread a thread's elements when
@@ -3111,6 +3221,36 @@ fn bench_kernels() {
             .probabilities(&logits.as_view(), &mut probs.as_view_mut(), 6, vocab, &t1)
     });
     bench.row("probabilities 6x152064 T=1", ms, 2.0 * 6.0 * row_bytes);
+    // A T > 0 tree depth: 4 frontier nodes (full softmax rows), 4 children each; the
+    // nodes draw at once, a draw passing over its row twice (floor: the rows read once).
+    let dev = &bench.dev;
+    let counts = dev.upload(&[4i32; 4]).unwrap();
+    let draw_u = dev.upload(&[0.25f64, 0.5, 0.75, 0.9].repeat(4)).unwrap();
+    let (mut draws, mut work) = (
+        dev.alloc_zeros::<i32>(4).unwrap(),
+        dev.alloc_zeros::<f32>(8 * vocab).unwrap(),
+    );
+    let (mut out, mut out_q) = (dev.alloc_zeros::<i32>(17).unwrap(), dev.alloc_zeros::<f32>(16).unwrap());
+    let ms = bench.time(10, || {
+        bench.dev.sample_without_replacement(
+            &probs.slice(..4 * vocab),
+            &counts.as_view(),
+            &draw_u.as_view(),
+            &mut draws.as_view_mut(),
+            &mut work.as_view_mut(),
+            &mut out.as_view_mut(),
+            &mut out_q.as_view_mut(),
+            0,
+            4,
+            16,
+            vocab,
+        )
+    });
+    bench.row(
+        "sample_without_replacement 4x152064, 4 draws a row",
+        ms,
+        4.0 * row_bytes,
+    );
     let tp = SamplingParams {
         temperature: 1.0,
         top_k: 50,

@@ -575,7 +575,7 @@ fn row_passes_keep_their_loads_in_flight() {
     let Some(sass) = sass_or_skip() else { return };
     let mut failures = Vec::new();
     for arch in sass_archs() {
-        for name in ["argmax", "probabilities", "top_k", "top_k_probs"] {
+        for name in ["argmax", "probabilities", "top_k", "top_k_probs", "draw_counts"] {
             let Some(f) = sass
                 .iter()
                 .find(|f| f.module == "sampling" && f.name == name && f.arch == arch)

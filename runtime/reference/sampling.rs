@@ -238,6 +238,28 @@ pub fn sample_without_replacement(
     (drawn, used)
 }
 
+/// Per node of [`sample_without_replacement`], the draws it makes when that is known
+/// before drawing: min(counts[j], positive entries of q row row0 + j), or -1 when the row
+/// could stop the node earlier: an entry negative or not finite, or a total of 1.5 or
+/// more. (Each renormalisation divides by the total without the drawn token; below 2
+/// that keeps every positive entry positive, and the renormalised row sums to 1 within
+/// rounding.) The device draws the nodes at once when every count is known.
+pub fn draw_counts(q: &[f32], n: usize, row0: usize, counts: &[usize]) -> Vec<i32> {
+    counts
+        .iter()
+        .enumerate()
+        .map(|(j, &k)| {
+            let row = &q[(row0 + j) * n..][..n];
+            let odd = row.iter().any(|&v| !(v >= 0.0 && v.is_finite()));
+            let total: f64 = row.iter().map(|&v| v as f64).sum();
+            if odd || total >= 1.5 {
+                return -1;
+            }
+            k.min(row.iter().filter(|&&v| v > 0.0).count()) as i32
+        })
+        .collect()
+}
+
 /// Multi-candidate rejection sampling down a token tree (`spec::tree::verify_tree_sampled`
 /// with `spec::verify::residual`) with the host RNG's next draws passed in.
 ///

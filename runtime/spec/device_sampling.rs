@@ -215,16 +215,18 @@ pub struct DeviceTreeSampling {
     host_q: Vec<f32>,
     /// Rows of `q` the tree being drafted holds.
     q_rows: usize,
-    p: CudaSlice<f32>,        // [nodes, np]
-    q: CudaSlice<f32>,        // [nodes, nq]: rows of the nodes with children
-    tree_in: CudaSlice<i32>,  // [3, nodes]: tokens, parents, q rows (-1: none), [3, n] packed
-    uniforms: CudaSlice<f64>, // [nodes]
-    work: CudaSlice<f32>,     // [np + nq]: the kernels' running p and q
-    out: CudaSlice<i32>,      // [nodes + 1]: (m, next, path[0..m]); a depth's draws + uniforms used
-    out_q: CudaSlice<f32>,    // [nodes]: the drawn tokens' probabilities
-    counts: CudaSlice<i32>,   // [nodes]: children to draw per frontier node
-    top_ids: CudaSlice<i32>,  // [nodes, MAX_TOP_K]
-    top_q: CudaSlice<f32>,    // [nodes, MAX_TOP_K]
+    p: CudaSlice<f32>,         // [nodes, np]
+    q: CudaSlice<f32>,         // [nodes, nq]: rows of the nodes with children
+    tree_in: CudaSlice<i32>,   // [3, nodes]: tokens, parents, q rows (-1: none), [3, n] packed
+    uniforms: CudaSlice<f64>,  // [nodes]
+    work: CudaSlice<f32>,      // [np + nq]: the kernels' running p and q
+    draw_work: CudaSlice<f32>, // [max(1, nodes / 2), nq]: the running q rows of a depth's draws
+    draws: CudaSlice<i32>,     // [nodes]: draws per frontier node, where known before drawing
+    out: CudaSlice<i32>,       // [nodes + 1]: (m, next, path[0..m]); a depth's draws + uniforms used
+    out_q: CudaSlice<f32>,     // [nodes]: the drawn tokens' probabilities
+    counts: CudaSlice<i32>,    // [nodes]: children to draw per frontier node
+    top_ids: CudaSlice<i32>,   // [nodes, MAX_TOP_K]
+    top_q: CudaSlice<f32>,     // [nodes, MAX_TOP_K]
 }
 
 impl DeviceTreeSampling {
@@ -237,18 +239,22 @@ impl DeviceTreeSampling {
         let dev = Arc::clone(t.device());
         let (nq, np) = (drafter.lm.cfg.vocab_size, target.text_config().vocab_size);
         let n = max_drafted + 1;
+        let drafts_here = matches!(drafter.lm.lm(), Lm::Cuda(_));
         Ok(Some(DeviceTreeSampling {
             p: dev.alloc_zeros(n * np)?,
             q: dev.alloc_zeros(n * nq)?,
             tree_in: dev.alloc_zeros(3 * n)?,
             uniforms: dev.alloc_zeros(n)?,
             work: dev.alloc_zeros(np + nq)?,
+            // Rows for a depth's nodes to draw at once, where they are drafted here.
+            draw_work: dev.alloc_zeros(if drafts_here { (n / 2).max(1) } else { 1 } * nq)?,
+            draws: dev.alloc_zeros(n)?,
             out: dev.alloc_zeros(n + 1)?,
             out_q: dev.alloc_zeros(n)?,
             counts: dev.alloc_zeros(n)?,
             top_ids: dev.alloc_zeros(n * MAX_TOP_K)?,
             top_q: dev.alloc_zeros(n * MAX_TOP_K)?,
-            drafts_here: matches!(drafter.lm.lm(), Lm::Cuda(_)),
+            drafts_here,
             host_q: Vec::new(),
             q_rows: 0,
             dev,
@@ -506,7 +512,8 @@ impl TreeRows for DeviceTreeSampling {
             &self.q.slice(..self.q_rows * nq),
             &self.counts.slice(..m),
             &self.uniforms.slice(..total),
-            &mut self.work.slice_mut(..nq),
+            &mut self.draws.slice_mut(..m),
+            &mut self.draw_work.as_view_mut(),
             &mut self.out.slice_mut(..total + 1),
             &mut self.out_q.slice_mut(..total),
             row0,

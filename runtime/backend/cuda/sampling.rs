@@ -131,14 +131,18 @@ impl CudaDevice {
     /// (`reference::sample_without_replacement`): node j draws counts[j] tokens from q row
     /// row0 + j (q: [rows, n]) with the next of `uniforms` ([sum counts]); `out` ([sum
     /// counts + 1]) gets the draws node by node (-1 past a node's last) and then the
-    /// uniforms used, `out_q` ([sum counts]) each draw's probability in its row; `work`:
-    /// [n] scratch.
+    /// uniforms used, `out_q` ([sum counts]) each draw's probability in its row.
+    /// `draws`: [m] scratch (`reference::draw_counts`); `work`: scratch rows of n, at least
+    /// one. With max(1, total / 2) rows (as many as nodes can draw two or more) the m nodes
+    /// draw at once, one block each, wherever `draw_counts` knows every node's draws before
+    /// drawing (rows that are distributions); otherwise one block draws them in turn.
     #[allow(clippy::too_many_arguments)]
     pub fn sample_without_replacement(
         &self,
         q: &CudaView<'_, f32>,
         counts: &CudaView<'_, i32>,
         uniforms: &CudaView<'_, f64>,
+        draws: &mut CudaViewMut<'_, i32>,
         work: &mut CudaViewMut<'_, f32>,
         out: &mut CudaViewMut<'_, i32>,
         out_q: &mut CudaViewMut<'_, f32>,
@@ -152,6 +156,7 @@ impl CudaDevice {
         need(OP, "q", q.len(), (row0 + m) * n)?;
         need(OP, "counts", counts.len(), m)?;
         need(OP, "uniforms", uniforms.len(), total)?;
+        need(OP, "draws", draws.len(), m)?;
         need(OP, "work", work.len(), n)?;
         need(OP, "out", out.len(), total + 1)?;
         need(OP, "out_q", out_q.len(), total)?;
@@ -163,21 +168,46 @@ impl CudaDevice {
             self.wptr(out),
             self.wptr(out_q),
         );
+        let (m_arg, row0_arg) = (i32_arg(OP, "m", m)?, i32_arg(OP, "row0", row0)?);
+        let at_once = m > 1 && work.len() / n >= (total / 2).max(1);
+        let dp = if at_once {
+            self.draw_counts(q, counts, draws, row0, m, n)?;
+            self.wptr(draws)
+        } else {
+            0u64 // one block draws the nodes in turn
+        };
         self.launch(
             "sampling",
             OP,
-            block_per_row(1, 1024),
-            &[
-                &qp,
-                &cp,
-                &up,
-                &wp,
-                &op,
-                &oq,
-                &i32_arg(OP, "m", m)?,
-                &i32_arg(OP, "row0", row0)?,
-                &(n as i32),
-            ],
+            block_per_row(if at_once { m } else { 1 }, 1024),
+            &[&qp, &cp, &dp, &up, &wp, &op, &oq, &m_arg, &row0_arg, &(n as i32)],
+        )
+    }
+
+    /// Per node of `sample_without_replacement`, the draws it makes when that is known
+    /// before drawing (`reference::draw_counts`): draws ([m]) of q rows row0.. ([rows, n]).
+    pub fn draw_counts(
+        &self,
+        q: &CudaView<'_, f32>,
+        counts: &CudaView<'_, i32>,
+        draws: &mut CudaViewMut<'_, i32>,
+        row0: usize,
+        m: usize,
+        n: usize,
+    ) -> Result<()> {
+        const OP: &str = "draw_counts";
+        need(OP, "q", q.len(), (row0 + m) * n)?;
+        need(OP, "counts", counts.len(), m)?;
+        need(OP, "draws", draws.len(), m)?;
+        if m == 0 {
+            return Ok(());
+        }
+        let (qp, cp, dp) = (self.rptr(q), self.rptr(counts), self.wptr(draws));
+        self.launch(
+            "sampling",
+            OP,
+            block_per_row(m, 1024),
+            &[&qp, &cp, &dp, &i32_arg(OP, "row0", row0)?, &i32_arg(OP, "n", n)?],
         )
     }
 
