@@ -490,24 +490,41 @@ __device__ __forceinline__ double chunk_sum(const W& w, int c, int* last_pos) {
     return s;
 }
 
+// No weights: blocked_tile_sums' second row where it sums one.
+struct NoWeights {
+    int n;
+    __device__ __forceinline__ float at(int) const { return 0.0f; }
+};
+
 // Tile sums of the whole row into tile_sum[], the last positive index into *s_last, and
-// the total (tiles summed in order) into *s_total. Whole block.
-template <class W>
-__device__ void blocked_tile_sums(const W& w, double* tile_sum, int* s_last, double* s_total) {
+// the total (tiles summed in order) into *s_total. With a second row v, its tile sums
+// and total too (v_tile_sum, *v_total), in the same pass: a tile's chunks of v are summed
+// right after w's, from L1 where the two share entries. Whole block.
+template <class W, class V = NoWeights>
+__device__ void blocked_tile_sums(const W& w, double* tile_sum, int* s_last, double* s_total, const V& v = V{0},
+                                  double* v_tile_sum = nullptr, double* v_total = nullptr) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    const int tiles = ceil_div(w.n, SAMPLE_TILE);
+    const int tiles = ceil_div(w.n, SAMPLE_TILE), v_tiles = ceil_div(v.n, SAMPLE_TILE);
     if (threadIdx.x == 0) *s_last = -1;
     __syncthreads();
-    for (int t = warp; t < tiles; t += nw) {
-        int last = -1;
-        const double c = chunk_sum(w, t * (SAMPLE_TILE / SAMPLE_CHUNK) + lane, &last);
-        double s = 0.0;
-        for (int j = 0; j < 32; ++j) s = __dadd_rn(s, __shfl_sync(0xffffffffu, c, j));
+    for (int t = warp; t < max(tiles, v_tiles); t += nw) {
+        const int c = t * (SAMPLE_TILE / SAMPLE_CHUNK) + lane;
+        int last = -1, v_last = -1;
+        const double cw = chunk_sum(w, c, &last);
+        const double cv = v_tiles > 0 ? chunk_sum(v, c, &v_last) : 0.0;
+        double s = 0.0, sv = 0.0;
+        for (int j = 0; j < 32; ++j) {
+            s = __dadd_rn(s, __shfl_sync(0xffffffffu, cw, j));
+            if (v_tiles > 0) sv = __dadd_rn(sv, __shfl_sync(0xffffffffu, cv, j));
+        }
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, off));
         if (lane == 0) {
-            tile_sum[t] = s;
-            atomicMax(s_last, last);
+            if (t < tiles) {
+                tile_sum[t] = s;
+                atomicMax(s_last, last);
+            }
+            if (t < v_tiles) v_tile_sum[t] = sv;
         }
     }
     __syncthreads();
@@ -515,6 +532,11 @@ __device__ void blocked_tile_sums(const W& w, double* tile_sum, int* s_last, dou
         double s = 0.0;
         for (int t = 0; t < tiles; ++t) s = __dadd_rn(s, tile_sum[t]);
         *s_total = s;
+        if (v_tiles > 0) {
+            s = 0.0;
+            for (int t = 0; t < v_tiles; ++t) s = __dadd_rn(s, v_tile_sum[t]);
+            *v_total = s;
+        }
     }
     __syncthreads();
 }
@@ -876,7 +898,7 @@ extern "C" __global__ void __launch_bounds__(1024)
                         const double* __restrict__ uniforms, float* work, int32_t* __restrict__ out, int n, int sampled,
                         int q_rows, int nq, int np) {
     pdl_wait();
-    __shared__ double tile_sum[MAX_TILES];
+    __shared__ double tile_sum[MAX_TILES], tile_sum_q[MAX_TILES];
     __shared__ int s_last, s_accept;
     __shared__ double s_sum_p, s_sum_q;
     // The running p and q may live in work, written here: p, q and work are read through
@@ -907,16 +929,16 @@ extern "C" __global__ void __launch_bounds__(1024)
                 accepted = c;
                 break;
             }
-            // p <- residual(p, q_x), q <- q without x: the sums, then one pass.
+            // p <- residual(p, q_x), q <- q without x: both sums in one pass, then one
+            // pass that writes them.
             const TreeWeights r = {pn, ql, np, nq, x};
-            blocked_tile_sums(r, tile_sum, &s_last, &s_sum_p);
+            if (ql != nullptr)
+                blocked_tile_sums(r, tile_sum, &s_last, &s_sum_p, TreeWeights{nullptr, ql, nq, nq, x}, tile_sum_q,
+                                  &s_sum_q);
+            else
+                blocked_tile_sums(r, tile_sum, &s_last, &s_sum_p);
             const double sum_p = s_sum_p;
-            double sum_q = 0.0;
-            if (ql != nullptr) {
-                const TreeWeights w = {nullptr, ql, nq, nq, x};
-                blocked_tile_sums(w, tile_sum, &s_last, &s_sum_q);
-                sum_q = s_sum_q;
-            }
+            const double sum_q = ql != nullptr ? s_sum_q : 0.0;
             const int len = ql != nullptr ? max(np, nq) : np;
             for (int i = threadIdx.x; i < len; i += blockDim.x) {
                 // Read both old values before writing (work may be the source of either).
