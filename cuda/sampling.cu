@@ -215,7 +215,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     // Probabilities are non-negative, so their bit patterns sort like their values.
     __shared__ unsigned int cnt[PROB_SUBS][256];
     __shared__ unsigned long long mass[PROB_SUBS][256];
-    __shared__ unsigned int s_prefix, s_mask, s_count_above, s_tie_count, s_keep_all, s_digit;
+    __shared__ unsigned int s_prefix, s_mask, s_count_above, s_tie_count, s_keep_all, s_digit, s_all_ties;
     __shared__ unsigned long long s_mass_above;
     const unsigned int k = use_k ? (unsigned int)top_k : (unsigned int)n;
     const unsigned long long p_fixed = __double2ull_rn((double)top_p * FIXED_SCALE);
@@ -292,16 +292,29 @@ extern "C" __global__ void __launch_bounds__(1024)
             if (s_count_above + t >= k || m_acc >= p_fixed) break;
         }
         s_tie_count = t;
+        s_all_ties = t == ties;  // every entry equal to the cut is kept
     }
     __syncthreads();
+    double kept = 0.0;
+    if (s_all_ties) {
+        // Nothing to rank among the ties (the usual case: one entry holds the cut value):
+        // keep what is not below the cut, in for_row's order as the scan below keeps it.
+        for_row(p, n, [&](int i, float v) {
+            if (__float_as_uint(v) >= cut_bits) kept += (double)v;
+            else p[i] = 0.0f;
+        });
+        kept = block_sum_f64(kept);
+        for_row(p, n, [&](int i, float v) { p[i] = (float)((double)v / kept); });
+        return;
+    }
     // Keep entries above the cut and the first s_tie_count entries equal to it (in id
-    // order: a block-wide exclusive scan of the tie flags, tile by tile). A thread loads
-    // its entries of ROW_LOADS tiles before the first tile's scan, as for_row does.
+    // order: a block-wide exclusive scan of the tie flags, tile by tile, three barriers
+    // a tile). A thread loads its entries of ROW_LOADS tiles before the first tile's
+    // scan, as for_row does.
     __shared__ unsigned int warp_ties[32];
     __shared__ unsigned int s_tie_base;
     if (threadIdx.x == 0) s_tie_base = 0;
     const unsigned int tie_keep = s_tie_count;
-    double kept = 0.0;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     for (int base = 0; base < n; base += ROW_LOADS * blockDim.x) {
         float v[ROW_LOADS];

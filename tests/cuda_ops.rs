@@ -1885,6 +1885,42 @@ fn probabilities_keep_the_lowest_ids_of_a_tie_across_tiles() {
     }
 }
 
+/// ... and where the cut keeps a whole run of tied entries (top_k = the run's end, or
+/// top_p reached only with its last entry) it keeps every entry not below the cut,
+/// without ranking the run; one entry above or below the run's end ranks it again.
+#[test]
+fn probabilities_keep_whole_tie_runs() {
+    let dev = dev_or_skip!();
+    for &n in &[5000usize, 151_936] {
+        let logits: Vec<f32> = (0..n).map(|i| ((i * 5) % 7) as f32).collect();
+        let run = |level: f32| logits.iter().filter(|&&l| l == level).count();
+        let (top, second) = (run(6.0), run(5.0));
+        let dl = dev.upload(&logits).unwrap();
+        let mut dp = dev.alloc_zeros::<f32>(n).unwrap();
+        for (top_k, kept) in [
+            (top, top),
+            (top + second, top + second),
+            (top + 1, top + 1),
+            (top - 1, top - 1),
+        ] {
+            let p = SamplingParams {
+                temperature: 1.0,
+                top_k,
+                top_p: 1.0,
+            };
+            dev.probabilities(&dl.as_view(), &mut dp.as_view_mut(), 1, n, &p)
+                .unwrap();
+            let got = dev.download(&dp.as_view()).unwrap();
+            let want = r::probabilities(&logits, &p);
+            assert_eq!(want.iter().filter(|&&w| w > 0.0).count(), kept, "{p:?} n={n}: the twin");
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(*a == 0.0, *b == 0.0, "{p:?} n={n}: support differs at {i} ({a} vs {b})");
+                assert!((a - b).abs() <= 2e-5 * b + 1e-7, "{p:?} n={n}: [{i}] {a} vs {b}");
+            }
+        }
+    }
+}
+
 #[test]
 fn sample_is_exact() {
     let dev = dev_or_skip!();
