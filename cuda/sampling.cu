@@ -205,44 +205,60 @@ extern "C" __global__ void __launch_bounds__(1024)
         sum += (double)e;
     });
     sum = block_sum_f64(sum);
-    for_row(p, n, [&](int i, float v) { p[i] = (float)((double)v / sum); });
     const bool use_k = top_k > 0 && top_k < n;
-    if (!use_k && !(top_p < 1.0f)) return;
-    __syncthreads();
+    const bool cuts = use_k || top_p < 1.0f;
 
     // Radix select (8-bit digits, most significant first) of the cut: the smallest
     // prefix of the descending order whose mass reaches top_p, at most k entries.
     // Probabilities are non-negative, so their bit patterns sort like their values.
+    // The first digit's histogram is taken by the pass that normalises the row.
     __shared__ unsigned int cnt[PROB_SUBS][256];
     __shared__ unsigned long long mass[PROB_SUBS][256];
     __shared__ unsigned int s_prefix, s_mask, s_count_above, s_tie_count, s_keep_all, s_digit, s_all_ties;
     __shared__ unsigned long long s_mass_above;
     const unsigned int k = use_k ? (unsigned int)top_k : (unsigned int)n;
     const unsigned long long p_fixed = __double2ull_rn((double)top_p * FIXED_SCALE);
-    if (threadIdx.x == 0) {
-        s_prefix = 0;
-        s_mask = 0;
-        s_count_above = 0;
-        s_mass_above = 0;
-        s_keep_all = 0;
-    }
     const int sub = (threadIdx.x >> 5) % PROB_SUBS;
-    for (int pass = 0; pass < 4; ++pass) {
-        const int shift = 24 - 8 * pass;
+    // Entries of the row whose bits match prefix under pmask, counted and weighed by
+    // their digit at shift.
+    auto histogram = [&](float v, unsigned int prefix, unsigned int pmask, int shift) {
+        const unsigned int b = __float_as_uint(v);
+        if ((b & pmask) == prefix) {
+            const unsigned int d = (b >> shift) & 255u;
+            atomicAdd(&cnt[sub][d], 1u);
+            atomicAdd(&mass[sub][d], to_fixed(v));
+        }
+    };
+    auto clear_histograms = [&]() {
         for (int i = threadIdx.x; i < PROB_SUBS * 256; i += blockDim.x) {
             (&cnt[0][0])[i] = 0;
             (&mass[0][0])[i] = 0;
         }
         __syncthreads();
-        const unsigned int prefix = s_prefix, pmask = s_mask;
-        for_row(p, n, [&](int, float v) {
-            const unsigned int b = __float_as_uint(v);
-            if ((b & pmask) == prefix) {
-                const unsigned int d = (b >> shift) & 255u;
-                atomicAdd(&cnt[sub][d], 1u);
-                atomicAdd(&mass[sub][d], to_fixed(v));
-            }
-        });
+    };
+    if (cuts) {
+        if (threadIdx.x == 0) {
+            s_prefix = 0;
+            s_mask = 0;
+            s_count_above = 0;
+            s_mass_above = 0;
+            s_keep_all = 0;
+        }
+        clear_histograms();
+    }
+    for_row(p, n, [&](int i, float v) {
+        const float pi = (float)((double)v / sum);
+        p[i] = pi;
+        if (cuts) histogram(pi, 0u, 0u, 24);
+    });
+    if (!cuts) return;
+    for (int pass = 0; pass < 4; ++pass) {
+        const int shift = 24 - 8 * pass;
+        if (pass > 0) {
+            clear_histograms();
+            const unsigned int prefix = s_prefix, pmask = s_mask;
+            for_row(p, n, [&](int, float v) { histogram(v, prefix, pmask, shift); });
+        }
         __syncthreads();
         for (int d = threadIdx.x; d < 256; d += blockDim.x) {
             for (int s = 1; s < PROB_SUBS; ++s) {
