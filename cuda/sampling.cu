@@ -174,7 +174,8 @@ argmax(const float* __restrict__ x, int32_t* __restrict__ out, int n) {
 // ---------------------------------------------------------------------------------
 // probabilities
 
-#define PROB_SUBS 8  // sub-histograms (warp % 8) to spread shared atomics
+#define PROB_SUBS 8            // sub-histograms (warp % 8) to spread shared atomics
+#define PROB_CANDIDATES 4096  // entries of the cut's first-digit bucket kept in shared memory
 #define FIXED_SCALE 72057594037927936.0  // 2^56: masses as exact integers in u64
 
 __device__ __forceinline__ unsigned long long to_fixed(float p) {
@@ -211,23 +212,28 @@ extern "C" __global__ void __launch_bounds__(1024)
     // Radix select (8-bit digits, most significant first) of the cut: the smallest
     // prefix of the descending order whose mass reaches top_p, at most k entries.
     // Probabilities are non-negative, so their bit patterns sort like their values.
-    // The first digit's histogram is taken by the pass that normalises the row.
+    // The first digit's histogram is taken by the pass that normalises the row. Where the
+    // first digit's bucket holds at most PROB_CANDIDATES entries (a band of values within
+    // a factor of 4, as a rule a small one), the second pass copies them to shared memory
+    // and the last two digits are counted there rather than over the row.
     __shared__ unsigned int cnt[PROB_SUBS][256];
     __shared__ unsigned long long mass[PROB_SUBS][256];
+    __shared__ float cand[PROB_CANDIDATES];
     __shared__ unsigned int s_prefix, s_mask, s_count_above, s_tie_count, s_keep_all, s_digit, s_all_ties;
+    __shared__ unsigned int s_cands, s_compact;
     __shared__ unsigned long long s_mass_above;
     const unsigned int k = use_k ? (unsigned int)top_k : (unsigned int)n;
     const unsigned long long p_fixed = __double2ull_rn((double)top_p * FIXED_SCALE);
     const int sub = (threadIdx.x >> 5) % PROB_SUBS;
     // Entries of the row whose bits match prefix under pmask, counted and weighed by
-    // their digit at shift.
+    // their digit at shift; returns whether v matched.
     auto histogram = [&](float v, unsigned int prefix, unsigned int pmask, int shift) {
         const unsigned int b = __float_as_uint(v);
-        if ((b & pmask) == prefix) {
-            const unsigned int d = (b >> shift) & 255u;
-            atomicAdd(&cnt[sub][d], 1u);
-            atomicAdd(&mass[sub][d], to_fixed(v));
-        }
+        if ((b & pmask) != prefix) return false;
+        const unsigned int d = (b >> shift) & 255u;
+        atomicAdd(&cnt[sub][d], 1u);
+        atomicAdd(&mass[sub][d], to_fixed(v));
+        return true;
     };
     auto clear_histograms = [&]() {
         for (int i = threadIdx.x; i < PROB_SUBS * 256; i += blockDim.x) {
@@ -243,6 +249,7 @@ extern "C" __global__ void __launch_bounds__(1024)
             s_count_above = 0;
             s_mass_above = 0;
             s_keep_all = 0;
+            s_cands = 0;
         }
         clear_histograms();
     }
@@ -257,7 +264,15 @@ extern "C" __global__ void __launch_bounds__(1024)
         if (pass > 0) {
             clear_histograms();
             const unsigned int prefix = s_prefix, pmask = s_mask;
-            for_row(p, n, [&](int, float v) { histogram(v, prefix, pmask, shift); });
+            if (pass > 1 && s_compact) {
+                const unsigned int c = s_cands;
+                for (unsigned int j = threadIdx.x; j < c; j += blockDim.x) histogram(cand[j], prefix, pmask, shift);
+            } else {
+                const bool copy = pass == 1 && s_compact;
+                for_row(p, n, [&](int, float v) {
+                    if (histogram(v, prefix, pmask, shift) && copy) cand[atomicAdd(&s_cands, 1u)] = v;
+                });
+            }
         }
         __syncthreads();
         for (int d = threadIdx.x; d < 256; d += blockDim.x) {
@@ -287,6 +302,7 @@ extern "C" __global__ void __launch_bounds__(1024)
                 s_count_above = above;
                 s_mass_above = m_above;
                 s_digit = chosen;
+                if (pass == 0) s_compact = cnt[0][chosen] <= PROB_CANDIDATES;
             }
         }
         __syncthreads();

@@ -1847,6 +1847,43 @@ fn probabilities_temperature_top_k_top_p() {
     }
 }
 
+/// A vocabulary row shaped like a language model's: a few strong candidates over a broad
+/// tail. The cut falls among the candidates, whose first radix digit's bucket is small,
+/// so the kernel counts the last two digits over the bucket's entries in shared memory
+/// (random logits over the whole row give buckets too large for it; the test above).
+#[test]
+fn probabilities_cut_a_peaked_vocabulary_row() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(17);
+    let n = 151_936;
+    let mut logits = rand_vec(&mut rng, n, 2.0);
+    for j in 0..40 {
+        logits[(j * 3803) % n] = 9.0 + 0.1 * j as f32;
+    }
+    let dl = dev.upload(&logits).unwrap();
+    let mut dp = dev.alloc_zeros::<f32>(n).unwrap();
+    for (temperature, top_k, top_p) in [(1.0, 0, 0.5f32), (1.0, 5, 1.0), (0.7, 50, 0.8), (1.0, 30, 0.95)] {
+        let p = SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+        };
+        dev.probabilities(&dl.as_view(), &mut dp.as_view_mut(), 1, n, &p)
+            .unwrap();
+        let got = dev.download(&dp.as_view()).unwrap();
+        let want = r::probabilities(&logits, &p);
+        let kept = want.iter().filter(|&&w| w > 0.0).count();
+        assert!(
+            (2..=50).contains(&kept),
+            "{p:?}: the cut is among the candidates ({kept} kept)"
+        );
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(*a == 0.0, *b == 0.0, "{p:?}: support differs at {i} ({a} vs {b})");
+            assert!((a - b).abs() <= 2e-5 * b + 1e-7, "{p:?}: [{i}] {a} vs {b}");
+        }
+    }
+}
+
 /// probabilities' keep pass ranks the entries equal to the cut by id, tile after tile
 /// (several tiles loaded at once). Logits on 7 levels make runs of tied probabilities
 /// thousands of entries long, so the cut falls inside a run that spans many tiles; the
