@@ -1730,6 +1730,14 @@ fn device_top_k(dev: &CudaDevice, x: &[f32], rows: usize, n: usize, k: usize, of
     )
 }
 
+/// Device probabilities against the twin's: the same support, values within 2e-5.
+fn assert_same_probabilities(got: &[f32], want: &[f32], what: &str) {
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert_eq!(*a == 0.0, *b == 0.0, "{what}: support differs at {i} ({a} vs {b})");
+        assert!((a - b).abs() <= 2e-5 * b + 1e-7, "{what}: [{i}] {a} vs {b}");
+    }
+}
+
 /// The bit patterns of f32s (bit-for-bit comparisons that print as numbers).
 fn bits(x: &[f32]) -> Vec<u32> {
     x.iter().map(|v| v.to_bits()).collect()
@@ -1838,10 +1846,7 @@ fn probabilities_temperature_top_k_top_p() {
             for (row, (g, l)) in got.chunks(n).zip(logits.chunks(n)).enumerate() {
                 let want = r::probabilities(l, p);
                 let what = format!("probabilities {p:?} n={n} row={row}");
-                for (i, (a, b)) in g.iter().zip(&want).enumerate() {
-                    assert_eq!(*a == 0.0, *b == 0.0, "{what}: support differs at {i} ({a} vs {b})");
-                    assert!((a - b).abs() <= 2e-5 * b + 1e-7, "{what}: [{i}] {a} vs {b}");
-                }
+                assert_same_probabilities(g, &want, &what);
             }
         }
     }
@@ -1877,10 +1882,7 @@ fn probabilities_cut_a_peaked_vocabulary_row() {
             (2..=50).contains(&kept),
             "{p:?}: the cut is among the candidates ({kept} kept)"
         );
-        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(*a == 0.0, *b == 0.0, "{p:?}: support differs at {i} ({a} vs {b})");
-            assert!((a - b).abs() <= 2e-5 * b + 1e-7, "{p:?}: [{i}] {a} vs {b}");
-        }
+        assert_same_probabilities(&got, &want, &format!("{p:?}"));
     }
 }
 
@@ -1915,10 +1917,7 @@ fn probabilities_keep_the_lowest_ids_of_a_tie_across_tiles() {
             kept > 1 && kept < top,
             "{p:?} n={n}: the cut is inside the top run ({kept} of {top} kept)"
         );
-        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(*a == 0.0, *b == 0.0, "{p:?} n={n}: support differs at {i} ({a} vs {b})");
-            assert!((a - b).abs() <= 2e-5 * b + 1e-7, "{p:?} n={n}: [{i}] {a} vs {b}");
-        }
+        assert_same_probabilities(&got, &want, &format!("{p:?} n={n}"));
     }
 }
 
@@ -1950,10 +1949,7 @@ fn probabilities_keep_whole_tie_runs() {
             let got = dev.download(&dp.as_view()).unwrap();
             let want = r::probabilities(&logits, &p);
             assert_eq!(want.iter().filter(|&&w| w > 0.0).count(), kept, "{p:?} n={n}: the twin");
-            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                assert_eq!(*a == 0.0, *b == 0.0, "{p:?} n={n}: support differs at {i} ({a} vs {b})");
-                assert!((a - b).abs() <= 2e-5 * b + 1e-7, "{p:?} n={n}: [{i}] {a} vs {b}");
-            }
+            assert_same_probabilities(&got, &want, &format!("{p:?} n={n}"));
         }
     }
 }
