@@ -328,27 +328,25 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
     __syncthreads();
     double kept = 0.0;
-    if (s_all_ties) {
+    __shared__ unsigned int warp_ties[32];
+    __shared__ unsigned int s_tie_base;
+    if (threadIdx.x == 0) s_tie_base = 0;
+    const unsigned int tie_keep = s_tie_count;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const bool all_ties = s_all_ties;
+    if (all_ties) {
         // Nothing to rank among the ties (the usual case: one entry holds the cut value):
         // keep what is not below the cut, in for_row's order as the scan below keeps it.
         for_row(p, n, [&](int i, float v) {
             if (__float_as_uint(v) >= cut_bits) kept += (double)v;
             else p[i] = 0.0f;
         });
-        kept = block_sum_f64(kept);
-        for_row(p, n, [&](int i, float v) { p[i] = (float)((double)v / kept); });
-        return;
     }
-    // Keep entries above the cut and the first s_tie_count entries equal to it (in id
-    // order: a block-wide exclusive scan of the tie flags, tile by tile, three barriers
-    // a tile). A thread loads its entries of ROW_LOADS tiles before the first tile's
-    // scan, as for_row does.
-    __shared__ unsigned int warp_ties[32];
-    __shared__ unsigned int s_tie_base;
-    if (threadIdx.x == 0) s_tie_base = 0;
-    const unsigned int tie_keep = s_tie_count;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    for (int base = 0; base < n; base += ROW_LOADS * blockDim.x) {
+    // Otherwise keep entries above the cut and the first s_tie_count entries equal to it
+    // (in id order: a block-wide exclusive scan of the tie flags, tile by tile, three
+    // barriers a tile). A thread loads its entries of ROW_LOADS tiles before the first
+    // tile's scan, as for_row does.
+    for (int base = 0; !all_ties && base < n; base += ROW_LOADS * blockDim.x) {
         float v[ROW_LOADS];
 #pragma unroll
         for (int u = 0; u < ROW_LOADS; ++u) {
@@ -535,6 +533,31 @@ __device__ __forceinline__ double chunk_sum(const W& w, int c, int* last_pos) {
     return s;
 }
 
+// The blocked sum of tile t of w (its chunks in order, each summed left to right),
+// returned to every lane of the calling warp; with `last`, the tile's last positive index
+// into *last (-1: none). Whole warp.
+template <class W>
+__device__ __forceinline__ double warp_tile_sum(const W& w, int t, int* last = nullptr) {
+    const int lane = threadIdx.x & 31;
+    int l = -1;
+    const double c = chunk_sum(w, t * (SAMPLE_TILE / SAMPLE_CHUNK) + lane, &l);
+    double s = 0.0;
+    for (int j = 0; j < 32; ++j) s = __dadd_rn(s, __shfl_sync(0xffffffffu, c, j));
+    if (last != nullptr) {
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) l = max(l, __shfl_xor_sync(0xffffffffu, l, off));
+        *last = l;
+    }
+    return s;
+}
+
+// The tiles' sums added in order.
+__device__ __forceinline__ double tiles_total(const double* tile_sum, int tiles) {
+    double s = 0.0;
+    for (int t = 0; t < tiles; ++t) s = __dadd_rn(s, tile_sum[t]);
+    return s;
+}
+
 // No weights: blocked_tile_sums' second row where it sums one.
 struct NoWeights {
     int n;
@@ -553,17 +576,9 @@ __device__ void blocked_tile_sums(const W& w, double* tile_sum, int* s_last, dou
     if (threadIdx.x == 0) *s_last = -1;
     __syncthreads();
     for (int t = warp; t < max(tiles, v_tiles); t += nw) {
-        const int c = t * (SAMPLE_TILE / SAMPLE_CHUNK) + lane;
-        int last = -1, v_last = -1;
-        const double cw = chunk_sum(w, c, &last);
-        const double cv = v_tiles > 0 ? chunk_sum(v, c, &v_last) : 0.0;
-        double s = 0.0, sv = 0.0;
-        for (int j = 0; j < 32; ++j) {
-            s = __dadd_rn(s, __shfl_sync(0xffffffffu, cw, j));
-            if (v_tiles > 0) sv = __dadd_rn(sv, __shfl_sync(0xffffffffu, cv, j));
-        }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, off));
+        int last;
+        const double s = warp_tile_sum(w, t, &last);
+        const double sv = v_tiles > 0 ? warp_tile_sum(v, t) : 0.0;
         if (lane == 0) {
             if (t < tiles) {
                 tile_sum[t] = s;
@@ -574,14 +589,8 @@ __device__ void blocked_tile_sums(const W& w, double* tile_sum, int* s_last, dou
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-        double s = 0.0;
-        for (int t = 0; t < tiles; ++t) s = __dadd_rn(s, tile_sum[t]);
-        *s_total = s;
-        if (v_tiles > 0) {
-            s = 0.0;
-            for (int t = 0; t < v_tiles; ++t) s = __dadd_rn(s, v_tile_sum[t]);
-            *v_total = s;
-        }
+        *s_total = tiles_total(tile_sum, tiles);
+        if (v_tiles > 0) *v_total = tiles_total(v_tile_sum, v_tiles);
     }
     __syncthreads();
 }
@@ -668,11 +677,7 @@ __device__ double blocked_total_without(const float* w, int n, int x, const doub
     __shared__ double s_total;
     if (threadIdx.x < 32) {
         const int lane = threadIdx.x, tx = x / SAMPLE_TILE;
-        const TreeWeights r = {nullptr, w, n, n, x};
-        int last = -1;
-        const double c = chunk_sum(r, tx * (SAMPLE_TILE / SAMPLE_CHUNK) + lane, &last);
-        double t = 0.0;
-        for (int j = 0; j < 32; ++j) t = __dadd_rn(t, __shfl_sync(0xffffffffu, c, j));
+        const double t = warp_tile_sum(TreeWeights{nullptr, w, n, n, x}, tx);
         if (lane == 0) {
             double total = 0.0;
             const int tiles = ceil_div(n, SAMPLE_TILE);
