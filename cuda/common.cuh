@@ -57,22 +57,25 @@ __device__ __forceinline__ float block_max(float v) {
     return v;
 }
 
+// f64 sum over the warp by a butterfly (a fixed order: every lane gets the same bits).
+__device__ __forceinline__ double warp_sum_f64(double v) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+
 // f64 sum over the block (order fixed by the block shape, so deterministic for a given
 // launch configuration); every thread gets the result.
 __device__ __forceinline__ double block_sum_f64(double v) {
     __shared__ double partial_d[32];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    v = warp_sum_f64(v);
     if (lane == 0) partial_d[warp] = v;
     __syncthreads();
     const int nwarps = (blockDim.x + 31) >> 5;
     v = (threadIdx.x < nwarps) ? partial_d[threadIdx.x] : 0.0;
-    if (warp == 0) {
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-    }
+    if (warp == 0) v = warp_sum_f64(v);
     if (threadIdx.x == 0) partial_d[0] = v;
     __syncthreads();
     v = partial_d[0];

@@ -4,6 +4,9 @@
 //   argmax          first index of the maximum of each row (greedy decoding / drafting);
 //   probabilities   softmax(logits / T), then top-k, then top-p, renormalised
 //                   (massv::sampling::probabilities: ties ranked by lower id first);
+//   probabilities_max, probabilities_exp, probabilities_normalize
+//                   the same without top-k / top-p, a row over many blocks (the same
+//                   bits), the last launch drawing from each row as sample does if asked;
 //   top_k           the k most likely tokens of the plain softmax and their probabilities
 //                   (T = 0 token trees; spec::tree::top_tokens' order);
 //   top_k_probs     the same of rows that already are distributions (T > 0 token trees:
@@ -44,31 +47,83 @@
 
 #define ROW_LOADS 4  // a thread's loads in flight over a row
 
+// f(u, i, x[i]) for i = first, first + stride, ... < n in that order, u = the element's
+// place in its batch: LOADS of them are loaded before any is used (one at a time, a pass
+// over a row of n cost n / stride memory latencies, about 150 for Qwen2's vocabulary of
+// 151,936 and 1024 threads). The last fewer than LOADS are one guarded step, not a loop
+// (tests/sass.rs holds every row loop of these kernels to its loads a latency). x may be
+// a row this kernel wrote: plain loads, each thread reads only its own writes.
+template <int LOADS, class F>
+__device__ __forceinline__ void for_strided(const float* x, int n, int first, int stride, F&& f) {
+    int i = first;
+    for (; i + (LOADS - 1) * stride < n; i += LOADS * stride) {
+        float v[LOADS];
+#pragma unroll
+        for (int u = 0; u < LOADS; ++u) v[u] = x[i + u * stride];
+#pragma unroll
+        for (int u = 0; u < LOADS; ++u) f(u, i + u * stride, v[u]);
+    }
+    float v[LOADS - 1];
+#pragma unroll
+    for (int u = 0; u < LOADS - 1; ++u)
+        if (i + u * stride < n) v[u] = x[i + u * stride];
+#pragma unroll
+    for (int u = 0; u < LOADS - 1; ++u)
+        if (i + u * stride < n) f(u, i + u * stride, v[u]);
+}
+
 // f(i, x[i]) for this thread's elements of a row of n, i = threadIdx.x, + blockDim.x, ...
-// in that order (the plain loop's elements and order, so sums keep their bits).
-// ROW_LOADS of them are loaded before any is used: one at a time a pass cost
-// n / blockDim.x memory latencies (about 150 for Qwen2's vocabulary of 151,936), now a
-// quarter of that. The last fewer than ROW_LOADS are one guarded step, not a loop
-// (tests/sass.rs holds every row loop of these kernels to ROW_LOADS loads a latency).
-// x may be a row this kernel wrote: plain loads, each thread reads only its own writes.
+// in that order (the plain loop's elements and order), ROW_LOADS loads in flight.
 template <class F>
 __device__ __forceinline__ void for_row(const float* x, int n, F&& f) {
-    const int step = blockDim.x;
-    int i = threadIdx.x;
-    for (; i + (ROW_LOADS - 1) * step < n; i += ROW_LOADS * step) {
-        float v[ROW_LOADS];
+    for_strided<ROW_LOADS>(x, n, threadIdx.x, blockDim.x, [&](int, int i, float v) { f(i, v); });
+}
+
+// The softmax's f64 sum, in one order whether one block sums a row (probabilities, top_k)
+// or many do (probabilities_max / _exp / _normalize): entry i belongs to sum thread
+// i % SUM_THREADS, which adds its entries in index order; each warp of 32 consecutive sum
+// threads adds their sums by warp_sum_f64's butterfly; the SUM_WARPS warp sums, in groups
+// of 32 consecutive ones, are added by the butterfly in each group, and the groups' sums
+// left to right (sum_warp_sums). In a block of 1024 threads thread t is the sum threads
+// t + 1024 u, u < ROW_LOADS: for_row's u-th load of a batch (row_sum_lanes).
+#define SUM_THREADS 4096  // 1024 * ROW_LOADS
+#define SUM_WARPS 128
+
+// The total of a row's SUM_WARPS warp sums in the order above. Whole warp; every lane
+// gets it.
+__device__ __forceinline__ double sum_warp_sums(const double* warp_sums) {
+    const int lane = threadIdx.x & 31;
+    double total = 0.0;
 #pragma unroll
-        for (int u = 0; u < ROW_LOADS; ++u) v[u] = x[i + u * step];
+    for (int g = 0; g < SUM_WARPS / 32; ++g) total += warp_sum_f64(warp_sums[g * 32 + lane]);
+    return total;
+}
+
+// f(i, x[i]) for this thread's elements, as for_row; what f returns is summed in the
+// order above, and the row's total returned to every thread. Whole block of 1024 threads.
+template <class F>
+__device__ double row_sum_lanes(const float* x, int n, F&& f) {
+    __shared__ double warp_sums[SUM_WARPS];
+    __shared__ double s_total;
+    double acc[ROW_LOADS];
 #pragma unroll
-        for (int u = 0; u < ROW_LOADS; ++u) f(i + u * step, v[u]);
+    for (int u = 0; u < ROW_LOADS; ++u) acc[u] = 0.0;
+    for_strided<ROW_LOADS>(x, n, threadIdx.x, blockDim.x, [&](int u, int i, float v) { acc[u] += f(i, v); });
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int u = 0; u < ROW_LOADS; ++u) {
+        const double w = warp_sum_f64(acc[u]);
+        if (lane == 0) warp_sums[u * 32 + warp] = w;
     }
-    float v[ROW_LOADS - 1];
-#pragma unroll
-    for (int u = 0; u < ROW_LOADS - 1; ++u)
-        if (i + u * step < n) v[u] = x[i + u * step];
-#pragma unroll
-    for (int u = 0; u < ROW_LOADS - 1; ++u)
-        if (i + u * step < n) f(i + u * step, v[u]);
+    __syncthreads();
+    if (warp == 0) {
+        const double total = sum_warp_sums(warp_sums);
+        if (lane == 0) s_total = total;
+    }
+    __syncthreads();
+    const double total = s_total;
+    __syncthreads();  // s_total is rewritten by the next call
+    return total;
 }
 
 // ---------------------------------------------------------------------------------
@@ -195,17 +250,16 @@ extern "C" __global__ void __launch_bounds__(1024)
         for (int i = threadIdx.x; i < n; i += blockDim.x) p[i] = i == am ? 1.0f : 0.0f;
         return;
     }
-    // softmax(x / T) with the CPU's operation order: (x - max) / T, exp, f64 sum, divide.
+    // softmax(x / T) with the CPU's operation order: (x - max) / T, exp, f64 sum (in
+    // row_sum_lanes' order), divide.
     float mx = -INFINITY;
     for_row(x, n, [&](int, float v) { mx = fmaxf(mx, v); });
     mx = block_max(mx);
-    double sum = 0.0;
-    for_row(x, n, [&](int i, float v) {
+    const double sum = row_sum_lanes(x, n, [&](int i, float v) {
         const float e = expf(ieee_div(v - mx, temperature));
         p[i] = e;
-        sum += (double)e;
+        return (double)e;
     });
-    sum = block_sum_f64(sum);
     const bool use_k = top_k > 0 && top_k < n;
     const bool cuts = use_k || top_p < 1.0f;
 
@@ -419,9 +473,7 @@ __device__ void top_k_body(const float* __restrict__ rows, int32_t* __restrict__
         mx = -INFINITY;
         for_row(x, n, [&](int, float v) { mx = fmaxf(mx, v); });
         mx = block_max(mx);
-        sum = 0.0;
-        for_row(x, n, [&](int, float v) { sum += (double)expf(ieee_div(v - mx, 1.0f)); });
-        sum = block_sum_f64(sum);
+        sum = row_sum_lanes(x, n, [&](int, float v) { return (double)expf(ieee_div(v - mx, 1.0f)); });
     }
     const ArgMax none = {-INFINITY, INT_MAX};
     ArgMax list[TOP_K_LIST];  // this thread's best entries ranked after `popped`, best first
@@ -599,7 +651,8 @@ __device__ void blocked_tile_sums(const W& w, double* tile_sum, int* s_last, dou
 // positive index and total (blocked_tile_sums): find the tile, the chunk, then the entry
 // where the running remainder falls. Whole block; returns the index to every thread (0
 // when no weight is positive, last < 0).
-__device__ int blocked_draw(const Weights& w, const double* tile_sum, int last_positive, double total, double u01) {
+template <class W>
+__device__ int blocked_draw(const W& w, const double* tile_sum, int last_positive, double total, double u01) {
     __shared__ int s_tile, s_result;
     __shared__ double s_u;
     const int tiles = ceil_div(w.n, SAMPLE_TILE);
@@ -699,6 +752,138 @@ extern "C" __global__ void __launch_bounds__(1024)
     Weights wt = {w + (size_t)blockIdx.x * n, nullptr, n, 0, 1.0};
     const int r = blocked_sample(wt, uniforms[blockIdx.x]);
     if (threadIdx.x == 0) out[blockIdx.x] = r;
+}
+
+// ---------------------------------------------------------------------------------
+// probabilities split over blocks
+
+// Without top-k / top-p, probabilities' passes need no block-wide decision but the row's
+// max and sum, so a row can take many blocks rather than one (one SM): at one block a
+// row, Qwen2's vocabulary took three passes of about 150 instructions a thread each (the
+// exp and the f64 division dominate) on one SM, tens of microseconds for every token a
+// drafter draws at T > 0. Three launches, each SPLIT_BLOCKS or more blocks a row (blockIdx.y),
+// give the same bits as the one-block kernel: the max is exact in any order, each entry
+// is the same expression, and the sum is summed in the one order of row_sum_lanes: block
+// b's thread j is sum thread b * SPLIT_THREADS + j. CPU twin: reference::probabilities.
+#define SPLIT_THREADS 128
+#define SPLIT_BLOCKS 32  // SUM_THREADS / SPLIT_THREADS
+#define SPLIT_WARPS 4    // SPLIT_THREADS / 32
+#define SPLIT_LOADS 16   // a thread's loads in flight (128-thread blocks have registers to spare)
+
+// logits: [rows, n]; row_max: [rows, SPLIT_BLOCKS], each block's max of its sum threads'
+// entries. Grid (SPLIT_BLOCKS, rows).
+extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
+    probabilities_max(const float* __restrict__ logits, float* __restrict__ row_max, int n) {
+    pdl_wait();
+    const float* x = logits + (size_t)blockIdx.y * n;
+    float mx = -INFINITY;
+    for_strided<SPLIT_LOADS>(x, n, blockIdx.x * SPLIT_THREADS + threadIdx.x, SUM_THREADS,
+                             [&](int, int, float v) { mx = fmaxf(mx, v); });
+    mx = block_max(mx);
+    if (threadIdx.x == 0) row_max[blockIdx.y * SPLIT_BLOCKS + blockIdx.x] = mx;
+}
+
+// out: [rows, n] gets e = exp((x - max) / T); warp_sums: [rows, SUM_WARPS] each sum
+// warp's sum of its e. Grid (SPLIT_BLOCKS, rows).
+extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
+    probabilities_exp(const float* __restrict__ logits, float* __restrict__ out, const float* __restrict__ row_max,
+                      double* __restrict__ warp_sums, int n, float temperature) {
+    pdl_wait();
+    const float* x = logits + (size_t)blockIdx.y * n;
+    float* p = out + (size_t)blockIdx.y * n;
+    const float mx = warp_max(row_max[blockIdx.y * SPLIT_BLOCKS + (threadIdx.x & 31)]);
+    const int s = blockIdx.x * SPLIT_THREADS + threadIdx.x;  // the sum thread
+    double acc = 0.0;
+    for_strided<SPLIT_LOADS>(x, n, s, SUM_THREADS, [&](int, int i, float v) {
+        const float e = expf(ieee_div(v - mx, temperature));
+        p[i] = e;
+        acc += (double)e;
+    });
+    acc = warp_sum_f64(acc);
+    if ((threadIdx.x & 31) == 0) warp_sums[blockIdx.y * SUM_WARPS + s / 32] = acc;
+}
+
+// A row of p read through L2 only: what other blocks of this launch wrote.
+struct L2Row {
+    const float* p;
+    int n;
+    __device__ __forceinline__ float at(int i) const { return __ldcg(p + i); }
+};
+
+// out: [rows, n], e in, p = e / sum out (warp_sums: probabilities_exp's). A warp a tile
+// of SAMPLE_TILE entries, its 32 loads a lane issued at once: grid (ceil(tiles /
+// SPLIT_WARPS), rows), no fewer blocks. With uniforms ([rows])
+// each row's last block to finish also draws from it as sample does (the same tile sums
+// from the same values, the same walk) into ids[row]: tile_sums, tile_lasts: [rows,
+// MAX_TILES] scratch; counters: the split counters (row r counts on counters[r]).
+extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
+    probabilities_normalize(float* out, const double* __restrict__ warp_sums, const double* __restrict__ uniforms,
+                            int32_t* __restrict__ ids, double* tile_sums, int* tile_lasts,
+                            unsigned* __restrict__ counters, int n) {
+    pdl_wait();
+    const int row = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float* p = out + (size_t)row * n;
+    const double sum = sum_warp_sums(warp_sums + row * SUM_WARPS);
+    const int tiles = ceil_div(n, SAMPLE_TILE);
+    const bool draw = uniforms != nullptr;
+    // A tile's values, chunk by chunk (a row each, padded: lane l reading chunk l's j-th
+    // entry meets no other lane in its bank).
+    __shared__ float chunks[SPLIT_WARPS][SAMPLE_TILE / SAMPLE_CHUNK][SAMPLE_CHUNK + 1];
+    const int t = blockIdx.x * SPLIT_WARPS + warp;  // this warp's tile
+    if (t < tiles) {
+        const int base = t * SAMPLE_TILE;
+        float v[SAMPLE_CHUNK];
+#pragma unroll
+        for (int j = 0; j < SAMPLE_CHUNK; ++j) {
+            const int i = base + j * SAMPLE_CHUNK + lane;
+            v[j] = i < n ? p[i] : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < SAMPLE_CHUNK; ++j) {
+            const int i = base + j * SAMPLE_CHUNK + lane;
+            if (i < n) {
+                v[j] = (float)((double)v[j] / sum);
+                p[i] = v[j];
+            }
+            if (draw) chunks[warp][j][lane] = v[j];
+        }
+        if (draw) {
+            __syncwarp();
+            // Lane l sums chunk l left to right and the warp the chunks in order, as
+            // warp_tile_sum does.
+            const int c0 = base + lane * SAMPLE_CHUNK;
+            double c = 0.0;
+            int last = -1;
+            for (int j = 0; j < SAMPLE_CHUNK && c0 + j < n; ++j) {
+                const double x = f32_to_f64(chunks[warp][lane][j]);
+                c = __dadd_rn(c, x);
+                if (x > 0.0) last = c0 + j;
+            }
+            double ts = 0.0;
+            for (int j = 0; j < 32; ++j) ts = __dadd_rn(ts, __shfl_sync(0xffffffffu, c, j));
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, off));
+            if (lane == 0) {
+                tile_sums[row * MAX_TILES + t] = ts;
+                tile_lasts[row * MAX_TILES + t] = last;
+            }
+        }
+    }
+    if (!draw || !last_split_arrived(counters, row, gridDim.x)) return;
+    __shared__ double tile_sum[MAX_TILES];
+    __shared__ int s_last;
+    __shared__ double s_total;
+    if (threadIdx.x == 0) s_last = -1;
+    __syncthreads();
+    for (int t = threadIdx.x; t < tiles; t += blockDim.x) {
+        tile_sum[t] = __ldcg(tile_sums + row * MAX_TILES + t);
+        atomicMax(&s_last, __ldcg(tile_lasts + row * MAX_TILES + t));
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) s_total = tiles_total(tile_sum, tiles);
+    __syncthreads();
+    const int r = blocked_draw(L2Row{p, n}, tile_sum, s_last, s_total, uniforms[row]);
+    if (threadIdx.x == 0) ids[row] = r;
 }
 
 // Up to k draws without replacement from row (n entries) with the uniforms u[0..]: each

@@ -1598,6 +1598,35 @@ fn time_chain(m: &CudaQwen2, cache: &mut CudaKvCache, feed: &[u32], on_device: b
     })
 }
 
+/// Median (events, wall) ms of drafting a chain of [`BENCH_GAMMA`] drafts at T = 1 after
+/// `feed` with `draft_chain` (each draft drawn on the device from its row of `vocab`),
+/// the rows split over blocks or each on one (`CudaDevice::set_split_probabilities`).
+/// Rolled back after every run.
+fn time_sampled_chain(m: &CudaQwen2, cache: &mut CudaKvCache, feed: &[u32], vocab: usize, split: bool) -> (f64, f64) {
+    use massv::model::cuda_qwen2::ChainPick;
+    let dev = m.device();
+    dev.set_split_probabilities(split);
+    let mut q = dev.alloc_zeros::<f32>(BENCH_GAMMA * vocab).unwrap();
+    let uniforms = dev.upload(&[0.5f64; BENCH_GAMMA]).unwrap();
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    let ctx = cache.len();
+    let t = median_ms(dev, || {
+        let pick = ChainPick::Sample {
+            params: &params,
+            q: &mut q,
+            uniforms: &uniforms,
+        };
+        m.draft_chain(Input::Tokens(feed), cache, BENCH_GAMMA, pick)?;
+        cache.rollback_to(ctx)
+    });
+    dev.set_split_probabilities(true);
+    t
+}
+
 /// Rows of the benchmark table and of its JSON.
 struct ModelBench {
     bw: f64, // bytes/s, measured device-to-device copy (read + write)
@@ -1830,6 +1859,15 @@ fn bench_model() {
         pair_graphed,
         chain_bytes,
     );
+    // At T = 1 each draft is drawn on the device: its row's softmax on one block (one
+    // SM), or split over many (the default).
+    for (split, rows) in [(false, "each row on one block"), (true, "rows split over blocks")] {
+        b.row(
+            &format!("0.5B drafter chain γ={BENCH_GAMMA} T=1, draft_chain (1 sync, {how}), {rows}"),
+            time_sampled_chain(&drafter, &mut dcache, &one, dc.vocab_size, split),
+            chain_bytes,
+        );
+    }
     // The same steps with programmatic dependent launch (`CudaDevice::set_pdl`, sm_90+):
     // each kernel's launch and first weight fetches overlap the kernel before it.
     let mut pdl = serde_json::Map::new();
@@ -2240,11 +2278,18 @@ fn chain_drafting_picks_on_the_device_and_copies_back_once() {
         c
     };
     let dtoh = || massv_cuda_emu::loaded().then(|| massv_cuda_emu::stats().unwrap().dtoh_copies);
-    let sp = SamplingParams {
-        temperature: 0.9,
-        top_k: 0,
-        top_p: 0.95,
-    };
+    let sps = [
+        SamplingParams {
+            temperature: 0.9,
+            top_k: 0,
+            top_p: 0.95,
+        },
+        SamplingParams {
+            temperature: 1.1,
+            top_k: 0,
+            top_p: 1.0,
+        },
+    ];
     let gamma = 5;
     for feed in [vec![prompt[3]], vec![prompt[5], prompt[7]]] {
         // T = 0.
@@ -2267,55 +2312,57 @@ fn chain_drafting_picks_on_the_device_and_copies_back_once() {
             assert_eq!(c, 1, "T = 0: device→host copies of a γ = {gamma} chain");
         }
 
-        // T > 0.
-        let u: Vec<f64> = (0..gamma).map(|_| rng.uniform()).collect();
-        let uniforms = dev.upload(&u).unwrap();
-        let (mut q_want, mut q_got) = (
-            dev.alloc_zeros::<f32>(gamma * v).unwrap(),
-            dev.alloc_zeros(gamma * v).unwrap(),
-        );
-        let mut out = dev.alloc_zeros::<i32>(1).unwrap();
-        let mut a = primed();
-        let (mut want, mut f) = (vec![], feed.clone());
-        for i in 0..gamma {
-            let pos: Vec<i32> = (a.len() as i32..).take(f.len()).collect();
-            let input = Input::Tokens(&f);
-            m.forward_probs(
-                input,
-                Positions::Seq(&pos),
-                &mut a,
-                Logits::Last,
-                None,
-                &sp,
-                &mut q_want,
-                i,
-            )
-            .unwrap();
-            let row = q_want.slice(i * v..(i + 1) * v);
-            dev.sample(&row, &uniforms.slice(i..i + 1), &mut out.slice_mut(..), 1, v)
+        // T > 0: with top-p (each row on one block) and without (rows split over blocks).
+        for sp in &sps {
+            let u: Vec<f64> = (0..gamma).map(|_| rng.uniform()).collect();
+            let uniforms = dev.upload(&u).unwrap();
+            let (mut q_want, mut q_got) = (
+                dev.alloc_zeros::<f32>(gamma * v).unwrap(),
+                dev.alloc_zeros(gamma * v).unwrap(),
+            );
+            let mut out = dev.alloc_zeros::<i32>(1).unwrap();
+            let mut a = primed();
+            let (mut want, mut f) = (vec![], feed.clone());
+            for i in 0..gamma {
+                let pos: Vec<i32> = (a.len() as i32..).take(f.len()).collect();
+                let input = Input::Tokens(&f);
+                m.forward_probs(
+                    input,
+                    Positions::Seq(&pos),
+                    &mut a,
+                    Logits::Last,
+                    None,
+                    sp,
+                    &mut q_want,
+                    i,
+                )
                 .unwrap();
-            let id = dev.download(&out.slice(..)).unwrap()[0] as u32;
-            want.push(id);
-            f = vec![id];
-        }
-        let mut b = primed();
-        let before = dtoh();
-        let pick = ChainPick::Sample {
-            params: &sp,
-            q: &mut q_got,
-            uniforms: &uniforms,
-        };
-        let got = m.draft_chain(Input::Tokens(&feed), &mut b, gamma, pick).unwrap();
-        let copies = dtoh().zip(before).map(|(a, b)| a - b);
-        assert_eq!(got, want, "T > 0 after {feed:?}");
-        let (qa, qb) = (
-            dev.download(&q_want.slice(..)).unwrap(),
-            dev.download(&q_got.slice(..)).unwrap(),
-        );
-        assert!(qa == qb, "T > 0: the chain's q rows");
-        same_caches(&a, &b, layers, "T > 0");
-        if let Some(c) = copies {
-            assert_eq!(c, 1, "T > 0: device→host copies of a γ = {gamma} chain");
+                let row = q_want.slice(i * v..(i + 1) * v);
+                dev.sample(&row, &uniforms.slice(i..i + 1), &mut out.slice_mut(..), 1, v)
+                    .unwrap();
+                let id = dev.download(&out.slice(..)).unwrap()[0] as u32;
+                want.push(id);
+                f = vec![id];
+            }
+            let mut b = primed();
+            let before = dtoh();
+            let pick = ChainPick::Sample {
+                params: sp,
+                q: &mut q_got,
+                uniforms: &uniforms,
+            };
+            let got = m.draft_chain(Input::Tokens(&feed), &mut b, gamma, pick).unwrap();
+            let copies = dtoh().zip(before).map(|(a, b)| a - b);
+            assert_eq!(got, want, "T > 0 {sp:?} after {feed:?}");
+            let (qa, qb) = (
+                dev.download(&q_want.slice(..)).unwrap(),
+                dev.download(&q_got.slice(..)).unwrap(),
+            );
+            assert!(qa == qb, "T > 0 {sp:?}: the chain's q rows");
+            same_caches(&a, &b, layers, "T > 0");
+            if let Some(c) = copies {
+                assert_eq!(c, 1, "T > 0: device→host copies of a γ = {gamma} chain");
+            }
         }
     }
 
@@ -2330,7 +2377,7 @@ fn chain_drafting_picks_on_the_device_and_copies_back_once() {
     let uniforms = dev.upload(&[0.5f64; 4]).unwrap();
     let mut q = dev.alloc_zeros::<f32>(4 * v).unwrap();
     let pick = ChainPick::Sample {
-        params: &sp,
+        params: &sps[0],
         q: &mut q,
         uniforms: &uniforms,
     };
@@ -2370,11 +2417,17 @@ fn chain_graphs_draft_what_passes_one_by_one_draft() {
             top_k: 20,
             top_p: 1.0,
         },
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        },
     ];
     let emu_stats = || massv_cuda_emu::loaded().then(|| massv_cuda_emu::stats().unwrap());
     // Chains of γ (5, then 3 for the last two) from the prompt, each fed the last draft
     // of the one before; at T > 0 with fresh uniforms a chain and the sampling
-    // parameters switching halfway. Returns the drafts, q rows and the final cache.
+    // parameters switching every 4 chains (top-p, top-k, neither: rows split over
+    // blocks). Returns the drafts, q rows and the final cache.
     let run = |graphs: bool, sampled: bool| {
         m.set_graphs(graphs);
         let mut rng = Rng::new(5);
@@ -2390,7 +2443,7 @@ fn chain_graphs_draft_what_passes_one_by_one_draft() {
             dev.upload_into(&u, &mut uniforms.as_view_mut()).unwrap();
             let pick = if sampled {
                 ChainPick::Sample {
-                    params: &sp[i / 6],
+                    params: &sp[i / 4],
                     q: &mut q,
                     uniforms: &uniforms,
                 }
@@ -2477,21 +2530,30 @@ fn programmatic_launches_change_no_bit() {
                 .unwrap(),
         );
         cache.rollback_to(start).unwrap();
-        // Three chains of each kind: the second is captured, the third replays it.
+        // Three chains of each kind (argmax; sampled with top-p, each row on one block;
+        // sampled without, rows split over blocks): the second is captured, the third
+        // replays it.
         let mut q = dev.alloc_zeros::<f32>(5 * v).unwrap();
         let uniforms = dev.upload(&[0.1, 0.5, 0.9, 0.3, 0.7]).unwrap();
-        let params = SamplingParams {
-            temperature: 0.9,
-            top_k: 0,
-            top_p: 0.95,
-        };
+        let params = [
+            SamplingParams {
+                temperature: 0.9,
+                top_k: 0,
+                top_p: 0.95,
+            },
+            SamplingParams {
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 1.0,
+            },
+        ];
         let (mut last, mut drafts) = (block[5], vec![]);
-        for i in 0..6 {
+        for i in 0..9 {
             let pick = if i < 3 {
                 ChainPick::Argmax
             } else {
                 ChainPick::Sample {
-                    params: &params,
+                    params: &params[i / 3 - 1],
                     q: &mut q,
                     uniforms: &uniforms,
                 }

@@ -1954,6 +1954,188 @@ fn probabilities_keep_whole_tie_runs() {
     }
 }
 
+/// Logit rows for the split probabilities tests: random ones, then (when there are more
+/// rows) one whose entries are all equal, one with -inf everywhere but three entries, and
+/// one with -inf at every third.
+fn split_rows(rng: &mut Rng, rows: usize, n: usize) -> Vec<f32> {
+    let mut x = rand_vec(rng, rows * n, 8.0);
+    let shapes: [&dyn Fn(usize, f32) -> f32; 3] = [
+        &|_, _| 2.5,
+        &|i, v| if i % (n / 3).max(1) == 1 { v } else { f32::NEG_INFINITY },
+        &|i, v| if i % 3 == 0 { f32::NEG_INFINITY } else { v },
+    ];
+    for (row, shape) in (1..rows).zip(shapes) {
+        for (i, v) in x[row * n..(row + 1) * n].iter_mut().enumerate() {
+            *v = shape(i, *v);
+        }
+    }
+    x
+}
+
+/// At T > 0 without top-k / top-p, `probabilities` splits each row over many blocks
+/// (probabilities_max, _exp, _normalize): the rows are the one-block kernel's bit for
+/// bit (the same sum order), within rounding of the twin's, for rows past a launch's 64
+/// (rows 64.. take a second set of launches) and past the longest sampled row; the
+/// split-K counters the draw uses are all zero after.
+#[test]
+fn probabilities_split_rows_are_the_one_block_rows() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(41);
+    for &(rows, n) in &[
+        (1usize, 10usize),
+        (4, 1000),
+        (2, 4097),
+        (1, 151_936),
+        (70, 300),
+        (1, 300_000),
+    ] {
+        let logits = split_rows(&mut rng, rows, n);
+        let dl = dev.upload(&logits).unwrap();
+        let mut dp = dev.alloc_zeros::<f32>(rows * n).unwrap();
+        for temperature in [1.0f32, 0.7, 1.3] {
+            let p = SamplingParams {
+                temperature,
+                top_k: 0,
+                top_p: 1.0,
+            };
+            let stale = vec![f32::NAN; rows * n];
+            let mut run = |split: bool| {
+                dev.set_split_probabilities(split);
+                dev.upload_into(&stale, &mut dp.as_view_mut()).unwrap();
+                dev.probabilities(&dl.as_view(), &mut dp.as_view_mut(), rows, n, &p)
+                    .unwrap();
+                dev.download(&dp.as_view()).unwrap()
+            };
+            let (split, one) = (run(true), run(false));
+            let what = format!("T={temperature} {rows}x{n}");
+            assert!(bits(&split) == bits(&one), "{what}: split rows vs one block's");
+            for (row, (g, l)) in split.chunks(n).zip(logits.chunks(n)).enumerate() {
+                assert_same_probabilities(g, &r::probabilities(l, &p), &format!("{what} row {row}"));
+            }
+        }
+    }
+    assert_eq!(dev.split_counters_set().unwrap(), 0, "split-K counters left set");
+}
+
+/// `probabilities_sample` (a drafter's draw at T > 0): the split kernels' last launch
+/// draws from the row it finished as `sample` does, so the distributions and draws are
+/// those of `probabilities` then `sample` (the one-block path, which also serves top-k /
+/// top-p), and the draws the twin's from those rows; uniforms at both ends (and 1, which
+/// draws the last positive entry), rows mostly -inf and rows past 64 included. Bad sizes
+/// are errors.
+#[test]
+fn probabilities_sample_is_probabilities_then_sample() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(42);
+    let params = [
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        SamplingParams {
+            temperature: 0.6,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 20,
+            top_p: 0.9,
+        },
+    ];
+    for &(rows, n) in &[(1usize, 10usize), (4, 1025), (1, 151_936), (66, 200)] {
+        let logits = split_rows(&mut rng, rows, n);
+        let mut u: Vec<f64> = (0..rows).map(|_| rng.uniform()).collect();
+        u[0] = 1.0 - f64::EPSILON;
+        if rows > 2 {
+            // 1 (past the uniforms' range) walks past every tile: the last positive entry.
+            (u[1], u[2]) = (0.0, 1.0);
+        }
+        let (dl, du) = (dev.upload(&logits).unwrap(), dev.upload(&u).unwrap());
+        let mut dq = dev.alloc_zeros::<f32>(rows * n).unwrap();
+        let mut ids = dev.alloc_zeros::<i32>(rows).unwrap();
+        for p in &params {
+            let what = format!("{p:?} {rows}x{n}");
+            let (stale_q, stale_ids) = (vec![f32::NAN; rows * n], vec![-7i32; rows]);
+            let mut run = |split: bool| {
+                dev.set_split_probabilities(split);
+                dev.upload_into(&stale_q, &mut dq.as_view_mut()).unwrap();
+                dev.upload_into(&stale_ids, &mut ids.as_view_mut()).unwrap();
+                dev.probabilities_sample(
+                    &dl.as_view(),
+                    &mut dq.as_view_mut(),
+                    &du.as_view(),
+                    &mut ids.as_view_mut(),
+                    rows,
+                    n,
+                    p,
+                )
+                .unwrap();
+                (
+                    dev.download(&dq.as_view()).unwrap(),
+                    dev.download(&ids.as_view()).unwrap(),
+                )
+            };
+            let ((q, got), (q_one, got_one)) = (run(true), run(false));
+            assert!(bits(&q) == bits(&q_one), "{what}: distributions, split vs one block");
+            assert_eq!(got, got_one, "{what}: draws, split vs one block");
+            for (row, (qr, l)) in q.chunks(n).zip(logits.chunks(n)).enumerate() {
+                assert_eq!(
+                    got[row],
+                    r::sample(qr, u[row]) as i32,
+                    "{what} row {row}: the twin's draw"
+                );
+                let (want_q, want) = r::probabilities_sample(l, p, u[row]);
+                assert_same_probabilities(qr, &want_q, &format!("{what} row {row}"));
+                assert_eq!(got[row], want as i32, "{what} row {row}: the CPU's draw");
+            }
+        }
+    }
+    assert_eq!(dev.split_counters_set().unwrap(), 0, "split-K counters left set");
+    let (dl, du) = (dev.upload(&[0.0f32; 8]).unwrap(), dev.upload(&[0.5f64; 2]).unwrap());
+    let (mut dq, mut ids) = (dev.alloc_zeros::<f32>(8).unwrap(), dev.alloc_zeros::<i32>(2).unwrap());
+    let e = dev
+        .probabilities_sample(
+            &dl.as_view(),
+            &mut dq.as_view_mut(),
+            &du.slice(..1),
+            &mut ids.as_view_mut(),
+            2,
+            4,
+            &params[0],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("probabilities_sample") && e.contains("uniforms"), "{e}");
+    let e = dev
+        .probabilities_sample(
+            &dl.as_view(),
+            &mut dq.as_view_mut(),
+            &du.as_view(),
+            &mut ids.slice_mut(..1),
+            2,
+            4,
+            &params[0],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("probabilities_sample") && e.contains("ids"), "{e}");
+    let e = dev
+        .probabilities_sample(
+            &dl.as_view(),
+            &mut dq.as_view_mut(),
+            &du.as_view(),
+            &mut ids.as_view_mut(),
+            0,
+            300_000,
+            &params[0],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("probabilities_sample") && e.contains("300000"), "{e}");
+}
+
 #[test]
 fn sample_is_exact() {
     let dev = dev_or_skip!();
@@ -3290,6 +3472,34 @@ fn bench_kernels() {
             .probabilities(&logits.as_view(), &mut probs.as_view_mut(), 6, vocab, &t1)
     });
     bench.row("probabilities 6x152064 T=1", ms, 2.0 * 6.0 * row_bytes);
+    // A drafter's draw at T = 1 (a row's softmax, then the draw), and a verify block's 6
+    // rows: each row on one block (one SM), or split over many (the default; floor: the
+    // logits read and the probabilities written once).
+    for (split, how) in [(false, "each row on one block"), (true, "rows split over blocks")] {
+        bench.dev.set_split_probabilities(split);
+        let ms = bench.time(50, || {
+            bench.dev.probabilities_sample(
+                &logits.slice(..vocab),
+                &mut probs.slice_mut(..vocab),
+                &uniforms.slice(..1),
+                &mut ids.slice_mut(..1),
+                1,
+                vocab,
+                &t1,
+            )
+        });
+        bench.row(
+            &format!("probabilities_sample 1x152064 T=1, {how}"),
+            ms,
+            2.0 * row_bytes,
+        );
+        let ms = bench.time(20, || {
+            bench
+                .dev
+                .probabilities(&logits.as_view(), &mut probs.as_view_mut(), 6, vocab, &t1)
+        });
+        bench.row(&format!("probabilities 6x152064 T=1, {how}"), ms, 2.0 * 6.0 * row_bytes);
+    }
     // A T > 0 tree depth: 4 frontier nodes (full softmax rows), 4 children each; the
     // nodes draw at once, a draw passing over its row twice (floor: the rows read once).
     let dev = &bench.dev;

@@ -564,18 +564,63 @@ fn gemv_rms_prologue_loads_every_row_at_once() {
 /// ones through for_row, argmax's 16-byte ones through block_argmax).
 const ROW_LOADS: usize = 4;
 
+/// The split probabilities kernels' loads in flight: probabilities_max's and _exp's
+/// SPLIT_LOADS a thread, probabilities_normalize's a tile's SAMPLE_CHUNK a lane.
+const SPLIT_LOADS: usize = 16;
+const SAMPLE_CHUNK: usize = 32;
+
+/// probabilities_normalize has no row loop: a warp normalises one tile, each lane
+/// loading its SAMPLE_CHUNK entries before it divides any. Up to the split's arrival
+/// (its first barrier or fence; the last block's draw follows), those loads of the row
+/// (not the read-only loads of the sums) cost one latency.
+#[test]
+fn split_normalize_loads_its_tile_at_once() {
+    let Some(sass) = sass_or_skip() else { return };
+    let mut failures = Vec::new();
+    for f in sass
+        .iter()
+        .filter(|f| f.module == "sampling" && f.name == "probabilities_normalize")
+    {
+        let end = f
+            .insns
+            .iter()
+            .position(|i| i.is("BAR") || i.is("MEMBAR"))
+            .unwrap_or(f.insns.len());
+        let row = |i: &Insn| i.is("LDG") && !i.op.contains("CONSTANT");
+        let (latencies, loads) = latencies_per_iteration(&f.insns[..end], row);
+        if latencies != 1 || loads != SAMPLE_CHUNK {
+            failures.push(format!(
+                "{}: {latencies} memory latencies for {loads} loads of the row before the arrival \
+                 (want 1 for {SAMPLE_CHUNK})",
+                f.label()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 /// The kernels that read whole vocabulary rows (600 KB for Qwen2's) with one block each:
 /// at one float a load a pass waited for a memory latency per float it read, about 150
 /// latencies a pass in a row. Every innermost loop of theirs that loads from global
 /// memory issues ROW_LOADS loads within one latency: the row passes, and probabilities'
 /// keep pass over tiles. A loop that holds such a loop (top_k's picks, probabilities'
-/// radix digits: rounds of passes) is checked through it.
+/// radix digits: rounds of passes) is checked through it. The split probabilities
+/// kernels (a row over many blocks) keep more in flight: SPLIT_LOADS a thread, a tile's
+/// SAMPLE_CHUNK a lane.
 #[test]
 fn row_passes_keep_their_loads_in_flight() {
     let Some(sass) = sass_or_skip() else { return };
     let mut failures = Vec::new();
     for arch in sass_archs() {
-        for name in ["argmax", "probabilities", "top_k", "top_k_probs", "draw_counts"] {
+        for (name, want) in [
+            ("argmax", ROW_LOADS),
+            ("probabilities", ROW_LOADS),
+            ("top_k", ROW_LOADS),
+            ("top_k_probs", ROW_LOADS),
+            ("draw_counts", ROW_LOADS),
+            ("probabilities_max", SPLIT_LOADS),
+            ("probabilities_exp", SPLIT_LOADS),
+        ] {
             let Some(f) = sass
                 .iter()
                 .find(|f| f.module == "sampling" && f.name == name && f.arch == arch)
@@ -597,10 +642,10 @@ fn row_passes_keep_their_loads_in_flight() {
                 }
                 passes += 1;
                 let (latencies, loads) = latencies_per_iteration(body, |i| i.is("LDG"));
-                if latencies != 1 || loads < ROW_LOADS {
+                if latencies != 1 || loads < want {
                     failures.push(format!(
                         "{}: row loop {:#x}..{:#x}: {latencies} memory latencies for {loads} loads an iteration \
-                         (want 1 for {ROW_LOADS})",
+                         (want 1 for {want})",
                         f.label(),
                         body[0].addr,
                         body[body.len() - 1].addr

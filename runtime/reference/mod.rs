@@ -26,9 +26,9 @@ pub use projector::{bias_add, bias_gelu, projector_norm_gather};
 pub use rmsnorm::{rms_scale, rmsnorm, rmsnorm_residual};
 pub use rope::{mrope, rope, rope_inv_freq, rope_kv_append, rope_vision};
 pub use sampling::{
-    argmax, blocked_sum, draw_counts, probabilities, residual, sample, sample_without_replacement, top_k, top_k_probs,
-    tree_uniforms_consumed, uniforms_consumed, verify_greedy, verify_sampled, verify_tree_greedy, verify_tree_sampled,
-    SAMPLE_CHUNK, SAMPLE_TILE,
+    argmax, blocked_sum, draw_counts, probabilities, probabilities_sample, residual, sample,
+    sample_without_replacement, top_k, top_k_probs, tree_uniforms_consumed, uniforms_consumed, verify_greedy,
+    verify_sampled, verify_tree_greedy, verify_tree_sampled, SAMPLE_CHUNK, SAMPLE_TILE,
 };
 pub use swiglu::swiglu;
 

@@ -31,6 +31,14 @@ pub fn probabilities(logits: &[f32], params: &SamplingParams) -> Vec<f32> {
     crate::sampling::probabilities(logits, params)
 }
 
+/// One draw from `probabilities(logits, params)` with the uniform u01, by `sample`: the
+/// distribution and the drawn index (`CudaDevice::probabilities_sample`, a row).
+pub fn probabilities_sample(logits: &[f32], params: &SamplingParams, u01: f64) -> (Vec<f32>, usize) {
+    let p = probabilities(logits, params);
+    let x = sample(&p, u01);
+    (p, x)
+}
+
 /// The `k` most likely tokens of the plain softmax of `logits` (T = 1) that have a
 /// non-zero probability, best first (ties: lower id), with their probabilities:
 /// `spec::tree::top_tokens` on `probabilities`, what a T = 0 tree ranks children by.

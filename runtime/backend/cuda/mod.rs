@@ -242,6 +242,10 @@ pub struct CudaDevice {
     split_counters: CudaSlice<u32>,
     /// Launch kernels with programmatic dependent launch ([`Self::set_pdl`]).
     pdl: AtomicBool,
+    /// Scratch of the split probabilities kernels, and whether `probabilities` takes them
+    /// ([`Self::set_split_probabilities`]).
+    split_scratch: sampling::SplitScratch,
+    split_probabilities: AtomicBool,
 }
 
 impl Drop for CudaDevice {
@@ -305,6 +309,7 @@ impl CudaDevice {
         let split_counters = stream
             .alloc_zeros::<u32>(SPLIT_COUNTERS)
             .map_err(|e| cuda_err("split-K counters", e))?;
+        let split_scratch = sampling::SplitScratch::new(&stream)?;
         Ok(CudaDevice {
             ctx,
             stream,
@@ -315,6 +320,8 @@ impl CudaDevice {
             pdl: AtomicBool::new(pdl_serves(&info) && std::env::var("MASSV_CUDA_PDL").as_deref() == Ok("1")),
             info,
             split_counters,
+            split_scratch,
+            split_probabilities: AtomicBool::new(true),
         })
     }
 

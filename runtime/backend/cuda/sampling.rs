@@ -1,8 +1,11 @@
 //! Launchers of cuda/sampling.cu: argmax, probabilities, top-k, draws and verification.
 
-use cudarc::driver::{CudaView, CudaViewMut};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
-use super::{block_per_row, i32_arg, need, shape_err, CudaDevice};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig};
+
+use super::{block_per_row, cuda_err, i32_arg, need, shape_err, CudaDevice};
 use crate::error::Result;
 use crate::sampling::SamplingParams;
 use crate::spec::tree::Proposal;
@@ -12,6 +15,39 @@ pub const SAMPLE_MAX_N: usize = 256 * 1024;
 
 /// Most tokens [`CudaDevice::top_k`] takes per row (a token tree's widest node).
 pub const MAX_TOP_K: usize = 64;
+
+/// Rows one launch of the split probabilities kernels takes (their scratch's rows).
+const SPLIT_ROWS: usize = 64;
+/// Blocks of probabilities_max / probabilities_exp a row (SPLIT_BLOCKS in cuda/sampling.cu).
+const SPLIT_BLOCKS: usize = 32;
+/// Tiles a warp of probabilities_normalize takes at once (SPLIT_WARPS), SAMPLE_TILE entries each.
+const SPLIT_WARPS: usize = 4;
+const SAMPLE_TILE: usize = 1024;
+/// Sum warps of a row (SUM_WARPS) and tiles of the longest sampled row (MAX_TILES).
+const SUM_WARPS: usize = 128;
+const MAX_TILES: usize = SAMPLE_MAX_N / SAMPLE_TILE;
+
+/// The scratch of the split probabilities kernels for [`SPLIT_ROWS`] rows: each block's
+/// max, each sum warp's sum, and each tile's sum and last positive entry for a draw. One
+/// set per device: its one stream runs one kernel at a time.
+pub(super) struct SplitScratch {
+    row_max: CudaSlice<f32>,
+    warp_sums: CudaSlice<f64>,
+    tile_sums: CudaSlice<f64>,
+    tile_lasts: CudaSlice<i32>,
+}
+
+impl SplitScratch {
+    pub(super) fn new(stream: &Arc<CudaStream>) -> Result<Self> {
+        let e = |e| cuda_err("split probabilities scratch", e);
+        Ok(SplitScratch {
+            row_max: stream.alloc_zeros(SPLIT_ROWS * SPLIT_BLOCKS).map_err(e)?,
+            warp_sums: stream.alloc_zeros(SPLIT_ROWS * SUM_WARPS).map_err(e)?,
+            tile_sums: stream.alloc_zeros(SPLIT_ROWS * MAX_TILES).map_err(e)?,
+            tile_lasts: stream.alloc_zeros(SPLIT_ROWS * MAX_TILES).map_err(e)?,
+        })
+    }
+}
 
 impl CudaDevice {
     /// First index of each row's maximum; x: [rows, n] f32, out: [rows].
@@ -32,7 +68,8 @@ impl CudaDevice {
     }
 
     /// The sampling distribution of each row (massv::sampling::probabilities); logits,
-    /// out: [rows, n] f32.
+    /// out: [rows, n] f32. At T > 0 without top-k / top-p a row takes many blocks
+    /// ([`Self::set_split_probabilities`]), else one.
     pub fn probabilities(
         &self,
         logits: &CudaView<'_, f32>,
@@ -47,6 +84,9 @@ impl CudaDevice {
         need(OP, "out", out.len(), rows * n)?;
         if rows == 0 || n == 0 {
             return Ok(());
+        }
+        if self.splits_probabilities(params, n) {
+            return self.probabilities_split(logits, out, None, rows, n, params.temperature);
         }
         let (lp, op) = (self.rptr(logits), self.wptr(out));
         let top_k = params.top_k.min(i32::MAX as usize) as i32;
@@ -63,6 +103,113 @@ impl CudaDevice {
                 &params.top_p,
             ],
         )
+    }
+
+    /// Whether `probabilities` splits each row over many blocks (three launches, the same
+    /// bits) for these parameters: at T > 0 without top-k / top-p, unless turned off
+    /// ([`Self::set_split_probabilities`]).
+    fn splits_probabilities(&self, params: &SamplingParams, n: usize) -> bool {
+        let cuts = params.top_p < 1.0 || (params.top_k > 0 && params.top_k < n);
+        self.split_probabilities() && params.temperature > 0.0 && !cuts
+    }
+
+    /// Turns the split probabilities kernels on (the default) or off; off, every row
+    /// takes one block of the `probabilities` kernel (its bits are the same: for tests
+    /// and benchmarks).
+    pub fn set_split_probabilities(&self, on: bool) {
+        self.split_probabilities.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether `probabilities` splits rows over many blocks where it can
+    /// ([`Self::set_split_probabilities`]).
+    pub fn split_probabilities(&self) -> bool {
+        self.split_probabilities.load(Ordering::Relaxed)
+    }
+
+    /// probabilities_max, probabilities_exp and probabilities_normalize over `rows` rows
+    /// of n, [`SPLIT_ROWS`] at a time; with `draw` (uniforms, ids), each row's draw too.
+    fn probabilities_split(
+        &self,
+        logits: &CudaView<'_, f32>,
+        out: &mut CudaViewMut<'_, f32>,
+        mut draw: Option<(&CudaView<'_, f64>, &mut CudaViewMut<'_, i32>)>,
+        rows: usize,
+        n: usize,
+        temperature: f32,
+    ) -> Result<()> {
+        let s = &self.split_scratch;
+        let (mp, wp, tp, lp) = (
+            self.rptr(&s.row_max.as_view()),
+            self.rptr(&s.warp_sums.as_view()),
+            self.rptr(&s.tile_sums.as_view()),
+            self.rptr(&s.tile_lasts.as_view()),
+        );
+        let n_arg = i32_arg("probabilities", "n", n)?;
+        let cp = self.counters_ptr();
+        let tiles = n.div_ceil(SAMPLE_TILE);
+        for r0 in (0..rows).step_by(SPLIT_ROWS) {
+            let g = (rows - r0).min(SPLIT_ROWS);
+            let cfg = |blocks: usize| LaunchConfig {
+                grid_dim: (blocks as u32, g as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let xp = self.rptr(&logits.slice(r0 * n..(r0 + g) * n));
+            let op = self.wptr(&mut out.slice_mut(r0 * n..(r0 + g) * n));
+            let (up, ip) = match &mut draw {
+                Some((u, ids)) => (
+                    self.rptr(&u.slice(r0..r0 + g)),
+                    self.wptr(&mut ids.slice_mut(r0..r0 + g)),
+                ),
+                None => (0u64, 0u64),
+            };
+            self.launch("sampling", "probabilities_max", cfg(SPLIT_BLOCKS), &[&xp, &mp, &n_arg])?;
+            self.launch(
+                "sampling",
+                "probabilities_exp",
+                cfg(SPLIT_BLOCKS),
+                &[&xp, &op, &mp, &wp, &n_arg, &temperature],
+            )?;
+            self.launch(
+                "sampling",
+                "probabilities_normalize",
+                cfg(tiles.div_ceil(SPLIT_WARPS)),
+                &[&op, &wp, &up, &ip, &tp, &lp, &cp, &n_arg],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// One draw per row from `probabilities` of logits ([rows, n]) with uniforms[row]
+    /// into ids ([rows]), the distributions into out ([rows, n]): `probabilities` then
+    /// `sample`, where the rows split over blocks with the draw in their last launch.
+    /// Twin: `reference::probabilities_sample`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn probabilities_sample(
+        &self,
+        logits: &CudaView<'_, f32>,
+        out: &mut CudaViewMut<'_, f32>,
+        uniforms: &CudaView<'_, f64>,
+        ids: &mut CudaViewMut<'_, i32>,
+        rows: usize,
+        n: usize,
+        params: &SamplingParams,
+    ) -> Result<()> {
+        const OP: &str = "probabilities_sample";
+        params.validate()?;
+        check_sample_n(OP, n)?;
+        need(OP, "logits", logits.len(), rows * n)?;
+        need(OP, "out", out.len(), rows * n)?;
+        need(OP, "uniforms", uniforms.len(), rows)?;
+        need(OP, "ids", ids.len(), rows)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        if self.splits_probabilities(params, n) {
+            return self.probabilities_split(logits, out, Some((uniforms, ids)), rows, n, params.temperature);
+        }
+        self.probabilities(logits, out, rows, n, params)?;
+        self.sample(&out.slice(..rows * n), uniforms, ids, rows, n)
     }
 
     /// Per row of logits ([rows, n]) the k most likely tokens of the plain softmax with a

@@ -28,6 +28,9 @@ pub(super) struct ChainKey {
     sample: Option<(u64, usize, u64, usize, u32, usize, u32)>,
     /// Whether its kernels were captured as programmatic launches (`CudaDevice::set_pdl`).
     pdl: bool,
+    /// Whether a sampled chain's rows took the split probabilities kernels
+    /// (`CudaDevice::set_split_probabilities`).
+    split: bool,
 }
 
 /// How [`CudaQwen2::draft_chain`] picks each draft on the device.
@@ -221,6 +224,7 @@ impl CudaQwen2 {
                 )),
             },
             pdl: self.dev.pdl(),
+            split: self.dev.split_probabilities(),
         };
         let found = s.chain_graphs.iter().position(|(k, _)| *k == key);
         if found.is_none() {

@@ -266,9 +266,16 @@ impl CudaQwen2 {
                         ChainPick::Argmax => dev.argmax(&s.logits.slice(..v), &mut id, 1, v)?,
                         ChainPick::Sample { params, q, uniforms } => {
                             let row = *slot * v..(*slot + 1) * v;
-                            dev.probabilities(&s.logits.slice(..v), &mut q.slice_mut(row.clone()), 1, v, params)?;
                             let u = uniforms.slice(*slot..*slot + 1);
-                            dev.sample(&q.slice(row), &u, &mut id, 1, v)?;
+                            dev.probabilities_sample(
+                                &s.logits.slice(..v),
+                                &mut q.slice_mut(row),
+                                &u,
+                                &mut id,
+                                1,
+                                v,
+                                params,
+                            )?;
                         }
                     }
                 }
