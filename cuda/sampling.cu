@@ -647,6 +647,66 @@ __device__ void blocked_tile_sums(const W& w, double* tile_sum, int* s_last, dou
     __syncthreads();
 }
 
+// The tile where a draw with the uniform u01 falls, given the tile sums and their total:
+// the running remainder u = u01 · total less each tile's sum in turn, until it is below
+// one. Returns the tile (-1: the walk passed every tile) and the remainder there in *u.
+// One thread. The sums are read WALK_BATCH at a time before any is compared: one
+// shared-memory latency a batch, not a tile.
+#define WALK_BATCH 4
+__device__ __forceinline__ int walk_tiles(const double* tile_sum, int tiles, double total, double u01, double* u) {
+    double r = __dmul_rn(u01, total);
+    int tile = -1;
+    for (int t0 = 0; t0 < tiles && tile < 0; t0 += WALK_BATCH) {
+        double ts[WALK_BATCH];
+#pragma unroll
+        for (int k = 0; k < WALK_BATCH; ++k) ts[k] = t0 + k < tiles ? tile_sum[t0 + k] : 0.0;
+#pragma unroll
+        for (int k = 0; k < WALK_BATCH; ++k) {
+            if (tile < 0 && t0 + k < tiles) {
+                if (r < ts[k]) tile = t0 + k;
+                else r = __dsub_rn(r, ts[k]);
+            }
+        }
+    }
+    *u = r;
+    return tile;
+}
+
+// The draw inside tile `tile` of w with the remainder u there (walk_tiles): the chunk,
+// then the entry where the running remainder falls; the tile's last positive entry if the
+// walk passes them all. Whole warp (every lane follows lane 0's arithmetic on broadcast
+// values); returns the index to every lane.
+template <class W>
+__device__ int warp_draw_in_tile(const W& w, int tile, double u) {
+    const int lane = threadIdx.x & 31;
+    int last = -1;
+    const int c0 = tile * (SAMPLE_TILE / SAMPLE_CHUNK);
+    const double c = chunk_sum(w, c0 + lane, &last);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, off));
+    int chunk = -1;
+    for (int j = 0; j < 32; ++j) {
+        const double cj = __shfl_sync(0xffffffffu, c, j);
+        if (chunk < 0) {
+            if (u < cj) chunk = j;
+            else u = __dsub_rn(u, cj);
+        }
+    }
+    if (chunk < 0) return last;
+    const int i = (c0 + chunk) * SAMPLE_CHUNK + lane;
+    const double x = i < w.n ? f32_to_f64(w.at(i)) : 0.0;
+    int found = -1, last_in_chunk = -1;
+    for (int j = 0; j < 32; ++j) {
+        const double xj = __shfl_sync(0xffffffffu, x, j);
+        if (found < 0 && xj > 0.0) {
+            last_in_chunk = (c0 + chunk) * SAMPLE_CHUNK + j;
+            if (u < xj) found = last_in_chunk;
+            else u = __dsub_rn(u, xj);
+        }
+    }
+    return found >= 0 ? found : last_in_chunk;
+}
+
 // One draw from w with the uniform u01, in the blocked order, given w's tile sums, last
 // positive index and total (blocked_tile_sums): find the tile, the chunk, then the entry
 // where the running remainder falls. Whole block; returns the index to every thread (0
@@ -655,56 +715,17 @@ template <class W>
 __device__ int blocked_draw(const W& w, const double* tile_sum, int last_positive, double total, double u01) {
     __shared__ int s_tile, s_result;
     __shared__ double s_u;
-    const int tiles = ceil_div(w.n, SAMPLE_TILE);
     if (threadIdx.x == 0) {
-        double u = __dmul_rn(u01, total);
-        int tile = -1;
-        for (int t = 0; t < tiles; ++t) {
-            if (u < tile_sum[t]) {
-                tile = t;
-                break;
-            }
-            u = __dsub_rn(u, tile_sum[t]);
-        }
-        s_tile = tile;
+        double u;
+        s_tile = walk_tiles(tile_sum, ceil_div(w.n, SAMPLE_TILE), total, u01, &u);
         s_u = u;
         s_result = last_positive < 0 ? 0 : last_positive;
     }
     __syncthreads();
     const int tile = s_tile;
     if (tile >= 0 && threadIdx.x < 32) {
-        const int lane = threadIdx.x;
-        int last = -1;
-        const int c0 = tile * (SAMPLE_TILE / SAMPLE_CHUNK);
-        const double c = chunk_sum(w, c0 + lane, &last);
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, off));
-        // Walk the chunks (every lane follows lane 0's arithmetic on broadcast values).
-        double u = s_u;
-        int chunk = -1;
-        for (int j = 0; j < 32; ++j) {
-            const double cj = __shfl_sync(0xffffffffu, c, j);
-            if (chunk < 0) {
-                if (u < cj) chunk = j;
-                else u = __dsub_rn(u, cj);
-            }
-        }
-        int result = last;  // the tile's last positive entry, if the walk falls through
-        if (chunk >= 0) {
-            const int i = (c0 + chunk) * SAMPLE_CHUNK + lane;
-            const double x = i < w.n ? f32_to_f64(w.at(i)) : 0.0;
-            int found = -1, last_in_chunk = -1;
-            for (int j = 0; j < 32; ++j) {
-                const double xj = __shfl_sync(0xffffffffu, x, j);
-                if (found < 0 && xj > 0.0) {
-                    last_in_chunk = (c0 + chunk) * SAMPLE_CHUNK + j;
-                    if (u < xj) found = last_in_chunk;
-                    else u = __dsub_rn(u, xj);
-                }
-            }
-            result = found >= 0 ? found : last_in_chunk;
-        }
-        if (lane == 0) s_result = result;
+        const int r = warp_draw_in_tile(w, tile, s_u);
+        if (threadIdx.x == 0) s_result = r;
     }
     __syncthreads();
     const int r = s_result;
@@ -803,11 +824,17 @@ extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
     if ((threadIdx.x & 31) == 0) warp_sums[blockIdx.y * SUM_WARPS + s / 32] = acc;
 }
 
-// A row of p read through L2 only: what other blocks of this launch wrote.
-struct L2Row {
-    const float* p;
+// The entries of the tile from `base` of a row of n, staged in shared memory a chunk a
+// padded row (probabilities_normalize's chunks): lane l reading chunk l's j-th entry
+// meets no other lane in its bank.
+struct SharedTile {
+    const float (*chunk)[SAMPLE_CHUNK + 1];
+    int base;
     int n;
-    __device__ __forceinline__ float at(int i) const { return __ldcg(p + i); }
+    __device__ __forceinline__ float at(int i) const {
+        const int k = i - base;
+        return chunk[k / SAMPLE_CHUNK][k % SAMPLE_CHUNK];
+    }
 };
 
 // out: [rows, n], e in, p = e / sum out (warp_sums: probabilities_exp's). A warp a tile
@@ -870,9 +897,12 @@ extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
         }
     }
     if (!draw || !last_split_arrived(counters, row, gridDim.x)) return;
+    // The last block: blocked_draw over the finished row, the chosen tile read into
+    // shared memory by the whole block at once rather than a chunk a lane by warp 0.
     __shared__ double tile_sum[MAX_TILES];
-    __shared__ int s_last;
-    __shared__ double s_total;
+    __shared__ int s_last, s_tile;
+    __shared__ double s_u;
+    const double u01 = uniforms[row];
     if (threadIdx.x == 0) s_last = -1;
     __syncthreads();
     for (int t = threadIdx.x; t < tiles; t += blockDim.x) {
@@ -880,9 +910,30 @@ extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
         atomicMax(&s_last, __ldcg(tile_lasts + row * MAX_TILES + t));
     }
     __syncthreads();
-    if (threadIdx.x == 0) s_total = tiles_total(tile_sum, tiles);
+    if (threadIdx.x == 0) {
+        double u;
+        s_tile = walk_tiles(tile_sum, tiles, tiles_total(tile_sum, tiles), u01, &u);
+        s_u = u;
+    }
     __syncthreads();
-    const int r = blocked_draw(L2Row{p, n}, tile_sum, s_last, s_total, uniforms[row]);
+    const int tile = s_tile;
+    int r = max(s_last, 0);  // the walk passed every tile: the last positive entry
+    if (tile >= 0) {
+        const int base = tile * SAMPLE_TILE;
+        float v[SAMPLE_TILE / SPLIT_THREADS];
+#pragma unroll
+        for (int k = 0; k < SAMPLE_TILE / SPLIT_THREADS; ++k) {
+            const int i = base + k * SPLIT_THREADS + threadIdx.x;
+            v[k] = i < n ? __ldcg(p + i) : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < SAMPLE_TILE / SPLIT_THREADS; ++k) {
+            const int e = k * SPLIT_THREADS + threadIdx.x;
+            chunks[0][e / SAMPLE_CHUNK][e % SAMPLE_CHUNK] = v[k];
+        }
+        __syncthreads();
+        if (warp == 0) r = warp_draw_in_tile(SharedTile{chunks[0], base, n}, tile, s_u);
+    }
     if (threadIdx.x == 0) ids[row] = r;
 }
 
