@@ -5,8 +5,10 @@
 //   probabilities   softmax(logits / T), then top-k, then top-p, renormalised
 //                   (massv::sampling::probabilities: ties ranked by lower id first);
 //   probabilities_max, probabilities_exp, probabilities_normalize
-//                   the same without top-k / top-p, a row over many blocks (the same
-//                   bits), the last launch drawing from each row as sample does if asked;
+//                   its softmax, a row over many blocks (the same bits), the last launch
+//                   drawing from each row as sample does if asked;
+//   probabilities_cut
+//                   its top-k / top-p cut of those rows, one block a row;
 //   top_k           the k most likely tokens of the plain softmax and their probabilities
 //                   (T = 0 token trees; spec::tree::top_tokens' order);
 //   top_k_probs     the same of rows that already are distributions (T > 0 token trees:
@@ -237,29 +239,25 @@ __device__ __forceinline__ unsigned long long to_fixed(float p) {
     return __double2ull_rn((double)p * FIXED_SCALE);
 }
 
-// logits, out: [rows, n] f32. One block per row (1024 threads). temperature 0 = greedy
-// (one-hot at the argmax); top_k 0 = off; top_p 1 = off.
-extern "C" __global__ void __launch_bounds__(1024)
-    probabilities(const float* __restrict__ logits, float* __restrict__ out, int n, float temperature, int top_k,
-                  float top_p) {
-    pdl_wait();
-    const float* x = logits + (size_t)blockIdx.x * n;
-    float* p = out + (size_t)blockIdx.x * n;
-    if (temperature == 0.0f) {
-        const int am = block_argmax(x, n);
-        for (int i = threadIdx.x; i < n; i += blockDim.x) p[i] = i == am ? 1.0f : 0.0f;
-        return;
+// One row of probabilities at T > 0 into p: the softmax of x (x unread where
+// NORMALIZED: p holds it already, as probabilities_normalize leaves it), then the cut.
+// Whole block of 1024 threads.
+template <bool NORMALIZED>
+__device__ __forceinline__ void probabilities_row(const float* __restrict__ x, float* __restrict__ p, int n,
+                                                  float temperature, int top_k, float top_p) {
+    double sum = 1.0;
+    if (!NORMALIZED) {
+        // softmax(x / T) with the CPU's operation order: (x - max) / T, exp, f64 sum (in
+        // row_sum_lanes' order), divide.
+        float mx = -INFINITY;
+        for_row(x, n, [&](int, float v) { mx = fmaxf(mx, v); });
+        mx = block_max(mx);
+        sum = row_sum_lanes(x, n, [&](int i, float v) {
+            const float e = expf(ieee_div(v - mx, temperature));
+            p[i] = e;
+            return (double)e;
+        });
     }
-    // softmax(x / T) with the CPU's operation order: (x - max) / T, exp, f64 sum (in
-    // row_sum_lanes' order), divide.
-    float mx = -INFINITY;
-    for_row(x, n, [&](int, float v) { mx = fmaxf(mx, v); });
-    mx = block_max(mx);
-    const double sum = row_sum_lanes(x, n, [&](int i, float v) {
-        const float e = expf(ieee_div(v - mx, temperature));
-        p[i] = e;
-        return (double)e;
-    });
     const bool use_k = top_k > 0 && top_k < n;
     const bool cuts = use_k || top_p < 1.0f;
 
@@ -307,11 +305,15 @@ extern "C" __global__ void __launch_bounds__(1024)
         }
         clear_histograms();
     }
-    for_row(p, n, [&](int i, float v) {
-        const float pi = (float)((double)v / sum);
-        p[i] = pi;
-        if (cuts) histogram(pi, 0u, 0u, 24);
-    });
+    if (NORMALIZED) {
+        if (cuts) for_row(p, n, [&](int, float v) { histogram(v, 0u, 0u, 24); });
+    } else {
+        for_row(p, n, [&](int i, float v) {
+            const float pi = (float)((double)v / sum);
+            p[i] = pi;
+            if (cuts) histogram(pi, 0u, 0u, 24);
+        });
+    }
     if (!cuts) return;
     for (int pass = 0; pass < 4; ++pass) {
         const int shift = 24 - 8 * pass;
@@ -436,6 +438,31 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
     kept = block_sum_f64(kept);
     for_row(p, n, [&](int i, float v) { p[i] = (float)((double)v / kept); });
+}
+
+// logits, out: [rows, n] f32. One block per row (1024 threads). temperature 0 = greedy
+// (one-hot at the argmax); top_k 0 = off; top_p 1 = off.
+extern "C" __global__ void __launch_bounds__(1024)
+    probabilities(const float* __restrict__ logits, float* __restrict__ out, int n, float temperature, int top_k,
+                  float top_p) {
+    pdl_wait();
+    const float* x = logits + (size_t)blockIdx.x * n;
+    float* p = out + (size_t)blockIdx.x * n;
+    if (temperature == 0.0f) {
+        const int am = block_argmax(x, n);
+        for (int i = threadIdx.x; i < n; i += blockDim.x) p[i] = i == am ? 1.0f : 0.0f;
+        return;
+    }
+    probabilities_row<false>(x, p, n, temperature, top_k, top_p);
+}
+
+// out: [rows, n] softmax rows (probabilities_normalize's) cut by top-k / top-p in place,
+// as probabilities cuts them: after the split kernels, the cut's passes on one block a
+// row (1024 threads), the softmax's three not.
+extern "C" __global__ void __launch_bounds__(1024)
+    probabilities_cut(float* __restrict__ out, int n, int top_k, float top_p) {
+    pdl_wait();
+    probabilities_row<true>(nullptr, out + (size_t)blockIdx.x * n, n, 1.0f, top_k, top_p);
 }
 
 // ---------------------------------------------------------------------------------
@@ -778,11 +805,12 @@ extern "C" __global__ void __launch_bounds__(1024)
 // ---------------------------------------------------------------------------------
 // probabilities split over blocks
 
-// Without top-k / top-p, probabilities' passes need no block-wide decision but the row's
-// max and sum, so a row can take many blocks rather than one (one SM): at one block a
-// row, Qwen2's vocabulary took three passes of about 150 instructions a thread each (the
-// exp and the f64 division dominate) on one SM, tens of microseconds for every token a
-// drafter draws at T > 0. Three launches, each SPLIT_BLOCKS or more blocks a row (blockIdx.y),
+// The softmax's passes need no block-wide decision but the row's max and sum, so a row
+// can take many blocks rather than one (one SM): at one block a row, Qwen2's vocabulary
+// took three passes of about 150 instructions a thread each (the exp and the f64
+// division dominate) on one SM, tens of microseconds for every token a drafter draws at
+// T > 0. (A top-k / top-p cut, radix passes with a block-wide decision after each, then
+// takes one block a row: probabilities_cut.) Three launches, each SPLIT_BLOCKS or more blocks a row (blockIdx.y),
 // give the same bits as the one-block kernel: the max is exact in any order, each entry
 // is the same expression, and the sum is summed in the one order of row_sum_lanes: block
 // b's thread j is sum thread b * SPLIT_THREADS + j. CPU twin: reference::probabilities.

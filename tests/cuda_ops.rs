@@ -1972,9 +1972,10 @@ fn split_rows(rng: &mut Rng, rows: usize, n: usize) -> Vec<f32> {
     x
 }
 
-/// At T > 0 without top-k / top-p, `probabilities` splits each row over many blocks
-/// (probabilities_max, _exp, _normalize): the rows are the one-block kernel's bit for
-/// bit (the same sum order), within rounding of the twin's, for rows past a launch's 64
+/// At T > 0 `probabilities` splits each row's softmax over many blocks
+/// (probabilities_max, _exp, _normalize), then cuts it by top-k / top-p on one block a
+/// row (probabilities_cut): the rows are the one-block kernel's bit for bit (the same
+/// sum order, the same cut), within rounding of the twin's, for rows past a launch's 64
 /// (rows 64.. take a second set of launches) and past the longest sampled row; the
 /// split-K counters the draw uses are all zero after.
 #[test]
@@ -1992,11 +1993,18 @@ fn probabilities_split_rows_are_the_one_block_rows() {
         let logits = split_rows(&mut rng, rows, n);
         let dl = dev.upload(&logits).unwrap();
         let mut dp = dev.alloc_zeros::<f32>(rows * n).unwrap();
-        for temperature in [1.0f32, 0.7, 1.3] {
+        for (temperature, top_k, top_p) in [
+            (1.0f32, 0, 1.0f32),
+            (0.7, 0, 1.0),
+            (1.3, 0, 1.0),
+            (1.0, 20, 1.0),
+            (0.8, 0, 0.9),
+            (1.2, 50, 0.8),
+        ] {
             let p = SamplingParams {
                 temperature,
-                top_k: 0,
-                top_p: 1.0,
+                top_k,
+                top_p,
             };
             let stale = vec![f32::NAN; rows * n];
             let mut run = |split: bool| {
@@ -2007,7 +2015,7 @@ fn probabilities_split_rows_are_the_one_block_rows() {
                 dev.download(&dp.as_view()).unwrap()
             };
             let (split, one) = (run(true), run(false));
-            let what = format!("T={temperature} {rows}x{n}");
+            let what = format!("{p:?} {rows}x{n}");
             assert!(bits(&split) == bits(&one), "{what}: split rows vs one block's");
             for (row, (g, l)) in split.chunks(n).zip(logits.chunks(n)).enumerate() {
                 assert_same_probabilities(g, &r::probabilities(l, &p), &format!("{what} row {row}"));
@@ -2095,45 +2103,26 @@ fn probabilities_sample_is_probabilities_then_sample() {
     assert_eq!(dev.split_counters_set().unwrap(), 0, "split-K counters left set");
     let (dl, du) = (dev.upload(&[0.0f32; 8]).unwrap(), dev.upload(&[0.5f64; 2]).unwrap());
     let (mut dq, mut ids) = (dev.alloc_zeros::<f32>(8).unwrap(), dev.alloc_zeros::<i32>(2).unwrap());
-    let e = dev
-        .probabilities_sample(
-            &dl.as_view(),
-            &mut dq.as_view_mut(),
-            &du.slice(..1),
-            &mut ids.as_view_mut(),
-            2,
-            4,
-            &params[0],
-        )
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("probabilities_sample") && e.contains("uniforms"), "{e}");
-    let e = dev
-        .probabilities_sample(
-            &dl.as_view(),
-            &mut dq.as_view_mut(),
-            &du.as_view(),
-            &mut ids.slice_mut(..1),
-            2,
-            4,
-            &params[0],
-        )
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("probabilities_sample") && e.contains("ids"), "{e}");
-    let e = dev
-        .probabilities_sample(
-            &dl.as_view(),
-            &mut dq.as_view_mut(),
-            &du.as_view(),
-            &mut ids.as_view_mut(),
-            0,
-            300_000,
-            &params[0],
-        )
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("probabilities_sample") && e.contains("300000"), "{e}");
+    // Too few uniforms, too few ids, rows longer than a draw takes: errors naming them.
+    for (nu, ni, rows, n, named) in [
+        (1, 2, 2, 4, "uniforms"),
+        (2, 1, 2, 4, "ids"),
+        (2, 2, 0, 300_000, "300000"),
+    ] {
+        let e = dev
+            .probabilities_sample(
+                &dl.as_view(),
+                &mut dq.as_view_mut(),
+                &du.slice(..nu),
+                &mut ids.slice_mut(..ni),
+                rows,
+                n,
+                &params[0],
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("probabilities_sample") && e.contains(named), "{e}");
+    }
 }
 
 #[test]
@@ -3466,17 +3455,27 @@ fn bench_kernels() {
         temperature: 1.0,
         ..Default::default()
     };
-    let ms = bench.time(20, || {
-        bench
-            .dev
-            .probabilities(&logits.as_view(), &mut probs.as_view_mut(), 6, vocab, &t1)
-    });
-    bench.row("probabilities 6x152064 T=1", ms, 2.0 * 6.0 * row_bytes);
+    let tp = SamplingParams {
+        temperature: 1.0,
+        top_k: 50,
+        top_p: 0.9,
+    };
     // A drafter's draw at T = 1 (a row's softmax, then the draw), and a verify block's 6
-    // rows: each row on one block (one SM), or split over many (the default; floor: the
-    // logits read and the probabilities written once).
+    // rows, plain and cut by top-k / top-p: each row on one block (one SM), or its softmax
+    // split over many (the default; floor: the logits read and the probabilities written
+    // once).
     for (split, how) in [(false, "each row on one block"), (true, "rows split over blocks")] {
         bench.dev.set_split_probabilities(split);
+        let ms = bench.time(5, || {
+            bench
+                .dev
+                .probabilities(&logits.as_view(), &mut probs.as_view_mut(), 6, vocab, &tp)
+        });
+        bench.row(
+            &format!("probabilities 6x152064 T=1 top-k 50 top-p 0.9, {how}"),
+            ms,
+            2.0 * 6.0 * row_bytes,
+        );
         let ms = bench.time(50, || {
             bench.dev.probabilities_sample(
                 &logits.slice(..vocab),
@@ -3530,21 +3529,11 @@ fn bench_kernels() {
         ms,
         4.0 * row_bytes,
     );
-    let tp = SamplingParams {
-        temperature: 1.0,
-        top_k: 50,
-        top_p: 0.9,
-    };
-    let ms = bench.time(5, || {
-        bench
-            .dev
-            .probabilities(&logits.as_view(), &mut probs.as_view_mut(), 6, vocab, &tp)
-    });
-    bench.row(
-        "probabilities 6x152064 T=1 top-k 50 top-p 0.9",
-        ms,
-        2.0 * 6.0 * row_bytes,
-    );
+    // p = q: the top-k / top-p rows, where the drafts have p = 0: rejected at once.
+    bench
+        .dev
+        .probabilities(&logits.as_view(), &mut probs.as_view_mut(), 6, vocab, &tp)
+        .unwrap();
     let ms = bench.time(20, || {
         bench.dev.verify_sampled(
             &drafts.as_view(),

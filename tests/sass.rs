@@ -615,6 +615,7 @@ fn row_passes_keep_their_loads_in_flight() {
         for (name, want) in [
             ("argmax", ROW_LOADS),
             ("probabilities", ROW_LOADS),
+            ("probabilities_cut", ROW_LOADS),
             ("top_k", ROW_LOADS),
             ("top_k_probs", ROW_LOADS),
             ("draw_counts", ROW_LOADS),

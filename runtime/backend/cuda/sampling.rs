@@ -68,8 +68,8 @@ impl CudaDevice {
     }
 
     /// The sampling distribution of each row (massv::sampling::probabilities); logits,
-    /// out: [rows, n] f32. At T > 0 without top-k / top-p a row takes many blocks
-    /// ([`Self::set_split_probabilities`]), else one.
+    /// out: [rows, n] f32. At T > 0 a row's softmax takes many blocks, a cut by top-k /
+    /// top-p one ([`Self::set_split_probabilities`]); at T = 0 one block a row.
     pub fn probabilities(
         &self,
         logits: &CudaView<'_, f32>,
@@ -85,11 +85,21 @@ impl CudaDevice {
         if rows == 0 || n == 0 {
             return Ok(());
         }
-        if self.splits_probabilities(params, n) {
-            return self.probabilities_split(logits, out, None, rows, n, params.temperature);
+        let top_k = params.top_k.min(i32::MAX as usize) as i32;
+        if self.splits_probabilities(params) {
+            self.probabilities_split(logits, out, None, rows, n, params.temperature)?;
+            if !cuts(params, n) {
+                return Ok(());
+            }
+            let op = self.wptr(out);
+            return self.launch(
+                "sampling",
+                "probabilities_cut",
+                block_per_row(rows, 1024),
+                &[&op, &i32_arg(OP, "n", n)?, &top_k, &params.top_p],
+            );
         }
         let (lp, op) = (self.rptr(logits), self.wptr(out));
-        let top_k = params.top_k.min(i32::MAX as usize) as i32;
         self.launch(
             "sampling",
             OP,
@@ -105,12 +115,12 @@ impl CudaDevice {
         )
     }
 
-    /// Whether `probabilities` splits each row over many blocks (three launches, the same
-    /// bits) for these parameters: at T > 0 without top-k / top-p, unless turned off
-    /// ([`Self::set_split_probabilities`]).
-    fn splits_probabilities(&self, params: &SamplingParams, n: usize) -> bool {
-        let cuts = params.top_p < 1.0 || (params.top_k > 0 && params.top_k < n);
-        self.split_probabilities() && params.temperature > 0.0 && !cuts
+    /// Whether `probabilities` splits each row's softmax over many blocks (three
+    /// launches, the same bits) for these parameters: at T > 0, unless turned off
+    /// ([`Self::set_split_probabilities`]); a top-k / top-p cut then takes one block a
+    /// row (`probabilities_cut`).
+    fn splits_probabilities(&self, params: &SamplingParams) -> bool {
+        self.split_probabilities() && params.temperature > 0.0
     }
 
     /// Turns the split probabilities kernels on (the default) or off; off, every row
@@ -182,7 +192,8 @@ impl CudaDevice {
 
     /// One draw per row from `probabilities` of logits ([rows, n]) with uniforms[row]
     /// into ids ([rows]), the distributions into out ([rows, n]): `probabilities` then
-    /// `sample`, where the rows split over blocks with the draw in their last launch.
+    /// `sample`, but where the rows split over blocks and nothing cuts them, the draw is
+    /// made in the split's last launch.
     /// Twin: `reference::probabilities_sample`.
     #[allow(clippy::too_many_arguments)]
     pub fn probabilities_sample(
@@ -205,7 +216,7 @@ impl CudaDevice {
         if rows == 0 {
             return Ok(());
         }
-        if self.splits_probabilities(params, n) {
+        if self.splits_probabilities(params) && !cuts(params, n) {
             return self.probabilities_split(logits, out, Some((uniforms, ids)), rows, n, params.temperature);
         }
         self.probabilities(logits, out, rows, n, params)?;
@@ -550,6 +561,11 @@ impl CudaDevice {
             ],
         )
     }
+}
+
+/// Whether top-k / top-p cut a row of n (the kernels' test).
+fn cuts(params: &SamplingParams, n: usize) -> bool {
+    params.top_p < 1.0 || (params.top_k > 0 && params.top_k < n)
 }
 
 fn check_sample_n(op: &str, n: usize) -> Result<()> {
