@@ -2125,6 +2125,62 @@ fn probabilities_sample_is_probabilities_then_sample() {
     }
 }
 
+/// Draws from several threads at once on one device (a target's and a drafter's, say):
+/// the split kernels' scratch is the device's, so each call must hold it for its three
+/// launches; every thread gets what it gets alone. A race shows only when another
+/// thread's launch slips in between two of a call's, so a pass is evidence, not proof.
+#[test]
+fn probabilities_sample_from_threads_at_once() {
+    let dev = dev_or_skip!();
+    let (n, calls) = (3000, 24);
+    let mut rng = Rng::new(43);
+    let rows: Vec<Vec<f32>> = (0..4).map(|_| rand_vec(&mut rng, n, 8.0)).collect();
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    let draws = |logits: &[f32], seed: u64| -> Vec<(Vec<u32>, i32)> {
+        let mut rng = Rng::new(seed);
+        let dl = dev.upload(logits).unwrap();
+        let (mut dq, mut ids) = (dev.alloc_zeros::<f32>(n).unwrap(), dev.alloc_zeros::<i32>(1).unwrap());
+        (0..calls)
+            .map(|_| {
+                let du = dev.upload(&[rng.uniform()]).unwrap();
+                dev.probabilities_sample(
+                    &dl.as_view(),
+                    &mut dq.as_view_mut(),
+                    &du.as_view(),
+                    &mut ids.as_view_mut(),
+                    1,
+                    n,
+                    &params,
+                )
+                .unwrap();
+                (
+                    bits(&dev.download(&dq.as_view()).unwrap()),
+                    dev.download(&ids.as_view()).unwrap()[0],
+                )
+            })
+            .collect()
+    };
+    let alone: Vec<_> = rows.iter().zip(0..).map(|(l, seed)| draws(l, seed)).collect();
+    let together: Vec<_> = std::thread::scope(|s| {
+        let threads: Vec<_> = rows
+            .iter()
+            .zip(0..)
+            .map(|(l, seed)| s.spawn(move || draws(l, seed)))
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert!(
+            a == t,
+            "thread {i}: its distributions and draws differ from its own alone"
+        );
+    }
+}
+
 #[test]
 fn sample_is_exact() {
     let dev = dev_or_skip!();

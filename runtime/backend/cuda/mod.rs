@@ -243,8 +243,10 @@ pub struct CudaDevice {
     /// Launch kernels with programmatic dependent launch ([`Self::set_pdl`]).
     pdl: AtomicBool,
     /// Scratch of the split probabilities kernels, and whether `probabilities` takes them
-    /// ([`Self::set_split_probabilities`]).
-    split_scratch: sampling::SplitScratch,
+    /// ([`Self::set_split_probabilities`]). A call holds the scratch while it queues its
+    /// launches, which pass values between them through it: threads sharing the device
+    /// (a target's draws and a drafter's) queue theirs one call after another.
+    split_scratch: Mutex<sampling::SplitScratch>,
     split_probabilities: AtomicBool,
 }
 
@@ -309,7 +311,7 @@ impl CudaDevice {
         let split_counters = stream
             .alloc_zeros::<u32>(SPLIT_COUNTERS)
             .map_err(|e| cuda_err("split-K counters", e))?;
-        let split_scratch = sampling::SplitScratch::new(&stream)?;
+        let split_scratch = Mutex::new(sampling::SplitScratch::new(&stream)?);
         Ok(CudaDevice {
             ctx,
             stream,

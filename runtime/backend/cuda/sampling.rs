@@ -20,7 +20,7 @@ pub const MAX_TOP_K: usize = 64;
 const SPLIT_ROWS: usize = 64;
 /// Blocks of probabilities_max / probabilities_exp a row (SPLIT_BLOCKS in cuda/sampling.cu).
 const SPLIT_BLOCKS: usize = 32;
-/// Tiles a warp of probabilities_normalize takes at once (SPLIT_WARPS), SAMPLE_TILE entries each.
+/// Warps of a probabilities_normalize block (SPLIT_WARPS), a tile of SAMPLE_TILE entries each.
 const SPLIT_WARPS: usize = 4;
 const SAMPLE_TILE: usize = 1024;
 /// Sum warps of a row (SUM_WARPS) and tiles of the longest sampled row (MAX_TILES).
@@ -29,7 +29,8 @@ const MAX_TILES: usize = SAMPLE_MAX_N / SAMPLE_TILE;
 
 /// The scratch of the split probabilities kernels for [`SPLIT_ROWS`] rows: each block's
 /// max, each sum warp's sum, and each tile's sum and last positive entry for a draw. One
-/// set per device: its one stream runs one kernel at a time.
+/// set per device: its one stream runs one kernel at a time, and a call queues its
+/// launches holding the set.
 pub(super) struct SplitScratch {
     row_max: CudaSlice<f32>,
     warp_sums: CudaSlice<f64>,
@@ -147,7 +148,8 @@ impl CudaDevice {
         n: usize,
         temperature: f32,
     ) -> Result<()> {
-        let s = &self.split_scratch;
+        // Held until the last launch is queued (see CudaDevice::split_scratch).
+        let s = self.split_scratch.lock().unwrap_or_else(|p| p.into_inner());
         let (mp, wp, tp, lp) = (
             self.rptr(&s.row_max.as_view()),
             self.rptr(&s.warp_sums.as_view()),
