@@ -810,10 +810,11 @@ extern "C" __global__ void __launch_bounds__(1024)
 // took three passes of about 150 instructions a thread each (the exp and the f64
 // division dominate) on one SM, tens of microseconds for every token a drafter draws at
 // T > 0. (A top-k / top-p cut, radix passes with a block-wide decision after each, then
-// takes one block a row: probabilities_cut.) Three launches, each SPLIT_BLOCKS or more blocks a row (blockIdx.y),
-// give the same bits as the one-block kernel: the max is exact in any order, each entry
-// is the same expression, and the sum is summed in the one order of row_sum_lanes: block
-// b's thread j is sum thread b * SPLIT_THREADS + j. CPU twin: reference::probabilities.
+// takes one block a row: probabilities_cut.) Three launches, each SPLIT_BLOCKS or more
+// blocks a row (blockIdx.y), give the same bits as the one-block kernel: the max is
+// exact in any order, each entry is the same expression, and the sum is summed in the
+// one order of row_sum_lanes: block b's thread j is sum thread b * SPLIT_THREADS + j.
+// CPU twin: reference::probabilities.
 #define SPLIT_THREADS 128
 #define SPLIT_BLOCKS 32  // SUM_THREADS / SPLIT_THREADS
 #define SPLIT_WARPS 4    // SPLIT_THREADS / 32
@@ -881,8 +882,7 @@ extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
     const double sum = sum_warp_sums(warp_sums + row * SUM_WARPS);
     const int tiles = ceil_div(n, SAMPLE_TILE);
     const bool draw = uniforms != nullptr;
-    // A tile's values, chunk by chunk (a row each, padded: lane l reading chunk l's j-th
-    // entry meets no other lane in its bank).
+    // Each warp's tile, chunk by chunk (SharedTile's layout), for its blocked sum.
     __shared__ float chunks[SPLIT_WARPS][SAMPLE_TILE / SAMPLE_CHUNK][SAMPLE_CHUNK + 1];
     const int t = blockIdx.x * SPLIT_WARPS + warp;  // this warp's tile
     if (t < tiles) {
@@ -904,20 +904,8 @@ extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
         }
         if (draw) {
             __syncwarp();
-            // Lane l sums chunk l left to right and the warp the chunks in order, as
-            // warp_tile_sum does.
-            const int c0 = base + lane * SAMPLE_CHUNK;
-            double c = 0.0;
-            int last = -1;
-            for (int j = 0; j < SAMPLE_CHUNK && c0 + j < n; ++j) {
-                const double x = f32_to_f64(chunks[warp][lane][j]);
-                c = __dadd_rn(c, x);
-                if (x > 0.0) last = c0 + j;
-            }
-            double ts = 0.0;
-            for (int j = 0; j < 32; ++j) ts = __dadd_rn(ts, __shfl_sync(0xffffffffu, c, j));
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, off));
+            int last;
+            const double ts = warp_tile_sum(SharedTile{chunks[warp], base, n}, t, &last);
             if (lane == 0) {
                 tile_sums[row * MAX_TILES + t] = ts;
                 tile_lasts[row * MAX_TILES + t] = last;

@@ -7,6 +7,7 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig}
 
 use super::{block_per_row, cuda_err, i32_arg, need, shape_err, CudaDevice};
 use crate::error::Result;
+use crate::reference::SAMPLE_TILE;
 use crate::sampling::SamplingParams;
 use crate::spec::tree::Proposal;
 
@@ -20,9 +21,10 @@ pub const MAX_TOP_K: usize = 64;
 const SPLIT_ROWS: usize = 64;
 /// Blocks of probabilities_max / probabilities_exp a row (SPLIT_BLOCKS in cuda/sampling.cu).
 const SPLIT_BLOCKS: usize = 32;
-/// Warps of a probabilities_normalize block (SPLIT_WARPS), a tile of SAMPLE_TILE entries each.
+/// Threads of a split kernel's block (SPLIT_THREADS), and the warps of a
+/// probabilities_normalize block (SPLIT_WARPS), a tile of SAMPLE_TILE entries each.
+const SPLIT_THREADS: u32 = 128;
 const SPLIT_WARPS: usize = 4;
-const SAMPLE_TILE: usize = 1024;
 /// Sum warps of a row (SUM_WARPS) and tiles of the longest sampled row (MAX_TILES).
 const SUM_WARPS: usize = 128;
 const MAX_TILES: usize = SAMPLE_MAX_N / SAMPLE_TILE;
@@ -163,7 +165,7 @@ impl CudaDevice {
             let g = (rows - r0).min(SPLIT_ROWS);
             let cfg = |blocks: usize| LaunchConfig {
                 grid_dim: (blocks as u32, g as u32, 1),
-                block_dim: (128, 1, 1),
+                block_dim: (SPLIT_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
             let xp = self.rptr(&logits.slice(r0 * n..(r0 + g) * n));
