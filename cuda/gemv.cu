@@ -25,6 +25,9 @@
 // - add_to_y: y += the result (rounded to bf16 first, as the stored projection would be)
 //   instead of y = the result: the projection is added to the residual stream by the
 //   thread that owns the element, so no other kernel has to.
+// And the LM head's f32 variant can take each row's argmax as its epilogue (greedy
+// decoding and drafting), sparing the argmax kernel's launch and its reread of the
+// logits: see GemvArgmax.
 #include "common.cuh"
 
 #define GEMV_WARPS 4
@@ -201,13 +204,64 @@ __device__ __forceinline__ void prefetch_then_wait(const bf16* w, bool swiglu, i
     pdl_wait();
 }
 
+// The LM head's argmax fused into gemv_bf16_f32 (CPU twin: reference::gemv_bf16_argmax,
+// the GEMV then argmax): the first index of each row's maximum over the values y gets,
+// NaNs skipped, 0 when there is none (sampling.cu's argmax). A value and its index pack
+// into one 64-bit key that orders as the argmax does, value first, then the lower index:
+// the value's bits made monotone (negatives flipped; -0 as +0, which the CPU's > holds
+// equal) above, the index's complement below. So a block's best is a max of keys, merged
+// into keys[b] with one atomicMax a row, in any order; the block that counts last on
+// *count turns keys[b] into out[b] and zeroes it. keys: [GEMV_MAX_B] and *count zero
+// before and after the launch. out == nullptr: no argmax.
+struct GemvArgmax {
+    int32_t* out;
+    unsigned long long* keys;
+    unsigned* count;
+};
+
+__device__ __forceinline__ unsigned long long argmax_key(float v, int n) {
+    if (v != v) return 0ull;  // NaN: never picked (key 0: nothing seen)
+    const unsigned b = __float_as_uint(v == 0.0f ? 0.0f : v);
+    const unsigned ordered = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    return ((unsigned long long)ordered << 32) | (0xffffffffu - (unsigned)n);
+}
+
+// Every thread's best keys kb[b] merged into the row's key; the last block to arrive
+// writes the argmax. Called by every thread of the block, after its outputs are final.
+template <int B>
+__device__ __forceinline__ void gemv_argmax_arrive(const GemvArgmax& am, const unsigned long long kb[B]) {
+    __shared__ unsigned long long warp_best[GEMV_WARPS][B];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+        unsigned long long k = kb[b];
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) k = max(k, __shfl_xor_sync(0xffffffffu, k, off));
+        if (lane == 0) warp_best[warp][b] = k;
+    }
+    __syncthreads();
+    if (threadIdx.x < B) {
+        unsigned long long k = 0ull;
+#pragma unroll
+        for (int w = 0; w < GEMV_WARPS; ++w) k = max(k, warp_best[w][threadIdx.x]);
+        if (k != 0ull) atomicMax(am.keys + threadIdx.x, k);
+    }
+    if (!last_split_arrived(am.count, 0, gridDim.x)) return;
+    if (threadIdx.x < B) {
+        const unsigned long long k = __ldcg(am.keys + threadIdx.x);
+        am.keys[threadIdx.x] = 0ull;
+        am.out[threadIdx.x] = k == 0ull ? 0 : (int32_t)(0xffffffffu - (unsigned)(k & 0xffffffffull));
+    }
+}
+
 // One warp's GEMV_ROWS outputs n0.. over this block's K range: to y (+ bias) or, split
-// over K, to the partial sums partial[blockIdx.y, b, n].
+// over K, to the partial sums partial[blockIdx.y, b, n]. Each output y gets is folded
+// into kb[b] (argmax_key) where `keys`.
 template <int B, typename OutT>
 __device__ __forceinline__ void gemv_warp(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                           const bf16* __restrict__ bias, OutT* __restrict__ y,
                                           float* __restrict__ partial, const float* row_scale, bool add, int N,
-                                          int K, int n0, int lane) {
+                                          int K, int n0, int lane, bool keys, unsigned long long kb[B]) {
     const int K8 = K / 8;
     const uint4* wrow[GEMV_ROWS];
 #pragma unroll
@@ -224,6 +278,7 @@ __device__ __forceinline__ void gemv_warp(const bf16* __restrict__ x, const bf16
                 if (gridDim.y == 1) {
                     const float v = acc[r][b] * scale_of(row_scale, b) + (bias ? to_f32(bias[n]) : 0.0f);
                     store_out(y, (size_t)b * N + n, v, add);
+                    if (keys) kb[b] = max(kb[b], argmax_key(v, n));
                 } else {
                     partial[((size_t)blockIdx.y * B + b) * N + n] = acc[r][b];
                 }
@@ -234,27 +289,38 @@ __device__ __forceinline__ void gemv_warp(const bf16* __restrict__ x, const bf16
 
 // One K range per blockIdx.y; with gridDim.y == 1 the result (scaled, + bias) goes to y,
 // else the last split of the block's columns adds the partial sums up in split order,
-// then scales them and adds the bias.
+// then scales them and adds the bias. Then, with am.out, the argmax epilogue.
 template <int B, typename OutT>
 __device__ __forceinline__ void gemv_body(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                           const bf16* __restrict__ bias, OutT* __restrict__ y,
                                           float* __restrict__ partial, unsigned* __restrict__ counters, int N,
-                                          int K, float rms_eps, bool add) {
+                                          int K, float rms_eps, bool add, const GemvArgmax am) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
     prefetch_then_wait(w, false, n0, N, K / 8);
     __shared__ float scales[GEMV_MAX_B];
     const float* row_scale = rms_row_scales<B>(x, K, rms_eps, scales);
+    const bool keys = am.out != nullptr;
+    unsigned long long kb[B];
+#pragma unroll
+    for (int b = 0; b < B; ++b) kb[b] = 0ull;
     // No early return: a split's warps all meet at last_split_arrived's barriers.
-    if (n0 < N) gemv_warp<B>(x, w, bias, y, partial, row_scale, add, N, K, n0, lane);
-    if (gridDim.y == 1 || !last_split_arrived(counters, blockIdx.x, gridDim.y)) return;
-    const int c0 = blockIdx.x * GEMV_WARPS * GEMV_ROWS, cols = min(GEMV_WARPS * GEMV_ROWS, N - c0);
-    for (int i = threadIdx.x; i < B * cols; i += blockDim.x) {
-        const int b = i / cols, n = c0 + i % cols;
-        float s = 0.0f;
-        for (int k = 0; k < (int)gridDim.y; ++k) s += __ldcg(partial + ((size_t)k * B + b) * N + n);
-        store_out(y, (size_t)b * N + n, s * scale_of(row_scale, b) + (bias ? to_f32(bias[n]) : 0.0f), add);
+    if (n0 < N) gemv_warp<B>(x, w, bias, y, partial, row_scale, add, N, K, n0, lane, keys, kb);
+    if (gridDim.y > 1) {
+        if (!last_split_arrived(counters, blockIdx.x, gridDim.y)) return;
+        const int c0 = blockIdx.x * GEMV_WARPS * GEMV_ROWS, cols = min(GEMV_WARPS * GEMV_ROWS, N - c0);
+        for (int i = threadIdx.x; i < B * cols; i += blockDim.x) {
+            const int b = i / cols, n = c0 + i % cols;
+            float s = 0.0f;
+            for (int k = 0; k < (int)gridDim.y; ++k) s += __ldcg(partial + ((size_t)k * B + b) * N + n);
+            const float v = s * scale_of(row_scale, b) + (bias ? to_f32(bias[n]) : 0.0f);
+            store_out(y, (size_t)b * N + n, v, add);
+#pragma unroll
+            for (int bb = 0; bb < B; ++bb)  // kb indexed by constants: it stays in registers
+                if (keys && bb == b) kb[bb] = max(kb[bb], argmax_key(v, n));
+        }
     }
+    if (keys) gemv_argmax_arrive<B>(am, kb);
 }
 
 #define GEMV_ENTRY(B)                                                                                                  \
@@ -262,13 +328,16 @@ __device__ __forceinline__ void gemv_body(const bf16* __restrict__ x, const bf16
         gemv_bf16_b##B(const bf16* __restrict__ x, const bf16* __restrict__ w, const bf16* __restrict__ bias,         \
                        bf16* __restrict__ y, float* __restrict__ partial, unsigned* __restrict__ counters, int N,     \
                        int K, float rms_eps, int add_to_y) {                                                           \
-        gemv_body<B, bf16>(x, w, bias, y, partial, counters, N, K, rms_eps, add_to_y != 0);                            \
+        gemv_body<B, bf16>(x, w, bias, y, partial, counters, N, K, rms_eps, add_to_y != 0,                             \
+                           GemvArgmax{nullptr, nullptr, nullptr});                                                     \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                                     \
         gemv_bf16_f32_b##B(const bf16* __restrict__ x, const bf16* __restrict__ w, const bf16* __restrict__ bias,     \
                            float* __restrict__ y, float* __restrict__ partial, unsigned* __restrict__ counters,       \
-                           int N, int K, float rms_eps, int add_to_y) {                                                \
-        gemv_body<B, float>(x, w, bias, y, partial, counters, N, K, rms_eps, add_to_y != 0);                           \
+                           int N, int K, float rms_eps, int add_to_y, int32_t* argmax_out,                            \
+                           unsigned long long* argmax_keys, unsigned* argmax_count) {                                 \
+        gemv_body<B, float>(x, w, bias, y, partial, counters, N, K, rms_eps, add_to_y != 0,                            \
+                            GemvArgmax{argmax_out, argmax_keys, argmax_count});                                        \
     }
 
 GEMV_ENTRY(1)

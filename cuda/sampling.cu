@@ -1,7 +1,8 @@
 // Sampling and verification on the device: the logits never leave the GPU, only the
 // accepted count and the next token do. CPU twins: runtime/reference/sampling.rs.
 //
-//   argmax          first index of the maximum of each row (greedy decoding / drafting);
+//   argmax          first index of the maximum of each row (a GEMM head's rows: a GEMV
+//                   head takes its argmax itself, gemv.cu's GemvArgmax);
 //   probabilities   softmax(logits / T), then top-k, then top-p, renormalised
 //                   (massv::sampling::probabilities: ties ranked by lower id first);
 //   probabilities_max, probabilities_exp, probabilities_normalize

@@ -3146,7 +3146,9 @@ fn a_cpu_drafter_sends_its_q_rows_up_and_no_logits_come_back() {
 /// so a kernel that creeps back in fails here. Counted as the difference between models
 /// of 3 and 1 layers (the embedding and the head are the same). An untied head (the 7B
 /// target's) has the final norm's weight folded in too and scales its rows itself: one
-/// launch fewer than a tied head, which norms first.
+/// launch fewer than a tied head, which norms first. And the head's GEMV takes each row's
+/// argmax as it finishes (gemv_bf16_argmax): a 1-layer untied model launches the
+/// embedding gather, the layer's 6 and the head, 8 in all.
 #[test]
 fn a_layer_launches_6_kernels_a_step() {
     let dev = dev_or_skip!();
@@ -3189,6 +3191,7 @@ fn a_layer_launches_6_kernels_a_step() {
             lu + 1,
             "{what}: an untied head launches no RMSNorm ({l1} tied, {lu} untied)"
         );
+        assert_eq!(lu, 1 + 6 + 1, "{what}: embedding, layer and head (its argmax fused)");
     }
 }
 

@@ -732,6 +732,173 @@ fn gemv_bf16_all_row_counts() {
     assert!(e.contains("eps NaN"), "{e}");
 }
 
+/// The LM head's fused argmax (gemv_bf16_argmax) picks each row's argmax of the very y
+/// it writes (the twin's argmax of the downloaded rows, exactly), and y is the plain f32
+/// GEMV's bit for bit: every row count, split and unsplit, with and without the RMS
+/// scale and a bias, over one block, a handful and thousands. Some shapes rig ties for
+/// the maximum (equal weight rows in one warp, in other blocks: the lowest column wins),
+/// NaN and infinite logits, and rows of nothing but NaN (0). The keys and counter are
+/// zero afterwards.
+#[test]
+fn gemv_bf16_argmax_is_the_argmax_of_y() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(81);
+    let mut scratch = dev.alloc_zeros::<f32>(64 * 8 * 4608).unwrap();
+    // (n, k, what the weights rig)
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum Rig {
+        Random,
+        Ties,
+        Special,
+        AllNan,
+    }
+    let shapes = [
+        (1, 8, Rig::Random),
+        (16, 64, Rig::Random),
+        (33, 64, Rig::Ties),
+        (20011, 128, Rig::Ties),
+        (100, 4096, Rig::Ties),
+        (300, 64, Rig::Special),
+        (40, 1024, Rig::AllNan),
+    ];
+    for &(n, k, rig) in &shapes {
+        let (_, mut w) = rand_bf16(&mut rng, n * k, 1.0);
+        let (_, mut bias) = rand_bf16(&mut rng, n, 1.0);
+        // x > 0, so a weight row of ones has the sum of x: far above any random row's.
+        let x_of = |rng: &mut Rng, rows: usize| {
+            round(&rand_vec(rng, rows * k, 0.5).iter().map(|v| v + 0.5).collect::<Vec<_>>())
+        };
+        let set_row = |w: &mut Vec<f32>, j: usize, v: f32| w[j * k..][..k].fill(v);
+        match rig {
+            Rig::Random => {}
+            Rig::Ties => {
+                // The tied columns: two in one warp, one in another block, the last.
+                for j in [n / 2 + 1, n / 2 + 3, n - 1, n / 2 + 17].into_iter().filter(|&j| j < n) {
+                    set_row(&mut w, j, 1.0);
+                    bias[j] = 0.25;
+                }
+            }
+            Rig::Special => {
+                set_row(&mut w, 7, f32::NAN); // NaN logits, never picked
+                set_row(&mut w, 250, f32::INFINITY); // +inf logits, tied: 100 first
+                set_row(&mut w, 100, f32::INFINITY);
+            }
+            Rig::AllNan => w.fill(f32::NAN),
+        }
+        let (wb, bb) = (to_bf16(&w), to_bf16(&bias));
+        let (dw, db) = (dev.upload(&wb).unwrap(), dev.upload(&bb).unwrap());
+        for rows in 1..=8 {
+            if n * k > 1 << 20 && !matches!(rows, 1 | 6 | 8) {
+                continue;
+            }
+            let fuse = [GemvFuse::NONE, GemvFuse::rms(1e-6)][rows % 2];
+            let x = x_of(&mut rng, rows);
+            let dx = dev.upload(&to_bf16(&x)).unwrap();
+            let with_bias = rows % 3 != 0;
+            let bias_view = db.as_view();
+            let b = with_bias.then_some(&bias_view);
+            let splits = dev.gemv_splits(rows, n, k, scratch.len());
+            for split in [false, true] {
+                let what = format!(
+                    "gemv_bf16_argmax rows={rows} n={n} k={k} {rig:?} bias={with_bias} {fuse:?} splits={}",
+                    [1, splits][split as usize]
+                );
+                let mut plain = dev.alloc_zeros::<f32>(rows * n).unwrap();
+                let mut sv = scratch.as_view_mut();
+                let (xv, wv) = (dx.as_view(), dw.as_view());
+                dev.gemv_bf16_f32(
+                    &xv,
+                    &wv,
+                    b,
+                    &mut plain.as_view_mut(),
+                    split.then_some(&mut sv),
+                    rows,
+                    n,
+                    k,
+                    fuse,
+                )
+                .unwrap();
+                let mut dy = dev.alloc_zeros::<f32>(rows * n).unwrap();
+                let mut ids = dev.upload(&vec![-7i32; rows]).unwrap();
+                let mut sv = scratch.as_view_mut();
+                dev.gemv_bf16_argmax(
+                    &xv,
+                    &wv,
+                    b,
+                    &mut dy.as_view_mut(),
+                    &mut ids.as_view_mut(),
+                    split.then_some(&mut sv),
+                    rows,
+                    n,
+                    k,
+                    fuse,
+                )
+                .unwrap();
+                let y = dev.download(&dy.as_view()).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&y), bits(&dev.download(&plain.as_view()).unwrap()), "{what}: y");
+                let got = dev.download(&ids.as_view()).unwrap();
+                let want: Vec<i32> = y.chunks_exact(n).map(|row| r::argmax(row) as i32).collect();
+                assert_eq!(got, want, "{what}: ids");
+                match rig {
+                    Rig::Ties if n > 40 => assert!(want.iter().all(|&i| i as usize == n / 2 + 1), "{what}: {want:?}"),
+                    Rig::Special => assert!(want.iter().all(|&i| i == 100), "{what}: {want:?}"),
+                    Rig::AllNan => assert!(want.iter().all(|&i| i == 0), "{what}: {want:?}"),
+                    _ => {}
+                }
+                // The twin: the same ids where its logits' best stands out of rounding.
+                let mut y_ref = vec![0.0; rows * n];
+                let twin = r::gemv_bf16_argmax(&x, &w, with_bias.then_some(&bias[..]), &mut y_ref, k, fuse);
+                if rig != Rig::Random {
+                    let twin: Vec<i32> = twin.iter().map(|&i| i as i32).collect();
+                    assert_eq!(got, twin, "{what}: twin");
+                }
+                assert_eq!(
+                    dev.split_counters_set().unwrap(),
+                    0,
+                    "{what}: keys and counters left set"
+                );
+            }
+        }
+        if rig == Rig::Ties && n > 4096 {
+            assert!(
+                dev.gemv_splits(1, n, k, scratch.len()) == 1,
+                "{n} columns take thousands of blocks"
+            );
+        }
+    }
+    assert!(
+        dev.gemv_splits(1, 100, 4096, scratch.len()) > 1,
+        "the sweep exercises split-K"
+    );
+    // Refused: an add into y, ids too short, rows of no entries.
+    let dx = dev.alloc_zeros::<bf16>(16).unwrap();
+    let mut dy = dev.alloc_zeros::<f32>(4).unwrap();
+    let mut ids = dev.alloc_zeros::<i32>(2).unwrap();
+    let mut e = |ids_len: usize, n: usize, fuse: GemvFuse| {
+        dev.gemv_bf16_argmax(
+            &dx.slice(..16),
+            &dx.slice(..8 * n),
+            None,
+            &mut dy.slice_mut(..2 * n),
+            &mut ids.slice_mut(..ids_len),
+            None,
+            2,
+            n,
+            8,
+            fuse,
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    let msg = e(2, 2, GemvFuse::ADD);
+    assert!(msg.contains("add_to_y"), "{msg}");
+    let msg = e(1, 2, GemvFuse::NONE);
+    assert!(msg.contains("ids"), "{msg}");
+    let msg = e(2, 0, GemvFuse::NONE);
+    assert!(msg.contains("no argmax"), "{msg}");
+}
+
 #[test]
 fn gemv_swiglu_all_row_counts() {
     let dev = dev_or_skip!();
@@ -3311,6 +3478,44 @@ impl Bench {
                 )
             });
             self.row(&format!("{tag} head {vocab}x{hidden}"), ms, head_bytes);
+            // Greedy decoding's head: the GEMV, then the argmax kernel over its logits; or
+            // the argmax as the GEMV's epilogue.
+            let mut ids = self.dev.alloc_zeros::<i32>(rows).unwrap();
+            let ms = self.time(5, || {
+                self.dev.gemv_bf16_f32(
+                    &x.as_view(),
+                    &head.as_view(),
+                    None,
+                    &mut logits.as_view_mut(),
+                    Some(&mut scratch.as_view_mut()),
+                    rows,
+                    vocab,
+                    hidden,
+                    GemvFuse::NONE,
+                )?;
+                self.dev
+                    .argmax(&logits.slice(..rows * vocab), &mut ids.as_view_mut(), rows, vocab)
+            });
+            self.row(&format!("{tag} head {vocab}x{hidden}, then argmax"), ms, head_bytes);
+            let ms = self.time(5, || {
+                self.dev.gemv_bf16_argmax(
+                    &x.as_view(),
+                    &head.as_view(),
+                    None,
+                    &mut logits.as_view_mut(),
+                    &mut ids.as_view_mut(),
+                    Some(&mut scratch.as_view_mut()),
+                    rows,
+                    vocab,
+                    hidden,
+                    GemvFuse::NONE,
+                )
+            });
+            self.row(
+                &format!("{tag} head {vocab}x{hidden} with its argmax (gemv_bf16_argmax)"),
+                ms,
+                head_bytes,
+            );
             // The runtime's fusions: QKV and gate_up scale their input rows (the folded
             // RMSNorms), o and down add into the residual stream.
             let eps = 1e-6;

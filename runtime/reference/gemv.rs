@@ -54,6 +54,24 @@ pub fn gemv_bf16(x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32], k: u
     }
 }
 
+/// [`gemv_bf16`] (without `add_to_y`), then each row's [`super::argmax`]: the LM head of
+/// greedy decoding with its argmax fused (`CudaDevice::gemv_bf16_argmax`).
+pub fn gemv_bf16_argmax(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    k: usize,
+    fuse: GemvFuse,
+) -> Vec<usize> {
+    gemv_bf16(x, w, bias, y, k, fuse);
+    let n = w.len() / k;
+    if n == 0 {
+        return vec![0; x.len() / k];
+    }
+    y.chunks_exact(n).map(super::argmax).collect()
+}
+
 /// y[b, j] = silu(g) · u with g = (x[b] · w[j]) · s_b, u = (x[b] · w[inter + j]) · s_b: the
 /// gate/up GEMV with SwiGLU as its epilogue; w: [2 · inter, k] (gate rows, then up rows),
 /// y: [rows, inter]; s_b the row's RMS scale under `rms_eps` (as [`gemv_bf16`]), else 1.

@@ -16,6 +16,15 @@ pub use crate::reference::GemvFuse;
 const GEMV_ROWS_PER_BLOCK: usize = 16;
 /// Largest row count of gemv_bf16 (one kernel instantiation per count).
 pub const GEMV_MAX_ROWS: usize = 8;
+/// What a GEMV writes: bf16 y, f32 y, or f32 y and each row's argmax (into the ids at
+/// this device address).
+#[derive(Clone, Copy)]
+enum Out {
+    Bf16,
+    F32,
+    F32Argmax(u64),
+}
+
 /// Column blocks a split-K GEMV may have (its arrival counters); a split pays only below
 /// two blocks per multiprocessor, far fewer.
 pub(super) const SPLIT_COUNTERS: usize = 4096;
@@ -40,7 +49,7 @@ impl CudaDevice {
     ) -> Result<()> {
         need("gemv_bf16", "y", y.len(), rows * n)?;
         let yp = self.wptr(y);
-        self.gemv(false, x, w, bias, yp, scratch, rows, n, k, fuse)
+        self.gemv(Out::Bf16, x, w, bias, yp, scratch, rows, n, k, fuse)
     }
 
     /// As [`Self::gemv_bf16`] with f32 output (logits for sampling).
@@ -59,7 +68,38 @@ impl CudaDevice {
     ) -> Result<()> {
         need("gemv_bf16", "y", y.len(), rows * n)?;
         let yp = self.wptr(y);
-        self.gemv(true, x, w, bias, yp, scratch, rows, n, k, fuse)
+        self.gemv(Out::F32, x, w, bias, yp, scratch, rows, n, k, fuse)
+    }
+
+    /// As [`Self::gemv_bf16_f32`], and each row's argmax into ids ([rows]): the first
+    /// index of its maximum, NaNs skipped (as [`Self::argmax`] of y), taken by the GEMV's
+    /// blocks as they finish rather than by a kernel rereading y (the LM head of greedy
+    /// decoding and drafting). `fuse.add_to_y` is refused: the argmax is of the product.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_bf16_argmax(
+        &self,
+        x: &CudaView<'_, bf16>,
+        w: &CudaView<'_, bf16>,
+        bias: Option<&CudaView<'_, bf16>>,
+        y: &mut CudaViewMut<'_, f32>,
+        ids: &mut CudaViewMut<'_, i32>,
+        scratch: Option<&mut CudaViewMut<'_, f32>>,
+        rows: usize,
+        n: usize,
+        k: usize,
+        fuse: GemvFuse,
+    ) -> Result<()> {
+        const OP: &str = "gemv_bf16_argmax";
+        need(OP, "y", y.len(), rows * n)?;
+        need(OP, "ids", ids.len(), rows)?;
+        if fuse.add_to_y {
+            return Err(shape_err(OP, "add_to_y: the argmax is of the product, not of y + it"));
+        }
+        if n == 0 && rows > 0 {
+            return Err(shape_err(OP, "rows of 0 entries have no argmax"));
+        }
+        let (yp, ip) = (self.wptr(y), self.wptr(ids));
+        self.gemv(Out::F32Argmax(ip), x, w, bias, yp, scratch, rows, n, k, fuse)
     }
 
     /// The MLP's gate/up GEMV with SwiGLU fused as its epilogue: y[b, j] = silu(x[b] ·
@@ -134,6 +174,15 @@ impl CudaDevice {
         self.rptr(&self.split_counters.as_view())
     }
 
+    /// The fused argmax's row keys and arrival counter (the counter one past those the
+    /// split-K launches use).
+    fn argmax_scratch_ptrs(&self) -> (u64, u64) {
+        (
+            self.rptr(&self.argmax_keys.as_view()),
+            self.rptr(&self.split_counters.slice(SPLIT_COUNTERS..)),
+        )
+    }
+
     /// Splits of K the GEMV would use for this shape with `scratch_len` f32 of scratch.
     pub fn gemv_splits(&self, rows: usize, n: usize, k: usize, scratch_len: usize) -> usize {
         let blocks = n.div_ceil(GEMV_ROWS_PER_BLOCK);
@@ -153,7 +202,7 @@ impl CudaDevice {
     #[allow(clippy::too_many_arguments)]
     fn gemv(
         &self,
-        f32_out: bool,
+        out: Out,
         x: &CudaView<'_, bf16>,
         w: &CudaView<'_, bf16>,
         bias: Option<&CudaView<'_, bf16>>,
@@ -181,9 +230,21 @@ impl CudaDevice {
         let bp = bias.map_or(0u64, |b| self.rptr(b));
         let (ni, ki) = (i32_arg(OP, "n", n)?, i32_arg(OP, "k", k)?);
         let (cfg, sp) = self.gemv_grid(scratch, rows, n, k);
-        let name = gemv_name(f32_out, rows);
+        let name = gemv_name(!matches!(out, Out::Bf16), rows);
         let (cp, add) = (self.counters_ptr(), fuse.add_to_y as i32);
-        self.launch("gemv", name, cfg, &[&xp, &wp, &bp, &yp, &sp, &cp, &ni, &ki, &eps, &add])
+        let (ip, (kp, ap)) = match out {
+            Out::F32Argmax(ip) => (ip, self.argmax_scratch_ptrs()),
+            _ => (0, (0, 0)),
+        };
+        match out {
+            Out::Bf16 => self.launch("gemv", name, cfg, &[&xp, &wp, &bp, &yp, &sp, &cp, &ni, &ki, &eps, &add]),
+            Out::F32 | Out::F32Argmax(_) => self.launch(
+                "gemv",
+                name,
+                cfg,
+                &[&xp, &wp, &bp, &yp, &sp, &cp, &ni, &ki, &eps, &add, &ip, &kp, &ap],
+            ),
+        }
     }
 
     /// y = x · wᵀ with cuBLAS (bf16 in and out, f32 accumulation): x [m, k], w [n, k]

@@ -240,6 +240,9 @@ pub struct CudaDevice {
     /// per row tile and KV head), zero between launches: the last split resets its own.
     /// Kernels on the one stream never overlap, so one set serves every launch.
     split_counters: CudaSlice<u32>,
+    /// The LM head GEMV's fused argmax: each row's best key, zero between launches (the
+    /// last block resets them; its arrival counter is the last of `split_counters`).
+    argmax_keys: CudaSlice<u64>,
     /// Launch kernels with programmatic dependent launch ([`Self::set_pdl`]).
     pdl: AtomicBool,
     /// Scratch of the split probabilities kernels, and whether `probabilities` takes them
@@ -309,8 +312,11 @@ impl CudaDevice {
         let blas_lt = cublas_lt_present()
             .and_then(|_| CudaBlasLT::new(stream.clone()).map_err(|e| format!("cuBLASLt handle: {e}")));
         let split_counters = stream
-            .alloc_zeros::<u32>(SPLIT_COUNTERS)
+            .alloc_zeros::<u32>(SPLIT_COUNTERS + 1)
             .map_err(|e| cuda_err("split-K counters", e))?;
+        let argmax_keys = stream
+            .alloc_zeros::<u64>(GEMV_MAX_ROWS)
+            .map_err(|e| cuda_err("argmax keys", e))?;
         let split_scratch = Mutex::new(sampling::SplitScratch::new(&stream)?);
         Ok(CudaDevice {
             ctx,
@@ -322,6 +328,7 @@ impl CudaDevice {
             pdl: AtomicBool::new(pdl_serves(&info) && std::env::var("MASSV_CUDA_PDL").as_deref() == Ok("1")),
             info,
             split_counters,
+            argmax_keys,
             split_scratch,
             split_probabilities: AtomicBool::new(true),
         })
@@ -529,12 +536,14 @@ impl CudaDevice {
         Ok(2.0 * bytes as f64 / (best * 1e-3))
     }
 
-    /// How many split-K arrival counters are not zero now. Between launches every one is
-    /// (each launch's last split resets its own), so anything else means a merge that
-    /// did not run or ran early: a diagnostic for the split-K tests.
+    /// How many split-K arrival counters (and fused argmax keys) are not zero now.
+    /// Between launches every one is (each launch's last split resets its own), so
+    /// anything else means a merge that did not run or ran early: a diagnostic for the
+    /// split-K tests.
     pub fn split_counters_set(&self) -> Result<usize> {
         let counters = self.download(&self.split_counters.as_view())?;
-        Ok(counters.iter().filter(|&&c| c != 0).count())
+        let keys = self.download(&self.argmax_keys.as_view())?;
+        Ok(counters.iter().filter(|&&c| c != 0).count() + keys.iter().filter(|&&k| k != 0).count())
     }
 
     /// Milliseconds `f` takes on the stream (events around it; `f` only queues work).

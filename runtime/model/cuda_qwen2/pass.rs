@@ -231,11 +231,29 @@ impl CudaQwen2 {
                     (s.normed.slice(g0 * d..g1 * d), GemvFuse::NONE)
                 };
                 let mut sv = s.gemv.as_view_mut();
-                dev.gemv_bf16_f32(&x, &w, None, &mut y, Some(&mut sv), g, v, d, fuse)?;
+                // A greedy head's argmax is the GEMV's epilogue (no argmax launch below).
+                let ids = match out {
+                    Head::Argmax(_) => Some(s.argmax.slice_mut(g0..g1)),
+                    Head::Chain {
+                        pick: ChainPick::Argmax,
+                        slot,
+                    } => Some(s.chain.slice_mut(*slot..*slot + 1)),
+                    _ => None,
+                };
+                match ids {
+                    Some(mut ids) => {
+                        dev.gemv_bf16_argmax(&x, &w, None, &mut y, &mut ids, Some(&mut sv), g, v, d, fuse)?
+                    }
+                    None => dev.gemv_bf16_f32(&x, &w, None, &mut y, Some(&mut sv), g, v, d, fuse)?,
+                }
             }
+            let gemm = g > GEMV_MAX_ROWS;
             match out {
                 Head::Logits(o) => o.extend(dev.download(&s.logits.slice(..g * v))?),
-                Head::Argmax(_) => dev.argmax(&s.logits.slice(..g * v), &mut s.argmax.slice_mut(g0..g1), g, v)?,
+                Head::Argmax(_) if gemm => {
+                    dev.argmax(&s.logits.slice(..g * v), &mut s.argmax.slice_mut(g0..g1), g, v)?
+                }
+                Head::Argmax(_) => {}
                 Head::HostProbs { params, out } => {
                     dev.probabilities(&s.logits.slice(..g * v), &mut s.probs.slice_mut(..g * v), g, v, params)?;
                     out.extend(dev.download(&s.probs.slice(..g * v))?);
@@ -263,7 +281,8 @@ impl CudaQwen2 {
                     // Only the last row's logits reach a chain's head (Logits::Last).
                     let mut id = s.chain.slice_mut(*slot..*slot + 1);
                     match pick {
-                        ChainPick::Argmax => dev.argmax(&s.logits.slice(..v), &mut id, 1, v)?,
+                        ChainPick::Argmax if gemm => dev.argmax(&s.logits.slice(..v), &mut id, 1, v)?,
+                        ChainPick::Argmax => {}
                         ChainPick::Sample { params, q, uniforms } => {
                             let row = *slot * v..(*slot + 1) * v;
                             let u = uniforms.slice(*slot..*slot + 1);
