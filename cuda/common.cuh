@@ -218,3 +218,25 @@ __device__ __forceinline__ void rope_sincos(float pos, float inv_freq, float* s,
     *s = (float)sd;
     *c = (float)cd;
 }
+
+// The two halves of pair (x1, x2) rotated by the angle whose cosine and sine are c, s:
+// x1 c - x2 s and x2 c + x1 s, in bf16. Each product and sum is rounded on its own, never
+// contracted into an FMA, as the CPU twin rounds them: the kernels that rotate (rope.cu,
+// gemv.cu's gemv_rope_kv_append) agree bit for bit whatever nvcc fuses.
+__device__ __forceinline__ bf16 rope_first(float x1, float x2, float c, float s) {
+    return to_bf16(__fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
+}
+__device__ __forceinline__ bf16 rope_second(float x1, float x2, float c, float s) {
+    return to_bf16(__fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
+}
+
+// The pair angle of rotary pair i (of head_dim / 2) of token t under M-RoPE: the position
+// from axis 0 (temporal) for i < s0, axis 1 (height) for s0 <= i < s0 + s1, axis 2
+// (width) after; positions: [3, tokens] row-major (plain RoPE: s0 = head_dim / 2, every
+// pair on axis 0, so positions may be just [tokens]).
+__device__ __forceinline__ void mrope_sincos(const int32_t* __restrict__ positions, int tokens, int t, int i,
+                                             int head_dim, float theta, int s0, int s1, float* s, float* c) {
+    const int axis = (i >= s0) + (i >= s0 + s1);
+    const float pos = (float)positions[(size_t)axis * tokens + t];
+    rope_sincos(pos, rope_inv_freq_at(i, head_dim, theta), s, c);
+}

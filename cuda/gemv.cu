@@ -189,10 +189,11 @@ __device__ __forceinline__ const uint4* weight_row(const bf16* w, bool swiglu, i
     return w4 + ((size_t)(r / SWIGLU_COLS) * N + j) * K8;
 }
 
-// Before pdl_wait: L2 prefetches of the weights this lane loads first (its warp's rows
-// over this block's K range), which no kernel writes, so that under programmatic
-// dependent launch the stream starts while the kernel before still runs. Then the wait.
-__device__ __forceinline__ void prefetch_then_wait(const bf16* w, bool swiglu, int n0, int N, int K8) {
+// Before pdl_wait: L2 prefetches of the weights this lane loads first (rows wrow of its
+// warp over this block's K range; none where !live), which no kernel writes, so that
+// under programmatic dependent launch the stream starts while the kernel before still
+// runs. Then the wait.
+__device__ __forceinline__ void prefetch_rows_then_wait(const uint4* const wrow[GEMV_ROWS], bool live, int K8) {
     const int lane = threadIdx.x & 31;
     const int k8 = blockIdx.y * ceil_div(K8, gridDim.y) + lane;
     const int k8_end = min(K8, k8 - lane + ceil_div(K8, gridDim.y));
@@ -200,8 +201,22 @@ __device__ __forceinline__ void prefetch_then_wait(const bf16* w, bool swiglu, i
     for (int u = 0; u < GEMV_UNROLL; ++u)
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; ++r)
-            if (n0 < N && k8 + 32 * u < k8_end) prefetch_l2(weight_row(w, swiglu, n0, r, N, K8) + k8 + 32 * u);
+            if (live && k8 + 32 * u < k8_end) prefetch_l2(wrow[r] + k8 + 32 * u);
     pdl_wait();
+}
+
+// prefetch_rows_then_wait for the warp's rows of gemv_bf16 / gemv_swiglu (weight_row).
+__device__ __forceinline__ void prefetch_then_wait(const bf16* w, bool swiglu, int n0, int N, int K8) {
+    const uint4* wrow[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r) wrow[r] = weight_row(w, swiglu, n0, r, N, K8);
+    prefetch_rows_then_wait(wrow, n0 < N, K8);
+}
+
+// An output's value from its dot product: acc · scale + bias[n] in one rounding (one
+// expression for every GEMV, so the fused epilogues give the plain GEMV's bits).
+__device__ __forceinline__ float gemv_result(float acc, float scale, const bf16* __restrict__ bias, int n) {
+    return __fmaf_rn(acc, scale, bias ? to_f32(bias[n]) : 0.0f);
 }
 
 // The LM head's argmax fused into gemv_bf16_f32 (CPU twin: reference::gemv_bf16_argmax,
@@ -276,7 +291,7 @@ __device__ __forceinline__ void gemv_warp(const bf16* __restrict__ x, const bf16
         for (int b = 0; b < B; ++b) {
             if (lane == ((r * B + b) & 31) && n < N) {
                 if (gridDim.y == 1) {
-                    const float v = acc[r][b] * scale_of(row_scale, b) + (bias ? to_f32(bias[n]) : 0.0f);
+                    const float v = gemv_result(acc[r][b], scale_of(row_scale, b), bias, n);
                     store_out(y, (size_t)b * N + n, v, add);
                     if (keys) kb[b] = max(kb[b], argmax_key(v, n));
                 } else {
@@ -313,7 +328,7 @@ __device__ __forceinline__ void gemv_body(const bf16* __restrict__ x, const bf16
             const int b = i / cols, n = c0 + i % cols;
             float s = 0.0f;
             for (int k = 0; k < (int)gridDim.y; ++k) s += __ldcg(partial + ((size_t)k * B + b) * N + n);
-            const float v = s * scale_of(row_scale, b) + (bias ? to_f32(bias[n]) : 0.0f);
+            const float v = gemv_result(s, scale_of(row_scale, b), bias, n);
             store_out(y, (size_t)b * N + n, v, add);
 #pragma unroll
             for (int bb = 0; bb < B; ++bb)  // kb indexed by constants: it stays in registers
@@ -348,6 +363,159 @@ GEMV_ENTRY(5)
 GEMV_ENTRY(6)
 GEMV_ENTRY(7)
 GEMV_ENTRY(8)
+
+// ---------------------------------------------------------------------------------
+// The QKV projection with RoPE and the cache write as its epilogue (a decode or verify
+// block): q_out = rope(q), k_cache[len + t] = rope(k), v_cache[len + t] = v straight from
+// the GEMV's registers, the bits of gemv_bf16 (a bf16 qkv row) then rope.cu's
+// rope_kv_append, in one launch rather than two. CPU twin: reference::gemv_rope_kv_append.
+// RoPE pairs entries head_dim / 2 apart, which the plain GEMV's column order puts in
+// different blocks, so a warp's GEMV_ROWS weight rows are two whole pairs instead: warp
+// unit u (unit columns 4u..4u + 3) inside a q or k head takes rows 2j, 2j + 1, 2j + half,
+// 2j + 1 + half of the head (j: u's place in it, half = head_dim / 2), and inside the v
+// heads 4 consecutive rows (rope_unit_row). Every lane has the warp's sums, so a lane
+// rotates an entry with its partner's (unit column c ^ 2) at hand. Split over K the
+// partial sums go to partial[split, b, c] and the last split finishes the block's units
+// (whole: a block is 4 units). w, bias: the stacked QKV projection [(hq + 2 hkv)
+// head_dim, K] (bias may be null); head_dim % 4 == 0. positions, s0, s1, len, len_at:
+// as rope_kv_append's, for the B tokens.
+struct RopeKvArgs {
+    const int32_t* positions;
+    int head_dim;
+    int rotated;  // (hq + hkv) * head_dim: the q and k columns
+    int q_row;    // hq * head_dim
+    int kv_row;   // hkv * head_dim
+    float theta;
+    int s0, s1;
+    bf16* q_out;
+    bf16* k_cache;
+    bf16* v_cache;
+    int len;
+};
+
+// The qkv column (weight row) of unit column c.
+__device__ __forceinline__ int rope_unit_row(int c, int head_dim, int rotated) {
+    const int u0 = c & ~3, r = c & 3;
+    if (u0 >= rotated) return c;
+    const int h = u0 / head_dim, j = (u0 % head_dim) / 4;
+    return h * head_dim + 2 * j + (r & 1) + (r >> 1) * (head_dim / 2);
+}
+
+// The warp's weight rows (units past N clamped to the last: nothing is read there).
+__device__ __forceinline__ void rope_weight_rows(const bf16* w, int n0, int N, int K8, int head_dim, int rotated,
+                                                 const uint4* wrow[GEMV_ROWS]) {
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r) {
+        const int row = rope_unit_row(min(n0, N - GEMV_ROWS) + r, head_dim, rotated);
+        wrow[r] = reinterpret_cast<const uint4*>(w) + (size_t)row * K8;
+    }
+}
+
+// prefetch_rows_then_wait for the warp's rows of gemv_rope_kv_append.
+__device__ __forceinline__ void rope_prefetch_then_wait(const bf16* w, int n0, int N, int K8, int head_dim,
+                                                        int rotated) {
+    const uint4* wrow[GEMV_ROWS];
+    rope_weight_rows(w, n0, N, K8, head_dim, rotated, wrow);
+    prefetch_rows_then_wait(wrow, n0 < N, K8);
+}
+
+// Unit column c of token b, given its value v and, in a q or k head, its partner's vp
+// (unit column c ^ 2): rounded to bf16 as the qkv row holds it, rotated, stored.
+template <int B>
+__device__ __forceinline__ void rope_kv_store(const RopeKvArgs& a, int c, int b, float v, float vp) {
+    const int col = rope_unit_row(c, a.head_dim, a.rotated);
+    if (col >= a.rotated) {
+        a.v_cache[(size_t)(a.len + b) * a.kv_row + col - a.rotated] = to_bf16(v);
+        return;
+    }
+    const int half = a.head_dim / 2, in_head = col % a.head_dim;
+    float sn, cs;
+    mrope_sincos(a.positions, B, b, in_head % half, a.head_dim, a.theta, a.s0, a.s1, &sn, &cs);
+    const float x = to_f32(to_bf16(v)), xp = to_f32(to_bf16(vp));
+    const bf16 y = in_head < half ? rope_first(x, xp, cs, sn) : rope_second(xp, x, cs, sn);
+    if (col < a.q_row) a.q_out[(size_t)b * a.q_row + col] = y;
+    else a.k_cache[(size_t)(a.len + b) * a.kv_row + col - a.q_row] = y;
+}
+
+template <int B>
+__device__ __forceinline__ void gemv_rope_kv_body(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                                  const bf16* __restrict__ bias, float* __restrict__ partial,
+                                                  unsigned* __restrict__ counters, int N, int K, float rms_eps,
+                                                  RopeKvArgs a, const int32_t* __restrict__ len_at) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, K8 = K / 8;
+    const int n0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
+    rope_prefetch_then_wait(w, n0, N, K8, a.head_dim, a.rotated);
+    if (len_at) a.len = *len_at;  // read at run time: a CUDA graph's launch serves every length
+    const uint4* wrow[GEMV_ROWS];
+    rope_weight_rows(w, n0, N, K8, a.head_dim, a.rotated, wrow);
+    __shared__ float scales[GEMV_MAX_B];
+    const float* row_scale = rms_row_scales<B>(x, K, rms_eps, scales);
+    // Each thread finishes at most one output (unit column c of token b): its sum and its
+    // partner's. One call of rope_kv_store in the kernel, outside any loop: its sincos
+    // and pow inlined once, and the K loop keeps its registers.
+    int c = -1, b = 0;
+    float sum = 0.0f, partner = 0.0f;
+    if (n0 < N) {
+        float acc[GEMV_ROWS][B];
+        gemv_accumulate<B>(reinterpret_cast<const uint4*>(x), wrow, K8, acc);
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; ++r) {
+#pragma unroll
+            for (int bb = 0; bb < B; ++bb) {
+                if (gridDim.y == 1) {
+                    if (lane == r * B + bb) {  // every lane has the warp's sums
+                        c = n0 + r;
+                        b = bb;
+                        sum = acc[r][bb];
+                        partner = acc[r ^ 2][bb];
+                    }
+                } else if (lane == ((r * B + bb) & 31)) {
+                    partial[((size_t)blockIdx.y * B + bb) * N + n0 + r] = acc[r][bb];
+                }
+            }
+        }
+    }
+    if (gridDim.y > 1) {
+        if (!last_split_arrived(counters, blockIdx.x, gridDim.y)) return;
+        // B * cols <= blockDim.x: a thread an output.
+        const int c0 = blockIdx.x * GEMV_WARPS * GEMV_ROWS, cols = min(GEMV_WARPS * GEMV_ROWS, N - c0);
+        if ((int)threadIdx.x < B * cols) {
+            b = threadIdx.x / cols;
+            c = c0 + threadIdx.x % cols;
+            for (int k = 0; k < (int)gridDim.y; ++k) {
+                const float* p = partial + ((size_t)k * B + b) * N;
+                sum += __ldcg(p + c);
+                partner += __ldcg(p + (c ^ 2));
+            }
+        }
+    }
+    if (c < 0) return;
+    const float sc = scale_of(row_scale, b);
+    rope_kv_store<B>(a, c, b, gemv_result(sum, sc, bias, rope_unit_row(c, a.head_dim, a.rotated)),
+                     gemv_result(partner, sc, bias, rope_unit_row(c ^ 2, a.head_dim, a.rotated)));
+}
+
+#define GEMV_ROPE_KV_ENTRY(B)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_rope_kv_append_b##B(                          \
+        const bf16* __restrict__ x, const bf16* __restrict__ w, const bf16* __restrict__ bias,                        \
+        float* __restrict__ partial, unsigned* __restrict__ counters, int N, int K, float rms_eps,                    \
+        const int32_t* __restrict__ positions, int hq, int hkv, int head_dim, float theta, int s0, int s1,           \
+        bf16* __restrict__ q_out, bf16* __restrict__ k_cache, bf16* __restrict__ v_cache, int len,                   \
+        const int32_t* __restrict__ len_at) {                                                                         \
+        gemv_rope_kv_body<B>(x, w, bias, partial, counters, N, K, rms_eps,                                             \
+                             RopeKvArgs{positions, head_dim, (hq + hkv) * head_dim, hq * head_dim, hkv * head_dim,     \
+                                        theta, s0, s1, q_out, k_cache, v_cache, len},                                  \
+                             len_at);                                                                                  \
+    }
+
+GEMV_ROPE_KV_ENTRY(1)
+GEMV_ROPE_KV_ENTRY(2)
+GEMV_ROPE_KV_ENTRY(3)
+GEMV_ROPE_KV_ENTRY(4)
+GEMV_ROPE_KV_ENTRY(5)
+GEMV_ROPE_KV_ENTRY(6)
+GEMV_ROPE_KV_ENTRY(7)
+GEMV_ROPE_KV_ENTRY(8)
 
 // The MLP's gate/up projection with SwiGLU as its epilogue: y[b, j] = silu(g) * u with
 // g = x[b] . w[j], u = x[b] . w[inter + j] (w: [2 * inter, K], gate rows first, the

@@ -9,12 +9,10 @@
 
 #define MAX_PAIRS 256
 
-// Pair (x1, x2) rotated by the angle whose cosine and sine are c, s into y[0], y[half].
-// Each product and sum is rounded on its own, never contracted into an FMA, as the CPU
-// twin rounds them: the kernels that rotate agree bit for bit whatever nvcc fuses.
+// Pair (x1, x2) rotated (rope_first / rope_second) into y[0], y[half].
 __device__ __forceinline__ void rotate_pair(float x1, float x2, float c, float s, bf16* y, int half) {
-    y[0] = to_bf16(__fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)));
-    y[half] = to_bf16(__fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
+    y[0] = rope_first(x1, x2, c, s);
+    y[half] = rope_second(x1, x2, c, s);
 }
 
 // Rotates the heads of one token with the pair angles in sn/cs.
@@ -42,16 +40,12 @@ extern "C" __global__ void rope(bf16* __restrict__ x, const int32_t* __restrict_
     rotate_heads(x + (size_t)blockIdx.x * heads * head_dim, sn, cs, heads, head_dim);
 }
 
-// The pair angles of token t under M-RoPE (the block's threads share the pairs; the
-// caller syncs): pair i takes its position from axis 0 (temporal) for i < s0, axis 1
-// (height) for s0 <= i < s0 + s1, axis 2 (width) after. positions: [3, tokens] row-major.
+// The pair angles of token t under M-RoPE (mrope_sincos) into sn / cs (the block's
+// threads share the pairs; the caller syncs). positions: [3, tokens] row-major.
 __device__ __forceinline__ void mrope_angles(const int32_t* __restrict__ positions, int tokens, int t, int head_dim,
                                              float theta, int s0, int s1, float* sn, float* cs) {
-    for (int i = threadIdx.x; i < head_dim / 2; i += blockDim.x) {
-        const int axis = (i >= s0) + (i >= s0 + s1);
-        const float pos = (float)positions[(size_t)axis * tokens + t];
-        rope_sincos(pos, rope_inv_freq_at(i, head_dim, theta), &sn[i], &cs[i]);
-    }
+    for (int i = threadIdx.x; i < head_dim / 2; i += blockDim.x)
+        mrope_sincos(positions, tokens, t, i, head_dim, theta, s0, s1, &sn[i], &cs[i]);
 }
 
 // Multimodal RoPE (mrope_angles) in place on x: [tokens, heads, head_dim].

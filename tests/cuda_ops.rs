@@ -899,6 +899,241 @@ fn gemv_bf16_argmax_is_the_argmax_of_y() {
     assert!(msg.contains("no argmax"), "{msg}");
 }
 
+/// The QKV GEMV with RoPE and the cache write as its epilogue (gemv_rope_kv_append)
+/// writes the very bits of gemv_bf16 (a bf16 qkv row) then rope_kv_append: q, and the
+/// whole caches (rows before and after the block kept), for every row count, split over
+/// K and not, plain RoPE and M-RoPE, head dims 4 to 128, with the start on the device too.
+/// Against the twin within bf16's rounding of the qkv entries and of the rotation.
+#[test]
+fn gemv_rope_kv_append_is_the_gemv_then_rope_kv_append() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(83);
+    let mut scratch = dev.alloc_zeros::<f32>(64 * 8 * 4608).unwrap();
+    // (rows, hq, hkv, head_dim, k, cache len before, M-RoPE section)
+    let cases = [
+        (1, 14, 2, 64, 896, 37, None),
+        (6, 28, 4, 128, 256, 100, Some([16, 24, 24])),
+        (2, 2, 2, 4, 16, 1, None),
+        (3, 3, 1, 8, 64, 5, Some([1, 2, 1])),
+        (4, 4, 2, 64, 128, 0, None),
+        (5, 1, 1, 32, 2048, 9, Some([4, 6, 6])),
+        (7, 6, 2, 16, 32, 3, None),
+        (8, 4, 2, 64, 128, 20, Some([8, 12, 12])),
+    ];
+    let mut split_seen = false;
+    for (n, hq, hkv, hd, k, len, section) in cases {
+        let (qr, kvr, cap) = (hq * hd, hkv * hd, len + n + 2);
+        let width = qr + 2 * kvr;
+        let (wb, w) = rand_bf16(&mut rng, width * k, 1.0);
+        let (bb, bias) = rand_bf16(&mut rng, width, 1.0);
+        let (xb, x) = rand_bf16(&mut rng, n * k, 2.0);
+        let (kc_b, k_cache) = rand_bf16(&mut rng, cap * kvr, 1.0);
+        let (vc_b, v_cache) = rand_bf16(&mut rng, cap * kvr, 1.0);
+        let axes = if section.is_some() { 3 } else { 1 };
+        let pos: Vec<i32> = (0..axes * n).map(|_| (rng.uniform() * 9000.0) as i32).collect();
+        let (theta, eps) = (1e6, Some(1e-6));
+        let shape = AttnShape {
+            n,
+            start: len,
+            q_heads: hq,
+            kv_heads: hkv,
+            head_dim: hd,
+        };
+        let (dx, dw, db, dp) = (
+            dev.upload(&xb).unwrap(),
+            dev.upload(&wb).unwrap(),
+            dev.upload(&bb).unwrap(),
+            dev.upload(&pos).unwrap(),
+        );
+        let splits = dev.gemv_splits(n, width, k, scratch.len());
+        split_seen |= splits > 1;
+        for split in [false, true] {
+            let what = format!(
+                "gemv_rope_kv_append n{n} hq{hq} hkv{hkv} d{hd} k{k} len{len} {section:?} splits={}",
+                [1, splits][split as usize]
+            );
+            // The two kernels it replaces.
+            let mut qkv = dev.alloc_zeros::<bf16>(n * width).unwrap();
+            let mut sv = scratch.as_view_mut();
+            dev.gemv_bf16(
+                &dx.as_view(),
+                &dw.as_view(),
+                Some(&db.as_view()),
+                &mut qkv.as_view_mut(),
+                split.then_some(&mut sv),
+                n,
+                width,
+                k,
+                GemvFuse {
+                    rms_eps: eps,
+                    add_to_y: false,
+                },
+            )
+            .unwrap();
+            let mut q0 = dev.alloc_zeros::<bf16>(n * qr).unwrap();
+            let (mut k0, mut v0) = (dev.upload(&kc_b).unwrap(), dev.upload(&vc_b).unwrap());
+            dev.rope_kv_append(
+                &qkv.as_view(),
+                &dp.as_view(),
+                &mut q0.as_view_mut(),
+                &mut k0.as_view_mut(),
+                &mut v0.as_view_mut(),
+                shape,
+                theta,
+                section,
+                None,
+            )
+            .unwrap();
+            let want = [
+                down_bf16(&dev, &q0, n * qr),
+                down_bf16(&dev, &k0, cap * kvr),
+                down_bf16(&dev, &v0, cap * kvr),
+            ];
+            // Fused, the start given and read on the device.
+            let at = dev.upload(&[len as i32]).unwrap();
+            let at = at.as_view();
+            for on_device in [false, true] {
+                let mut dq = dev.alloc_zeros::<bf16>(n * qr).unwrap();
+                let (mut dk, mut dv) = (dev.upload(&kc_b).unwrap(), dev.upload(&vc_b).unwrap());
+                let len_at = on_device.then_some(DeviceLen { at: &at, capacity: cap });
+                let s = if on_device {
+                    AttnShape { start: cap, ..shape }
+                } else {
+                    shape
+                };
+                let mut sv = scratch.as_view_mut();
+                dev.gemv_rope_kv_append(
+                    &dx.as_view(),
+                    &dw.as_view(),
+                    Some(&db.as_view()),
+                    split.then_some(&mut sv),
+                    &dp.as_view(),
+                    &mut dq.as_view_mut(),
+                    &mut dk.as_view_mut(),
+                    &mut dv.as_view_mut(),
+                    s,
+                    k,
+                    eps,
+                    theta,
+                    section,
+                    len_at,
+                )
+                .unwrap();
+                let got = [
+                    down_bf16(&dev, &dq, n * qr),
+                    down_bf16(&dev, &dk, cap * kvr),
+                    down_bf16(&dev, &dv, cap * kvr),
+                ];
+                for (part, (g, w_)) in ["q", "k cache", "v cache"].iter().zip(got.iter().zip(&want)) {
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(g), bits(w_), "{what} (start on the device: {on_device}): {part}");
+                }
+                assert_eq!(dev.split_counters_set().unwrap(), 0, "{what}: counters left set");
+            }
+            // The twin: within the rounding of the qkv entries (which may round the other
+            // way from the twin's f32 sums) and of the rotation.
+            let mut tq = vec![0.0; n * qr];
+            let (mut tk, mut tv) = (k_cache.clone(), v_cache.clone());
+            r::gemv_rope_kv_append(
+                &x,
+                &w,
+                Some(&bias),
+                k,
+                eps,
+                &pos,
+                section,
+                &mut tq,
+                &mut tk,
+                &mut tv,
+                len,
+                (hq, hkv, hd),
+                theta,
+            );
+            let mut qkv_ref = vec![0.0; n * width];
+            r::gemv_bf16(
+                &x,
+                &w,
+                Some(&bias),
+                &mut qkv_ref,
+                k,
+                GemvFuse {
+                    rms_eps: eps,
+                    add_to_y: false,
+                },
+            );
+            let half = hd / 2;
+            let pair_mag = |t: usize, col: usize| {
+                let (h0, i) = (col - col % hd, col % half);
+                qkv_ref[t * width + h0 + i].abs() + qkv_ref[t * width + h0 + i + half].abs()
+            };
+            let tol = 2.0f32.powi(-7);
+            for t in 0..n {
+                for c in 0..qr {
+                    let (g, w_) = (want[0][t * qr + c], tq[t * qr + c]);
+                    assert!(
+                        (g - w_).abs() <= tol * (pair_mag(t, c) + w_.abs()) + 1e-6,
+                        "{what}: twin q[{t}, {c}] {g} vs {w_}"
+                    );
+                }
+                for c in 0..kvr {
+                    let i = (len + t) * kvr + c;
+                    let (g, w_) = (want[1][i], tk[i]);
+                    assert!(
+                        (g - w_).abs() <= tol * (pair_mag(t, qr + c) + w_.abs()) + 1e-6,
+                        "{what}: twin k[{t}, {c}] {g} vs {w_}"
+                    );
+                    let (g, w_) = (want[2][i], tv[i]);
+                    assert!(
+                        (g - w_).abs() <= tol * w_.abs() + 1e-6,
+                        "{what}: twin v[{t}, {c}] {g} vs {w_}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(split_seen, "the cases exercise split-K");
+    // Refused: a head dim not a multiple of 4, more rows than a GEMV takes.
+    let dx = dev.alloc_zeros::<bf16>(9 * 8).unwrap();
+    let dw = dev.alloc_zeros::<bf16>(4 * 6 * 8).unwrap();
+    let dp = dev.alloc_zeros::<i32>(9).unwrap();
+    let mut dq = dev.alloc_zeros::<bf16>(9 * 24).unwrap();
+    let (mut dk, mut dv) = (
+        dev.alloc_zeros::<bf16>(9 * 24).unwrap(),
+        dev.alloc_zeros::<bf16>(9 * 24).unwrap(),
+    );
+    let mut e = |n: usize, hd: usize| {
+        let s = AttnShape {
+            n,
+            start: 0,
+            q_heads: 2,
+            kv_heads: 1,
+            head_dim: hd,
+        };
+        dev.gemv_rope_kv_append(
+            &dx.slice(..n * 8),
+            &dw.slice(..4 * hd * 8),
+            None,
+            None,
+            &dp.slice(..n),
+            &mut dq.slice_mut(..n * 2 * hd),
+            &mut dk.slice_mut(..n * hd),
+            &mut dv.slice_mut(..n * hd),
+            s,
+            8,
+            None,
+            1e4,
+            None,
+            None,
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    let msg = e(1, 6);
+    assert!(msg.contains("head_dim 6 is not a multiple of 4"), "{msg}");
+    let msg = e(9, 4);
+    assert!(msg.contains("9 rows"), "{msg}");
+}
+
 #[test]
 fn gemv_swiglu_all_row_counts() {
     let dev = dev_or_skip!();
@@ -3403,6 +3638,7 @@ impl Bench {
         model: &str,
         layers: usize,
         hidden: usize,
+        head_dim: usize,
         q_dim: usize,
         kv_dim: usize,
         inter: usize,
@@ -3515,6 +3751,76 @@ impl Bench {
                 &format!("{tag} head {vocab}x{hidden} with its argmax (gemv_bf16_argmax)"),
                 ms,
                 head_bytes,
+            );
+            // A layer's QKV projection and RoPE + cache write: two launches, or one (the
+            // runtime's: gemv_rope_kv_append), after 300 cached tokens.
+            let shape = AttnShape {
+                n: rows,
+                start: 300,
+                q_heads: q_dim / head_dim,
+                kv_heads: kv_dim / head_dim,
+                head_dim,
+            };
+            let positions = self.dev.upload(&(300..300 + rows as i32).collect::<Vec<_>>()).unwrap();
+            let mut q = self.dev.alloc_zeros::<bf16>(rows * q_dim).unwrap();
+            let mut kc = self.dev.alloc_zeros::<bf16>(310 * kv_dim).unwrap();
+            let mut vc = self.dev.alloc_zeros::<bf16>(310 * kv_dim).unwrap();
+            let qkv_width = q_dim + 2 * kv_dim;
+            let (eps, theta) = (1e-6, 1e6);
+            let ms = self.time(3, || {
+                for w in &weights {
+                    self.dev.gemv_bf16(
+                        &x.as_view(),
+                        &w[0].as_view(),
+                        Some(&bias.as_view()),
+                        &mut y.as_view_mut(),
+                        Some(&mut scratch.as_view_mut()),
+                        rows,
+                        qkv_width,
+                        hidden,
+                        GemvFuse::rms(eps),
+                    )?;
+                    self.dev.rope_kv_append(
+                        &y.slice(..rows * qkv_width),
+                        &positions.as_view(),
+                        &mut q.as_view_mut(),
+                        &mut kc.as_view_mut(),
+                        &mut vc.as_view_mut(),
+                        shape,
+                        theta,
+                        None,
+                        None,
+                    )?;
+                }
+                Ok(())
+            });
+            let qkv_bytes = (layers * qkv_width * hidden * 2) as f64;
+            self.row(&format!("{tag} qkv, then rope_kv_append ×{layers}"), ms, qkv_bytes);
+            let ms = self.time(3, || {
+                for w in &weights {
+                    self.dev.gemv_rope_kv_append(
+                        &x.as_view(),
+                        &w[0].as_view(),
+                        Some(&bias.as_view()),
+                        Some(&mut scratch.as_view_mut()),
+                        &positions.as_view(),
+                        &mut q.as_view_mut(),
+                        &mut kc.as_view_mut(),
+                        &mut vc.as_view_mut(),
+                        shape,
+                        hidden,
+                        Some(eps),
+                        theta,
+                        None,
+                        None,
+                    )?;
+                }
+                Ok(())
+            });
+            self.row(
+                &format!("{tag} qkv with rope_kv_append (gemv_rope_kv_append) ×{layers}"),
+                ms,
+                qkv_bytes,
             );
             // The runtime's fusions: QKV and gate_up scale their input rows (the folded
             // RMSNorms), o and down add into the residual stream.
@@ -3677,8 +3983,8 @@ fn bench_kernels() {
     println!("{:<52} {:>10} {:>10} {:>7}", "kernel", "ms", "floor ms", "ratio");
 
     // Qwen2.5-VL-7B target: decode (1 row) and verify (γ + 1 = 6 rows); 0.5B drafter.
-    bench.model_step("7B", 28, 3584, 28 * 128, 4 * 128, 18944, 152_064, &[1, 6]);
-    bench.model_step("0.5B", 24, 896, 14 * 64, 2 * 64, 4864, 151_936, &[1]);
+    bench.model_step("7B", 28, 3584, 128, 28 * 128, 4 * 128, 18944, 152_064, &[1, 6]);
+    bench.model_step("0.5B", 24, 896, 64, 14 * 64, 2 * 64, 4864, 151_936, &[1]);
     bench.attention("7B", 28, 4, 128);
     bench.attention("0.5B", 14, 2, 64);
 

@@ -418,8 +418,22 @@ fn no_kernel_touches_global_memory_before_its_wait() {
 /// Loops that may touch local memory, with how many such instructions they hold: the
 /// RoPE kernels' double-precision `sincos` (common.cuh's rope_sincos) reduces a large
 /// argument by a loop over the bits of 2/π whose partial products go to a local array.
-/// Only large angles take that path.
-const LOCAL_MEMORY_LOOPS: &[(&str, usize)] = &[("rope", 1), ("mrope", 1), ("rope_vision", 1), ("rope_kv_append", 1)];
+/// Only large angles take that path. (The QKV GEMVs that rotate, gemv_rope_kv_append_b*,
+/// call it once a thread after their K loop.)
+const LOCAL_MEMORY_LOOPS: &[(&str, usize)] = &[
+    ("rope", 1),
+    ("mrope", 1),
+    ("rope_vision", 1),
+    ("rope_kv_append", 1),
+    ("gemv_rope_kv_append_b1", 1),
+    ("gemv_rope_kv_append_b2", 1),
+    ("gemv_rope_kv_append_b3", 1),
+    ("gemv_rope_kv_append_b4", 1),
+    ("gemv_rope_kv_append_b5", 1),
+    ("gemv_rope_kv_append_b6", 1),
+    ("gemv_rope_kv_append_b7", 1),
+    ("gemv_rope_kv_append_b8", 1),
+];
 
 /// A spilled register inside a loop is stored and loaded back every iteration; ptxas's
 /// spill counts (tests/kernels_built.rs) cannot say where a spill is. Outside loops a
@@ -507,7 +521,7 @@ const GEMV_LOADS_PER_STEP: usize = 8;
 fn gemv_loops_pay_one_memory_latency_a_step() {
     let Some(sass) = sass_or_skip() else { return };
     let gemvs: Vec<&Function> = sass.iter().filter(|f| f.module == "gemv").collect();
-    assert!(gemvs.len() >= 24 * sass_archs().len(), "{} gemv kernels", gemvs.len());
+    assert!(gemvs.len() >= 32 * sass_archs().len(), "{} gemv kernels", gemvs.len());
     let mut failures = Vec::new();
     for f in gemvs {
         let Some(body) = f

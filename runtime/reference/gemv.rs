@@ -1,6 +1,6 @@
 //! Twin of cuda/gemv.cu.
 
-use super::{linear, rms_scale, swiglu};
+use super::{linear, rms_scale, rope_kv_append, swiglu};
 
 /// What a GEMV fuses around its dot products (cuda/gemv.cu's `rms_eps` and `add_to_y`),
 /// sparing a decoder layer the RMSNorm launches between its sublayers.
@@ -70,6 +70,38 @@ pub fn gemv_bf16_argmax(
         return vec![0; x.len() / k];
     }
     y.chunks_exact(n).map(super::argmax).collect()
+}
+
+/// The QKV projection with RoPE and the cache write fused (`gemv_rope_kv_append` in
+/// cuda/gemv.cu): qkv = [`gemv_bf16`] of x's rows (RMS-scaled under `rms_eps`) by the
+/// stacked projection w ([(hq + 2·hkv) · head_dim, k], + bias), rounded to bf16 as the
+/// device's qkv rows hold it, then [`rope_kv_append`] of it (its arguments after qkv).
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_rope_kv_append(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    k: usize,
+    rms_eps: Option<f32>,
+    positions: &[i32],
+    section: Option<[usize; 3]>,
+    q_out: &mut [f32],
+    k_cache: &mut [f32],
+    v_cache: &mut [f32],
+    len: usize,
+    heads: (usize, usize, usize),
+    theta: f32,
+) {
+    let mut qkv = vec![0.0; x.len() / k * (w.len() / k)];
+    let fuse = GemvFuse {
+        rms_eps,
+        add_to_y: false,
+    };
+    gemv_bf16(x, w, bias, &mut qkv, k, fuse);
+    for v in &mut qkv {
+        *v = half::bf16::from_f32(*v).to_f32();
+    }
+    rope_kv_append(&qkv, positions, section, q_out, k_cache, v_cache, len, heads, theta);
 }
 
 /// y[b, j] = silu(g) · u with g = (x[b] · w[j]) · s_b, u = (x[b] · w[inter + j]) · s_b: the

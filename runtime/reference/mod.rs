@@ -20,7 +20,7 @@ pub use attention_ops::{attention_decode, attention_prefill, attention_verify};
 pub use convert::{bf16_to_f32, f32_to_bf16};
 pub use embedding::{embedding, scatter_rows};
 pub use gelu::gelu;
-pub use gemv::{gemv_bf16, gemv_bf16_argmax, gemv_swiglu, rms_row_scales, GemvFuse};
+pub use gemv::{gemv_bf16, gemv_bf16_argmax, gemv_rope_kv_append, gemv_swiglu, rms_row_scales, GemvFuse};
 pub use kv_cache::{kv_append, kv_compact};
 pub use projector::{bias_add, bias_gelu, projector_norm_gather};
 pub use rmsnorm::{rms_scale, rmsnorm, rmsnorm_residual};

@@ -190,6 +190,7 @@ static inline void __threadfence() {}
 static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 #define __expf expf
 static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
 static inline float __fadd_rn(float a, float b) { return a + b; }
 static inline float __fsub_rn(float a, float b) { return a - b; }
 static inline double __dadd_rn(double a, double b) { return a + b; }

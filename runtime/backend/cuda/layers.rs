@@ -178,54 +178,83 @@ impl CudaDevice {
     ) -> Result<()> {
         const OP: &str = "rope_kv_append";
         let (n, hd) = (s.n, s.head_dim);
-        let row = s.kv_heads * hd;
         rope_checks(OP, qkv.len(), n, s.q_heads + 2 * s.kv_heads, hd)?;
-        let axes = if section.is_some() { 3 } else { 1 };
-        need(OP, "positions", positions.len(), axes * n)?;
-        need(OP, "q_out", q_out.len(), n * s.q_heads * hd)?;
-        // Rows written: start.. (start read on the device with len_at, below capacity).
-        let end = match len_at {
-            Some(l) => {
-                need(OP, "len", l.at.len(), 1)?;
-                l.capacity
-            }
-            None => s.start + n,
-        };
-        need(OP, "k_cache", k_cache.len(), end * row)?;
-        need(OP, "v_cache", v_cache.len(), end * row)?;
-        let (s0, s1) = match section {
-            Some(sec) if sec.iter().sum::<usize>() != hd / 2 => {
-                return Err(shape_err(OP, format!("section {sec:?} does not sum to head_dim / 2")));
-            }
-            Some(sec) => (sec[0], sec[1]),
-            None => (hd / 2, 0),
-        };
+        let a = self.rope_kv_dest(OP, positions, q_out, k_cache, v_cache, s, section, len_at)?;
         if n == 0 {
             return Ok(());
         }
-        let (xp, pp) = (self.rptr(qkv), self.rptr(positions));
-        let (qp, kp, vp) = (self.wptr(q_out), self.wptr(k_cache), self.wptr(v_cache));
+        let xp = self.rptr(qkv);
         self.launch(
             "rope",
             OP,
             rope_cfg(n, s.q_heads + s.kv_heads, hd),
             &[
                 &xp,
-                &pp,
+                &a.positions,
                 &i32_arg(OP, "tokens", n)?,
                 &(s.q_heads as i32),
                 &(s.kv_heads as i32),
                 &(hd as i32),
                 &theta,
-                &(s0 as i32),
-                &(s1 as i32),
-                &qp,
-                &kp,
-                &vp,
-                &i32_arg(OP, "len", s.start)?,
-                &len_at.map_or(0, |l| self.rptr(l.at)),
+                &a.s0,
+                &a.s1,
+                &a.q_out,
+                &a.k_cache,
+                &a.v_cache,
+                &a.len,
+                &a.len_at,
             ],
         )
+    }
+
+    /// Where rope_kv_append (or the QKV GEMV with it fused) writes, checked: positions
+    /// for `s.n` tokens ([n], or [3, n] under M-RoPE with a section summing to head_dim /
+    /// 2), q_out [n, q_heads · head_dim], caches holding rows start + n (or, with
+    /// `len_at`, their capacity).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn rope_kv_dest(
+        &self,
+        op: &str,
+        positions: &CudaView<'_, i32>,
+        q_out: &mut CudaViewMut<'_, bf16>,
+        k_cache: &mut CudaViewMut<'_, bf16>,
+        v_cache: &mut CudaViewMut<'_, bf16>,
+        s: AttnShape,
+        section: Option<[usize; 3]>,
+        len_at: Option<DeviceLen<'_>>,
+    ) -> Result<RopeKvDest> {
+        let (n, hd) = (s.n, s.head_dim);
+        let row = s.kv_heads * hd;
+        let axes = if section.is_some() { 3 } else { 1 };
+        need(op, "positions", positions.len(), axes * n)?;
+        need(op, "q_out", q_out.len(), n * s.q_heads * hd)?;
+        // Rows written: start.. (start read on the device with len_at, below capacity).
+        let end = match len_at {
+            Some(l) => {
+                need(op, "len", l.at.len(), 1)?;
+                l.capacity
+            }
+            None => s.start + n,
+        };
+        need(op, "k_cache", k_cache.len(), end * row)?;
+        need(op, "v_cache", v_cache.len(), end * row)?;
+        let (s0, s1) = match section {
+            Some(sec) if sec.iter().sum::<usize>() != hd / 2 => {
+                return Err(shape_err(op, format!("section {sec:?} does not sum to head_dim / 2")));
+            }
+            Some(sec) => (sec[0], sec[1]),
+            None => (hd / 2, 0),
+        };
+        Ok(RopeKvDest {
+            positions: self.rptr(positions),
+            s0: s0 as i32,
+            s1: s1 as i32,
+            q_out: self.wptr(q_out),
+            k_cache: self.wptr(k_cache),
+            v_cache: self.wptr(v_cache),
+            len: i32_arg(op, "len", s.start)?,
+            len_at: len_at.map_or(0, |l| self.rptr(l.at)),
+        })
     }
 
     /// The vision tower's 2-D RoPE in place; rows, cols: [tokens] (the patch's grid row and
@@ -528,7 +557,19 @@ impl CudaDevice {
     }
 }
 
-fn rope_checks(op: &str, len: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
+/// rope_kv_append's destinations and positions as kernel arguments ([`CudaDevice::rope_kv_dest`]).
+pub(super) struct RopeKvDest {
+    pub positions: u64,
+    pub s0: i32,
+    pub s1: i32,
+    pub q_out: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub len: i32,
+    pub len_at: u64,
+}
+
+pub(super) fn rope_checks(op: &str, len: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
     if head_dim % 2 != 0 || head_dim > 512 || head_dim == 0 {
         return Err(shape_err(op, format!("head_dim {head_dim} (even, at most 512)")));
     }

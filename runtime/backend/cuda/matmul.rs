@@ -8,7 +8,8 @@ use cudarc::cublaslt::sys::cublasStatus_t;
 use cudarc::cublaslt::{Matmul, MatmulConfig};
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
 
-use super::{aligned16, bf16, cuda_err, i32_arg, need, shape_err, CudaDevice};
+use super::layers::rope_checks;
+use super::{aligned16, bf16, cuda_err, i32_arg, need, shape_err, AttnShape, CudaDevice, DeviceLen};
 use crate::error::Result;
 pub use crate::reference::GemvFuse;
 
@@ -140,6 +141,85 @@ impl CudaDevice {
             GEMV_SWIGLU[rows - 1],
             cfg,
             &[&xp, &wp, &yp, &sp, &cp, &ii, &ki, &eps],
+        )
+    }
+
+    /// A decoder layer's QKV GEMV with [`Self::rope_kv_append`] as its epilogue, one
+    /// launch: the `s.n` = 1..=8 rows of x ([n, k]; the residual stream, RMS-scaled on the
+    /// way in under `rms_eps` as [`GemvFuse::rms`]) times w ([(q_heads + 2 · kv_heads) ·
+    /// head_dim, k], + bias), the queries rotated into q_out and the keys rotated and the
+    /// values written into the caches as rope_kv_append writes them, the same bits as
+    /// `gemv_bf16` then `rope_kv_append`; the qkv rows never reach memory. head_dim % 4 ==
+    /// 0. `scratch` lets it split K, as [`Self::gemv_bf16`]'s.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_rope_kv_append(
+        &self,
+        x: &CudaView<'_, bf16>,
+        w: &CudaView<'_, bf16>,
+        bias: Option<&CudaView<'_, bf16>>,
+        scratch: Option<&mut CudaViewMut<'_, f32>>,
+        positions: &CudaView<'_, i32>,
+        q_out: &mut CudaViewMut<'_, bf16>,
+        k_cache: &mut CudaViewMut<'_, bf16>,
+        v_cache: &mut CudaViewMut<'_, bf16>,
+        s: AttnShape,
+        k: usize,
+        rms_eps: Option<f32>,
+        theta: f32,
+        section: Option<[usize; 3]>,
+        len_at: Option<DeviceLen<'_>>,
+    ) -> Result<()> {
+        const OP: &str = "gemv_rope_kv_append";
+        let (n, hd) = (s.n, s.head_dim);
+        let width = (s.q_heads + 2 * s.kv_heads) * hd;
+        gemv_checks(OP, n, k)?;
+        rope_checks(OP, width * n, n, s.q_heads + 2 * s.kv_heads, hd)?;
+        if hd % 4 != 0 {
+            return Err(shape_err(OP, format!("head_dim {hd} is not a multiple of 4")));
+        }
+        need(OP, "x", x.len(), n * k)?;
+        need(OP, "w", w.len(), width * k)?;
+        if let Some(b) = bias {
+            need(OP, "bias", b.len(), width)?;
+        }
+        let eps = eps_arg(OP, rms_eps)?;
+        let a = self.rope_kv_dest(OP, positions, q_out, k_cache, v_cache, s, section, len_at)?;
+        if width == 0 {
+            return Ok(());
+        }
+        let (xp, wp) = (self.rptr(x), self.rptr(w));
+        aligned16(OP, "x", xp)?;
+        aligned16(OP, "w", wp)?;
+        let bp = bias.map_or(0u64, |b| self.rptr(b));
+        let (ni, ki) = (i32_arg(OP, "n", width)?, i32_arg(OP, "k", k)?);
+        let (cfg, sp) = self.gemv_grid(scratch, n, width, k);
+        let cp = self.counters_ptr();
+        self.launch(
+            "gemv",
+            GEMV_ROPE_KV[n - 1],
+            cfg,
+            &[
+                &xp,
+                &wp,
+                &bp,
+                &sp,
+                &cp,
+                &ni,
+                &ki,
+                &eps,
+                &a.positions,
+                &(s.q_heads as i32),
+                &(s.kv_heads as i32),
+                &(hd as i32),
+                &theta,
+                &a.s0,
+                &a.s1,
+                &a.q_out,
+                &a.k_cache,
+                &a.v_cache,
+                &a.len,
+                &a.len_at,
+            ],
         )
     }
 
@@ -427,6 +507,17 @@ fn eps_arg(op: &str, rms_eps: Option<f32>) -> Result<f32> {
         )),
     }
 }
+
+const GEMV_ROPE_KV: [&str; GEMV_MAX_ROWS] = [
+    "gemv_rope_kv_append_b1",
+    "gemv_rope_kv_append_b2",
+    "gemv_rope_kv_append_b3",
+    "gemv_rope_kv_append_b4",
+    "gemv_rope_kv_append_b5",
+    "gemv_rope_kv_append_b6",
+    "gemv_rope_kv_append_b7",
+    "gemv_rope_kv_append_b8",
+];
 
 const GEMV_SWIGLU: [&str; GEMV_MAX_ROWS] = [
     "gemv_swiglu_b1",

@@ -613,7 +613,7 @@ impl CudaDevice {
         cfg: LaunchConfig,
         args: &[&dyn Arg],
     ) -> std::result::Result<(), String> {
-        const MAX_ARGS: usize = 16;
+        const MAX_ARGS: usize = 32;
         if args.len() > MAX_ARGS {
             return Err(format!("{} arguments, at most {MAX_ARGS}", args.len()));
         }

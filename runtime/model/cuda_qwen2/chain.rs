@@ -86,7 +86,7 @@ impl CudaQwen2 {
     /// single copy brings the γ ids back (a pass-by-pass loop waits γ times, and the
     /// GPU idles while the host queues each next pass: a small drafter's step is mostly
     /// launch time). Where graphs serve ([`Self::set_graphs`]) the passes replay as one
-    /// CUDA graph, one launch instead of about 6 a layer each: all of them when one or two
+    /// CUDA graph, one launch instead of about 5 a layer each: all of them when one or two
     /// tokens are fed (a correction, or the last draft and the bonus after a chain was
     /// accepted whole), those after the first when more are.
     pub fn draft_chain(

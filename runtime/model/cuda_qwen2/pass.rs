@@ -77,46 +77,52 @@ impl CudaQwen2 {
         let ones = self.ones.as_view();
         for (l, w) in self.layers.iter().enumerate() {
             let (wv, bv) = (w.qkv_w.as_view(), w.qkv_b.as_view());
-            let mut qkv = s.qkv.slice_mut(..n * qkv_width);
-            if gemv {
+            // RoPE's positions and the cache rows' start: on the host, or read on the device.
+            let at_view = on_device.map(|i| s.chain_at.slice(i..i + 1));
+            let (pos, section, len_at) = match (on_device, &at_view) {
+                (Some(i), Some(at)) => (s.chain_at.slice(i..i + n), None, Some(DeviceLen { at, capacity })),
+                _ => (s.step_in.slice(..pos_len), c.mrope_section, None),
+            };
+            let (mut kc, mut vc) = cache.layer_mut(l);
+            let mut q = s.q.slice_mut(..n * qd);
+            if gemv && hd % 4 == 0 {
+                // One launch: the QKV GEMV (its rows RMS-scaled on the way in) writes the
+                // rotated queries and the cache rows itself.
                 let (x, mut sv) = (s.hidden.slice(..n * d), s.gemv.as_view_mut());
-                let fuse = GemvFuse::rms(eps);
-                dev.gemv_bf16(&x, &wv, Some(&bv), &mut qkv, Some(&mut sv), n, qkv_width, d, fuse)?;
+                dev.gemv_rope_kv_append(
+                    &x,
+                    &wv,
+                    Some(&bv),
+                    Some(&mut sv),
+                    &pos,
+                    &mut q,
+                    &mut kc,
+                    &mut vc,
+                    shape,
+                    d,
+                    Some(eps),
+                    theta,
+                    section,
+                    len_at,
+                )?;
             } else {
-                let mut normed = s.normed.slice_mut(..n * d);
-                if l == 0 {
-                    dev.rmsnorm(&s.hidden.slice(..n * d), &ones, &mut normed, n, d, eps)?;
+                let mut qkv = s.qkv.slice_mut(..n * qkv_width);
+                if gemv {
+                    let (x, mut sv) = (s.hidden.slice(..n * d), s.gemv.as_view_mut());
+                    let fuse = GemvFuse::rms(eps);
+                    dev.gemv_bf16(&x, &wv, Some(&bv), &mut qkv, Some(&mut sv), n, qkv_width, d, fuse)?;
                 } else {
-                    let mut hidden = s.hidden.slice_mut(..n * d);
-                    dev.rmsnorm_residual(&s.proj.slice(..n * d), &mut hidden, &ones, &mut normed, n, d, eps)?;
+                    let mut normed = s.normed.slice_mut(..n * d);
+                    if l == 0 {
+                        dev.rmsnorm(&s.hidden.slice(..n * d), &ones, &mut normed, n, d, eps)?;
+                    } else {
+                        let mut hidden = s.hidden.slice_mut(..n * d);
+                        dev.rmsnorm_residual(&s.proj.slice(..n * d), &mut hidden, &ones, &mut normed, n, d, eps)?;
+                    }
+                    dev.linear(&s.normed.slice(..n * d), &wv, Some(&bv), &mut qkv, n, qkv_width, d)?;
                 }
-                dev.linear(&s.normed.slice(..n * d), &wv, Some(&bv), &mut qkv, n, qkv_width, d)?;
-            }
-            {
-                let (mut kc, mut vc) = cache.layer_mut(l);
                 let qkv = s.qkv.slice(..n * qkv_width);
-                let mut q = s.q.slice_mut(..n * qd);
-                match on_device {
-                    None => {
-                        let pos = s.step_in.slice(..pos_len);
-                        dev.rope_kv_append(
-                            &qkv,
-                            &pos,
-                            &mut q,
-                            &mut kc,
-                            &mut vc,
-                            shape,
-                            theta,
-                            c.mrope_section,
-                            None,
-                        )?
-                    }
-                    Some(i) => {
-                        let (pos, at) = (s.chain_at.slice(i..i + n), s.chain_at.slice(i..i + 1));
-                        let len = DeviceLen { at: &at, capacity };
-                        dev.rope_kv_append(&qkv, &pos, &mut q, &mut kc, &mut vc, shape, theta, None, Some(len))?
-                    }
-                }
+                dev.rope_kv_append(&qkv, &pos, &mut q, &mut kc, &mut vc, shape, theta, section, len_at)?;
             }
             let (kc, vc) = cache.layer(l);
             let q = s.q.slice(..n * qd);
