@@ -569,11 +569,17 @@ pub(super) struct RopeKvDest {
     pub len_at: u64,
 }
 
-pub(super) fn rope_checks(op: &str, len: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
+fn rope_checks(op: &str, len: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
+    rope_head_dim(op, head_dim)?;
+    need(op, "x", len, tokens * heads * head_dim)
+}
+
+/// The head dims the RoPE kernels take: even, at most 2 · MAX_PAIRS.
+pub(super) fn rope_head_dim(op: &str, head_dim: usize) -> Result<()> {
     if head_dim % 2 != 0 || head_dim > 512 || head_dim == 0 {
         return Err(shape_err(op, format!("head_dim {head_dim} (even, at most 512)")));
     }
-    need(op, "x", len, tokens * heads * head_dim)
+    Ok(())
 }
 
 fn rope_cfg(tokens: usize, heads: usize, head_dim: usize) -> LaunchConfig {

@@ -8,7 +8,7 @@ use cudarc::cublaslt::sys::cublasStatus_t;
 use cudarc::cublaslt::{Matmul, MatmulConfig};
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
 
-use super::layers::rope_checks;
+use super::layers::rope_head_dim;
 use super::{aligned16, bf16, cuda_err, i32_arg, need, shape_err, AttnShape, CudaDevice, DeviceLen};
 use crate::error::Result;
 pub use crate::reference::GemvFuse;
@@ -24,6 +24,19 @@ enum Out {
     Bf16,
     F32,
     F32Argmax(u64),
+}
+
+/// A GEMV launch's common arguments ([`CudaDevice::gemv_launch`]).
+struct GemvLaunch {
+    cfg: LaunchConfig,
+    x: u64,
+    w: u64,
+    bias: u64,
+    partial: u64,
+    counters: u64,
+    n: i32,
+    k: i32,
+    eps: f32,
 }
 
 /// Column blocks a split-K GEMV may have (its arrival counters); a split pays only below
@@ -121,26 +134,17 @@ impl CudaDevice {
         rms_eps: Option<f32>,
     ) -> Result<()> {
         const OP: &str = "gemv_swiglu";
-        gemv_checks(OP, rows, k)?;
-        need(OP, "x", x.len(), rows * k)?;
-        need(OP, "w", w.len(), 2 * inter * k)?;
         need(OP, "y", y.len(), rows * inter)?;
-        let eps = eps_arg(OP, rms_eps)?;
-        if inter == 0 {
-            return Ok(());
-        }
-        let (xp, wp, yp) = (self.rptr(x), self.rptr(w), self.wptr(y));
-        aligned16(OP, "x", xp)?;
-        aligned16(OP, "w", wp)?;
-        let (ii, ki) = (i32_arg(OP, "inter", inter)?, i32_arg(OP, "k", k)?);
         // Blocks cover GEMV_ROWS_PER_BLOCK / 2 outputs, as many as a 2 · inter GEMV's.
-        let (cfg, sp) = self.gemv_grid(scratch, rows, 2 * inter, k);
-        let cp = self.counters_ptr();
+        let Some(g) = self.gemv_launch(OP, x, w, None, scratch, rows, 2 * inter, k, rms_eps)? else {
+            return Ok(());
+        };
+        let (yp, ii) = (self.wptr(y), i32_arg(OP, "inter", inter)?);
         self.launch(
             "gemv",
             GEMV_SWIGLU[rows - 1],
-            cfg,
-            &[&xp, &wp, &yp, &sp, &cp, &ii, &ki, &eps],
+            g.cfg,
+            &[&g.x, &g.w, &yp, &g.partial, &g.counters, &ii, &g.k, &g.eps],
         )
     }
 
@@ -172,41 +176,27 @@ impl CudaDevice {
         const OP: &str = "gemv_rope_kv_append";
         let (n, hd) = (s.n, s.head_dim);
         let width = (s.q_heads + 2 * s.kv_heads) * hd;
-        gemv_checks(OP, n, k)?;
-        rope_checks(OP, width * n, n, s.q_heads + 2 * s.kv_heads, hd)?;
+        rope_head_dim(OP, hd)?;
         if hd % 4 != 0 {
             return Err(shape_err(OP, format!("head_dim {hd} is not a multiple of 4")));
         }
-        need(OP, "x", x.len(), n * k)?;
-        need(OP, "w", w.len(), width * k)?;
-        if let Some(b) = bias {
-            need(OP, "bias", b.len(), width)?;
-        }
-        let eps = eps_arg(OP, rms_eps)?;
-        let a = self.rope_kv_dest(OP, positions, q_out, k_cache, v_cache, s, section, len_at)?;
-        if width == 0 {
+        let Some(g) = self.gemv_launch(OP, x, w, bias, scratch, n, width, k, rms_eps)? else {
             return Ok(());
-        }
-        let (xp, wp) = (self.rptr(x), self.rptr(w));
-        aligned16(OP, "x", xp)?;
-        aligned16(OP, "w", wp)?;
-        let bp = bias.map_or(0u64, |b| self.rptr(b));
-        let (ni, ki) = (i32_arg(OP, "n", width)?, i32_arg(OP, "k", k)?);
-        let (cfg, sp) = self.gemv_grid(scratch, n, width, k);
-        let cp = self.counters_ptr();
+        };
+        let a = self.rope_kv_dest(OP, positions, q_out, k_cache, v_cache, s, section, len_at)?;
         self.launch(
             "gemv",
             GEMV_ROPE_KV[n - 1],
-            cfg,
+            g.cfg,
             &[
-                &xp,
-                &wp,
-                &bp,
-                &sp,
-                &cp,
-                &ni,
-                &ki,
-                &eps,
+                &g.x,
+                &g.w,
+                &g.bias,
+                &g.partial,
+                &g.counters,
+                &g.n,
+                &g.k,
+                &g.eps,
                 &a.positions,
                 &(s.q_heads as i32),
                 &(s.kv_heads as i32),
@@ -294,37 +284,70 @@ impl CudaDevice {
         fuse: GemvFuse,
     ) -> Result<()> {
         const OP: &str = "gemv_bf16";
-        gemv_checks(OP, rows, k)?;
-        need(OP, "x", x.len(), rows * k)?;
-        need(OP, "w", w.len(), n * k)?;
-        if let Some(b) = bias {
-            need(OP, "bias", b.len(), n)?;
-        }
-        let eps = eps_arg(OP, fuse.rms_eps)?;
-        if n == 0 {
+        let Some(g) = self.gemv_launch(OP, x, w, bias, scratch, rows, n, k, fuse.rms_eps)? else {
             return Ok(());
-        }
-        let (xp, wp) = (self.rptr(x), self.rptr(w));
-        aligned16(OP, "x", xp)?;
-        aligned16(OP, "w", wp)?;
-        let bp = bias.map_or(0u64, |b| self.rptr(b));
-        let (ni, ki) = (i32_arg(OP, "n", n)?, i32_arg(OP, "k", k)?);
-        let (cfg, sp) = self.gemv_grid(scratch, rows, n, k);
+        };
         let name = gemv_name(!matches!(out, Out::Bf16), rows);
-        let (cp, add) = (self.counters_ptr(), fuse.add_to_y as i32);
+        let add = fuse.add_to_y as i32;
         let (ip, (kp, ap)) = match out {
             Out::F32Argmax(ip) => (ip, self.argmax_scratch_ptrs()),
             _ => (0, (0, 0)),
         };
+        let (c, xp, wp, bp, sp, cp) = (g.cfg, g.x, g.w, g.bias, g.partial, g.counters);
+        let (ni, ki, eps) = (g.n, g.k, g.eps);
         match out {
-            Out::Bf16 => self.launch("gemv", name, cfg, &[&xp, &wp, &bp, &yp, &sp, &cp, &ni, &ki, &eps, &add]),
+            Out::Bf16 => self.launch("gemv", name, c, &[&xp, &wp, &bp, &yp, &sp, &cp, &ni, &ki, &eps, &add]),
             Out::F32 | Out::F32Argmax(_) => self.launch(
                 "gemv",
                 name,
-                cfg,
+                c,
                 &[&xp, &wp, &bp, &yp, &sp, &cp, &ni, &ki, &eps, &add, &ip, &kp, &ap],
             ),
         }
+    }
+
+    /// What every GEMV over w ([n, k], + bias [n]) and `rows` rows of x ([rows, k])
+    /// launches with, checked: its grid (split over K where `scratch` allows), the
+    /// pointers and sizes, and the RMS eps (-1: none). None when n == 0 (nothing to do).
+    #[allow(clippy::too_many_arguments)]
+    fn gemv_launch(
+        &self,
+        op: &str,
+        x: &CudaView<'_, bf16>,
+        w: &CudaView<'_, bf16>,
+        bias: Option<&CudaView<'_, bf16>>,
+        scratch: Option<&mut CudaViewMut<'_, f32>>,
+        rows: usize,
+        n: usize,
+        k: usize,
+        rms_eps: Option<f32>,
+    ) -> Result<Option<GemvLaunch>> {
+        gemv_checks(op, rows, k)?;
+        need(op, "x", x.len(), rows * k)?;
+        need(op, "w", w.len(), n * k)?;
+        if let Some(b) = bias {
+            need(op, "bias", b.len(), n)?;
+        }
+        let eps = eps_arg(op, rms_eps)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let (xp, wp) = (self.rptr(x), self.rptr(w));
+        aligned16(op, "x", xp)?;
+        aligned16(op, "w", wp)?;
+        let (ni, ki) = (i32_arg(op, "n", n)?, i32_arg(op, "k", k)?);
+        let (cfg, partial) = self.gemv_grid(scratch, rows, n, k);
+        Ok(Some(GemvLaunch {
+            cfg,
+            x: xp,
+            w: wp,
+            bias: bias.map_or(0u64, |b| self.rptr(b)),
+            partial,
+            counters: self.counters_ptr(),
+            n: ni,
+            k: ki,
+            eps,
+        }))
     }
 
     /// y = x · wᵀ with cuBLAS (bf16 in and out, f32 accumulation): x [m, k], w [n, k]
