@@ -227,7 +227,8 @@ impl CudaQwen2 {
             let g1 = (g0 + group).min(r1);
             let g = g1 - g0;
             let mut y = s.logits.slice_mut(..g * v);
-            if g > GEMV_MAX_ROWS {
+            let gemm = g > GEMV_MAX_ROWS;
+            if gemm {
                 // More rows than a GEMV block (n > g): normed above.
                 dev.gemm_bf16_f32(&s.normed.slice(g0 * d..g1 * d), &w, &mut y, g, v, d)?;
             } else {
@@ -253,7 +254,6 @@ impl CudaQwen2 {
                     None => dev.gemv_bf16_f32(&x, &w, None, &mut y, Some(&mut sv), g, v, d, fuse)?,
                 }
             }
-            let gemm = g > GEMV_MAX_ROWS;
             match out {
                 Head::Logits(o) => o.extend(dev.download(&s.logits.slice(..g * v))?),
                 Head::Argmax(_) if gemm => {
