@@ -8,8 +8,9 @@
 //   probabilities_max, probabilities_exp, probabilities_normalize
 //                   its softmax, a row over many blocks (the same bits), the last launch
 //                   drawing from each row as sample does if asked;
-//   probabilities_cut
-//                   its top-k / top-p cut of those rows, one block a row;
+//   probabilities_cut_digit, probabilities_cut_keep
+//                   its top-k / top-p cut of those rows over many blocks too (the same
+//                   bits), before probabilities_normalize;
 //   top_k           the k most likely tokens of the plain softmax and their probabilities
 //                   (T = 0 token trees; spec::tree::top_tokens' order);
 //   top_k_probs     the same of rows that already are distributions (T > 0 token trees:
@@ -240,41 +241,158 @@ __device__ __forceinline__ unsigned long long to_fixed(float p) {
     return __double2ull_rn((double)p * FIXED_SCALE);
 }
 
-// One row of probabilities at T > 0 into p: the softmax of x (x unread where
-// NORMALIZED: p holds it already, as probabilities_normalize leaves it), then the cut.
-// Whole block of 1024 threads.
-template <bool NORMALIZED>
+// The top-k / top-p cut of a row of probabilities: the smallest prefix of its descending
+// order whose mass reaches top_p, at most k entries (massv::sampling::probabilities),
+// found by a radix select of the bit patterns (probabilities are non-negative, so their
+// bits sort like their values), 8-bit digits most significant first: each pass counts
+// and weighs (exact fixed-point masses, so in any order) the entries that match the
+// digits found so far by their next digit, and cut_choose_digit picks the digit where
+// the cut falls. After the fourth the cut value's bits are known; the entries equal to
+// it that are kept (ties: the lowest ids) end at tie_last. One block does all of it for
+// its row (probabilities), or many blocks each pass with the last to finish choosing
+// (probabilities_cut_digit, then probabilities_cut_keep): the same state, the same cut.
+#define CUT_TIE_SCAN -1  // tie_last not known yet: some ties are cut, find the last kept
+struct CutState {
+    unsigned long long mass_above;  // fixed-point mass of the entries above the prefix
+    unsigned prefix;                // the digits found so far (after the last: the cut's bits)
+    unsigned mask;                  // which bits prefix holds
+    unsigned count_above;           // entries above the prefix
+    unsigned digit;                 // the digit the last pass chose
+    unsigned keep_all;              // the mass never reaches top_p (rounding) and n <= k
+    unsigned compact;               // one block: the first digit's bucket fits cand[]
+    unsigned tie_keep;              // entries equal to the cut that are kept
+    int tie_last;                   // the id of the last of them (INT_MAX: every tie)
+};
+
+__device__ __forceinline__ void cut_init(CutState& s) {
+    s.mass_above = 0;
+    s.prefix = s.mask = s.count_above = s.digit = s.keep_all = s.compact = s.tie_keep = 0;
+    s.tie_last = INT_MAX;
+}
+
+// The digit at `shift` where the cut falls, given the counts and masses by that digit of
+// the entries matching s.prefix: the highest digit d at which the entries above it and
+// those of d reach k entries or top_p's mass (p_fixed). One thread.
+__device__ __forceinline__ void cut_choose_digit(const unsigned* cnt, const unsigned long long* mass, unsigned k,
+                                                 unsigned long long p_fixed, int shift, CutState& s) {
+    unsigned above = s.count_above;
+    unsigned long long m_above = s.mass_above;
+    for (int d = 255; d >= 0; --d) {
+        if (above + cnt[d] >= k || m_above + mass[d] >= p_fixed) {
+            s.prefix |= (unsigned)d << shift;
+            s.mask |= 255u << shift;
+            s.count_above = above;
+            s.mass_above = m_above;
+            s.digit = d;
+            if (shift == 24) s.compact = cnt[d] <= PROB_CANDIDATES;
+            return;
+        }
+        above += cnt[d];
+        m_above += mass[d];
+    }
+    s.keep_all = 1;
+}
+
+// After the last digit, of the `ties` entries equal to the cut how many are kept: the
+// CPU adds them one at a time (lowest ids first) until k entries or top_p's mass. All of
+// them: tie_last = INT_MAX; else CUT_TIE_SCAN (cut_tie_last finds it). One thread.
+__device__ __forceinline__ void cut_count_ties(unsigned ties, unsigned k, unsigned long long p_fixed, CutState& s) {
+    const unsigned long long v_fixed = to_fixed(__uint_as_float(s.prefix));
+    unsigned long long m_acc = s.mass_above;
+    unsigned t = 0;
+    while (t < ties) {
+        ++t;
+        m_acc += v_fixed;
+        if (s.count_above + t >= k || m_acc >= p_fixed) break;
+    }
+    s.tie_keep = t;
+    s.tie_last = t == ties ? INT_MAX : CUT_TIE_SCAN;
+}
+
+// Whether the cut keeps entry i of value v.
+__device__ __forceinline__ bool cut_keeps(float v, int i, unsigned cut_bits, int tie_last) {
+    const unsigned b = __float_as_uint(v);
+    return b > cut_bits || (b == cut_bits && i <= tie_last);
+}
+
+// The id of the tie_keep-th entry of p (1 = the first) equal to cut_bits in id order:
+// the ties counted tile by tile of blockDim.x entries (a ballot a warp, then the warps
+// before it), LOADS tiles loaded before the first is counted, until it is found. Only
+// where the cut falls inside a run of equal probabilities. Whole block (blockDim.x a
+// multiple of 32); returned to every thread.
+template <int LOADS>
+__device__ __forceinline__ int cut_tie_last(const float* p, int n, unsigned cut_bits, unsigned tie_keep) {
+    __shared__ unsigned warp_ties[32];
+    __shared__ unsigned s_base;
+    __shared__ int s_last;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    if (threadIdx.x == 0) {
+        s_base = 0;
+        s_last = -1;
+    }
+    __syncthreads();
+    for (int base = 0; base < n; base += LOADS * blockDim.x) {
+        float v[LOADS];
+#pragma unroll
+        for (int u = 0; u < LOADS; ++u) {
+            const int i = base + u * blockDim.x + threadIdx.x;
+            v[u] = i < n ? p[i] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < LOADS; ++u) {
+            const int tile = base + u * blockDim.x;
+            if (tile >= n) break;  // the same for every thread: no barrier is skipped by some
+            const int i = tile + threadIdx.x;
+            const bool tie = i < n && __float_as_uint(v[u]) == cut_bits;
+            const unsigned ballot = __ballot_sync(0xffffffffu, tie);
+            if (lane == 0) warp_ties[warp] = __popc(ballot);
+            __syncthreads();
+            unsigned before = s_base;
+            for (int w = 0; w < warp; ++w) before += warp_ties[w];
+            before += __popc(ballot & ((1u << lane) - 1u));
+            if (tie && before + 1 == tie_keep) s_last = i;
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                unsigned tot = 0;
+                for (int w = 0; w < nw; ++w) tot += warp_ties[w];
+                s_base += tot;
+            }
+            __syncthreads();
+        }
+        if (s_last >= 0) break;
+    }
+    const int last = s_last;
+    __syncthreads();  // s_last is rewritten by the next call
+    return last;
+}
+
+// One row of probabilities at T > 0 into p: the softmax of x, then the cut. Whole block
+// of 1024 threads.
 __device__ __forceinline__ void probabilities_row(const float* __restrict__ x, float* __restrict__ p, int n,
                                                   float temperature, int top_k, float top_p) {
-    double sum = 1.0;
-    if (!NORMALIZED) {
-        // softmax(x / T) with the CPU's operation order: (x - max) / T, exp, f64 sum (in
-        // row_sum_lanes' order), divide.
-        float mx = -INFINITY;
-        for_row(x, n, [&](int, float v) { mx = fmaxf(mx, v); });
-        mx = block_max(mx);
-        sum = row_sum_lanes(x, n, [&](int i, float v) {
-            const float e = expf(ieee_div(v - mx, temperature));
-            p[i] = e;
-            return (double)e;
-        });
-    }
+    // softmax(x / T) with the CPU's operation order: (x - max) / T, exp, f64 sum (in
+    // row_sum_lanes' order), divide.
+    float mx = -INFINITY;
+    for_row(x, n, [&](int, float v) { mx = fmaxf(mx, v); });
+    mx = block_max(mx);
+    const double sum = row_sum_lanes(x, n, [&](int i, float v) {
+        const float e = expf(ieee_div(v - mx, temperature));
+        p[i] = e;
+        return (double)e;
+    });
     const bool use_k = top_k > 0 && top_k < n;
     const bool cuts = use_k || top_p < 1.0f;
 
-    // Radix select (8-bit digits, most significant first) of the cut: the smallest
-    // prefix of the descending order whose mass reaches top_p, at most k entries.
-    // Probabilities are non-negative, so their bit patterns sort like their values.
-    // The first digit's histogram is taken by the pass that normalises the row. Where the
-    // first digit's bucket holds at most PROB_CANDIDATES entries (a band of values within
-    // a factor of 4, as a rule a small one), the second pass copies them to shared memory
-    // and the last two digits are counted there rather than over the row.
+    // The cut's radix select (see CutState). The first digit's histogram is taken by the
+    // pass that normalises the row. Where the first digit's bucket holds at most
+    // PROB_CANDIDATES entries (a band of values within a factor of 4, as a rule a small
+    // one), the second pass copies them to shared memory and the last two digits are
+    // counted there rather than over the row.
     __shared__ unsigned int cnt[PROB_SUBS][256];
     __shared__ unsigned long long mass[PROB_SUBS][256];
     __shared__ float cand[PROB_CANDIDATES];
-    __shared__ unsigned int s_prefix, s_mask, s_count_above, s_tie_count, s_keep_all, s_digit, s_all_ties;
-    __shared__ unsigned int s_cands, s_compact;
-    __shared__ unsigned long long s_mass_above;
+    __shared__ unsigned int s_cands;
+    __shared__ CutState st;
     const unsigned int k = use_k ? (unsigned int)top_k : (unsigned int)n;
     const unsigned long long p_fixed = __double2ull_rn((double)top_p * FIXED_SCALE);
     const int sub = (threadIdx.x >> 5) % PROB_SUBS;
@@ -297,35 +415,27 @@ __device__ __forceinline__ void probabilities_row(const float* __restrict__ x, f
     };
     if (cuts) {
         if (threadIdx.x == 0) {
-            s_prefix = 0;
-            s_mask = 0;
-            s_count_above = 0;
-            s_mass_above = 0;
-            s_keep_all = 0;
+            cut_init(st);
             s_cands = 0;
         }
         clear_histograms();
     }
-    if (NORMALIZED) {
-        if (cuts) for_row(p, n, [&](int, float v) { histogram(v, 0u, 0u, 24); });
-    } else {
-        for_row(p, n, [&](int i, float v) {
-            const float pi = (float)((double)v / sum);
-            p[i] = pi;
-            if (cuts) histogram(pi, 0u, 0u, 24);
-        });
-    }
+    for_row(p, n, [&](int i, float v) {
+        const float pi = (float)((double)v / sum);
+        p[i] = pi;
+        if (cuts) histogram(pi, 0u, 0u, 24);
+    });
     if (!cuts) return;
     for (int pass = 0; pass < 4; ++pass) {
         const int shift = 24 - 8 * pass;
         if (pass > 0) {
             clear_histograms();
-            const unsigned int prefix = s_prefix, pmask = s_mask;
-            if (pass > 1 && s_compact) {
+            const unsigned int prefix = st.prefix, pmask = st.mask;
+            if (pass > 1 && st.compact) {
                 const unsigned int c = s_cands;
                 for (unsigned int j = threadIdx.x; j < c; j += blockDim.x) histogram(cand[j], prefix, pmask, shift);
             } else {
-                const bool copy = pass == 1 && s_compact;
+                const bool copy = pass == 1 && st.compact;
                 for_row(p, n, [&](int, float v) {
                     if (histogram(v, prefix, pmask, shift) && copy) cand[atomicAdd(&s_cands, 1u)] = v;
                 });
@@ -340,104 +450,22 @@ __device__ __forceinline__ void probabilities_row(const float* __restrict__ x, f
         }
         __syncthreads();
         if (threadIdx.x == 0) {
-            unsigned int above = s_count_above;
-            unsigned long long m_above = s_mass_above;
-            int chosen = -1;
-            for (int d = 255; d >= 0; --d) {
-                if (above + cnt[0][d] >= k || m_above + mass[0][d] >= p_fixed) {
-                    chosen = d;
-                    break;
-                }
-                above += cnt[0][d];
-                m_above += mass[0][d];
-            }
-            if (chosen < 0) {
-                s_keep_all = 1;  // the mass never reaches top_p (rounding) and n <= k
-            } else {
-                s_prefix |= (unsigned int)chosen << shift;
-                s_mask |= 255u << shift;
-                s_count_above = above;
-                s_mass_above = m_above;
-                s_digit = chosen;
-                if (pass == 0) s_compact = cnt[0][chosen] <= PROB_CANDIDATES;
-            }
+            cut_choose_digit(cnt[0], mass[0], k, p_fixed, shift, st);
+            if (pass == 3 && !st.keep_all) cut_count_ties(cnt[0][st.digit], k, p_fixed, st);
         }
         __syncthreads();
-        if (s_keep_all) break;
+        if (st.keep_all) return;  // nothing is cut: p is already normalised
     }
-    if (s_keep_all) return;  // nothing is cut: p is already normalised
-    const unsigned int cut_bits = s_prefix;
-    const float cut = __uint_as_float(cut_bits);
-    if (threadIdx.x == 0) {
-        // How many of the entries equal to the cut value are kept (lowest ids first):
-        // the CPU adds them one at a time until k entries or top_p mass.
-        const unsigned int ties = cnt[0][s_digit];
-        unsigned int t = 0;
-        unsigned long long m_acc = s_mass_above;
-        const unsigned long long v_fixed = to_fixed(cut);
-        while (t < ties) {
-            ++t;
-            m_acc += v_fixed;
-            if (s_count_above + t >= k || m_acc >= p_fixed) break;
-        }
-        s_tie_count = t;
-        s_all_ties = t == ties;  // every entry equal to the cut is kept
-    }
-    __syncthreads();
-    double kept = 0.0;
-    __shared__ unsigned int warp_ties[32];
-    __shared__ unsigned int s_tie_base;
-    if (threadIdx.x == 0) s_tie_base = 0;
-    const unsigned int tie_keep = s_tie_count;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    const bool all_ties = s_all_ties;
-    if (all_ties) {
-        // Nothing to rank among the ties (the usual case: one entry holds the cut value):
-        // keep what is not below the cut, in for_row's order as the scan below keeps it.
-        for_row(p, n, [&](int i, float v) {
-            if (__float_as_uint(v) >= cut_bits) kept += (double)v;
-            else p[i] = 0.0f;
-        });
-    }
-    // Otherwise keep entries above the cut and the first s_tie_count entries equal to it
-    // (in id order: a block-wide exclusive scan of the tie flags, tile by tile, three
-    // barriers a tile). A thread loads its entries of ROW_LOADS tiles before the first
-    // tile's scan, as for_row does.
-    for (int base = 0; !all_ties && base < n; base += ROW_LOADS * blockDim.x) {
-        float v[ROW_LOADS];
-#pragma unroll
-        for (int u = 0; u < ROW_LOADS; ++u) {
-            const int i = base + u * blockDim.x + threadIdx.x;
-            v[u] = i < n ? p[i] : 0.0f;
-        }
-#pragma unroll
-        for (int u = 0; u < ROW_LOADS; ++u) {
-            const int tile = base + u * blockDim.x;
-            if (tile >= n) break;  // the same for every thread: no barrier is skipped by some
-            const int i = tile + threadIdx.x;
-            const unsigned int b = i < n ? __float_as_uint(v[u]) : 0u;
-            const bool tie = i < n && b == cut_bits;
-            const unsigned int ballot = __ballot_sync(0xffffffffu, tie);
-            if (lane == 0) warp_ties[warp] = __popc(ballot);
-            __syncthreads();
-            unsigned int before = s_tie_base;
-            for (int w = 0; w < warp; ++w) before += warp_ties[w];
-            before += __popc(ballot & ((1u << lane) - 1u));
-            if (i < n) {
-                const bool keep = b > cut_bits || (tie && before < tie_keep);
-                if (keep) kept += (double)v[u];
-                else p[i] = 0.0f;
-            }
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                unsigned int tot = 0;
-                for (int w = 0; w < nw; ++w) tot += warp_ties[w];
-                s_tie_base += tot;
-            }
-            __syncthreads();
-        }
-    }
-    kept = block_sum_f64(kept);
+    const unsigned int cut_bits = st.prefix;
+    const int tie_last = st.tie_last == CUT_TIE_SCAN ? cut_tie_last<ROW_LOADS>(p, n, cut_bits, st.tie_keep)
+                                                     : st.tie_last;
+    // What is kept, summed in row_sum_lanes' order (probabilities_cut_keep's), then
+    // divided by as probabilities_normalize divides: the split kernels' bits.
+    const double kept = row_sum_lanes(p, n, [&](int i, float v) {
+        if (cut_keeps(v, i, cut_bits, tie_last)) return (double)v;
+        p[i] = 0.0f;
+        return 0.0;
+    });
     for_row(p, n, [&](int i, float v) { p[i] = (float)((double)v / kept); });
 }
 
@@ -454,16 +482,7 @@ extern "C" __global__ void __launch_bounds__(1024)
         for (int i = threadIdx.x; i < n; i += blockDim.x) p[i] = i == am ? 1.0f : 0.0f;
         return;
     }
-    probabilities_row<false>(x, p, n, temperature, top_k, top_p);
-}
-
-// out: [rows, n] softmax rows (probabilities_normalize's) cut by top-k / top-p in place,
-// as probabilities cuts them: after the split kernels, the cut's passes on one block a
-// row (1024 threads), the softmax's three not.
-extern "C" __global__ void __launch_bounds__(1024)
-    probabilities_cut(float* __restrict__ out, int n, int top_k, float top_p) {
-    pdl_wait();
-    probabilities_row<true>(nullptr, out + (size_t)blockIdx.x * n, n, 1.0f, top_k, top_p);
+    probabilities_row(x, p, n, temperature, top_k, top_p);
 }
 
 // ---------------------------------------------------------------------------------
@@ -810,9 +829,9 @@ extern "C" __global__ void __launch_bounds__(1024)
 // can take many blocks rather than one (one SM): at one block a row, Qwen2's vocabulary
 // took three passes of about 150 instructions a thread each (the exp and the f64
 // division dominate) on one SM, tens of microseconds for every token a drafter draws at
-// T > 0. (A top-k / top-p cut, radix passes with a block-wide decision after each, then
-// takes one block a row: probabilities_cut.) Three launches, each SPLIT_BLOCKS or more
-// blocks a row (blockIdx.y), give the same bits as the one-block kernel: the max is
+// T > 0 (a top-k / top-p cut too: probabilities_cut_digit below). Three launches, each
+// SPLIT_BLOCKS or more blocks a row (blockIdx.y), give the same bits as the one-block
+// kernel: the max is
 // exact in any order, each entry is the same expression, and the sum is summed in the
 // one order of row_sum_lanes: block b's thread j is sum thread b * SPLIT_THREADS + j.
 // CPU twin: reference::probabilities.
@@ -867,7 +886,8 @@ struct SharedTile {
     }
 };
 
-// out: [rows, n], e in, p = e / sum out (warp_sums: probabilities_exp's). A warp a tile
+// out: [rows, n], e in, p = e / sum out (warp_sums: probabilities_exp's, or after a cut
+// probabilities_cut_keep's sums of what it keeps). A warp a tile
 // of SAMPLE_TILE entries, its 32 loads a lane issued at once: grid (ceil(tiles /
 // SPLIT_WARPS), rows), no fewer blocks. With uniforms ([rows])
 // each row's last block to finish also draws from it as sample does (the same tile sums
@@ -952,6 +972,138 @@ extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
         if (warp == 0) r = warp_draw_in_tile(SharedTile{chunks[0], base, n}, tile, s_u);
     }
     if (threadIdx.x == 0) ids[row] = r;
+}
+
+// The top-k / top-p cut of rows split over blocks (CutState's radix select): after
+// probabilities_max and _exp, four probabilities_cut_digit launches (the first also
+// normalising the row, as probabilities_normalize would), probabilities_cut_keep, then
+// probabilities_normalize divides by what is kept (and draws, if asked). One block a
+// row took a pass over the row a digit, with every entry's count and mass added by
+// shared-memory atomics on one SM: most of a vocabulary's entries are tiny and share a
+// few buckets, so those atomics queued on a handful of addresses, tens of microseconds a
+// row by estimate (unmeasured) for every token a drafter draws with top-k / top-p. The
+// same cut (exact integer histograms in any order), the same kept sum (row_sum_lanes'
+// order), the same division: the one-block kernel's bits.
+//
+// A row's cut in global memory: the histogram the blocks of a pass add into (zero
+// between launches: the pass's last block clears it) and the state. [rows] of them.
+struct CutRow {
+    unsigned long long mass[256];
+    unsigned cnt[256];
+    CutState st;
+};
+#define CUT_ROW_BYTES 4096  // the launcher's allocation a row
+static_assert(sizeof(CutRow) <= CUT_ROW_BYTES, "CutRow outgrew its scratch");
+
+// Pass `pass` (0..3) of the cut of out's rows (grid (SPLIT_BLOCKS, rows)): each block
+// counts and weighs its entries that match the digits found so far by the next digit,
+// adds that into the row's histogram, and the last block to arrive on counters[row]
+// chooses the digit; after the last digit it counts the ties kept and, where some are
+// cut, finds the last one kept (one block over the row: only inside a run of equal
+// probabilities). Pass 0 first normalises the row: out holds probabilities_exp's e,
+// warp_sums its sums. A row that nothing cuts (keep_all) is left alone after pass 0.
+extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
+    probabilities_cut_digit(float* out, const double* __restrict__ warp_sums, CutRow* cut,
+                            unsigned* __restrict__ counters, int n, int top_k, float top_p, int pass) {
+    pdl_wait();
+    const int row = blockIdx.y, warp = threadIdx.x >> 5;
+    float* p = out + (size_t)row * n;
+    CutRow* c = cut + row;
+    __shared__ unsigned cnt[SPLIT_WARPS][256];
+    __shared__ unsigned long long mass[SPLIT_WARPS][256];
+    __shared__ CutState st;
+    if (threadIdx.x == 0) {
+        if (pass == 0) cut_init(st);
+        else st = c->st;
+    }
+    for (int i = threadIdx.x; i < SPLIT_WARPS * 256; i += blockDim.x) {
+        (&cnt[0][0])[i] = 0;
+        (&mass[0][0])[i] = 0;
+    }
+    __syncthreads();
+    if (st.keep_all) return;  // every block of the row reads the same state
+    const unsigned prefix = st.prefix, pmask = st.mask;
+    const int shift = 24 - 8 * pass;
+    auto histogram = [&](float v) {
+        const unsigned b = __float_as_uint(v);
+        if ((b & pmask) != prefix) return;
+        const unsigned d = (b >> shift) & 255u;
+        atomicAdd(&cnt[warp][d], 1u);
+        atomicAdd(&mass[warp][d], to_fixed(v));
+    };
+    const int first = blockIdx.x * SPLIT_THREADS + threadIdx.x, stride = gridDim.x * SPLIT_THREADS;
+    if (pass == 0) {
+        // Its own loop: with the atomics in it, the f64 division's slow-path call made
+        // ptxas spill the loads in flight around it.
+        const double sum = sum_warp_sums(warp_sums + row * SUM_WARPS);
+        for_strided<SPLIT_LOADS>(p, n, first, stride, [&](int, int i, float e) { p[i] = (float)((double)e / sum); });
+    }
+    for_strided<SPLIT_LOADS>(p, n, first, stride, [&](int, int, float v) { histogram(v); });
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < 256 / SPLIT_THREADS; ++j) {
+        const int d = j * SPLIT_THREADS + threadIdx.x;
+        unsigned cd = 0;
+        unsigned long long md = 0;
+#pragma unroll
+        for (int w = 0; w < SPLIT_WARPS; ++w) {
+            cd += cnt[w][d];
+            md += mass[w][d];
+        }
+        if (cd != 0) {
+            atomicAdd(&c->cnt[d], cd);
+            atomicAdd(&c->mass[d], md);
+        }
+    }
+    if (!last_split_arrived(counters, row, gridDim.x)) return;
+    // The last block: the row's histogram (cleared behind it), then the choice.
+#pragma unroll
+    for (int j = 0; j < 256 / SPLIT_THREADS; ++j) {
+        const int d = j * SPLIT_THREADS + threadIdx.x;
+        cnt[0][d] = __ldcg(&c->cnt[d]);
+        mass[0][d] = __ldcg(&c->mass[d]);
+        c->cnt[d] = 0;
+        c->mass[d] = 0;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned k = top_k > 0 && top_k < n ? (unsigned)top_k : (unsigned)n;
+        const unsigned long long p_fixed = __double2ull_rn((double)top_p * FIXED_SCALE);
+        cut_choose_digit(cnt[0], mass[0], k, p_fixed, shift, st);
+        if (pass == 3 && !st.keep_all) cut_count_ties(cnt[0][st.digit], k, p_fixed, st);
+    }
+    __syncthreads();
+    if (pass == 3 && !st.keep_all && st.tie_last == CUT_TIE_SCAN) {
+        const int last = cut_tie_last<SPLIT_LOADS>(p, n, st.prefix, st.tie_keep);
+        if (threadIdx.x == 0) st.tie_last = last;
+    }
+    if (threadIdx.x == 0) c->st = st;
+}
+
+// The cut applied to out's rows (grid (SPLIT_BLOCKS, rows)): the entries it drops set to
+// 0, and warp_sums ([rows, SUM_WARPS]) the sum warps' sums of those it keeps, in
+// probabilities_exp's order, for probabilities_normalize to divide by. A row that
+// nothing cuts is final already: its sums say 1 (v / 1 is v).
+extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
+    probabilities_cut_keep(float* out, const CutRow* __restrict__ cut, double* __restrict__ warp_sums, int n) {
+    pdl_wait();
+    const int row = blockIdx.y;
+    const int s = blockIdx.x * SPLIT_THREADS + threadIdx.x;  // the sum thread
+    const CutState& st = cut[row].st;
+    double acc = 0.0;
+    if (st.keep_all) {
+        acc = s == 0 ? 1.0 : 0.0;
+    } else {
+        float* p = out + (size_t)row * n;
+        const unsigned cut_bits = st.prefix;
+        const int tie_last = st.tie_last;
+        for_strided<SPLIT_LOADS>(p, n, s, SUM_THREADS, [&](int, int i, float v) {
+            if (cut_keeps(v, i, cut_bits, tie_last)) acc += (double)v;
+            else p[i] = 0.0f;
+        });
+    }
+    acc = warp_sum_f64(acc);
+    if ((threadIdx.x & 31) == 0) warp_sums[row * SUM_WARPS + s / 32] = acc;
 }
 
 // Up to k draws without replacement from row (n entries) with the uniforms u[0..]: each

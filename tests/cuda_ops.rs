@@ -2374,12 +2374,14 @@ fn split_rows(rng: &mut Rng, rows: usize, n: usize) -> Vec<f32> {
     x
 }
 
-/// At T > 0 `probabilities` splits each row's softmax over many blocks
-/// (probabilities_max, _exp, _normalize), then cuts it by top-k / top-p on one block a
-/// row (probabilities_cut): the rows are the one-block kernel's bit for bit (the same
-/// sum order, the same cut), within rounding of the twin's, for rows past a launch's 64
+/// At T > 0 `probabilities` splits each row over many blocks: its softmax
+/// (probabilities_max, _exp, _normalize) and its top-k / top-p cut
+/// (probabilities_cut_digit ×4, probabilities_cut_keep, then _normalize): the rows are
+/// the one-block kernel's bit for bit (the same sum orders, the same cut, ties in runs
+/// of equal rows included), within rounding of the twin's, for rows past a launch's 64
 /// (rows 64.. take a second set of launches) and past the longest sampled row; the
-/// split-K counters the draw uses are all zero after.
+/// split-K counters are all zero after, and the cut's histograms too (the next call's
+/// cut would count them).
 #[test]
 fn probabilities_split_rows_are_the_one_block_rows() {
     let dev = dev_or_skip!();
@@ -2402,6 +2404,9 @@ fn probabilities_split_rows_are_the_one_block_rows() {
             (1.0, 20, 1.0),
             (0.8, 0, 0.9),
             (1.2, 50, 0.8),
+            // All but one kept at T = 0.2: the cut falls deep in the tail, at
+            // probabilities whose fixed-point masses can round to 0.
+            (0.2, n - 1, 1.0),
         ] {
             let p = SamplingParams {
                 temperature,
@@ -2428,9 +2433,9 @@ fn probabilities_split_rows_are_the_one_block_rows() {
 }
 
 /// `probabilities_sample` (a drafter's draw at T > 0): the split kernels' last launch
-/// draws from the row it finished as `sample` does, so the distributions and draws are
-/// those of `probabilities` then `sample` (the one-block path, which also serves top-k /
-/// top-p), and the draws the twin's from those rows; uniforms at both ends (and 1, which
+/// draws from the row it finished as `sample` does, top-k / top-p cut or not, so the
+/// distributions and draws are those of the one-block path (`probabilities` then
+/// `sample`), and the draws the twin's from those rows; uniforms at both ends (and 1, which
 /// draws the last positive entry), rows mostly -inf and rows past 64 included. Bad sizes
 /// are errors.
 #[test]
@@ -4027,10 +4032,15 @@ fn bench_kernels() {
         top_k: 50,
         top_p: 0.9,
     };
-    // A drafter's draw at T = 1 (a row's softmax, then the draw), and a verify block's 6
-    // rows, plain and cut by top-k / top-p: each row on one block (one SM), or its softmax
-    // split over many (the default; floor: the logits read and the probabilities written
-    // once).
+    // Qwen2.5-0.5B-Instruct's generation_config.json: a drafter's draw as it ships.
+    let drafter = SamplingParams {
+        temperature: 0.7,
+        top_k: 20,
+        top_p: 0.8,
+    };
+    // A drafter's draw at T = 1 (a row's softmax, then the draw), plain and cut by top-k /
+    // top-p, and a verify block's 6 rows: each row on one block (one SM), or split over
+    // many (the default; floor: the logits read and the probabilities written once).
     for (split, how) in [(false, "each row on one block"), (true, "rows split over blocks")] {
         bench.dev.set_split_probabilities(split);
         let ms = bench.time(5, || {
@@ -4056,6 +4066,22 @@ fn bench_kernels() {
         });
         bench.row(
             &format!("probabilities_sample 1x152064 T=1, {how}"),
+            ms,
+            2.0 * row_bytes,
+        );
+        let ms = bench.time(50, || {
+            bench.dev.probabilities_sample(
+                &logits.slice(..vocab),
+                &mut probs.slice_mut(..vocab),
+                &uniforms.slice(..1),
+                &mut ids.slice_mut(..1),
+                1,
+                vocab,
+                &drafter,
+            )
+        });
+        bench.row(
+            &format!("probabilities_sample 1x152064 T=0.7 top-k 20 top-p 0.8, {how}"),
             ms,
             2.0 * row_bytes,
         );

@@ -629,12 +629,13 @@ fn row_passes_keep_their_loads_in_flight() {
         for (name, want) in [
             ("argmax", ROW_LOADS),
             ("probabilities", ROW_LOADS),
-            ("probabilities_cut", ROW_LOADS),
             ("top_k", ROW_LOADS),
             ("top_k_probs", ROW_LOADS),
             ("draw_counts", ROW_LOADS),
             ("probabilities_max", SPLIT_LOADS),
             ("probabilities_exp", SPLIT_LOADS),
+            ("probabilities_cut_digit", SPLIT_LOADS),
+            ("probabilities_cut_keep", SPLIT_LOADS),
         ] {
             let Some(f) = sass
                 .iter()

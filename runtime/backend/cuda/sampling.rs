@@ -28,9 +28,14 @@ const SPLIT_WARPS: usize = 4;
 /// Sum warps of a row (SUM_WARPS) and tiles of the longest sampled row (MAX_TILES).
 const SUM_WARPS: usize = 128;
 const MAX_TILES: usize = SAMPLE_MAX_N / SAMPLE_TILE;
+/// A row's state of the split top-k / top-p cut (CUT_ROW_BYTES: its histogram and
+/// select state), and its radix digits (a probabilities_cut_digit launch each).
+const CUT_ROW_BYTES: usize = 4096;
+const CUT_DIGITS: i32 = 4;
 
 /// The scratch of the split probabilities kernels for [`SPLIT_ROWS`] rows: each block's
-/// max, each sum warp's sum, and each tile's sum and last positive entry for a draw. One
+/// max, each sum warp's sum, each tile's sum and last positive entry for a draw, and each
+/// row's cut. One
 /// set per device: its one stream runs one kernel at a time, and a call queues its
 /// launches holding the set.
 pub(super) struct SplitScratch {
@@ -38,6 +43,7 @@ pub(super) struct SplitScratch {
     warp_sums: CudaSlice<f64>,
     tile_sums: CudaSlice<f64>,
     tile_lasts: CudaSlice<i32>,
+    cut: CudaSlice<u8>,
 }
 
 impl SplitScratch {
@@ -48,6 +54,8 @@ impl SplitScratch {
             warp_sums: stream.alloc_zeros(SPLIT_ROWS * SUM_WARPS).map_err(e)?,
             tile_sums: stream.alloc_zeros(SPLIT_ROWS * MAX_TILES).map_err(e)?,
             tile_lasts: stream.alloc_zeros(SPLIT_ROWS * MAX_TILES).map_err(e)?,
+            // Zero: the histograms are zero between launches.
+            cut: stream.alloc_zeros(SPLIT_ROWS * CUT_ROW_BYTES).map_err(e)?,
         })
     }
 }
@@ -88,20 +96,10 @@ impl CudaDevice {
         if rows == 0 || n == 0 {
             return Ok(());
         }
-        let top_k = params.top_k.min(i32::MAX as usize) as i32;
         if self.splits_probabilities(params) {
-            self.probabilities_split(logits, out, None, rows, n, params.temperature)?;
-            if !cuts(params, n) {
-                return Ok(());
-            }
-            let op = self.wptr(out);
-            return self.launch(
-                "sampling",
-                "probabilities_cut",
-                block_per_row(rows, 1024),
-                &[&op, &i32_arg(OP, "n", n)?, &top_k, &params.top_p],
-            );
+            return self.probabilities_split(logits, out, None, rows, n, params);
         }
+        let top_k = cut_top_k(params);
         let (lp, op) = (self.rptr(logits), self.wptr(out));
         self.launch(
             "sampling",
@@ -118,10 +116,9 @@ impl CudaDevice {
         )
     }
 
-    /// Whether `probabilities` splits each row's softmax over many blocks (three
-    /// launches, the same bits) for these parameters: at T > 0, unless turned off
-    /// ([`Self::set_split_probabilities`]); a top-k / top-p cut then takes one block a
-    /// row (`probabilities_cut`).
+    /// Whether `probabilities` splits each row over many blocks (three launches, five
+    /// more for a top-k / top-p cut; the same bits) for these parameters: at T > 0,
+    /// unless turned off ([`Self::set_split_probabilities`]).
     fn splits_probabilities(&self, params: &SamplingParams) -> bool {
         self.split_probabilities() && params.temperature > 0.0
     }
@@ -139,8 +136,10 @@ impl CudaDevice {
         self.split_probabilities.load(Ordering::Relaxed)
     }
 
-    /// probabilities_max, probabilities_exp and probabilities_normalize over `rows` rows
-    /// of n, [`SPLIT_ROWS`] at a time; with `draw` (uniforms, ids), each row's draw too.
+    /// probabilities_max, probabilities_exp, where params cut the rows the cut
+    /// (probabilities_cut_digit for each of the four radix digits, probabilities_cut_keep),
+    /// then probabilities_normalize, over `rows` rows of n, [`SPLIT_ROWS`] at a time; with
+    /// `draw` (uniforms, ids), each row's draw too.
     fn probabilities_split(
         &self,
         logits: &CudaView<'_, f32>,
@@ -148,17 +147,19 @@ impl CudaDevice {
         mut draw: Option<(&CudaView<'_, f64>, &mut CudaViewMut<'_, i32>)>,
         rows: usize,
         n: usize,
-        temperature: f32,
+        params: &SamplingParams,
     ) -> Result<()> {
         // Held until the last launch is queued (see CudaDevice::split_scratch).
         let s = self.split_scratch.lock().unwrap_or_else(|p| p.into_inner());
-        let (mp, wp, tp, lp) = (
+        let (mp, wp, tp, lp, kp) = (
             self.rptr(&s.row_max.as_view()),
             self.rptr(&s.warp_sums.as_view()),
             self.rptr(&s.tile_sums.as_view()),
             self.rptr(&s.tile_lasts.as_view()),
+            self.rptr(&s.cut.as_view()),
         );
         let n_arg = i32_arg("probabilities", "n", n)?;
+        let (cut, top_k) = (cuts(params, n), cut_top_k(params));
         let cp = self.counters_ptr();
         let tiles = n.div_ceil(SAMPLE_TILE);
         for r0 in (0..rows).step_by(SPLIT_ROWS) {
@@ -182,8 +183,24 @@ impl CudaDevice {
                 "sampling",
                 "probabilities_exp",
                 cfg(SPLIT_BLOCKS),
-                &[&xp, &op, &mp, &wp, &n_arg, &temperature],
+                &[&xp, &op, &mp, &wp, &n_arg, &params.temperature],
             )?;
+            if cut {
+                for pass in 0..CUT_DIGITS {
+                    self.launch(
+                        "sampling",
+                        "probabilities_cut_digit",
+                        cfg(SPLIT_BLOCKS),
+                        &[&op, &wp, &kp, &cp, &n_arg, &top_k, &params.top_p, &pass],
+                    )?;
+                }
+                self.launch(
+                    "sampling",
+                    "probabilities_cut_keep",
+                    cfg(SPLIT_BLOCKS),
+                    &[&op, &kp, &wp, &n_arg],
+                )?;
+            }
             self.launch(
                 "sampling",
                 "probabilities_normalize",
@@ -196,8 +213,8 @@ impl CudaDevice {
 
     /// One draw per row from `probabilities` of logits ([rows, n]) with uniforms[row]
     /// into ids ([rows]), the distributions into out ([rows, n]): `probabilities` then
-    /// `sample`, but where the rows split over blocks and nothing cuts them, the draw is
-    /// made in the split's last launch.
+    /// `sample`, but where the rows split over blocks (T > 0), the draw is made in the
+    /// split's last launch.
     /// Twin: `reference::probabilities_sample`.
     #[allow(clippy::too_many_arguments)]
     pub fn probabilities_sample(
@@ -220,8 +237,8 @@ impl CudaDevice {
         if rows == 0 {
             return Ok(());
         }
-        if self.splits_probabilities(params) && !cuts(params, n) {
-            return self.probabilities_split(logits, out, Some((uniforms, ids)), rows, n, params.temperature);
+        if self.splits_probabilities(params) {
+            return self.probabilities_split(logits, out, Some((uniforms, ids)), rows, n, params);
         }
         self.probabilities(logits, out, rows, n, params)?;
         self.sample(&out.slice(..rows * n), uniforms, ids, rows, n)
@@ -570,6 +587,11 @@ impl CudaDevice {
 /// Whether top-k / top-p cut a row of n (the kernels' test).
 fn cuts(params: &SamplingParams, n: usize) -> bool {
     params.top_p < 1.0 || (params.top_k > 0 && params.top_k < n)
+}
+
+/// params.top_k as the kernels take it (0: off; past n, the kernels cut by top-p alone).
+fn cut_top_k(params: &SamplingParams) -> i32 {
+    params.top_k.min(i32::MAX as usize) as i32
 }
 
 fn check_sample_n(op: &str, n: usize) -> Result<()> {
