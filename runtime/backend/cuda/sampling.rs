@@ -35,9 +35,8 @@ const CUT_DIGITS: i32 = 4;
 
 /// The scratch of the split probabilities kernels for [`SPLIT_ROWS`] rows: each block's
 /// max, each sum warp's sum, each tile's sum and last positive entry for a draw, and each
-/// row's cut. One
-/// set per device: its one stream runs one kernel at a time, and a call queues its
-/// launches holding the set.
+/// row's cut. One set per device: its one stream runs one kernel at a time, and a call
+/// queues its launches holding the set.
 pub(super) struct SplitScratch {
     row_max: CudaSlice<f32>,
     warp_sums: CudaSlice<f64>,
@@ -79,8 +78,8 @@ impl CudaDevice {
     }
 
     /// The sampling distribution of each row (massv::sampling::probabilities); logits,
-    /// out: [rows, n] f32. At T > 0 a row's softmax takes many blocks, a cut by top-k /
-    /// top-p one ([`Self::set_split_probabilities`]); at T = 0 one block a row.
+    /// out: [rows, n] f32. At T > 0 a row takes many blocks, its softmax and its top-k /
+    /// top-p cut ([`Self::set_split_probabilities`]); at T = 0 one block a row.
     pub fn probabilities(
         &self,
         logits: &CudaView<'_, f32>,
@@ -136,10 +135,10 @@ impl CudaDevice {
         self.split_probabilities.load(Ordering::Relaxed)
     }
 
-    /// probabilities_max, probabilities_exp, where params cut the rows the cut
-    /// (probabilities_cut_digit for each of the four radix digits, probabilities_cut_keep),
-    /// then probabilities_normalize, over `rows` rows of n, [`SPLIT_ROWS`] at a time; with
-    /// `draw` (uniforms, ids), each row's draw too.
+    /// probabilities_max and probabilities_exp; where params cut the rows, the cut
+    /// (probabilities_cut_digit for each of the four radix digits, then
+    /// probabilities_cut_keep); then probabilities_normalize; over `rows` rows of n,
+    /// [`SPLIT_ROWS`] at a time; with `draw` (uniforms, ids), each row's draw too.
     fn probabilities_split(
         &self,
         logits: &CudaView<'_, f32>,
