@@ -7,13 +7,17 @@
 // when every live lane its mask names waits at one. Exited threads count as arrived, as
 // on the GPU. A block where nobody can move is a deadlock and fails the launch.
 //
-// Two orders (MASSV_EMU_ORDER=reverse, or massv_emu_set_order): a block's threads and the
-// grid's blocks run first to last or last to first, and a warp whose warp barrier
-// completes runs on at once, so each warp runs ahead of the later ones to a __syncthreads
-// or its end. Code that reads shared memory another thread or warp writes without a
-// barrier in between gets a different answer under one of them, and so does a grid that
-// counts on its blocks' order (a split-K sum's last block to arrive is the first split
-// under the reverse order).
+// Two orders (MASSV_EMU_ORDER=reverse, or massv_emu_set_order): a block's threads run
+// first to last or last to first, and a warp whose warp barrier completes runs on at
+// once, so each warp runs ahead of the later ones to a __syncthreads or its end. Code
+// that reads shared memory another thread or warp writes without a barrier in between
+// gets a different answer under one of them. The grid's blocks run first to last, or
+// under the reverse order scattered (scatter_stride): the blocks run one after another
+// lie far apart in every dimension and block 0 runs last, so a grid that counts on its
+// blocks' order gets a different answer too (a split-K sum's last block to arrive is
+// then seldom its last split), and so does one whose work items (rows, column ranges,
+// key splits) share an arrival counter by mistake: their arrivals interleave, where
+// first to last or last to first each item's blocks ran together.
 //
 // On x86-64 a fiber switch is a few instructions (switch_to below): glibc's swapcontext
 // makes a sigprocmask system call on every switch, which was 90 % of the emulator's time.
@@ -29,6 +33,7 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -337,6 +342,15 @@ bool launch_shape_ok(uint3 grid, uint3 block, std::string& err) {
     return true;
 }
 
+// The scattered order's step: run i is block (blocks - 1 - i) * stride mod blocks, a
+// permutation since stride and blocks are coprime; stride near blocks / φ puts the blocks
+// run in a row far apart.
+unsigned long long scatter_stride(unsigned long long blocks) {
+    unsigned long long s = (unsigned long long)((double)blocks * 0.6180339887498949) | 1ull;
+    while (std::gcd(s, blocks) != 1) s += 2;
+    return s;
+}
+
 bool run_grid(const Kernel& k, void** args, uint3 grid, uint3 block, bool pdl, std::string& err) {
     if (!order_from_env_read) {
         const char* o = getenv("MASSV_EMU_ORDER");
@@ -356,8 +370,10 @@ bool run_grid(const Kernel& k, void** args, uint3 grid, uint3 block, bool pdl, s
     blockDim = block;
     gridDim = grid;
     const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
+    const unsigned long long stride = scatter_stride(blocks);
     for (unsigned long long i = 0; i < blocks; ++i) {
-        const unsigned long long b = reverse ? blocks - 1 - i : i;
+        const unsigned long long b =
+            reverse ? (unsigned long long)((unsigned __int128)(blocks - 1 - i) * stride % blocks) : i;
         blockIdx = uint3{(unsigned)(b % grid.x), (unsigned)(b / grid.x % grid.y), (unsigned)(b / grid.x / grid.y)};
         if (!run_block(err)) return false;
     }

@@ -117,9 +117,10 @@ pub fn set_lt_algorithms(available: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs each block's threads, and a grid's blocks, last to first (true) or first to last
-/// (false, the default unless MASSV_EMU_ORDER=reverse). A kernel missing a barrier fails
-/// under one order, and so does a grid counting on its blocks' order.
+/// Runs each block's threads last to first and a grid's blocks scattered (true), or both
+/// first to last (false, the default unless MASSV_EMU_ORDER=reverse). A kernel missing a
+/// barrier fails under one order, and so does a grid counting on its blocks' order or
+/// sharing an arrival counter between work items.
 pub fn set_reverse_order(reverse: bool) -> Result<(), String> {
     let f = sym::<unsafe extern "C" fn(i32)>(b"massv_emu_set_reverse_order\0")?;
     // SAFETY: an int flag.
