@@ -4053,38 +4053,24 @@ fn bench_kernels() {
             ms,
             2.0 * 6.0 * row_bytes,
         );
-        let ms = bench.time(50, || {
-            bench.dev.probabilities_sample(
-                &logits.slice(..vocab),
-                &mut probs.slice_mut(..vocab),
-                &uniforms.slice(..1),
-                &mut ids.slice_mut(..1),
-                1,
-                vocab,
-                &t1,
-            )
-        });
-        bench.row(
-            &format!("probabilities_sample 1x152064 T=1, {how}"),
-            ms,
-            2.0 * row_bytes,
-        );
-        let ms = bench.time(50, || {
-            bench.dev.probabilities_sample(
-                &logits.slice(..vocab),
-                &mut probs.slice_mut(..vocab),
-                &uniforms.slice(..1),
-                &mut ids.slice_mut(..1),
-                1,
-                vocab,
-                &drafter,
-            )
-        });
-        bench.row(
-            &format!("probabilities_sample 1x152064 T=0.7 top-k 20 top-p 0.8, {how}"),
-            ms,
-            2.0 * row_bytes,
-        );
+        for (params, named) in [(&t1, "T=1"), (&drafter, "T=0.7 top-k 20 top-p 0.8")] {
+            let ms = bench.time(50, || {
+                bench.dev.probabilities_sample(
+                    &logits.slice(..vocab),
+                    &mut probs.slice_mut(..vocab),
+                    &uniforms.slice(..1),
+                    &mut ids.slice_mut(..1),
+                    1,
+                    vocab,
+                    params,
+                )
+            });
+            bench.row(
+                &format!("probabilities_sample 1x152064 {named}, {how}"),
+                ms,
+                2.0 * row_bytes,
+            );
+        }
         let ms = bench.time(20, || {
             bench
                 .dev
