@@ -15,7 +15,7 @@
 // under the reverse order scattered (scatter_stride): the blocks run one after another
 // lie far apart in every dimension and block 0 runs last, so a grid that counts on its
 // blocks' order gets a different answer too (a split-K sum's last block to arrive is
-// then seldom its last split), and so does one whose work items (rows, column ranges,
+// then often not its last split), and so does one whose work items (rows, column ranges,
 // key splits) share an arrival counter by mistake: their arrivals interleave, where
 // first to last or last to first each item's blocks ran together.
 //
