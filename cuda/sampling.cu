@@ -309,6 +309,18 @@ __device__ __forceinline__ void cut_count_ties(unsigned ties, unsigned k, unsign
     s.tie_last = t == ties ? INT_MAX : CUT_TIE_SCAN;
 }
 
+// Counts and weighs v into its (sub-)histogram cnt / mass by its digit at shift, if its
+// bits match prefix under pmask; returns whether they did.
+__device__ __forceinline__ bool cut_count(unsigned* cnt, unsigned long long* mass, float v, unsigned prefix,
+                                          unsigned pmask, int shift) {
+    const unsigned b = __float_as_uint(v);
+    if ((b & pmask) != prefix) return false;
+    const unsigned d = (b >> shift) & 255u;
+    atomicAdd(&cnt[d], 1u);
+    atomicAdd(&mass[d], to_fixed(v));
+    return true;
+}
+
 // Whether the cut keeps entry i of value v.
 __device__ __forceinline__ bool cut_keeps(float v, int i, unsigned cut_bits, int tie_last) {
     const unsigned b = __float_as_uint(v);
@@ -396,15 +408,8 @@ __device__ __forceinline__ void probabilities_row(const float* __restrict__ x, f
     const unsigned int k = use_k ? (unsigned int)top_k : (unsigned int)n;
     const unsigned long long p_fixed = __double2ull_rn((double)top_p * FIXED_SCALE);
     const int sub = (threadIdx.x >> 5) % PROB_SUBS;
-    // Entries of the row whose bits match prefix under pmask, counted and weighed by
-    // their digit at shift; returns whether v matched.
     auto histogram = [&](float v, unsigned int prefix, unsigned int pmask, int shift) {
-        const unsigned int b = __float_as_uint(v);
-        if ((b & pmask) != prefix) return false;
-        const unsigned int d = (b >> shift) & 255u;
-        atomicAdd(&cnt[sub][d], 1u);
-        atomicAdd(&mass[sub][d], to_fixed(v));
-        return true;
+        return cut_count(cnt[sub], mass[sub], v, prefix, pmask, shift);
     };
     auto clear_histograms = [&]() {
         for (int i = threadIdx.x; i < PROB_SUBS * 256; i += blockDim.x) {
@@ -1024,13 +1029,6 @@ extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
     if (st.keep_all) return;  // every block of the row reads the same state
     const unsigned prefix = st.prefix, pmask = st.mask;
     const int shift = 24 - 8 * pass;
-    auto histogram = [&](float v) {
-        const unsigned b = __float_as_uint(v);
-        if ((b & pmask) != prefix) return;
-        const unsigned d = (b >> shift) & 255u;
-        atomicAdd(&cnt[warp][d], 1u);
-        atomicAdd(&mass[warp][d], to_fixed(v));
-    };
     const int first = blockIdx.x * SPLIT_THREADS + threadIdx.x, stride = gridDim.x * SPLIT_THREADS;
     if (pass == 0) {
         // Its own loop: with the atomics in it, the f64 division's slow-path call made
@@ -1038,7 +1036,8 @@ extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
         const double sum = sum_warp_sums(warp_sums + row * SUM_WARPS);
         for_strided<SPLIT_LOADS>(p, n, first, stride, [&](int, int i, float e) { p[i] = (float)((double)e / sum); });
     }
-    for_strided<SPLIT_LOADS>(p, n, first, stride, [&](int, int, float v) { histogram(v); });
+    for_strided<SPLIT_LOADS>(p, n, first, stride,
+                             [&](int, int, float v) { cut_count(cnt[warp], mass[warp], v, prefix, pmask, shift); });
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < 256 / SPLIT_THREADS; ++j) {
