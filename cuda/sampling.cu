@@ -15,6 +15,8 @@
 //                   (T = 0 token trees; spec::tree::top_tokens' order);
 //   top_k_probs     the same of rows that already are distributions (T > 0 token trees:
 //                   how the dynamic shape spreads its budget);
+//   top_k_select    both over many blocks a row (after probabilities_max and _exp for
+//                   top_k; the same bits);
 //   sample          one draw per row from non-negative weights, given a uniform;
 //   sample_without_replacement
 //                   a token tree's children at T > 0: per node, draws from its row with
@@ -505,6 +507,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 // for the next TOP_K_LIST ranked after its last pop: k picks spread over 1024 threads
 // rarely put more than one or two in a thread, so that is rare (the tests force it).
 // PROBS: the rows are distributions already (top_k_probs): ranked as they are, one read.
+// top_k_select does the same over many blocks a row.
 #define TOP_K_LIST 4
 
 // a ranks before b: higher, or equal with a lower id (top_tokens' order). {-INFINITY,
@@ -513,20 +516,15 @@ __device__ __forceinline__ bool ranks_before(ArgMax a, ArgMax b) {
     return a.v > b.v || (a.v == b.v && a.i < b.i);
 }
 
-template <bool PROBS>
-__device__ void top_k_body(const float* __restrict__ rows, int32_t* __restrict__ ids, float* __restrict__ probs, int n,
-                           int k) {
-    const float* x = rows + (size_t)blockIdx.x * n;
-    int32_t* row_ids = ids + (size_t)blockIdx.x * k;
-    float* row_probs = probs + (size_t)blockIdx.x * k;
-    float mx = 0.0f;
-    double sum = 1.0;
-    if (!PROBS) {
-        mx = -INFINITY;
-        for_row(x, n, [&](int, float v) { mx = fmaxf(mx, v); });
-        mx = block_max(mx);
-        sum = row_sum_lanes(x, n, [&](int, float v) { return (double)expf(ieee_div(v - mx, 1.0f)); });
-    }
+// The k best entries (ranks_before) of the block's, best first, each handed to
+// emit(j, best) on thread 0; returns how many there were (those with p > 0, at most k).
+// each(f) calls f(i, p) for this thread's entries, the same entries at every call.
+// Every thread keeps its own TOP_K_LIST best in registers and each of the k rounds picks
+// the block's best head and pops it from its thread's list; a list that runs dry while
+// its thread had more entries is refilled by calling each again. Whole block (blockDim.x
+// a multiple of 32).
+template <class Each, class Emit>
+__device__ int block_top_k(Each&& each, int k, Emit&& emit) {
     const ArgMax none = {-INFINITY, INT_MAX};
     ArgMax list[TOP_K_LIST];  // this thread's best entries ranked after `popped`, best first
 #pragma unroll
@@ -537,9 +535,8 @@ __device__ void top_k_body(const float* __restrict__ rows, int32_t* __restrict__
     for (; j < k; ++j) {
         if (list[0].i == INT_MAX && more) {
             more = false;
-            for_row(x, n, [&](int i, float v) {
-                const float p = PROBS ? v : (float)((double)expf(ieee_div(v - mx, 1.0f)) / sum);
-                if (!(p > 0.0f)) return;  // zero, or NaN
+            each([&](int i, float p) {
+                if (!(p > 0.0f)) return;  // zero, NaN, or no entry
                 ArgMax c = {p, i};
                 if (!ranks_before(popped, c)) return;
                 if (list[TOP_K_LIST - 1].i != INT_MAX) {
@@ -558,10 +555,7 @@ __device__ void top_k_body(const float* __restrict__ rows, int32_t* __restrict__
         }
         const ArgMax best = block_best(list[0]);
         if (best.i == INT_MAX) break;  // every thread sees the same pick
-        if (threadIdx.x == 0) {
-            row_ids[j] = best.i;
-            row_probs[j] = best.v;
-        }
+        if (threadIdx.x == 0) emit(j, best);
         if (list[0].i == best.i) {  // each id is one thread's
             popped = list[0];
 #pragma unroll
@@ -569,7 +563,36 @@ __device__ void top_k_body(const float* __restrict__ rows, int32_t* __restrict__
             list[TOP_K_LIST - 1] = none;
         }
     }
-    for (int r = j + threadIdx.x; r < k; r += blockDim.x) {
+    return j;
+}
+
+// An entry's probability under the plain softmax of its row (max mx, sum of exps sum):
+// the probabilities kernel's expression at T = 1.
+__device__ __forceinline__ float top_k_prob(float v, float mx, double sum) {
+    return (float)((double)expf(ieee_div(v - mx, 1.0f)) / sum);
+}
+
+template <bool PROBS>
+__device__ void top_k_body(const float* __restrict__ rows, int32_t* __restrict__ ids, float* __restrict__ probs, int n,
+                           int k) {
+    const float* x = rows + (size_t)blockIdx.x * n;
+    int32_t* row_ids = ids + (size_t)blockIdx.x * k;
+    float* row_probs = probs + (size_t)blockIdx.x * k;
+    float mx = 0.0f;
+    double sum = 1.0;
+    if (!PROBS) {
+        mx = -INFINITY;
+        for_row(x, n, [&](int, float v) { mx = fmaxf(mx, v); });
+        mx = block_max(mx);
+        sum = row_sum_lanes(x, n, [&](int, float v) { return (double)expf(ieee_div(v - mx, 1.0f)); });
+    }
+    const int found = block_top_k(
+        [&](auto&& f) { for_row(x, n, [&](int i, float v) { f(i, PROBS ? v : top_k_prob(v, mx, sum)); }); }, k,
+        [&](int j, ArgMax best) {
+            row_ids[j] = best.i;
+            row_probs[j] = best.v;
+        });
+    for (int r = found + threadIdx.x; r < k; r += blockDim.x) {
         row_ids[r] = -1;
         row_probs[r] = 0.0f;
     }
@@ -858,20 +881,21 @@ extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
     if (threadIdx.x == 0) row_max[blockIdx.y * SPLIT_BLOCKS + blockIdx.x] = mx;
 }
 
-// out: [rows, n] gets e = exp((x - max) / T); warp_sums: [rows, SUM_WARPS] each sum
-// warp's sum of its e. Grid (SPLIT_BLOCKS, rows).
+// out: [rows, n] gets e = exp((x - max) / T) (out null: nothing, the sums alone, as
+// top_k_select needs); warp_sums: [rows, SUM_WARPS] each sum warp's sum of its e. Grid
+// (SPLIT_BLOCKS, rows).
 extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
     probabilities_exp(const float* __restrict__ logits, float* __restrict__ out, const float* __restrict__ row_max,
                       double* __restrict__ warp_sums, int n, float temperature) {
     pdl_wait();
     const float* x = logits + (size_t)blockIdx.y * n;
-    float* p = out + (size_t)blockIdx.y * n;
+    float* p = out == nullptr ? nullptr : out + (size_t)blockIdx.y * n;
     const float mx = warp_max(row_max[blockIdx.y * SPLIT_BLOCKS + (threadIdx.x & 31)]);
     const int s = blockIdx.x * SPLIT_THREADS + threadIdx.x;  // the sum thread
     double acc = 0.0;
     for_strided<SPLIT_LOADS>(x, n, s, SUM_THREADS, [&](int, int i, float v) {
         const float e = expf(ieee_div(v - mx, temperature));
-        p[i] = e;
+        if (p != nullptr) p[i] = e;
         acc += (double)e;
     });
     acc = warp_sum_f64(acc);
@@ -1103,6 +1127,73 @@ extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
     }
     acc = warp_sum_f64(acc);
     if ((threadIdx.x & 31) == 0) warp_sums[row * SUM_WARPS + s / 32] = acc;
+}
+
+// top_k over many blocks a row (one block a row read the row three times on one SM, and
+// its selection pass paid an f64 division an entry: tens of microseconds a row by
+// estimate, unmeasured, at every depth of a T = 0 token tree): probabilities_max and
+// probabilities_exp (sums only, T = 1) give each block the row's max and sum, then
+// top_k_select. The same probabilities (the same expression, max and sum order) ranked
+// in the same total order: the one-block kernel's ids and bits.
+#define MAX_TOP_K 64                                            // the launcher's MAX_TOP_K
+#define MERGE_LOADS (SPLIT_BLOCKS * MAX_TOP_K / SPLIT_THREADS)  // a thread's candidates
+
+// x: [rows, n] logits (row_max / warp_sums: probabilities_max's and _exp's) or, with
+// row_max null, distributions (top_k_probs); ids, probs: [rows, k] as top_k's. Grid
+// (SPLIT_BLOCKS, rows): each block ranks its sum threads' entries (block_top_k) and
+// stores its k best in cand ([rows, SPLIT_BLOCKS, k], padded with {-inf, INT_MAX}); the
+// last block of a row to arrive on counters[row] ranks the row's SPLIT_BLOCKS * k
+// candidates the same way (every entry of the row's k best is one of its block's k
+// best), loaded all at once.
+extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
+    top_k_select(const float* __restrict__ x, const float* __restrict__ row_max, const double* __restrict__ warp_sums,
+                 ArgMax* cand, unsigned* __restrict__ counters, int32_t* __restrict__ ids, float* __restrict__ probs,
+                 int n, int k) {
+    pdl_wait();
+    const int row = blockIdx.y;
+    const float* xr = x + (size_t)row * n;
+    const bool of_logits = row_max != nullptr;
+    float mx = 0.0f;
+    double sum = 1.0;
+    if (of_logits) {
+        mx = warp_max(row_max[row * SPLIT_BLOCKS + (threadIdx.x & 31)]);
+        sum = sum_warp_sums(warp_sums + row * SUM_WARPS);
+    }
+    ArgMax* row_cand = cand + (size_t)row * SPLIT_BLOCKS * k;
+    ArgMax* mine = row_cand + (size_t)blockIdx.x * k;
+    const int s = blockIdx.x * SPLIT_THREADS + threadIdx.x;  // the sum thread
+    const int found = block_top_k(
+        [&](auto&& f) {
+            for_strided<SPLIT_LOADS>(xr, n, s, SUM_THREADS, [&](int, int i, float v) {
+                f(i, of_logits ? top_k_prob(v, mx, sum) : v);
+            });
+        },
+        k, [&](int j, ArgMax best) { mine[j] = best; });
+    for (int j = found + threadIdx.x; j < k; j += blockDim.x) mine[j] = ArgMax{-INFINITY, INT_MAX};
+    if (!last_split_arrived(counters, row, gridDim.x)) return;
+    const int m = gridDim.x * k;  // <= SPLIT_BLOCKS * MAX_TOP_K
+    ArgMax c[MERGE_LOADS];
+#pragma unroll
+    for (int u = 0; u < MERGE_LOADS; ++u) {
+        const int t = threadIdx.x + u * SPLIT_THREADS;
+        c[u] = t < m ? ArgMax{__ldcg(&row_cand[t].v), __ldcg(&row_cand[t].i)} : ArgMax{-INFINITY, INT_MAX};
+    }
+    int32_t* row_ids = ids + (size_t)row * k;
+    float* row_probs = probs + (size_t)row * k;
+    const int kept = block_top_k(
+        [&](auto&& f) {
+#pragma unroll
+            for (int u = 0; u < MERGE_LOADS; ++u) f(c[u].i, c[u].v);
+        },
+        k,
+        [&](int j, ArgMax best) {
+            row_ids[j] = best.i;
+            row_probs[j] = best.v;
+        });
+    for (int j = kept + threadIdx.x; j < k; j += blockDim.x) {
+        row_ids[j] = -1;
+        row_probs[j] = 0.0f;
+    }
 }
 
 // Up to k draws without replacement from row (n entries) with the uniforms u[0..]: each

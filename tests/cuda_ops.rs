@@ -2900,7 +2900,9 @@ fn draw_counts_is_the_twins() {
 /// The kernels keep each thread's few best entries and reread a thread's elements when
 /// its list runs dry: here a row's best entries all lie in one thread's stride (ids
 /// t, t + 1024, ...), some tied, with rivals from other threads between them, so that
-/// thread's list runs dry many times within k picks. Both kernels, against the host.
+/// thread's list runs dry many times within k picks. (Split over blocks, a thread's
+/// stride is 4096: those ids are four threads', each of whose lists runs dry too.) Both
+/// kernels, one block a row and split, against the host.
 #[test]
 fn top_k_ranks_many_winners_of_one_thread() {
     let dev = dev_or_skip!();
@@ -2919,7 +2921,6 @@ fn top_k_ranks_many_winners_of_one_thread() {
             }
         }
     }
-    let (ids, probs) = device_top_k(&dev, &x, rows, n, k, false);
     let q: Vec<f32> = x
         .chunks(n)
         .flat_map(|r| {
@@ -2931,27 +2932,79 @@ fn top_k_ranks_many_winners_of_one_thread() {
             q
         })
         .collect();
-    let (qids, qprobs) = device_top_k(&dev, &q, rows, n, k, true);
-    for row in 0..rows {
-        let t = 7 + 300 * row;
-        let span = row * k..(row + 1) * k;
-        let want = r::top_k(&x[row * n..(row + 1) * n], k);
-        let got = pairs(&ids[span.clone()], &probs[span.clone()]);
-        let same_thread = got.iter().filter(|&&(i, _)| i as usize % 1024 == t % 1024).count();
-        assert!(
-            same_thread > 40,
-            "row {row}: the test puts {same_thread} picks in one thread"
-        );
-        let got_ids: Vec<u32> = got.iter().map(|&(i, _)| i).collect();
-        let want_ids: Vec<u32> = want.iter().map(|&(i, _)| i).collect();
-        assert_eq!(got_ids, want_ids, "top_k row {row}: ids");
-        for (j, (&(_, a), &(_, b))) in got.iter().zip(&want).enumerate() {
-            assert!((a - b).abs() <= 2e-5 * b + 1e-7, "top_k row {row}: [{j}] {a} vs {b}");
+    for split in [false, true] {
+        dev.set_split_probabilities(split);
+        let (ids, probs) = device_top_k(&dev, &x, rows, n, k, false);
+        let (qids, qprobs) = device_top_k(&dev, &q, rows, n, k, true);
+        for row in 0..rows {
+            let t = 7 + 300 * row;
+            let span = row * k..(row + 1) * k;
+            let what = format!("split {split} row {row}");
+            let want = r::top_k(&x[row * n..(row + 1) * n], k);
+            let got = pairs(&ids[span.clone()], &probs[span.clone()]);
+            let same_thread = got.iter().filter(|&&(i, _)| i as usize % 1024 == t % 1024).count();
+            assert!(
+                same_thread > 40,
+                "{what}: the test puts {same_thread} picks in one thread"
+            );
+            let got_ids: Vec<u32> = got.iter().map(|&(i, _)| i).collect();
+            let want_ids: Vec<u32> = want.iter().map(|&(i, _)| i).collect();
+            assert_eq!(got_ids, want_ids, "top_k {what}: ids");
+            for (j, (&(_, a), &(_, b))) in got.iter().zip(&want).enumerate() {
+                assert!((a - b).abs() <= 2e-5 * b + 1e-7, "top_k {what}: [{j}] {a} vs {b}");
+            }
+            let want = r::top_k_probs(&q[row * n..(row + 1) * n], k);
+            let got = pairs(&qids[span.clone()], &qprobs[span]);
+            assert_eq!(got, want, "top_k_probs {what}: exactly the host ranking");
         }
-        let want = r::top_k_probs(&q[row * n..(row + 1) * n], k);
-        let got = pairs(&qids[span.clone()], &qprobs[span]);
-        assert_eq!(got, want, "top_k_probs row {row}: exactly the host ranking");
     }
+    dev.set_split_probabilities(true);
+}
+
+/// Split over blocks (the default), `top_k` and `top_k_probs` rank a row's entries
+/// block by block (each block's k best) and the last block ranks those candidates: the
+/// ids and probabilities are the one-block kernels' bit for bit, for random rows, rows
+/// of ties, rows mostly -inf or zero, rows past a launch's 64, and rows whose best
+/// entries lie in every other block only, so that the merge's threads hold many of the
+/// k best each (candidate b * k + j is thread (b * k + j) % 128's). The split-K
+/// counters are all zero after.
+#[test]
+fn top_k_split_rows_are_the_one_block_rows() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(43);
+    for &(rows, n) in &[(1usize, 10usize), (4, 1000), (2, 4097), (3, 151_936), (70, 300)] {
+        let mut x = split_rows(&mut rng, rows, n);
+        if rows > 3 {
+            // Row 3: block b owns entries with (i % 4096) / 128 == b; the even blocks' win.
+            for (i, v) in x[3 * n..4 * n].iter_mut().enumerate() {
+                if (i % 4096 / 128) % 2 == 0 {
+                    *v += 20.0;
+                }
+            }
+        }
+        let q = distribution_rows(&mut rng, rows, n);
+        for k in [1, 3, 20, MAX_TOP_K] {
+            for (rows_x, of_probs) in [(&x, false), (&q, true)] {
+                let run = |split: bool| {
+                    dev.set_split_probabilities(split);
+                    device_top_k(&dev, rows_x, rows, n, k, of_probs)
+                };
+                let ((si, sp), (oi, op)) = (run(true), run(false));
+                let what = format!("{rows}x{n} k={k} of_probs={of_probs}");
+                assert_eq!(si, oi, "{what}: split ids vs one block's");
+                assert!(bits(&sp) == bits(&op), "{what}: split probabilities vs one block's");
+                for row in 0..rows {
+                    let l = &rows_x[row * n..(row + 1) * n];
+                    let want = if of_probs { r::top_k_probs(l, k) } else { r::top_k(l, k) };
+                    let got = pairs(&si[row * k..(row + 1) * k], &sp[row * k..(row + 1) * k]);
+                    let ids = |v: &[(u32, f32)]| v.iter().map(|&(i, _)| i).collect::<Vec<_>>();
+                    assert_eq!(ids(&got), ids(&want), "{what} row {row}: the host's ids");
+                }
+            }
+        }
+    }
+    dev.set_split_probabilities(true);
+    assert_eq!(dev.split_counters_set().unwrap(), 0, "split-K counters left set");
 }
 
 #[test]
@@ -4006,23 +4059,6 @@ fn bench_kernels() {
         bench.dev.argmax(&logits.as_view(), &mut ids.as_view_mut(), 1, vocab)
     });
     bench.row("argmax 1x152064", ms, row_bytes);
-    // A T = 0 tree depth: 4 frontier rows, each its 4 best children (floor: the rows read
-    // once; the kernel reads them 3 times, mostly from L2).
-    let (mut top_ids, mut top_probs) = (
-        bench.dev.alloc_zeros::<i32>(16).unwrap(),
-        bench.dev.alloc_zeros::<f32>(16).unwrap(),
-    );
-    let ms = bench.time(50, || {
-        bench.dev.top_k(
-            &logits.slice(..4 * vocab),
-            &mut top_ids.as_view_mut(),
-            &mut top_probs.as_view_mut(),
-            4,
-            vocab,
-            4,
-        )
-    });
-    bench.row("top_k 4x152064 k=4", ms, 4.0 * row_bytes);
     let t1 = SamplingParams {
         temperature: 1.0,
         ..Default::default()
@@ -4077,6 +4113,26 @@ fn bench_kernels() {
                 .probabilities(&logits.as_view(), &mut probs.as_view_mut(), 6, vocab, &t1)
         });
         bench.row(&format!("probabilities 6x152064 T=1, {how}"), ms, 2.0 * 6.0 * row_bytes);
+        // A T = 0 tree's first depth (the root's row) and a later one (4 frontier rows),
+        // each row's 4 best children (floor: the rows read once; both read them 3 times,
+        // one SM a row or 32 blocks).
+        let (mut top_ids, mut top_probs) = (
+            bench.dev.alloc_zeros::<i32>(16).unwrap(),
+            bench.dev.alloc_zeros::<f32>(16).unwrap(),
+        );
+        for rows in [1, 4] {
+            let ms = bench.time(50, || {
+                bench.dev.top_k(
+                    &logits.slice(..rows * vocab),
+                    &mut top_ids.slice_mut(..rows * 4),
+                    &mut top_probs.slice_mut(..rows * 4),
+                    rows,
+                    vocab,
+                    4,
+                )
+            });
+            bench.row(&format!("top_k {rows}x152064 k=4, {how}"), ms, rows as f64 * row_bytes);
+        }
     }
     // A T > 0 tree depth: 4 frontier nodes (full softmax rows), 4 children each; the
     // nodes draw at once, a draw passing over its row twice (floor: the rows read once).

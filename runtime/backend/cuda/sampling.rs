@@ -34,8 +34,9 @@ const CUT_ROW_BYTES: usize = 4096;
 const CUT_DIGITS: i32 = 4;
 
 /// The scratch of the split probabilities kernels for [`SPLIT_ROWS`] rows: each block's
-/// max, each sum warp's sum, each tile's sum and last positive entry for a draw, and each
-/// row's cut. One set per device: its one stream runs one kernel at a time, and a call
+/// max, each sum warp's sum, each tile's sum and last positive entry for a draw, each
+/// row's cut, and each block's top-k candidates (top_k_select's (probability, id)
+/// pairs). One set per device: its one stream runs one kernel at a time, and a call
 /// queues its launches holding the set.
 pub(super) struct SplitScratch {
     row_max: CudaSlice<f32>,
@@ -43,6 +44,7 @@ pub(super) struct SplitScratch {
     tile_sums: CudaSlice<f64>,
     tile_lasts: CudaSlice<i32>,
     cut: CudaSlice<u8>,
+    top: CudaSlice<u64>,
 }
 
 impl SplitScratch {
@@ -55,6 +57,7 @@ impl SplitScratch {
             tile_lasts: stream.alloc_zeros(SPLIT_ROWS * MAX_TILES).map_err(e)?,
             // Zero: the histograms are zero between launches.
             cut: stream.alloc_zeros(SPLIT_ROWS * CUT_ROW_BYTES).map_err(e)?,
+            top: stream.alloc_zeros(SPLIT_ROWS * SPLIT_BLOCKS * MAX_TOP_K).map_err(e)?,
         })
     }
 }
@@ -123,8 +126,8 @@ impl CudaDevice {
     }
 
     /// Turns the split probabilities kernels on (the default) or off; off, every row
-    /// takes one block of the `probabilities` kernel (its bits are the same: for tests
-    /// and benchmarks).
+    /// takes one block of the `probabilities` kernel, and of `top_k` / `top_k_probs`
+    /// (their bits are the same: for tests and benchmarks).
     pub fn set_split_probabilities(&self, on: bool) {
         self.split_probabilities.store(on, Ordering::Relaxed);
     }
@@ -245,7 +248,9 @@ impl CudaDevice {
 
     /// Per row of logits ([rows, n]) the k most likely tokens of the plain softmax with a
     /// non-zero probability, best first (ties: lower id), into ids and probs ([rows, k]);
-    /// id -1, probability 0 past the last. k ≤ [`MAX_TOP_K`]. Twin: `reference::top_k`.
+    /// id -1, probability 0 past the last. k ≤ [`MAX_TOP_K`]. A row takes many blocks
+    /// (probabilities_max, probabilities_exp's sums, top_k_select; the same bits) unless
+    /// [`Self::set_split_probabilities`] turned that off. Twin: `reference::top_k`.
     #[allow(clippy::too_many_arguments)]
     pub fn top_k(
         &self,
@@ -256,27 +261,11 @@ impl CudaDevice {
         n: usize,
         k: usize,
     ) -> Result<()> {
-        const OP: &str = "top_k";
-        if k == 0 || k > MAX_TOP_K {
-            return Err(shape_err(OP, format!("k = {k} (1 to {MAX_TOP_K})")));
-        }
-        need(OP, "logits", logits.len(), rows * n)?;
-        need(OP, "ids", ids.len(), rows * k)?;
-        need(OP, "probs", probs.len(), rows * k)?;
-        if rows == 0 {
-            return Ok(());
-        }
-        let (lp, ip, pp) = (self.rptr(logits), self.wptr(ids), self.wptr(probs));
-        self.launch(
-            "sampling",
-            OP,
-            block_per_row(rows, 1024),
-            &[&lp, &ip, &pp, &i32_arg(OP, "n", n)?, &(k as i32)],
-        )
+        self.top_k_rows("top_k", logits, ids, probs, rows, n, k, true)
     }
 
     /// [`Self::top_k`] of rows that already are distributions (q: [rows, n]), ranked by
-    /// their own values (`reference::top_k_probs`).
+    /// their own values (`reference::top_k_probs`): one launch where rows split.
     pub fn top_k_probs(
         &self,
         q: &CudaView<'_, f32>,
@@ -286,23 +275,82 @@ impl CudaDevice {
         n: usize,
         k: usize,
     ) -> Result<()> {
-        const OP: &str = "top_k_probs";
+        self.top_k_rows("top_k_probs", q, ids, probs, rows, n, k, false)
+    }
+
+    /// `top_k` (of_logits) or `top_k_probs`: the one-block kernel `op`, or the split
+    /// kernels [`SPLIT_ROWS`] rows at a time.
+    #[allow(clippy::too_many_arguments)]
+    fn top_k_rows(
+        &self,
+        op: &'static str,
+        x: &CudaView<'_, f32>,
+        ids: &mut CudaViewMut<'_, i32>,
+        probs: &mut CudaViewMut<'_, f32>,
+        rows: usize,
+        n: usize,
+        k: usize,
+        of_logits: bool,
+    ) -> Result<()> {
         if k == 0 || k > MAX_TOP_K {
-            return Err(shape_err(OP, format!("k = {k} (1 to {MAX_TOP_K})")));
+            return Err(shape_err(op, format!("k = {k} (1 to {MAX_TOP_K})")));
         }
-        need(OP, "q", q.len(), rows * n)?;
-        need(OP, "ids", ids.len(), rows * k)?;
-        need(OP, "probs", probs.len(), rows * k)?;
+        need(op, if of_logits { "logits" } else { "q" }, x.len(), rows * n)?;
+        need(op, "ids", ids.len(), rows * k)?;
+        need(op, "probs", probs.len(), rows * k)?;
         if rows == 0 {
             return Ok(());
         }
-        let (qp, ip, pp) = (self.rptr(q), self.wptr(ids), self.wptr(probs));
-        self.launch(
-            "sampling",
-            OP,
-            block_per_row(rows, 1024),
-            &[&qp, &ip, &pp, &i32_arg(OP, "n", n)?, &(k as i32)],
-        )
+        let (n_arg, k_arg) = (i32_arg(op, "n", n)?, k as i32);
+        if !self.split_probabilities() {
+            let (xp, ip, pp) = (self.rptr(x), self.wptr(ids), self.wptr(probs));
+            return self.launch(
+                "sampling",
+                op,
+                block_per_row(rows, 1024),
+                &[&xp, &ip, &pp, &n_arg, &k_arg],
+            );
+        }
+        // Held until the last launch is queued (see CudaDevice::split_scratch).
+        let s = self.split_scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let (mp, wp, tp) = (
+            self.rptr(&s.row_max.as_view()),
+            self.rptr(&s.warp_sums.as_view()),
+            self.rptr(&s.top.as_view()),
+        );
+        let cp = self.counters_ptr();
+        for r0 in (0..rows).step_by(SPLIT_ROWS) {
+            let g = (rows - r0).min(SPLIT_ROWS);
+            let cfg = LaunchConfig {
+                grid_dim: (SPLIT_BLOCKS as u32, g as u32, 1),
+                block_dim: (SPLIT_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let xp = self.rptr(&x.slice(r0 * n..(r0 + g) * n));
+            let ip = self.wptr(&mut ids.slice_mut(r0 * k..(r0 + g) * k));
+            let pp = self.wptr(&mut probs.slice_mut(r0 * k..(r0 + g) * k));
+            let max_ptr = if of_logits {
+                self.launch("sampling", "probabilities_max", cfg, &[&xp, &mp, &n_arg])?;
+                // The sums alone (no output row), at T = 1.
+                let (none, t) = (0u64, 1.0f32);
+                self.launch(
+                    "sampling",
+                    "probabilities_exp",
+                    cfg,
+                    &[&xp, &none, &mp, &wp, &n_arg, &t],
+                )?;
+                mp
+            } else {
+                0u64
+            };
+            self.launch(
+                "sampling",
+                "top_k_select",
+                cfg,
+                &[&xp, &max_ptr, &wp, &tp, &cp, &ip, &pp, &n_arg, &k_arg],
+            )?;
+        }
+        Ok(())
     }
 
     /// A token tree's children drawn without replacement
