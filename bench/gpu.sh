@@ -266,7 +266,7 @@ PY
         # racecheck: the kernels that share memory between threads.
         step racecheck 90 "$san" --tool racecheck --error-exitcode 1 \
             "$gpu_dir/cuda_ops" --test-threads=1 attention_decode attention_prefill_at attention_verify attention_varlen \
-            argmax probabilities top_k sample_is_exact sample_without_replacement draw_counts verify_sampled_exact \
+            argmax probabilities top_k sample_is_exact sample_without_replacement draw_counts verify_sampled_exact verify_sampled_corners \
             rmsnorm kv_append rope_kv_append gemv
         # memcheck on the model level: the device rejection sampling (chains and trees),
         # one VL target pass with its vision tower, the drafter's chains replayed as CUDA

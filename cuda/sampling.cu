@@ -27,6 +27,7 @@
 //   verify_greedy   longest prefix of drafts equal to the target's argmax + next token;
 //   verify_sampled  rejection sampling (accept with min(1, p/q), residual
 //                   max(0, p - q) renormalised, bonus from p), given the host's uniforms;
+//                   verify_sampled_tiles, verify_sampled_draw: the same over many blocks;
 //   verify_tree_greedy   the longest root-to-node path of a token tree whose every node
 //                        is the target's argmax at its parent, + next token;
 //   verify_tree_sampled  multi-candidate rejection sampling down a token tree
@@ -624,11 +625,13 @@ struct Weights {
     int n;
     int nq;
     double norm;
-    __device__ __forceinline__ float at(int i) const {
-        if (q == nullptr) return p[i];
-        const float r = ieee_max(ieee_sub(p[i], i < nq ? q[i] : 0.0f), 0.0f);
+    // Entry i's weight given p[i] (pi) and, where it is read, q[i] (qi).
+    __device__ __forceinline__ float of(int i, float pi, float qi) const {
+        if (q == nullptr) return pi;
+        const float r = ieee_max(ieee_sub(pi, i < nq ? qi : 0.0f), 0.0f);
         return norm == 1.0 ? r : f64_to_f32(__ddiv_rn(f32_to_f64(r), norm));
     }
+    __device__ __forceinline__ float at(int i) const { return of(i, p[i], q != nullptr && i < nq ? q[i] : 0.0f); }
 };
 
 // The weights of one tree-verification step (verify_tree_sampled): the residual
@@ -915,6 +918,60 @@ struct SharedTile {
     }
 };
 
+// A row this kernel's other blocks wrote, read through L2 (split_draw's chosen tile of
+// probabilities_normalize's finished row).
+struct WrittenRow {
+    const float* p;
+    int n;
+    __device__ __forceinline__ float at(int i) const { return __ldcg(p + i); }
+};
+
+// The draw with u01 from a row of weights w split over tiles, in blocked_draw's order, by
+// the last block to finish the row's tiles: their sums and last positive entries are in
+// tile_sums / tile_lasts ([tiles], every block's); the walk picks the tile, the whole
+// block stages that tile's weights in `stage` (a chunk a padded row) and warp 0 draws in
+// it. Whole block of SPLIT_THREADS; the id is returned to thread 0.
+template <class W>
+__device__ int split_draw(const W& w, const double* tile_sums, const int* tile_lasts, double u01,
+                          float (*stage)[SAMPLE_CHUNK + 1]) {
+    __shared__ double tile_sum[MAX_TILES];
+    __shared__ int s_last, s_tile;
+    __shared__ double s_u;
+    const int tiles = ceil_div(w.n, SAMPLE_TILE);
+    if (threadIdx.x == 0) s_last = -1;
+    __syncthreads();
+    for (int t = threadIdx.x; t < tiles; t += blockDim.x) {
+        tile_sum[t] = __ldcg(tile_sums + t);
+        atomicMax(&s_last, __ldcg(tile_lasts + t));
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double u;
+        s_tile = walk_tiles(tile_sum, tiles, tiles_total(tile_sum, tiles), u01, &u);
+        s_u = u;
+    }
+    __syncthreads();
+    const int tile = s_tile;
+    int r = max(s_last, 0);  // the walk passed every tile: the last positive entry
+    if (tile >= 0) {
+        const int base = tile * SAMPLE_TILE;
+        float v[SAMPLE_TILE / SPLIT_THREADS];
+#pragma unroll
+        for (int k = 0; k < SAMPLE_TILE / SPLIT_THREADS; ++k) {
+            const int i = base + k * SPLIT_THREADS + threadIdx.x;
+            v[k] = i < w.n ? w.at(i) : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < SAMPLE_TILE / SPLIT_THREADS; ++k) {
+            const int e = k * SPLIT_THREADS + threadIdx.x;
+            stage[e / SAMPLE_CHUNK][e % SAMPLE_CHUNK] = v[k];
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) r = warp_draw_in_tile(SharedTile{stage, base, w.n}, tile, s_u);
+    }
+    return r;
+}
+
 // out: [rows, n], e in, p = e / sum out (warp_sums: probabilities_exp's, or after a cut
 // probabilities_cut_keep's sums of what it keeps). A warp a tile
 // of SAMPLE_TILE entries, its 32 loads a lane issued at once: grid (ceil(tiles /
@@ -963,43 +1020,8 @@ extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
         }
     }
     if (!draw || !last_split_arrived(counters, row, gridDim.x)) return;
-    // The last block: blocked_draw over the finished row, the chosen tile read into
-    // shared memory by the whole block at once rather than a chunk a lane by warp 0.
-    __shared__ double tile_sum[MAX_TILES];
-    __shared__ int s_last, s_tile;
-    __shared__ double s_u;
-    const double u01 = uniforms[row];
-    if (threadIdx.x == 0) s_last = -1;
-    __syncthreads();
-    for (int t = threadIdx.x; t < tiles; t += blockDim.x) {
-        tile_sum[t] = __ldcg(tile_sums + row * MAX_TILES + t);
-        atomicMax(&s_last, __ldcg(tile_lasts + row * MAX_TILES + t));
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        double u;
-        s_tile = walk_tiles(tile_sum, tiles, tiles_total(tile_sum, tiles), u01, &u);
-        s_u = u;
-    }
-    __syncthreads();
-    const int tile = s_tile;
-    int r = max(s_last, 0);  // the walk passed every tile: the last positive entry
-    if (tile >= 0) {
-        const int base = tile * SAMPLE_TILE;
-        float v[SAMPLE_TILE / SPLIT_THREADS];
-#pragma unroll
-        for (int k = 0; k < SAMPLE_TILE / SPLIT_THREADS; ++k) {
-            const int i = base + k * SPLIT_THREADS + threadIdx.x;
-            v[k] = i < n ? __ldcg(p + i) : 0.0f;
-        }
-#pragma unroll
-        for (int k = 0; k < SAMPLE_TILE / SPLIT_THREADS; ++k) {
-            const int e = k * SPLIT_THREADS + threadIdx.x;
-            chunks[0][e / SAMPLE_CHUNK][e % SAMPLE_CHUNK] = v[k];
-        }
-        __syncthreads();
-        if (warp == 0) r = warp_draw_in_tile(SharedTile{chunks[0], base, n}, tile, s_u);
-    }
+    const int r = split_draw(WrittenRow{p, n}, tile_sums + row * MAX_TILES, tile_lasts + row * MAX_TILES, uniforms[row],
+                             chunks[0]);
     if (threadIdx.x == 0) ids[row] = r;
 }
 
@@ -1341,6 +1363,38 @@ __device__ __forceinline__ double accept_probability(float p, float q) {
     return f32_to_f64(r) < 1.0 ? f32_to_f64(r) : 1.0;
 }
 
+// How many of the gamma drafts are accepted: the first i whose uniform is not below
+// min(1, p/q) (the host tests them in turn and stops there), the tests 32 at a time
+// across warp 0's lanes. Whole block; returned to every thread.
+__device__ int accepted_drafts(const int32_t* __restrict__ drafts, const float* __restrict__ q,
+                               const float* __restrict__ p, const double* __restrict__ uniforms, int gamma, int nq,
+                               int np) {
+    __shared__ int s_accepted;
+    if (threadIdx.x < 32) {
+        int a = gamma;
+        for (int g = 0; g < gamma; g += 32) {
+            const int i = g + (int)threadIdx.x;
+            bool reject = false;
+            if (i < gamma) {
+                const int d = drafts[i];
+                const float pd = d >= 0 && d < np ? p[(size_t)i * np + d] : 0.0f;
+                const float qd = d >= 0 && d < nq ? q[(size_t)i * nq + d] : 0.0f;
+                reject = uniforms[i] >= accept_probability(pd, qd);
+            }
+            const unsigned rejected = __ballot_sync(0xffffffffu, reject);
+            if (rejected != 0u) {
+                a = g + __ffs((int)rejected) - 1;
+                break;
+            }
+        }
+        if (threadIdx.x == 0) s_accepted = a;
+    }
+    __syncthreads();
+    const int a = s_accepted;
+    __syncthreads();  // s_accepted is rewritten by the next call
+    return a;
+}
+
 // drafts: [gamma]; q: [gamma, nq] the distributions the drafts were drawn from; p:
 // [gamma + 1, np] the target's; uniforms: [gamma + 1] (the host RNG's next draws: one
 // per accept test, then one for the final draw); out: (accepted, next). The host RNG
@@ -1350,20 +1404,8 @@ extern "C" __global__ void __launch_bounds__(1024)
     verify_sampled(const int32_t* __restrict__ drafts, const float* __restrict__ q, const float* __restrict__ p,
                    const double* __restrict__ uniforms, int32_t* __restrict__ out, int gamma, int nq, int np) {
     pdl_wait();
-    __shared__ int s_accepted;
     __shared__ double s_norm;
-    if (threadIdx.x == 0) {
-        int i = 0;
-        for (; i < gamma; ++i) {
-            const int d = drafts[i];
-            const float pd = d >= 0 && d < np ? p[(size_t)i * np + d] : 0.0f;
-            const float qd = d >= 0 && d < nq ? q[(size_t)i * nq + d] : 0.0f;
-            if (uniforms[i] >= accept_probability(pd, qd)) break;
-        }
-        s_accepted = i;
-    }
-    __syncthreads();
-    const int a = s_accepted;
+    const int a = accepted_drafts(drafts, q, p, uniforms, gamma, nq, np);
     Weights w = {p + (size_t)a * np, nullptr, np, 0, 1.0};
     if (a < gamma) {
         // Residual max(0, p - q), normalised by its blocked sum (p itself if that is 0).
@@ -1383,6 +1425,103 @@ extern "C" __global__ void __launch_bounds__(1024)
     if (threadIdx.x == 0) {
         out[0] = a;
         out[1] = next;
+    }
+}
+
+// verify_sampled over many blocks: on one block (one SM) a rejection's residual took two
+// passes over a vocabulary's p and q rows with an f64 division an entry in the second,
+// tens of microseconds by estimate (unmeasured) after every target pass at T > 0. Each
+// pass a launch, a warp a tile (grid ceil(tiles / SPLIT_WARPS)): verify_sampled_tiles
+// sums the first weights' tiles, verify_sampled_draw the normalised residual's, and the
+// last block of each to finish walks the tiles (split_draw). The same weights, tile
+// sums and walk: verify_sampled's verdict. state: the verdict so far, between the two.
+struct VerifyState {
+    int accepted;  // -1: the verdict is out already (every draft accepted)
+    double norm;   // the residual's total
+};
+
+// Tile t of w (a warp's): its entries loaded at once (p's and q's, then their weights),
+// staged in `stage` a chunk a padded row, their blocked sum and last positive entry into
+// tile_sums[t] / tile_lasts[t]. Whole warp.
+__device__ void split_tile_sum(const Weights& w, int t, float (*stage)[SAMPLE_CHUNK + 1], double* tile_sums,
+                               int* tile_lasts) {
+    const int lane = threadIdx.x & 31, base = t * SAMPLE_TILE;
+    float pv[SAMPLE_CHUNK], qv[SAMPLE_CHUNK];
+#pragma unroll
+    for (int j = 0; j < SAMPLE_CHUNK; ++j) {
+        const int i = base + j * SAMPLE_CHUNK + lane;
+        pv[j] = i < w.n ? w.p[i] : 0.0f;
+        qv[j] = w.q != nullptr && i < w.nq ? w.q[i] : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < SAMPLE_CHUNK; ++j) {
+        const int i = base + j * SAMPLE_CHUNK + lane;
+        stage[j][lane] = i < w.n ? w.of(i, pv[j], qv[j]) : 0.0f;
+    }
+    __syncwarp();
+    int last;
+    const double ts = warp_tile_sum(SharedTile{stage, base, w.n}, t, &last);
+    if (lane == 0) {
+        tile_sums[t] = ts;
+        tile_lasts[t] = last;
+    }
+}
+
+// As verify_sampled (its arguments), and: state ([1]); tile_sums, tile_lasts:
+// [MAX_TILES] scratch; counters: the split counters (counter 0). The tiles of the
+// residual max(0, p - q) at the first rejected draft, or, every draft accepted, of p's
+// last row, which the last block then draws the bonus from.
+extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
+    verify_sampled_tiles(const int32_t* __restrict__ drafts, const float* __restrict__ q, const float* __restrict__ p,
+                         const double* __restrict__ uniforms, int32_t* __restrict__ out, VerifyState* state,
+                         double* tile_sums, int* tile_lasts, unsigned* __restrict__ counters, int gamma, int nq,
+                         int np) {
+    pdl_wait();
+    __shared__ float chunks[SPLIT_WARPS][SAMPLE_TILE / SAMPLE_CHUNK][SAMPLE_CHUNK + 1];
+    const int a = accepted_drafts(drafts, q, p, uniforms, gamma, nq, np);
+    const Weights w = a < gamma ? Weights{p + (size_t)a * np, q + (size_t)a * nq, np, nq, 1.0}
+                                : Weights{p + (size_t)gamma * np, nullptr, np, 0, 1.0};
+    const int warp = threadIdx.x >> 5, t = blockIdx.x * SPLIT_WARPS + warp;
+    if (t < ceil_div(np, SAMPLE_TILE)) split_tile_sum(w, t, chunks[warp], tile_sums, tile_lasts);
+    if (!last_split_arrived(counters, 0, gridDim.x)) return;
+    if (a == gamma) {
+        const int r = split_draw(w, tile_sums, tile_lasts, uniforms[gamma], chunks[0]);
+        if (threadIdx.x == 0) {
+            out[0] = a;
+            out[1] = r;
+            state->accepted = -1;
+        }
+        return;
+    }
+    if (threadIdx.x == 0) {
+        double total = 0.0;
+        for (int i = 0; i < ceil_div(np, SAMPLE_TILE); ++i) total = __dadd_rn(total, __ldcg(tile_sums + i));
+        state->accepted = a;
+        state->norm = total;
+    }
+}
+
+// After verify_sampled_tiles, where a draft was rejected: the tiles of the residual
+// divided by its total (p's row itself where that total is 0), and the last block draws
+// the token from them. Arguments as verify_sampled_tiles'.
+extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
+    verify_sampled_draw(const float* __restrict__ q, const float* __restrict__ p, const double* __restrict__ uniforms,
+                        int32_t* __restrict__ out, const VerifyState* state, double* tile_sums, int* tile_lasts,
+                        unsigned* __restrict__ counters, int nq, int np) {
+    pdl_wait();
+    __shared__ float chunks[SPLIT_WARPS][SAMPLE_TILE / SAMPLE_CHUNK][SAMPLE_CHUNK + 1];
+    const int a = state->accepted;
+    if (a < 0) return;
+    const double norm = state->norm;
+    const Weights w = norm > 0.0 ? Weights{p + (size_t)a * np, q + (size_t)a * nq, np, nq, norm}
+                                 : Weights{p + (size_t)a * np, nullptr, np, 0, 1.0};
+    const int warp = threadIdx.x >> 5, t = blockIdx.x * SPLIT_WARPS + warp;
+    if (t < ceil_div(np, SAMPLE_TILE)) split_tile_sum(w, t, chunks[warp], tile_sums, tile_lasts);
+    if (!last_split_arrived(counters, 0, gridDim.x)) return;
+    const int r = split_draw(w, tile_sums, tile_lasts, uniforms[a + 1], chunks[0]);
+    if (threadIdx.x == 0) {
+        out[0] = a;
+        out[1] = r;
     }
 }
 

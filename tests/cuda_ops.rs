@@ -3150,38 +3150,128 @@ fn twin_verify_sampled_is_the_cpu_engines() {
     );
 }
 
+/// The device's verdict on a case, the vocabulary split over blocks or on one block.
+fn device_verify_sampled(dev: &CudaDevice, c: &VerifyCase, split: bool) -> Verdict {
+    let di: Vec<i32> = c.drafts.iter().map(|&x| x as i32).collect();
+    let (dd, dq, dp, du) = (
+        dev.upload(&di).unwrap(),
+        dev.upload(&c.q).unwrap(),
+        dev.upload(&c.p).unwrap(),
+        dev.upload(&c.uniforms).unwrap(),
+    );
+    let mut dout = dev.upload(&[-7i32, -7]).unwrap();
+    dev.set_split_probabilities(split);
+    dev.verify_sampled(
+        &dd.as_view(),
+        &dq.as_view(),
+        &dp.as_view(),
+        &du.as_view(),
+        &mut dout.as_view_mut(),
+        c.gamma,
+        c.nq,
+        c.np,
+    )
+    .unwrap();
+    dev.set_split_probabilities(true);
+    let got = dev.download(&dout.as_view()).unwrap();
+    Verdict {
+        accepted: got[0] as usize,
+        next: got[1] as u32,
+    }
+}
+
+/// Both the split kernels (verify_sampled_tiles, verify_sampled_draw: the default) and
+/// the one-block kernel give the twin's verdict and the CPU engine's.
 #[test]
 fn verify_sampled_exact() {
     let dev = dev_or_skip!();
     for c in verify_cases(18) {
-        let di: Vec<i32> = c.drafts.iter().map(|&x| x as i32).collect();
-        let (dd, dq, dp, du) = (
-            dev.upload(&di).unwrap(),
-            dev.upload(&c.q).unwrap(),
-            dev.upload(&c.p).unwrap(),
-            dev.upload(&c.uniforms).unwrap(),
-        );
-        let mut dout = dev.alloc_zeros::<i32>(2).unwrap();
-        dev.verify_sampled(
-            &dd.as_view(),
-            &dq.as_view(),
-            &dp.as_view(),
-            &du.as_view(),
-            &mut dout.as_view_mut(),
-            c.gamma,
-            c.nq,
-            c.np,
-        )
-        .unwrap();
-        let got = dev.download(&dout.as_view()).unwrap();
-        let got = Verdict {
-            accepted: got[0] as usize,
-            next: got[1] as u32,
-        };
         let twin = r::verify_sampled(&c.drafts, &c.q, &c.p, &c.uniforms, c.nq, c.np);
-        assert_eq!(got, twin, "{}: device vs twin", c.what);
-        assert_eq!(got, c.cpu, "{}: device vs spec::verify", c.what);
+        for split in [true, false] {
+            let got = device_verify_sampled(&dev, &c, split);
+            assert_eq!(got, twin, "{} split {split}: device vs twin", c.what);
+            assert_eq!(got, c.cpu, "{} split {split}: device vs spec::verify", c.what);
+        }
     }
+    assert_eq!(dev.split_counters_set().unwrap(), 0, "split-K counters left set");
+}
+
+/// The verdict's corners, split and on one block, against the twin: a rejection whose
+/// residual is all zero (q = 2p, not a distribution, and p 0 past q's vocabulary: the
+/// token comes from p itself),
+/// more drafts than a warp tests at once (γ = 40, the first 35 certain), none (γ = 0:
+/// the bonus alone), and drafts outside the vocabularies (probability 0).
+#[test]
+fn verify_sampled_corners_split_and_one_block() {
+    let dev = dev_or_skip!();
+    let mut rng = Rng::new(23);
+    let (np, nq) = (5000, 4900);
+    let row = |rng: &mut Rng, n: usize| {
+        let w: Vec<f32> = (0..n).map(|_| rng.uniform() as f32).collect();
+        let s: f32 = w.iter().sum();
+        w.into_iter().map(|v| v / s).collect::<Vec<f32>>()
+    };
+    let mut cases = Vec::new();
+    for (what, gamma) in [("residual 0", 4), ("γ 40", 40), ("γ 0", 0), ("outside", 6)] {
+        let mut p = Vec::new();
+        let mut q = Vec::new();
+        for i in 0..=gamma {
+            let mut pi = row(&mut rng, np);
+            if what == "residual 0" {
+                // Nothing of p past q's vocabulary, where q = 0 would leave a residual.
+                pi = row(&mut rng, nq);
+                pi.resize(np, 0.0);
+            }
+            if i < gamma {
+                let qi: Vec<f32> = match what {
+                    "residual 0" => pi[..nq].iter().map(|v| 2.0 * v).collect(),
+                    "γ 40" if i < 35 => pi[..nq].to_vec(),
+                    _ => row(&mut rng, nq),
+                };
+                q.extend(qi);
+            }
+            p.extend(pi);
+        }
+        let drafts: Vec<u32> = (0..gamma)
+            .map(|i| match what {
+                // Past both vocabularies, past q's only, and ordinary ids.
+                "outside" if i % 3 == 0 => np as u32 + 5,
+                "outside" if i % 3 == 1 => nq as u32 + 50,
+                _ => (rng.uniform() * nq as f64) as u32,
+            })
+            .collect();
+        for trial in 0..6 {
+            let uniforms: Vec<f64> = (0..=gamma).map(|_| rng.uniform()).collect();
+            let cpu = r::verify_sampled(&drafts, &q, &p, &uniforms, nq, np);
+            cases.push(VerifyCase {
+                gamma,
+                np,
+                nq,
+                drafts: drafts.clone(),
+                q: q.clone(),
+                p: p.clone(),
+                uniforms,
+                cpu,
+                what: format!("{what} trial {trial}"),
+            });
+        }
+    }
+    let mut rejected = [0usize; 4];
+    for (i, c) in cases.iter().enumerate() {
+        for split in [true, false] {
+            let got = device_verify_sampled(&dev, c, split);
+            assert_eq!(got, c.cpu, "{} split {split}", c.what);
+        }
+        rejected[i / 6] += (c.cpu.accepted < c.gamma) as usize;
+    }
+    // The corners are reached: rejections with a zero residual, past the first warp's
+    // tests (γ 40: every verdict at 35 or later), and outside the vocabularies.
+    assert!(rejected[0] > 0 && rejected[3] > 0, "{rejected:?}");
+    assert!(
+        cases[6..12].iter().all(|c| c.cpu.accepted >= 35),
+        "γ 40: a rejection before 35"
+    );
+    assert_eq!(dev.split_counters_set().unwrap(), 0, "split-K counters left set");
 }
 
 #[test]
@@ -4164,24 +4254,34 @@ fn bench_kernels() {
         ms,
         4.0 * row_bytes,
     );
-    // p = q: the top-k / top-p rows, where the drafts have p = 0: rejected at once.
+    // p: the top-k / top-p rows, where the drafts have p = 0: rejected at once; q: the
+    // full softmax of the same logits, so the residual is p's kept entries less q's.
+    // Floor: p and q read once.
     bench
         .dev
         .probabilities(&logits.as_view(), &mut probs.as_view_mut(), 6, vocab, &tp)
         .unwrap();
-    let ms = bench.time(20, || {
-        bench.dev.verify_sampled(
-            &drafts.as_view(),
-            &probs.as_view(),
-            &probs.as_view(),
-            &uniforms.as_view(),
-            &mut ids.as_view_mut(),
-            5,
-            vocab,
-            vocab,
-        )
-    });
-    bench.row("verify_sampled γ=5 152064", ms, 2.0 * row_bytes);
+    let mut q_rows = bench.dev.alloc_zeros::<f32>(5 * vocab).unwrap();
+    bench
+        .dev
+        .probabilities(&logits.slice(..5 * vocab), &mut q_rows.as_view_mut(), 5, vocab, &t1)
+        .unwrap();
+    for (split, how) in [(false, "on one block"), (true, "split over blocks")] {
+        bench.dev.set_split_probabilities(split);
+        let ms = bench.time(20, || {
+            bench.dev.verify_sampled(
+                &drafts.as_view(),
+                &q_rows.as_view(),
+                &probs.as_view(),
+                &uniforms.as_view(),
+                &mut ids.as_view_mut(),
+                5,
+                vocab,
+                vocab,
+            )
+        });
+        bench.row(&format!("verify_sampled γ=5 152064, {how}"), ms, 2.0 * row_bytes);
+    }
     // A sampled tree's worst step: the root's 8 children all rejected (8 residuals and
     // 8 removals over the vocabulary), then the draw; floor: p and q read and written
     // once per rejection. p: the top-k/top-p rows (children where p = 0: always

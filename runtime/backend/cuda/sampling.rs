@@ -35,9 +35,10 @@ const CUT_DIGITS: i32 = 4;
 
 /// The scratch of the split probabilities kernels for [`SPLIT_ROWS`] rows: each block's
 /// max, each sum warp's sum, each tile's sum and last positive entry for a draw, each
-/// row's cut, and each block's top-k candidates (top_k_select's (probability, id)
-/// pairs). One set per device: its one stream runs one kernel at a time, and a call
-/// queues its launches holding the set.
+/// row's cut, each block's top-k candidates (top_k_select's (probability, id) pairs),
+/// and a split verify_sampled's verdict between its two launches. One set per device:
+/// its one stream runs one kernel at a time, and a call queues its launches holding the
+/// set.
 pub(super) struct SplitScratch {
     row_max: CudaSlice<f32>,
     warp_sums: CudaSlice<f64>,
@@ -45,6 +46,7 @@ pub(super) struct SplitScratch {
     tile_lasts: CudaSlice<i32>,
     cut: CudaSlice<u8>,
     top: CudaSlice<u64>,
+    verdict: CudaSlice<u64>,
 }
 
 impl SplitScratch {
@@ -58,6 +60,8 @@ impl SplitScratch {
             // Zero: the histograms are zero between launches.
             cut: stream.alloc_zeros(SPLIT_ROWS * CUT_ROW_BYTES).map_err(e)?,
             top: stream.alloc_zeros(SPLIT_ROWS * SPLIT_BLOCKS * MAX_TOP_K).map_err(e)?,
+            // VerifyState: an int and a double.
+            verdict: stream.alloc_zeros(2).map_err(e)?,
         })
     }
 }
@@ -126,8 +130,9 @@ impl CudaDevice {
     }
 
     /// Turns the split probabilities kernels on (the default) or off; off, every row
-    /// takes one block of the `probabilities` kernel, and of `top_k` / `top_k_probs`
-    /// (their bits are the same: for tests and benchmarks).
+    /// takes one block of the `probabilities` kernel, and of `top_k` / `top_k_probs`,
+    /// and `verify_sampled` one block (their bits are the same: for tests and
+    /// benchmarks).
     pub fn set_split_probabilities(&self, on: bool) {
         self.split_probabilities.store(on, Ordering::Relaxed);
     }
@@ -482,7 +487,9 @@ impl CudaDevice {
 
     /// (accepted, next) of rejection-sampling verification into out[0..2]: drafts [γ],
     /// q [γ, nq], p [γ + 1, np], uniforms [γ + 1] (the host RNG's next draws; see
-    /// `reference::verify_sampled` and `reference::uniforms_consumed`).
+    /// `reference::verify_sampled` and `reference::uniforms_consumed`). The vocabulary
+    /// splits over many blocks (verify_sampled_tiles, verify_sampled_draw: the same
+    /// verdict) unless [`Self::set_split_probabilities`] turned that off.
     #[allow(clippy::too_many_arguments)]
     pub fn verify_sampled(
         &self,
@@ -509,20 +516,40 @@ impl CudaDevice {
             self.rptr(uniforms),
             self.wptr(out),
         );
+        let (g, nq_arg, np_arg) = (i32_arg(OP, "gamma", gamma)?, i32_arg(OP, "nq", nq)?, np as i32);
+        if self.split_probabilities() {
+            // A warp a tile of the vocabulary, two passes (the residual's total, then its
+            // normalised tiles and the draw); held until both are queued.
+            let s = self.split_scratch.lock().unwrap_or_else(|p| p.into_inner());
+            let (vp, tp, lp, cp) = (
+                self.rptr(&s.verdict.as_view()),
+                self.rptr(&s.tile_sums.as_view()),
+                self.rptr(&s.tile_lasts.as_view()),
+                self.counters_ptr(),
+            );
+            let cfg = LaunchConfig {
+                grid_dim: (np.div_ceil(SAMPLE_TILE).div_ceil(SPLIT_WARPS) as u32, 1, 1),
+                block_dim: (SPLIT_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(
+                "sampling",
+                "verify_sampled_tiles",
+                cfg,
+                &[&dp, &qp, &pp, &up, &op, &vp, &tp, &lp, &cp, &g, &nq_arg, &np_arg],
+            )?;
+            return self.launch(
+                "sampling",
+                "verify_sampled_draw",
+                cfg,
+                &[&qp, &pp, &up, &op, &vp, &tp, &lp, &cp, &nq_arg, &np_arg],
+            );
+        }
         self.launch(
             "sampling",
             OP,
             block_per_row(1, 1024),
-            &[
-                &dp,
-                &qp,
-                &pp,
-                &up,
-                &op,
-                &i32_arg(OP, "gamma", gamma)?,
-                &i32_arg(OP, "nq", nq)?,
-                &(np as i32),
-            ],
+            &[&dp, &qp, &pp, &up, &op, &g, &nq_arg, &np_arg],
         )
     }
 
