@@ -567,6 +567,20 @@ __device__ int block_top_k(Each&& each, int k, Emit&& emit) {
     return j;
 }
 
+// block_top_k into a row's ids and probabilities ([k]): id -1 and probability 0 past the
+// last entry found. Whole block.
+template <class Each>
+__device__ void block_top_k_row(Each&& each, int k, int32_t* row_ids, float* row_probs) {
+    const int found = block_top_k(each, k, [&](int j, ArgMax best) {
+        row_ids[j] = best.i;
+        row_probs[j] = best.v;
+    });
+    for (int r = found + threadIdx.x; r < k; r += blockDim.x) {
+        row_ids[r] = -1;
+        row_probs[r] = 0.0f;
+    }
+}
+
 // An entry's probability under the plain softmax of its row (max mx, sum of exps sum):
 // the probabilities kernel's expression at T = 1.
 __device__ __forceinline__ float top_k_prob(float v, float mx, double sum) {
@@ -587,16 +601,9 @@ __device__ void top_k_body(const float* __restrict__ rows, int32_t* __restrict__
         mx = block_max(mx);
         sum = row_sum_lanes(x, n, [&](int, float v) { return (double)expf(ieee_div(v - mx, 1.0f)); });
     }
-    const int found = block_top_k(
+    block_top_k_row(
         [&](auto&& f) { for_row(x, n, [&](int i, float v) { f(i, PROBS ? v : top_k_prob(v, mx, sum)); }); }, k,
-        [&](int j, ArgMax best) {
-            row_ids[j] = best.i;
-            row_probs[j] = best.v;
-        });
-    for (int r = found + threadIdx.x; r < k; r += blockDim.x) {
-        row_ids[r] = -1;
-        row_probs[r] = 0.0f;
-    }
+        row_ids, row_probs);
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
@@ -1202,20 +1209,12 @@ extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
     }
     int32_t* row_ids = ids + (size_t)row * k;
     float* row_probs = probs + (size_t)row * k;
-    const int kept = block_top_k(
+    block_top_k_row(
         [&](auto&& f) {
 #pragma unroll
             for (int u = 0; u < MERGE_LOADS; ++u) f(c[u].i, c[u].v);
         },
-        k,
-        [&](int j, ArgMax best) {
-            row_ids[j] = best.i;
-            row_probs[j] = best.v;
-        });
-    for (int j = kept + threadIdx.x; j < k; j += blockDim.x) {
-        row_ids[j] = -1;
-        row_probs[j] = 0.0f;
-    }
+        k, row_ids, row_probs);
 }
 
 // Up to k draws without replacement from row (n entries) with the uniforms u[0..]: each
