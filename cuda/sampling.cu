@@ -933,6 +933,20 @@ struct WrittenRow {
     __device__ __forceinline__ float at(int i) const { return __ldcg(p + i); }
 };
 
+// The other blocks' tile sums ([tiles], global) into tile_sum (shared), the whole block
+// loading them at once, and the largest of their last positive entries into *s_last
+// (tile_lasts null: not wanted). Whole block.
+__device__ void gather_tile_sums(const double* tile_sums, const int* tile_lasts, int tiles, double* tile_sum,
+                                 int* s_last) {
+    if (threadIdx.x == 0) *s_last = -1;
+    __syncthreads();
+    for (int t = threadIdx.x; t < tiles; t += blockDim.x) {
+        tile_sum[t] = __ldcg(tile_sums + t);
+        if (tile_lasts != nullptr) atomicMax(s_last, __ldcg(tile_lasts + t));
+    }
+    __syncthreads();
+}
+
 // The draw with u01 from a row of weights w split over tiles, in blocked_draw's order, by
 // the last block to finish the row's tiles: their sums and last positive entries are in
 // tile_sums / tile_lasts ([tiles], every block's); the walk picks the tile, the whole
@@ -945,13 +959,7 @@ __device__ int split_draw(const W& w, const double* tile_sums, const int* tile_l
     __shared__ int s_last, s_tile;
     __shared__ double s_u;
     const int tiles = ceil_div(w.n, SAMPLE_TILE);
-    if (threadIdx.x == 0) s_last = -1;
-    __syncthreads();
-    for (int t = threadIdx.x; t < tiles; t += blockDim.x) {
-        tile_sum[t] = __ldcg(tile_sums + t);
-        atomicMax(&s_last, __ldcg(tile_lasts + t));
-    }
-    __syncthreads();
+    gather_tile_sums(tile_sums, tile_lasts, tiles, tile_sum, &s_last);
     if (threadIdx.x == 0) {
         double u;
         s_tile = walk_tiles(tile_sum, tiles, tiles_total(tile_sum, tiles), u01, &u);
@@ -1492,11 +1500,15 @@ extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
         }
         return;
     }
+    // The total in tiles_total's order, from shared memory: thread 0 adding from global
+    // memory would wait for an L2 latency a tile.
+    __shared__ double tile_sum[MAX_TILES];
+    __shared__ int s_last;
+    const int tiles = ceil_div(np, SAMPLE_TILE);
+    gather_tile_sums(tile_sums, nullptr, tiles, tile_sum, &s_last);
     if (threadIdx.x == 0) {
-        double total = 0.0;
-        for (int i = 0; i < ceil_div(np, SAMPLE_TILE); ++i) total = __dadd_rn(total, __ldcg(tile_sums + i));
         state->accepted = a;
-        state->norm = total;
+        state->norm = tiles_total(tile_sum, tiles);
     }
 }
 
