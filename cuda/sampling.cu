@@ -1439,9 +1439,10 @@ extern "C" __global__ void __launch_bounds__(1024)
 // passes over a vocabulary's p and q rows with an f64 division an entry in the second,
 // tens of microseconds by estimate (unmeasured) after every target pass at T > 0. Each
 // pass a launch, a warp a tile (grid ceil(tiles / SPLIT_WARPS)): verify_sampled_tiles
-// sums the first weights' tiles, verify_sampled_draw the normalised residual's, and the
-// last block of each to finish walks the tiles (split_draw). The same weights, tile
-// sums and walk: verify_sampled's verdict. state: the verdict so far, between the two.
+// sums the first weights' tiles and its last block to finish totals them (or, every
+// draft accepted, draws the bonus: split_draw); verify_sampled_draw sums the normalised
+// residual's tiles and its last block draws. The same weights, tile sums and walk:
+// verify_sampled's verdict. state: the verdict so far, between the two.
 struct VerifyState {
     int accepted;  // -1: the verdict is out already (every draft accepted)
     double norm;   // the residual's total
