@@ -33,6 +33,16 @@ const MAX_TILES: usize = SAMPLE_MAX_N / SAMPLE_TILE;
 const CUT_ROW_BYTES: usize = 4096;
 const CUT_DIGITS: i32 = 4;
 
+/// A split kernel's launch: `blocks` blocks of SPLIT_THREADS a row (blockIdx.x), `rows`
+/// rows (blockIdx.y).
+fn split_grid(blocks: usize, rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks as u32, rows as u32, 1),
+        block_dim: (SPLIT_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// The scratch of the split probabilities kernels for [`SPLIT_ROWS`] rows: each block's
 /// max, each sum warp's sum, each tile's sum and last positive entry for a draw, each
 /// row's cut, each block's top-k candidates (top_k_select's (probability, id) pairs),
@@ -171,11 +181,7 @@ impl CudaDevice {
         let tiles = n.div_ceil(SAMPLE_TILE);
         for r0 in (0..rows).step_by(SPLIT_ROWS) {
             let g = (rows - r0).min(SPLIT_ROWS);
-            let cfg = |blocks: usize| LaunchConfig {
-                grid_dim: (blocks as u32, g as u32, 1),
-                block_dim: (SPLIT_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = |blocks: usize| split_grid(blocks, g);
             let xp = self.rptr(&logits.slice(r0 * n..(r0 + g) * n));
             let op = self.wptr(&mut out.slice_mut(r0 * n..(r0 + g) * n));
             let (up, ip) = match &mut draw {
@@ -326,11 +332,7 @@ impl CudaDevice {
         let cp = self.counters_ptr();
         for r0 in (0..rows).step_by(SPLIT_ROWS) {
             let g = (rows - r0).min(SPLIT_ROWS);
-            let cfg = LaunchConfig {
-                grid_dim: (SPLIT_BLOCKS as u32, g as u32, 1),
-                block_dim: (SPLIT_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = split_grid(SPLIT_BLOCKS, g);
             let xp = self.rptr(&x.slice(r0 * n..(r0 + g) * n));
             let ip = self.wptr(&mut ids.slice_mut(r0 * k..(r0 + g) * k));
             let pp = self.wptr(&mut probs.slice_mut(r0 * k..(r0 + g) * k));
@@ -527,11 +529,7 @@ impl CudaDevice {
                 self.rptr(&s.tile_lasts.as_view()),
                 self.counters_ptr(),
             );
-            let cfg = LaunchConfig {
-                grid_dim: (np.div_ceil(SAMPLE_TILE).div_ceil(SPLIT_WARPS) as u32, 1, 1),
-                block_dim: (SPLIT_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = split_grid(np.div_ceil(SAMPLE_TILE).div_ceil(SPLIT_WARPS), 1);
             self.launch(
                 "sampling",
                 "verify_sampled_tiles",
