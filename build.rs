@@ -158,9 +158,11 @@ struct Module {
     resources: Vec<Resources>,
 }
 
-/// Compiles each source in its own nvcc process, in parallel.
+/// Compiles each source in its own nvcc process, in parallel, or takes its fatbin and
+/// ptxas report from the kernel cache (see [`KernelCache`]).
 fn compile_all(nvcc: &Path, sources: &[PathBuf], archs: &str, out_dir: &Path) -> Vec<Module> {
     let gencode = gencode_flags(archs);
+    let cache = KernelCache::open(nvcc, out_dir);
     let jobs: Vec<_> = sources
         .iter()
         .map(|src| {
@@ -170,18 +172,39 @@ fn compile_all(nvcc: &Path, sources: &[PathBuf], archs: &str, out_dir: &Path) ->
                 .to_string_lossy()
                 .into_owned();
             let out = out_dir.join(format!("{name}.fatbin"));
-            let mut cmd = Command::new(nvcc);
-            // -Xptxas=-v: each kernel's registers and spills, for kernels::RESOURCES.
-            cmd.arg("--fatbin").args(["-O3", "-std=c++17", "-Icuda", "-Xptxas=-v"]);
+            let mut flags: Vec<String> = ["--fatbin", "-O3", "-std=c++17", "-Icuda", "-Xptxas=-v"]
+                .map(String::from)
+                .to_vec();
             // Sampling decides which token a request gets: its softmax takes the full-range
             // expf (fast math's ex2.approx.ftz is ulps off and flushes the tail's
             // probabilities below 1.2e-38 to 0). It streams one vocabulary row, so the
             // slower exp costs nothing measurable; every other kernel keeps fast math.
             if name != "sampling" {
-                cmd.arg("--use_fast_math");
+                flags.push("--use_fast_math".into());
             }
-            cmd.args(&gencode).arg("-o").arg(&out).arg(src);
-            std::thread::spawn(move || (name, out, cmd.output()))
+            flags.extend(gencode.iter().cloned());
+            let (nvcc, src, cache) = (nvcc.to_path_buf(), src.clone(), cache.clone());
+            std::thread::spawn(move || {
+                let key = cache.as_ref().and_then(|c| c.key(&nvcc, &flags, &src));
+                if let (Some(c), Some(key)) = (&cache, key) {
+                    if let Some(report) = c.fetch(&name, key, &out) {
+                        return (name, out, Ok(Ok(report)));
+                    }
+                }
+                let result = Command::new(&nvcc).args(&flags).arg("-o").arg(&out).arg(&src).output();
+                let result = result.map(|o| {
+                    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+                    if o.status.success() {
+                        if let (Some(c), Some(key)) = (&cache, key) {
+                            c.store(&name, key, &out, &stderr);
+                        }
+                        Ok(stderr)
+                    } else {
+                        Err(stderr)
+                    }
+                });
+                (name, out, result)
+            })
         })
         .collect();
     let mut modules = Vec::new();
@@ -189,13 +212,13 @@ fn compile_all(nvcc: &Path, sources: &[PathBuf], archs: &str, out_dir: &Path) ->
     for job in jobs {
         let (name, out, result) = job.join().expect("nvcc thread");
         match result {
-            Ok(o) if o.status.success() => modules.push(Module {
-                resources: ptxas_report(&String::from_utf8_lossy(&o.stderr)),
+            Ok(Ok(stderr)) => modules.push(Module {
+                resources: ptxas_report(&stderr),
                 name,
                 fatbin: out,
             }),
-            Ok(o) => {
-                let _ = writeln!(failures, "cuda/{name}.cu:\n{}", String::from_utf8_lossy(&o.stderr));
+            Ok(Err(stderr)) => {
+                let _ = writeln!(failures, "cuda/{name}.cu:\n{stderr}");
             }
             Err(e) => {
                 let _ = writeln!(failures, "cuda/{name}.cu: could not run {}: {e}", nvcc.display());
@@ -206,6 +229,112 @@ fn compile_all(nvcc: &Path, sources: &[PathBuf], archs: &str, out_dir: &Path) ->
         panic!("CUDA kernels failed to compile with {}:\n{failures}", nvcc.display());
     }
     modules
+}
+
+/// Compiled kernels kept across builds in `<target dir>/massv-kernel-cache`, so that the
+/// same sources are not compiled again by another profile or command (`cargo clippy`,
+/// `cargo test`, `cargo build --release` each run this script in a directory of its
+/// own: about 3 minutes of nvcc for every architecture on 2 cores) or for a change to
+/// another .cu file. An entry is a module's fatbin and ptxas report, named by a hash of
+/// everything the compile reads: nvcc's path and version, the flags, and the contents of
+/// every file nvcc's preprocessor includes (`nvcc -M`: the source, cuda/*.cuh, the CUDA
+/// and system headers). `MASSV_KERNEL_CACHE=0` turns it off. Entries are written to a
+/// temporary name and renamed, so a build killed halfway leaves none half-written, and
+/// each module keeps its [`KernelCache::KEEP`] newest.
+#[derive(Clone)]
+struct KernelCache {
+    dir: PathBuf,
+    nvcc_version: String,
+}
+
+impl KernelCache {
+    const KEEP: usize = 4;
+
+    fn open(nvcc: &Path, out_dir: &Path) -> Option<KernelCache> {
+        println!("cargo:rerun-if-env-changed=MASSV_KERNEL_CACHE");
+        if env::var("MASSV_KERNEL_CACHE").is_ok_and(|v| v == "0") {
+            return None;
+        }
+        // OUT_DIR is <target dir>[/<triple>]/<profile>/build/<package>-<hash>/out.
+        let dir = out_dir.ancestors().nth(4)?.join("massv-kernel-cache");
+        fs::create_dir_all(&dir).ok()?;
+        let version = Command::new(nvcc).arg("--version").output().ok()?;
+        let nvcc_version = String::from_utf8_lossy(&version.stdout).into_owned();
+        Some(KernelCache { dir, nvcc_version })
+    }
+
+    /// The hash of what compiling `src` with `flags` reads, or None when nvcc cannot
+    /// list the files it includes (then the module is compiled and not cached).
+    fn key(&self, nvcc: &Path, flags: &[String], src: &Path) -> Option<u64> {
+        use std::hash::{Hash, Hasher};
+        let deps = Command::new(nvcc)
+            .args(["-M", "-std=c++17", "-Icuda"])
+            .arg(src)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())?;
+        let mut h = std::hash::DefaultHasher::new();
+        (nvcc, &self.nvcc_version, flags).hash(&mut h);
+        // A make rule: "gemv.o : cuda/gemv.cu \", then one included file a line.
+        let text = String::from_utf8_lossy(&deps.stdout).into_owned();
+        let (_, paths) = text.split_once(": ")?;
+        for path in paths.split_whitespace().filter(|p| *p != "\\") {
+            (path, fs::read(path).ok()?).hash(&mut h);
+        }
+        Some(h.finish())
+    }
+
+    fn entry(&self, name: &str, key: u64, ext: &str) -> PathBuf {
+        self.dir.join(format!("{name}-{key:016x}.{ext}"))
+    }
+
+    /// The cached report after copying the cached fatbin to `out`, if both are there.
+    fn fetch(&self, name: &str, key: u64, out: &Path) -> Option<String> {
+        let report = fs::read_to_string(self.entry(name, key, "ptxas")).ok()?;
+        fs::copy(self.entry(name, key, "fatbin"), out).ok()?;
+        Some(report)
+    }
+
+    /// Stores a compiled module (the fatbin before the report: an entry counts once its
+    /// report is there). A failure to store costs the next build a compile, nothing else.
+    fn store(&self, name: &str, key: u64, fatbin: &Path, report: &str) {
+        let put = |ext: &str, write: &dyn Fn(&Path) -> std::io::Result<()>| {
+            let tmp = self
+                .dir
+                .join(format!("{name}-{key:016x}.{ext}.{}.tmp", std::process::id()));
+            write(&tmp)
+                .and_then(|()| fs::rename(&tmp, self.entry(name, key, ext)))
+                .is_ok()
+        };
+        if put("fatbin", &|t| fs::copy(fatbin, t).map(drop)) && put("ptxas", &|t| fs::write(t, report)) {
+            self.evict(name);
+        }
+    }
+
+    /// Removes all but the newest KEEP entries of module `name`.
+    fn evict(&self, name: &str) {
+        let Ok(rd) = fs::read_dir(&self.dir) else { return };
+        let prefix = format!("{name}-");
+        let mut reports: Vec<(std::time::SystemTime, PathBuf)> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.extension().is_some_and(|x| x == "ptxas")
+                    && p.file_stem().and_then(|s| s.to_str()).is_some_and(|s| {
+                        // name-<16 hex digits>: not another module whose name starts the same
+                        s.strip_prefix(&prefix)
+                            .is_some_and(|k| k.len() == 16 && k.chars().all(|c| c.is_ascii_hexdigit()))
+                    })
+            })
+            .filter_map(|p| Some((fs::metadata(&p).ok()?.modified().ok()?, p)))
+            .collect();
+        reports.sort();
+        let stale = reports.len().saturating_sub(Self::KEEP);
+        for (_, report) in reports.into_iter().take(stale) {
+            let _ = fs::remove_file(report.with_extension("fatbin"));
+            let _ = fs::remove_file(report);
+        }
+    }
 }
 
 fn write_module_table(out_dir: &Path, modules: &[Module], archs: &str, release: Option<(u32, u32)>) {
