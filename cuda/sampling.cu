@@ -8,9 +8,10 @@
 //   probabilities_max, probabilities_exp, probabilities_normalize
 //                   its softmax, a row over many blocks (the same bits), the last launch
 //                   drawing from each row as sample does if asked;
-//   probabilities_cut_digit, probabilities_cut_keep
+//   probabilities_cut_digit, probabilities_cut_top_k, probabilities_cut_keep
 //                   its top-k / top-p cut of those rows over many blocks too (the same
-//                   bits), before probabilities_normalize;
+//                   bits), before probabilities_normalize: a radix select, or where
+//                   top-k is at most 64, a select of the top-k;
 //   top_k           the k most likely tokens of the plain softmax and their probabilities
 //                   (T = 0 token trees; spec::tree::top_tokens' order);
 //   top_k_probs     the same of rows that already are distributions (T > 0 token trees:
@@ -1175,6 +1176,37 @@ extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
 #define MAX_TOP_K 64                                            // the launcher's MAX_TOP_K
 #define MERGE_LOADS (SPLIT_BLOCKS * MAX_TOP_K / SPLIT_THREADS)  // a thread's candidates
 
+// A block's k best of the entries each(f) hands it (block_top_k), stored as its
+// candidates in mine ([k], padded with {-inf, INT_MAX}) for the last block of its row to
+// merge (merged_candidates). Whole block.
+template <class Each>
+__device__ void block_candidates(Each&& each, int k, ArgMax* mine) {
+    const int found = block_top_k(each, k, [&](int j, ArgMax best) { mine[j] = best; });
+    for (int j = found + threadIdx.x; j < k; j += blockDim.x) mine[j] = ArgMax{-INFINITY, INT_MAX};
+}
+
+// The row's candidates (row_cand: [gridDim.x, k], block_candidates'), loaded all at once
+// (MERGE_LOADS a thread), and each(f) over them for block_top_k: every entry of the
+// row's k best is one of its block's k best. The last block of the row.
+struct MergedCandidates {
+    ArgMax c[MERGE_LOADS];
+    template <class F>
+    __device__ __forceinline__ void operator()(F&& f) const {
+#pragma unroll
+        for (int u = 0; u < MERGE_LOADS; ++u) f(c[u].i, c[u].v);
+    }
+};
+__device__ __forceinline__ MergedCandidates merged_candidates(const ArgMax* row_cand, int k) {
+    const int m = gridDim.x * k;  // <= SPLIT_BLOCKS * MAX_TOP_K
+    MergedCandidates mc;
+#pragma unroll
+    for (int u = 0; u < MERGE_LOADS; ++u) {
+        const int t = threadIdx.x + u * SPLIT_THREADS;
+        mc.c[u] = t < m ? ArgMax{__ldcg(&row_cand[t].v), __ldcg(&row_cand[t].i)} : ArgMax{-INFINITY, INT_MAX};
+    }
+    return mc;
+}
+
 // x: [rows, n] logits (row_max / warp_sums: probabilities_max's and _exp's) or, with
 // row_max null, distributions (top_k_probs); ids, probs: [rows, k] as top_k's. Grid
 // (SPLIT_BLOCKS, rows): each block ranks its sum threads' entries (block_top_k) and
@@ -1197,32 +1229,62 @@ extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
         sum = sum_warp_sums(warp_sums + row * SUM_WARPS);
     }
     ArgMax* row_cand = cand + (size_t)row * SPLIT_BLOCKS * k;
-    ArgMax* mine = row_cand + (size_t)blockIdx.x * k;
     const int s = blockIdx.x * SPLIT_THREADS + threadIdx.x;  // the sum thread
-    const int found = block_top_k(
+    block_candidates(
         [&](auto&& f) {
             for_strided<SPLIT_LOADS>(xr, n, s, SUM_THREADS, [&](int, int i, float v) {
                 f(i, of_logits ? top_k_prob(v, mx, sum) : v);
             });
         },
-        k, [&](int j, ArgMax best) { mine[j] = best; });
-    for (int j = found + threadIdx.x; j < k; j += blockDim.x) mine[j] = ArgMax{-INFINITY, INT_MAX};
+        k, row_cand + (size_t)blockIdx.x * k);
     if (!last_split_arrived(counters, row, gridDim.x)) return;
-    const int m = gridDim.x * k;  // <= SPLIT_BLOCKS * MAX_TOP_K
-    ArgMax c[MERGE_LOADS];
-#pragma unroll
-    for (int u = 0; u < MERGE_LOADS; ++u) {
-        const int t = threadIdx.x + u * SPLIT_THREADS;
-        c[u] = t < m ? ArgMax{__ldcg(&row_cand[t].v), __ldcg(&row_cand[t].i)} : ArgMax{-INFINITY, INT_MAX};
+    block_top_k_row(merged_candidates(row_cand, k), k, ids + (size_t)row * k, probs + (size_t)row * k);
+}
+
+// The top-k / top-p cut of rows split over blocks where top_k (1..MAX_TOP_K, below n)
+// bounds it, in one launch instead of four probabilities_cut_digit: every entry the cut
+// keeps is one of the row's top_k best, so the cut is found among those. Each block
+// normalises its entries of out (probabilities_exp's e; warp_sums its sums: the
+// division probabilities_cut_digit's pass 0 makes) and stores its top_k best as
+// candidates (cand: [rows, SPLIT_BLOCKS, top_k]); the last block of a row to arrive on
+// counters[row] ranks them and adds the masses of the row's best in order until top_k
+// entries or top_p's mass (the exact fixed-point masses of CutState: the radix select's
+// cut), and stores the cut in cut[row].st for probabilities_cut_keep: its value's bits
+// and the last kept id among the entries equal to it (its rank's total order is the
+// ties' lower-id-first). A row with fewer than top_k positive entries whose mass never
+// reaches top_p keeps every positive one (the cut falls among zeros: 0 either way).
+extern "C" __global__ void __launch_bounds__(SPLIT_THREADS)
+    probabilities_cut_top_k(float* out, const double* __restrict__ warp_sums, ArgMax* cand, CutRow* cut,
+                            unsigned* __restrict__ counters, int n, int top_k, float top_p) {
+    pdl_wait();
+    const int row = blockIdx.y;
+    float* p = out + (size_t)row * n;
+    const int s = blockIdx.x * SPLIT_THREADS + threadIdx.x;  // the sum thread
+    const double sum = sum_warp_sums(warp_sums + row * SUM_WARPS);
+    // Each thread reads back only its own entries (plain loads).
+    for_strided<SPLIT_LOADS>(p, n, s, SUM_THREADS, [&](int, int i, float e) { p[i] = (float)((double)e / sum); });
+    ArgMax* row_cand = cand + (size_t)row * SPLIT_BLOCKS * top_k;
+    block_candidates(
+        [&](auto&& f) { for_strided<SPLIT_LOADS>(p, n, s, SUM_THREADS, [&](int, int i, float v) { f(i, v); }); },
+        top_k, row_cand + (size_t)blockIdx.x * top_k);
+    if (!last_split_arrived(counters, row, gridDim.x)) return;
+    __shared__ ArgMax best[MAX_TOP_K];
+    const int found = block_top_k(merged_candidates(row_cand, top_k), top_k, [&](int j, ArgMax b) { best[j] = b; });
+    if (threadIdx.x == 0) {
+        CutState st;
+        cut_init(st);  // prefix 0, tie_last INT_MAX: every positive entry kept
+        const unsigned long long p_fixed = __double2ull_rn((double)top_p * FIXED_SCALE);
+        unsigned long long mass = 0;
+        for (int j = 0; j < found; ++j) {
+            mass += to_fixed(best[j].v);
+            if (j + 1 >= top_k || mass >= p_fixed) {
+                st.prefix = __float_as_uint(best[j].v);
+                st.tie_last = best[j].i;
+                break;
+            }
+        }
+        cut[row].st = st;
     }
-    int32_t* row_ids = ids + (size_t)row * k;
-    float* row_probs = probs + (size_t)row * k;
-    block_top_k_row(
-        [&](auto&& f) {
-#pragma unroll
-            for (int u = 0; u < MERGE_LOADS; ++u) f(c[u].i, c[u].v);
-        },
-        k, row_ids, row_probs);
 }
 
 // Up to k draws without replacement from row (n entries) with the uniforms u[0..]: each

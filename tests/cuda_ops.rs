@@ -2376,9 +2376,11 @@ fn split_rows(rng: &mut Rng, rows: usize, n: usize) -> Vec<f32> {
 
 /// At T > 0 `probabilities` splits each row over many blocks: its softmax
 /// (probabilities_max, _exp, _normalize) and its top-k / top-p cut
-/// (probabilities_cut_digit ×4, probabilities_cut_keep, then _normalize): the rows are
-/// the one-block kernel's bit for bit (the same sum orders, the same cut, ties in runs
-/// of equal rows included), within rounding of the twin's, for rows past a launch's 64
+/// (probabilities_cut_digit ×4, or probabilities_cut_top_k where top-k is 1 to 64 and
+/// below n; probabilities_cut_keep, then _normalize): the rows are the one-block
+/// kernel's bit for bit (the same sum orders, the same cut, ties in runs of equal rows
+/// and rows with fewer positive entries than top-k included), within rounding of the
+/// twin's, for rows past a launch's 64
 /// (rows 64.. take a second set of launches) and past the longest sampled row; the
 /// split-K counters are all zero after, and the cut's histograms too (the next call's
 /// cut would count them).
@@ -2404,6 +2406,11 @@ fn probabilities_split_rows_are_the_one_block_rows() {
             (1.0, 20, 1.0),
             (0.8, 0, 0.9),
             (1.2, 50, 0.8),
+            // The top-k select's bounds (64 and 1 take it, 65 the radix select).
+            (1.0, 64, 0.95),
+            (0.9, 1, 1.0),
+            (1.1, 65, 0.99),
+            (0.5, 64, 1.0),
             // All but one kept at T = 0.2: the cut falls deep in the tail, at
             // probabilities whose fixed-point masses can round to 0.
             (0.2, n - 1, 1.0),
@@ -4164,6 +4171,13 @@ fn bench_kernels() {
         top_k: 20,
         top_p: 0.8,
     };
+    // Top-p alone: the split cut's radix select (a top-k of at most 64 takes the top-k
+    // select instead, as the two configs above do).
+    let top_p_only = SamplingParams {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 0.95,
+    };
     // A drafter's draw at T = 1 (a row's softmax, then the draw), plain and cut by top-k /
     // top-p, and a verify block's 6 rows: each row on one block (one SM), or split over
     // many (the default; floor: the logits read and the probabilities written once).
@@ -4179,7 +4193,11 @@ fn bench_kernels() {
             ms,
             2.0 * 6.0 * row_bytes,
         );
-        for (params, named) in [(&t1, "T=1"), (&drafter, "T=0.7 top-k 20 top-p 0.8")] {
+        for (params, named) in [
+            (&t1, "T=1"),
+            (&drafter, "T=0.7 top-k 20 top-p 0.8"),
+            (&top_p_only, "T=1 top-p 0.95"),
+        ] {
             let ms = bench.time(50, || {
                 bench.dev.probabilities_sample(
                     &logits.slice(..vocab),

@@ -635,6 +635,7 @@ fn row_passes_keep_their_loads_in_flight() {
             ("probabilities_max", SPLIT_LOADS),
             ("probabilities_exp", SPLIT_LOADS),
             ("probabilities_cut_digit", SPLIT_LOADS),
+            ("probabilities_cut_top_k", SPLIT_LOADS),
             ("probabilities_cut_keep", SPLIT_LOADS),
             ("top_k_select", SPLIT_LOADS),
         ] {

@@ -45,8 +45,8 @@ fn split_grid(blocks: usize, rows: usize) -> LaunchConfig {
 
 /// The scratch of the split probabilities kernels for [`SPLIT_ROWS`] rows: each block's
 /// max, each sum warp's sum, each tile's sum and last positive entry for a draw, each
-/// row's cut, each block's top-k candidates (top_k_select's (probability, id) pairs),
-/// and a split verify_sampled's verdict between its two launches. One set per device:
+/// row's cut, each block's top-k candidates (top_k_select's and
+/// probabilities_cut_top_k's (probability, id) pairs), and a split verify_sampled's verdict between its two launches. One set per device:
 /// its one stream runs one kernel at a time, and a call queues its launches holding the
 /// set.
 pub(super) struct SplitScratch {
@@ -132,8 +132,9 @@ impl CudaDevice {
         )
     }
 
-    /// Whether `probabilities` splits each row over many blocks (three launches, five
-    /// more for a top-k / top-p cut; the same bits) for these parameters: at T > 0,
+    /// Whether `probabilities` splits each row over many blocks (three launches, two
+    /// more for a top-k of at most [`MAX_TOP_K`] (the shipped generation configs'), five
+    /// for another top-k / top-p cut; the same bits) for these parameters: at T > 0,
     /// unless turned off ([`Self::set_split_probabilities`]).
     fn splits_probabilities(&self, params: &SamplingParams) -> bool {
         self.split_probabilities() && params.temperature > 0.0
@@ -153,10 +154,11 @@ impl CudaDevice {
         self.split_probabilities.load(Ordering::Relaxed)
     }
 
-    /// probabilities_max and probabilities_exp; where params cut the rows, the cut
-    /// (probabilities_cut_digit for each of the four radix digits, then
-    /// probabilities_cut_keep); then probabilities_normalize; over `rows` rows of n,
-    /// [`SPLIT_ROWS`] at a time; with `draw` (uniforms, ids), each row's draw too.
+    /// probabilities_max and probabilities_exp; where params cut the rows, the cut (a top-k
+    /// of at most [`MAX_TOP_K`] below n: probabilities_cut_top_k, the cut found among
+    /// the top-k; otherwise probabilities_cut_digit for each of the four radix digits;
+    /// then probabilities_cut_keep); then probabilities_normalize; over `rows` rows of
+    /// n, [`SPLIT_ROWS`] at a time; with `draw` (uniforms, ids), each row's draw too.
     fn probabilities_split(
         &self,
         logits: &CudaView<'_, f32>,
@@ -168,12 +170,13 @@ impl CudaDevice {
     ) -> Result<()> {
         // Held until the last launch is queued (see CudaDevice::split_scratch).
         let s = self.split_scratch.lock().unwrap_or_else(|p| p.into_inner());
-        let (mp, wp, tp, lp, kp) = (
+        let (mp, wp, tp, lp, kp, candp) = (
             self.rptr(&s.row_max.as_view()),
             self.rptr(&s.warp_sums.as_view()),
             self.rptr(&s.tile_sums.as_view()),
             self.rptr(&s.tile_lasts.as_view()),
             self.rptr(&s.cut.as_view()),
+            self.rptr(&s.top.as_view()),
         );
         let n_arg = i32_arg("probabilities", "n", n)?;
         let (cut, top_k) = (cuts(params, n), cut_top_k(params));
@@ -199,13 +202,22 @@ impl CudaDevice {
                 &[&xp, &op, &mp, &wp, &n_arg, &params.temperature],
             )?;
             if cut {
-                for pass in 0..CUT_DIGITS {
+                if (1..=MAX_TOP_K as i32).contains(&top_k) && (top_k as usize) < n {
                     self.launch(
                         "sampling",
-                        "probabilities_cut_digit",
+                        "probabilities_cut_top_k",
                         cfg(SPLIT_BLOCKS),
-                        &[&op, &wp, &kp, &cp, &n_arg, &top_k, &params.top_p, &pass],
+                        &[&op, &wp, &candp, &kp, &cp, &n_arg, &top_k, &params.top_p],
                     )?;
+                } else {
+                    for pass in 0..CUT_DIGITS {
+                        self.launch(
+                            "sampling",
+                            "probabilities_cut_digit",
+                            cfg(SPLIT_BLOCKS),
+                            &[&op, &wp, &kp, &cp, &n_arg, &top_k, &params.top_p, &pass],
+                        )?;
+                    }
                 }
                 self.launch(
                     "sampling",
