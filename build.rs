@@ -185,17 +185,16 @@ fn compile_all(nvcc: &Path, sources: &[PathBuf], archs: &str, out_dir: &Path) ->
             flags.extend(gencode.iter().cloned());
             let (nvcc, src, cache) = (nvcc.to_path_buf(), src.clone(), cache.clone());
             std::thread::spawn(move || {
-                let key = cache.as_ref().and_then(|c| c.key(&nvcc, &flags, &src));
-                if let (Some(c), Some(key)) = (&cache, key) {
-                    if let Some(report) = c.fetch(&name, key, &out) {
-                        return (name, out, Ok(Ok(report)));
-                    }
+                // The cache and this module's key in it, where both are known.
+                let entry = cache.as_ref().and_then(|c| Some((c, c.key(&nvcc, &flags, &src)?)));
+                if let Some(report) = entry.and_then(|(c, key)| c.fetch(&name, key, &out)) {
+                    return (name, out, Ok(Ok(report)));
                 }
                 let result = Command::new(&nvcc).args(&flags).arg("-o").arg(&out).arg(&src).output();
                 let result = result.map(|o| {
                     let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
                     if o.status.success() {
-                        if let (Some(c), Some(key)) = (&cache, key) {
+                        if let Some((c, key)) = entry {
                             c.store(&name, key, &out, &stderr);
                         }
                         Ok(stderr)

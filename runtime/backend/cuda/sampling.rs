@@ -46,9 +46,9 @@ fn split_grid(blocks: usize, rows: usize) -> LaunchConfig {
 /// The scratch of the split probabilities kernels for [`SPLIT_ROWS`] rows: each block's
 /// max, each sum warp's sum, each tile's sum and last positive entry for a draw, each
 /// row's cut, each block's top-k candidates (top_k_select's and
-/// probabilities_cut_top_k's (probability, id) pairs), and a split verify_sampled's verdict between its two launches. One set per device:
-/// its one stream runs one kernel at a time, and a call queues its launches holding the
-/// set.
+/// probabilities_cut_top_k's (probability, id) pairs), and a split verify_sampled's
+/// verdict between its two launches. One set per device: its one stream runs one kernel
+/// at a time, and a call queues its launches holding the set.
 pub(super) struct SplitScratch {
     row_max: CudaSlice<f32>,
     warp_sums: CudaSlice<f64>,
